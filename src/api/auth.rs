@@ -1,0 +1,65 @@
+//! API keys (SPEC §7): `X-API-Key: KEY` or `Authorization: Bearer KEY`,
+//! compared in constant time on every `/v1` route.
+
+use std::future::{Ready, ready};
+
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::app::Shared;
+use crate::error::{ApiError, ErrorCode};
+
+/// Equality that takes the same time wherever the inputs differ, and
+/// whatever their lengths (both sides are hashed first).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    bool::from(da.as_slice().ct_eq(db.as_slice()))
+}
+
+/// Proof that the request carried a configured API key; holds the key's
+/// index in `[api] keys` (for per-key rate limits).
+#[derive(Debug, Clone, Copy)]
+pub struct ApiKey(pub usize);
+
+fn presented(req: &HttpRequest) -> Option<&str> {
+    if let Some(k) = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim());
+    }
+    let auth = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl FromRequest for ApiKey {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let unauthorized = || ApiError::new(ErrorCode::Unauthorized, "missing or wrong API key: send X-API-Key or Authorization: Bearer");
+        let Some(shared) = req.app_data::<web::Data<Shared>>() else {
+            return ready(Err(ApiError::new(ErrorCode::Internal, "server state missing")));
+        };
+        let Some(key) = presented(req) else { return ready(Err(unauthorized())) };
+        let mut found = None;
+        for (i, k) in shared.settings.api.keys.iter().enumerate() {
+            if constant_time_eq(key.as_bytes(), k.expose().as_bytes()) && found.is_none() {
+                found = Some(i);
+            }
+        }
+        ready(found.map(ApiKey).ok_or_else(unauthorized))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn equality() {
+        assert!(constant_time_eq(b"key", b"key"));
+        assert!(!constant_time_eq(b"key", b"kez"));
+        assert!(!constant_time_eq(b"key", b"key-longer"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

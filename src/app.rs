@@ -1,0 +1,184 @@
+//! Wiring: [`App::build`] loads the rules, builds the state, binds the
+//! listener and starts the workers; [`App::run_until_stopped`] serves until
+//! SIGTERM/SIGINT, then stops intake, finishes in-flight requests and
+//! stops the workers.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::{App as ActixApp, HttpResponse, HttpServer, web};
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::domain::Located;
+use crate::error::{ApiError, ErrorCode};
+use crate::outbound::graph::GraphClient;
+use crate::rules::Rules;
+use crate::state::State;
+use crate::telemetry::Metrics;
+use crate::webhook::ingest::{self, Lanes};
+use crate::{api, ops, outbound, webhook};
+
+/// Everything the handlers and workers share.
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    pub state: State,
+    pub rules: Arc<Rules>,
+    pub metrics: Arc<Metrics>,
+    pub graph: Arc<GraphClient>,
+    pub lanes: Lanes,
+    /// The runtime the workers run on (handlers run on actix's own threads).
+    pub runtime: tokio::runtime::Handle,
+    pub ready: AtomicBool,
+}
+
+/// Why the app could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Rules(Vec<Located>),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub struct App {
+    port: u16,
+    server: actix_web::dev::Server,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+impl App {
+    /// Build the app on the current tokio runtime; binds `settings.listen`.
+    pub async fn build(settings: Settings) -> Result<App, StartError> {
+        let settings = Arc::new(settings);
+        let targets: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
+        let rules = Arc::new(Rules::load(&settings.routes_path, targets).map_err(StartError::Rules)?);
+        let metrics = Arc::new(Metrics::new());
+        let graph = Arc::new(
+            GraphClient::new(&settings.meta.graph_url, &settings.meta.graph_version, settings.sender.timeout, metrics.clone())
+                .map_err(StartError::Other)?,
+        );
+        let (state, mut new_accounts) = State::new(&settings.accounts, metrics.clone());
+        let (lanes, lane_receivers) = Lanes::new();
+        let listener = TcpListener::bind(&settings.listen)
+            .map_err(|e| StartError::Listen { addr: settings.listen.clone(), reason: e.to_string() })?;
+        let port = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?.port();
+        let shared = Arc::new(Shared {
+            settings: settings.clone(),
+            state,
+            rules: rules.clone(),
+            metrics,
+            graph,
+            lanes,
+            runtime: tokio::runtime::Handle::current(),
+            ready: AtomicBool::new(false),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+
+        for receiver in lane_receivers {
+            tokio::spawn(ingest::run_lane(shared.clone(), receiver));
+        }
+        {
+            // One paced sender per account, including sandbox accounts that
+            // appear later with their first webhook.
+            let shared = shared.clone();
+            let stop_rx = stop_rx.clone();
+            tokio::spawn(async move {
+                while let Some(account) = new_accounts.recv().await {
+                    tokio::spawn(outbound::sender::run(shared.clone(), account, stop_rx.clone()));
+                }
+            });
+        }
+        crate::rules::reload::spawn(rules, stop_rx);
+
+        let data = web::Data::from(shared.clone());
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+        let server = HttpServer::new(move || {
+            ActixApp::new()
+                .app_data(data.clone())
+                .route("/webhook", web::get().to(webhook::handshake))
+                .route("/webhook", web::post().to(webhook::receive))
+                .route("/healthz", web::get().to(ops::healthz))
+                .route("/readyz", web::get().to(ops::readyz))
+                .route("/metrics", web::get().to(ops::metrics))
+                .service(
+                    web::scope("/v1")
+                        .route("/messages", web::post().to(api::messages::send))
+                        .route("/messages/{id}", web::get().to(api::messages::get))
+                        .route("/conversations/{account}/{wa_id}", web::get().to(api::conversations::get))
+                        .route("/conversations/{account}/{wa_id}/messages", web::get().to(api::conversations::messages))
+                        .route("/queues", web::get().to(api::conversations::queues)),
+                )
+                .default_service(web::to(not_found))
+        })
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen(listener)
+        .map_err(|e| StartError::Listen { addr: settings.listen.clone(), reason: e.to_string() })?
+        .run();
+
+        // Memory mode loads nothing; the durable journal (issue #4) replays first.
+        shared.ready.store(true, Ordering::Release);
+        Ok(App { port, server, shared, stop })
+    }
+
+    /// The port actually bound (tests bind port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serve until SIGTERM or SIGINT; then stop intake, finish in-flight
+    /// requests (5 s at most) and stop the workers.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new requests, finishing in-flight ones");
+        handle.stop(true).await;
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(10), server).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Serve in the background (tests); the server stops when the runtime ends.
+    pub fn spawn(self) -> Arc<Shared> {
+        let shared = self.shared.clone();
+        tokio::spawn(self.server);
+        std::mem::forget(self.stop);
+        shared
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
+}

@@ -1,0 +1,540 @@
+//! `wa-router.toml` → [`Settings`]: typed, `${VAR}` expanded, validated.
+//!
+//! Precedence: embedded defaults < file < command-line flags. Unknown keys
+//! and bad values are errors printed as `FILE:LINE:COL: message`. Nothing
+//! reads the environment or the file after [`load`] returns.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::domain::{Located, Secret, parse_duration, parse_size};
+
+/// Where the default configuration file is looked for.
+pub const DEFAULT_CONFIG: &str = "wa-router.toml";
+/// App secret, verify token and API key of sandbox mode (SPEC §2).
+pub const SANDBOX_SECRET: &str = "sandbox";
+
+/// The router's whole configuration, immutable after startup.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub routes_path: PathBuf,
+    /// `None` = memory only.
+    pub data_dir: Option<PathBuf>,
+    pub meta: MetaSettings,
+    pub accounts: Vec<AccountSettings>,
+    pub api: ApiSettings,
+    pub sender: SenderSettings,
+    pub conversations: ConversationSettings,
+    pub targets: Vec<TargetSettings>,
+    /// Sandbox mode: no account has an access token (SPEC §2).
+    pub sandbox: bool,
+    /// The file these settings came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetaSettings {
+    /// Any of these may sign a webhook (rotation).
+    pub app_secrets: Vec<Secret>,
+    pub verify_token: Secret,
+    pub graph_url: String,
+    pub graph_version: String,
+    pub max_body: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    pub name: String,
+    pub phone_number_id: String,
+    /// Absent: a sandbox account that sends nothing over the network.
+    pub access_token: Option<Secret>,
+    pub pace: Duration,
+    pub max_queue: usize,
+    pub default: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub keys: Vec<Secret>,
+    pub rate: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SenderSettings {
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub timeout: Duration,
+    pub validity: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConversationSettings {
+    pub handoff_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetSettings {
+    pub name: String,
+    pub url: String,
+    pub secret: Secret,
+    pub messages: bool,
+    pub statuses: bool,
+}
+
+pub const DEFAULT_PACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_QUEUE: usize = 10_000;
+
+impl AccountSettings {
+    /// A sandbox account registered from a webhook's `phone_number_id`.
+    pub fn sandbox(phone_number_id: &str) -> Self {
+        AccountSettings {
+            name: phone_number_id.to_string(),
+            phone_number_id: phone_number_id.to_string(),
+            access_token: None,
+            pace: DEFAULT_PACE,
+            max_queue: DEFAULT_MAX_QUEUE,
+            default: false,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Located(#[from] Located),
+    #[error("{file}: cannot read: {reason}")]
+    Io { file: String, reason: String },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+}
+
+// ---------------------------------------------------------------- file shape
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIn {
+    listen: Option<EnvString>,
+    routes: Option<EnvString>,
+    data_dir: Option<EnvString>,
+    meta: Option<MetaIn>,
+    #[serde(default)]
+    accounts: Vec<Spanned<AccountIn>>,
+    api: Option<ApiIn>,
+    sender: Option<SenderIn>,
+    conversations: Option<ConversationsIn>,
+    #[serde(default)]
+    targets: BTreeMap<String, Spanned<TargetIn>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetaIn {
+    app_secret: Option<EnvStrings>,
+    verify_token: Option<EnvString>,
+    graph_url: Option<EnvString>,
+    graph_version: Option<EnvString>,
+    max_body: Option<Size>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountIn {
+    name: EnvString,
+    phone_number_id: EnvString,
+    access_token: Option<EnvString>,
+    pace: Option<Dur>,
+    max_queue: Option<usize>,
+    #[serde(default)]
+    default: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiIn {
+    keys: Option<EnvStrings>,
+    rate: Option<u32>,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SenderIn {
+    max_attempts: Option<u32>,
+    backoff: Option<Dur>,
+    timeout: Option<Dur>,
+    validity: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConversationsIn {
+    handoff_ttl: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetIn {
+    url: EnvString,
+    secret: EnvString,
+    events: Option<Vec<String>>,
+}
+
+/// A string with `${VAR}` expanded from the environment.
+#[derive(Debug, Clone)]
+struct EnvString(String);
+
+impl<'de> Deserialize<'de> for EnvString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        expand_env(&raw, |name| std::env::var(name).ok())
+            .map(EnvString)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One string or a list of strings, each `${VAR}` expanded.
+#[derive(Debug, Clone)]
+struct EnvStrings(Vec<String>);
+
+impl<'de> Deserialize<'de> for EnvStrings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let crate::domain::Strings(raw) = crate::domain::Strings::deserialize(d)?;
+        raw.iter()
+            .map(|s| expand_env(s, |name| std::env::var(name).ok()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(EnvStrings)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        parse_duration(&raw).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Size(usize);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        parse_size(&raw).map(Size).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Expand every `${NAME}` in `raw` with `lookup`; an unset variable is an
+/// error naming it.
+pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in {raw:?}"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid environment variable name {name:?} in {raw:?}"));
+        }
+        let value = lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- loading
+
+/// Load settings: `path` if given, else `./wa-router.toml` if present, else
+/// the embedded defaults (sandbox mode).
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let chosen = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.is_file()),
+    };
+    let mut settings = match chosen {
+        Some(file) => {
+            let source = std::fs::read_to_string(&file).map_err(|e| ConfigError::Io {
+                file: file.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            from_str(&source, &file)?
+        }
+        None => from_str("", Path::new("<embedded defaults>"))?,
+    };
+    if let Some(listen) = &overrides.listen {
+        settings.listen = listen.clone();
+    }
+    Ok(settings)
+}
+
+/// Parse and validate the text of a configuration file named `file`.
+pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
+    let name = file.display().to_string();
+    let parsed: FileIn = toml::from_str(source).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        Located::at(&name, source, offset, e.message().trim_end().to_string())
+    })?;
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let relative = |p: String| -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() { p } else { base.join(p) }
+    };
+    let at = |span: std::ops::Range<usize>, msg: String| -> ConfigError {
+        ConfigError::Located(Located::at(&name, source, span.start, msg))
+    };
+
+    let mut accounts = Vec::new();
+    for spanned in &parsed.accounts {
+        let a = spanned.get_ref();
+        let account = AccountSettings {
+            name: a.name.0.clone(),
+            phone_number_id: a.phone_number_id.0.clone(),
+            access_token: a.access_token.as_ref().filter(|t| !t.0.is_empty()).map(|t| Secret::new(t.0.clone())),
+            pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
+            max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            default: a.default,
+        };
+        if account.name.is_empty() || account.name.contains('/') {
+            return Err(at(spanned.span(), "account name must be non-empty and contain no '/'".into()));
+        }
+        if account.phone_number_id.is_empty() || !account.phone_number_id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(at(spanned.span(), format!("account {:?}: phone_number_id must be digits", account.name)));
+        }
+        if account.max_queue == 0 {
+            return Err(at(spanned.span(), format!("account {:?}: max_queue must be at least 1", account.name)));
+        }
+        if accounts.iter().any(|o: &AccountSettings| o.name == account.name) {
+            return Err(at(spanned.span(), format!("account name {:?} is used twice", account.name)));
+        }
+        if accounts.iter().any(|o: &AccountSettings| o.phone_number_id == account.phone_number_id) {
+            return Err(at(spanned.span(), format!("phone_number_id {} is used twice", account.phone_number_id)));
+        }
+        if account.default && accounts.iter().any(|o: &AccountSettings| o.default) {
+            return Err(at(spanned.span(), format!("account {:?}: only one account may be the default", account.name)));
+        }
+        accounts.push(account);
+    }
+    if !accounts.is_empty() && !accounts.iter().any(|a| a.default) {
+        accounts[0].default = true;
+    }
+    let sandbox = !accounts.iter().any(|a| a.access_token.is_some());
+
+    let meta_in = parsed.meta.unwrap_or_default();
+    let api_in = parsed.api.unwrap_or_default();
+    let sender_in = parsed.sender.unwrap_or_default();
+    let mut app_secrets: Vec<Secret> = meta_in
+        .app_secret
+        .map(|s| s.0.into_iter().filter(|s| !s.is_empty()).map(Secret::new).collect())
+        .unwrap_or_default();
+    let mut verify_token = meta_in.verify_token.map(|t| t.0).filter(|t| !t.is_empty());
+    let mut keys: Vec<Secret> = api_in
+        .keys
+        .map(|k| k.0.into_iter().filter(|s| !s.is_empty()).map(Secret::new).collect())
+        .unwrap_or_default();
+    if sandbox {
+        if app_secrets.is_empty() {
+            app_secrets.push(Secret::new(SANDBOX_SECRET));
+        }
+        verify_token.get_or_insert_with(|| SANDBOX_SECRET.to_string());
+        if keys.is_empty() {
+            keys.push(Secret::new(SANDBOX_SECRET));
+        }
+    } else {
+        let mut missing = Vec::new();
+        if app_secrets.is_empty() {
+            missing.push("[meta] app_secret");
+        }
+        if verify_token.is_none() {
+            missing.push("[meta] verify_token");
+        }
+        if keys.is_empty() {
+            missing.push("[api] keys (at least one)");
+        }
+        if !missing.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: name,
+                message: format!("live mode (an account has an access_token) needs {}", missing.join(", ")),
+            });
+        }
+    }
+
+    let graph_url = meta_in
+        .graph_url
+        .map(|u| u.0)
+        .unwrap_or_else(|| "https://graph.facebook.com".into())
+        .trim_end_matches('/')
+        .to_string();
+    if !(graph_url.starts_with("http://") || graph_url.starts_with("https://")) {
+        return Err(ConfigError::Invalid { file: name, message: format!("[meta] graph_url {graph_url:?} must start with http:// or https://") });
+    }
+
+    let rate = api_in.rate.unwrap_or(50);
+    let burst = api_in.burst.unwrap_or(150);
+    if rate == 0 || burst == 0 {
+        return Err(ConfigError::Invalid { file: name, message: "[api] rate and burst must be at least 1".into() });
+    }
+    let max_attempts = sender_in.max_attempts.unwrap_or(5);
+    if max_attempts == 0 {
+        return Err(ConfigError::Invalid { file: name, message: "[sender] max_attempts must be at least 1".into() });
+    }
+
+    let mut targets = Vec::new();
+    for (target_name, spanned) in &parsed.targets {
+        let t = spanned.get_ref();
+        if !(t.url.0.starts_with("http://") || t.url.0.starts_with("https://")) {
+            return Err(at(spanned.span(), format!("target {target_name:?}: url must start with http:// or https://")));
+        }
+        let events = t.events.clone().unwrap_or_else(|| vec!["message".into(), "status".into()]);
+        if let Some(bad) = events.iter().find(|e| *e != "message" && *e != "status") {
+            return Err(at(spanned.span(), format!("target {target_name:?}: unknown event {bad:?} (use \"message\" and/or \"status\")")));
+        }
+        targets.push(TargetSettings {
+            name: target_name.clone(),
+            url: t.url.0.clone(),
+            secret: Secret::new(t.secret.0.clone()),
+            messages: events.iter().any(|e| e == "message"),
+            statuses: events.iter().any(|e| e == "status"),
+        });
+    }
+
+    let data_dir = parsed.data_dir.map_or_else(|| "data".to_string(), |d| d.0);
+    Ok(Settings {
+        listen: parsed.listen.map_or_else(|| "127.0.0.1:8080".to_string(), |l| l.0),
+        routes_path: relative(parsed.routes.map_or_else(|| "routes.toml".to_string(), |r| r.0)),
+        data_dir: if data_dir.is_empty() { None } else { Some(relative(data_dir)) },
+        meta: MetaSettings {
+            app_secrets,
+            verify_token: Secret::new(verify_token.unwrap_or_default()),
+            graph_url,
+            graph_version: meta_in.graph_version.map_or_else(|| "v25.0".to_string(), |v| v.0),
+            max_body: meta_in.max_body.map_or(3 * 1024 * 1024, |s| s.0),
+        },
+        accounts,
+        api: ApiSettings { keys, rate, burst },
+        sender: SenderSettings {
+            max_attempts,
+            backoff: sender_in.backoff.map_or(Duration::from_secs(1), |d| d.0),
+            timeout: sender_in.timeout.map_or(Duration::from_secs(10), |d| d.0),
+            validity: sender_in.validity.map_or(Duration::from_secs(36 * 3600), |d| d.0),
+        },
+        conversations: ConversationSettings {
+            handoff_ttl: parsed
+                .conversations
+                .and_then(|c| c.handoff_ttl)
+                .map_or(Duration::from_secs(24 * 3600), |d| d.0),
+        },
+        targets,
+        sandbox,
+        source: if source.is_empty() && file.to_string_lossy().starts_with('<') { None } else { Some(file.to_path_buf()) },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        from_str(text, Path::new("/etc/wa/wa-router.toml"))
+    }
+
+    #[test]
+    fn embedded_defaults_are_sandbox() {
+        let s = parse("").unwrap();
+        assert!(s.sandbox);
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert_eq!(s.meta.app_secrets[0].expose(), "sandbox");
+        assert_eq!(s.api.keys[0].expose(), "sandbox");
+        assert_eq!(s.meta.max_body, 3 * 1024 * 1024);
+        assert_eq!(s.routes_path, PathBuf::from("/etc/wa/routes.toml"));
+    }
+
+    #[test]
+    fn env_interpolation_expands_and_names_missing_vars() {
+        let env = |n: &str| (n == "TOKEN").then(|| "abc".to_string());
+        assert_eq!(expand_env("Bearer ${TOKEN}!", env).unwrap(), "Bearer abc!");
+        assert_eq!(expand_env("plain", env).unwrap(), "plain");
+        let err = expand_env("${NOPE}", env).unwrap_err();
+        assert!(err.contains("NOPE"), "{err}");
+        assert!(expand_env("${TOKEN", env).is_err());
+    }
+
+    #[test]
+    fn unset_variable_is_located() {
+        let err = parse("listen = \"127.0.0.1:1\"\n[meta]\napp_secret = \"${WA_ROUTER_SURELY_UNSET_VAR}\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/etc/wa/wa-router.toml:3:"), "{text}");
+        assert!(text.contains("WA_ROUTER_SURELY_UNSET_VAR"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_line_and_column() {
+        let err = parse("listen = \"127.0.0.1:1\"\n\n[sender]\nmax_atempts = 3\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/etc/wa/wa-router.toml:4:1:"), "{text}");
+        assert!(text.contains("max_atempts"), "{text}");
+    }
+
+    #[test]
+    fn live_mode_requires_secrets() {
+        let err = parse("[[accounts]]\nname = \"main\"\nphone_number_id = \"1\"\naccess_token = \"t\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("app_secret") && text.contains("verify_token") && text.contains("keys"), "{text}");
+    }
+
+    #[test]
+    fn live_config_parses_durations_and_secret_lists() {
+        let s = parse(
+            r#"
+data_dir = ""
+[meta]
+app_secret = ["old", "new"]
+verify_token = "vt"
+[[accounts]]
+name = "main"
+phone_number_id = "106540352242922"
+access_token = "tok"
+pace = "200ms"
+[api]
+keys = ["k"]
+[sender]
+backoff = "100ms"
+"#,
+        )
+        .unwrap();
+        assert!(!s.sandbox);
+        assert!(s.data_dir.is_none());
+        assert_eq!(s.meta.app_secrets.len(), 2);
+        assert_eq!(s.accounts[0].pace, Duration::from_millis(200));
+        assert!(s.accounts[0].default);
+        assert_eq!(s.sender.backoff, Duration::from_millis(100));
+        assert!(!format!("{s:?}").contains("tok\""), "secrets must not show in Debug");
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        let err = parse("[sender]\nbackoff = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("/etc/wa/wa-router.toml:2:"), "{err}");
+        assert!(err.contains("invalid duration"), "{err}");
+    }
+}

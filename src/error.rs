@@ -1,0 +1,108 @@
+//! The HTTP error envelope (SPEC §7): `{"error": {"code", "message",
+//! "field"}}`, one exhaustive table from code to status, `Retry-After` on
+//! 429 and 503. Every HTTP error of the router goes through [`ApiError`].
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidPhone,
+    InvalidSignature,
+    InvalidNotification,
+    Unauthorized,
+    Forbidden,
+    OptedOut,
+    UnknownAccount,
+    NotFound,
+    MethodNotAllowed,
+    IdempotencyConflict,
+    NotCancellable,
+    PayloadTooLarge,
+    WindowClosed,
+    RateLimited,
+    QueueFull,
+    NotReady,
+    Internal,
+}
+
+impl ErrorCode {
+    /// HTTP status and wire string.
+    pub fn describe(self) -> (StatusCode, &'static str) {
+        use ErrorCode::*;
+        match self {
+            InvalidRequest => (StatusCode::BAD_REQUEST, "invalid_request"),
+            InvalidPhone => (StatusCode::BAD_REQUEST, "invalid_phone"),
+            InvalidNotification => (StatusCode::BAD_REQUEST, "invalid_notification"),
+            InvalidSignature => (StatusCode::UNAUTHORIZED, "invalid_signature"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            OptedOut => (StatusCode::FORBIDDEN, "opted_out"),
+            UnknownAccount => (StatusCode::NOT_FOUND, "unknown_account"),
+            NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
+            NotCancellable => (StatusCode::CONFLICT, "not_cancellable"),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            WindowClosed => (StatusCode::UNPROCESSABLE_ENTITY, "window_closed"),
+            RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// An error answered over HTTP.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub field: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), field: None, retry_after: None }
+    }
+
+    /// A 400 `invalid_request` blaming `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::InvalidRequest, message: message.into(), field: Some(field.into()), retry_after: None }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.code.describe().0
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let (status, code) = self.code.describe();
+        let mut error = json!({ "code": code, "message": self.message });
+        if let Some(field) = &self.field {
+            error["field"] = json!(field);
+        }
+        let mut resp = HttpResponse::build(status);
+        if let Some(after) = self.retry_after {
+            resp.insert_header(("Retry-After", after.as_secs().max(1).to_string()));
+        }
+        resp.json(json!({ "error": error }))
+    }
+}

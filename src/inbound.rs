@@ -1,0 +1,116 @@
+//! Typed inbound events: what the webhook edge hands to conversations and
+//! rules. Built by `webhook::payload`; plain data, no I/O.
+
+use crate::domain::Millis;
+
+/// Inbound message types as rules name them (SPEC §5 `when.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InboundKind {
+    Text,
+    Image,
+    Video,
+    Audio,
+    Document,
+    Sticker,
+    Location,
+    Contacts,
+    /// Interactive reply-button answer or template quick-reply.
+    Button,
+    /// Interactive list answer.
+    List,
+    Reaction,
+    Order,
+    /// WhatsApp Flow completion (`nfm_reply`).
+    Flow,
+    Unsupported,
+}
+
+impl InboundKind {
+    pub const ALL: [InboundKind; 14] = [
+        InboundKind::Text,
+        InboundKind::Image,
+        InboundKind::Video,
+        InboundKind::Audio,
+        InboundKind::Document,
+        InboundKind::Sticker,
+        InboundKind::Location,
+        InboundKind::Contacts,
+        InboundKind::Button,
+        InboundKind::List,
+        InboundKind::Reaction,
+        InboundKind::Order,
+        InboundKind::Flow,
+        InboundKind::Unsupported,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundKind::Text => "text",
+            InboundKind::Image => "image",
+            InboundKind::Video => "video",
+            InboundKind::Audio => "audio",
+            InboundKind::Document => "document",
+            InboundKind::Sticker => "sticker",
+            InboundKind::Location => "location",
+            InboundKind::Contacts => "contacts",
+            InboundKind::Button => "button",
+            InboundKind::List => "list",
+            InboundKind::Reaction => "reaction",
+            InboundKind::Order => "order",
+            InboundKind::Flow => "flow",
+            InboundKind::Unsupported => "unsupported",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// A bit for sets of kinds.
+    pub fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// The id and title of a button or list answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyChoice {
+    pub id: String,
+    pub title: String,
+}
+
+/// One inbound message, as the rules see it.
+#[derive(Debug, Clone)]
+pub struct InboundMessage {
+    /// wamid: Meta's id, the dedupe key.
+    pub wamid: String,
+    /// The contact: `wa_id`, or Meta's `user_id` when no `wa_id` was given.
+    pub from: String,
+    pub contact_name: Option<String>,
+    /// Meta's timestamp (unix ms).
+    pub timestamp: Millis,
+    pub kind: InboundKind,
+    /// Meta's `type` string, as received.
+    pub raw_type: String,
+    /// Text body, media caption, or reply title.
+    pub text: Option<String>,
+    pub reply: Option<ReplyChoice>,
+    /// `context.id`: the business message this one replies to.
+    pub context_id: Option<String>,
+    /// Whether this message opens or refreshes the 24 h window
+    /// (CLOUD_API.md §11: real user messages only).
+    pub opens_window: bool,
+    /// The message object as Meta sent it.
+    pub raw: Box<serde_json::value::RawValue>,
+}
+
+/// A delivery status of an outbound message.
+#[derive(Debug, Clone)]
+pub struct StatusUpdate {
+    pub wamid: String,
+    pub status: String,
+    pub timestamp: Millis,
+    pub recipient: Option<String>,
+    /// First error of a `failed` status: (code, title).
+    pub error: Option<(i64, String)>,
+}

@@ -1,0 +1,16 @@
+//! wa-router: a self-hosted, webhook-first WhatsApp conversation router.
+//! See README.md and the contract in SPEC.md.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod inbound;
+pub mod ops;
+pub mod outbound;
+pub mod rules;
+pub mod state;
+pub mod telemetry;
+pub mod webhook;

@@ -1,0 +1,163 @@
+//! The Graph API client: the only module that knows Graph URLs, bodies and
+//! error shapes (CLOUD_API.md §7, §9). One shared reqwest client (rustls),
+//! a timeout per request, tokens never logged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::Content;
+use crate::domain::Secret;
+use crate::telemetry::Metrics;
+
+/// A failed Graph request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GraphError {
+    /// Meta answered with an error status.
+    Status { http: u16, code: Option<i64>, message: String, retry_after: Option<Duration>, transient_hint: bool },
+    /// No answer: connection refused, reset, timeout.
+    Transport { message: String },
+    /// A 2xx answer without a message id: the message may have been sent.
+    BadAnswer { message: String },
+}
+
+impl GraphError {
+    pub fn graph_code(&self) -> Option<i64> {
+        match self {
+            GraphError::Status { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GraphError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short description without secrets or message content.
+    pub fn describe(&self) -> String {
+        match self {
+            GraphError::Status { http, code, message, .. } => match code {
+                Some(c) => format!("Graph API error {c} (HTTP {http}): {message}"),
+                None => format!("Graph API answered HTTP {http}"),
+            },
+            GraphError::Transport { message } => format!("Graph API unreachable: {message}"),
+            GraphError::BadAnswer { message } => format!("unexpected Graph API answer: {message}"),
+        }
+    }
+}
+
+/// The Graph API send body for `content` to `to` (CLOUD_API.md §7.1).
+pub fn send_body(to: &str, content: &Content) -> Value {
+    let mut body = json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": content.kind,
+    });
+    body[content.kind.as_str()] = content.object.clone();
+    if let Some(id) = &content.context_id {
+        body["context"] = json!({ "message_id": id });
+    }
+    body
+}
+
+pub struct GraphClient {
+    http: reqwest::Client,
+    base: String,
+    version: String,
+    metrics: Arc<Metrics>,
+}
+
+impl GraphClient {
+    pub fn new(base: &str, version: &str, timeout: Duration, metrics: Arc<Metrics>) -> Result<Self, String> {
+        // One process-wide crypto provider for rustls (ring); a second
+        // install attempt (tests build several apps) is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("wa-router/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(GraphClient { http, base: base.trim_end_matches('/').to_string(), version: version.to_string(), metrics })
+    }
+
+    fn url(&self, phone_number_id: &str) -> String {
+        format!("{}/{}/{}/messages", self.base, self.version, phone_number_id)
+    }
+
+    async fn post(&self, phone_number_id: &str, token: &Secret, body: &Value) -> Result<Value, GraphError> {
+        let started = Instant::now();
+        let result = self.http.post(self.url(phone_number_id)).bearer_auth(token.expose()).json(body).send().await;
+        let outcome = match result {
+            Err(e) => Err(GraphError::Transport { message: transport_message(e) }),
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let bytes = resp.bytes().await.map_err(|e| GraphError::Transport { message: transport_message(e) });
+                match bytes {
+                    Err(e) => Err(e),
+                    Ok(bytes) => {
+                        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                        if (200..300).contains(&status) {
+                            Ok(value)
+                        } else {
+                            let err = value.get("error");
+                            Err(GraphError::Status {
+                                http: status,
+                                code: err.and_then(|e| e.get("code")).and_then(Value::as_i64),
+                                message: err
+                                    .and_then(|e| e.get("message"))
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("no error message")
+                                    .chars()
+                                    .take(300)
+                                    .collect(),
+                                retry_after,
+                                transient_hint: err.and_then(|e| e.get("is_transient")).and_then(Value::as_bool).unwrap_or(false),
+                            })
+                        }
+                    }
+                }
+            }
+        };
+        self.metrics.graph_request(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Send a message; returns Meta's wamid.
+    pub async fn send(&self, phone_number_id: &str, token: &Secret, body: &Value) -> Result<String, GraphError> {
+        let answer = self.post(phone_number_id, token, body).await?;
+        answer
+            .pointer("/messages/0/id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| GraphError::BadAnswer { message: "no messages[0].id in the answer".into() })
+    }
+
+    /// Mark an inbound message read (CLOUD_API.md §7.5).
+    pub async fn mark_read(&self, phone_number_id: &str, token: &Secret, wamid: &str) -> Result<(), GraphError> {
+        let body = json!({ "messaging_product": "whatsapp", "status": "read", "message_id": wamid });
+        self.post(phone_number_id, token, &body).await.map(|_| ())
+    }
+}
+
+fn transport_message(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else {
+        // Without the URL: it holds nothing secret, but keep logs short.
+        e.without_url().to_string()
+    }
+}

@@ -1,0 +1,189 @@
+//! Send policy (SPEC §6), checked when a message is accepted and again right
+//! before it is sent: free-form needs an open window, opted-out contacts
+//! get nothing, a message past its validity expires. None of these calls
+//! Meta. [`enqueue`] is the one way into the queues.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Content, OutboundRecord, Status};
+use crate::domain::{Millis, new_id};
+use crate::state::{Account, State};
+
+/// Why a message may not be sent (now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyError {
+    WindowClosed,
+    OptedOut,
+    Expired,
+    /// The account's queue holds `max_queue` messages; retry after this long.
+    QueueFull { retry_after: Duration },
+}
+
+impl PolicyError {
+    pub fn code(self) -> &'static str {
+        match self {
+            PolicyError::WindowClosed => "window_closed",
+            PolicyError::OptedOut => "opted_out",
+            PolicyError::Expired => "expired",
+            PolicyError::QueueFull { .. } => "queue_full",
+        }
+    }
+
+    pub fn message(self) -> String {
+        match self {
+            PolicyError::WindowClosed => {
+                "the 24-hour window with this contact is closed: only template messages may be sent".into()
+            }
+            PolicyError::OptedOut => "the contact opted out; nothing is sent until they opt in again".into(),
+            PolicyError::Expired => "the message was not sent within its validity".into(),
+            PolicyError::QueueFull { .. } => "the account's queue is full; retry later".into(),
+        }
+    }
+}
+
+/// The facts policy looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    pub now: Millis,
+    pub is_template: bool,
+    pub window_open: bool,
+    pub opted_out: bool,
+    pub bypass_consent: bool,
+    pub expires_at: Millis,
+}
+
+/// The policy decision, a pure function of the facts.
+pub fn check(f: Facts) -> Result<(), PolicyError> {
+    if f.now >= f.expires_at {
+        return Err(PolicyError::Expired);
+    }
+    if f.opted_out && !f.bypass_consent {
+        return Err(PolicyError::OptedOut);
+    }
+    if !f.is_template && !f.window_open {
+        return Err(PolicyError::WindowClosed);
+    }
+    Ok(())
+}
+
+/// Check policy for a record of `account` now.
+pub fn check_record(state: &State, account: &Account, r: &OutboundRecord, now: Millis) -> Result<(), PolicyError> {
+    check(Facts {
+        now,
+        is_template: r.content.is_template(),
+        window_open: state.window_open(account.id, &r.to, now),
+        opted_out: state.is_opted_out(account.id, &r.to),
+        bypass_consent: r.bypass_consent,
+        expires_at: r.expires_at,
+    })
+}
+
+/// A message to accept.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub account: Arc<Account>,
+    /// Digits only.
+    pub to: String,
+    pub content: Content,
+    /// `api` or `rule:NAME`.
+    pub source: String,
+    pub tags: Vec<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub send_at: Option<Millis>,
+    pub validity: Duration,
+    /// Consent replies reach a contact who just opted out.
+    pub bypass_consent: bool,
+    /// Keep a refused message as a `failed` record (rules), rather than
+    /// only answering the error (API).
+    pub keep_refused: bool,
+}
+
+/// What accepting a message gave.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub id: String,
+    pub status: Status,
+    pub queue_position: usize,
+    pub send_after: Millis,
+}
+
+/// Accept a message into its account's queue, or refuse it by policy.
+/// A refused message is kept as a failed record when `keep_refused`; its id
+/// comes back with the error.
+pub fn enqueue(state: &State, new: NewMessage, now: Millis) -> Result<Accepted, (PolicyError, Option<String>)> {
+    let account = new.account.clone();
+    let pace = account.settings.pace;
+    if account.queue.len() >= account.settings.max_queue {
+        return Err((PolicyError::QueueFull { retry_after: pace.max(Duration::from_secs(1)) }, None));
+    }
+    let send_at = new.send_at.filter(|t| *t > now);
+    let start = send_at.unwrap_or(now);
+    let expires_at = start + new.validity.as_millis() as Millis;
+    let status = if send_at.is_some() { Status::Scheduled } else { Status::Queued };
+    let mut record = OutboundRecord {
+        id: new_id("msg"),
+        account: account.name().to_string(),
+        to: new.to,
+        content: new.content,
+        status,
+        wamid: None,
+        source: new.source,
+        tags: new.tags,
+        metadata: new.metadata,
+        attempts: 0,
+        error: None,
+        history: vec![(status, now)],
+        created_at: now,
+        send_at,
+        expires_at,
+        bypass_consent: new.bypass_consent,
+    };
+    if let Err(refused) = check_record(state, &account, &record, now) {
+        if !new.keep_refused {
+            return Err((refused, None));
+        }
+        let id = record.id.clone();
+        record.error = Some(super::RecordError { code: refused.code().into(), graph_code: None, message: refused.message() });
+        record.set_status(Status::Failed, now);
+        state.insert_record(&account, record, now);
+        return Err((refused, Some(id)));
+    }
+    let id = record.id.clone();
+    let position = state.insert_record(&account, record, now);
+    let send_after = match send_at {
+        Some(t) => t,
+        None => {
+            let pace_ms = pace.as_millis() as Millis;
+            let next_free = account.queue.last_send().map_or(now, |l| (l + pace_ms).max(now));
+            next_free + pace_ms * position.saturating_sub(1) as Millis
+        }
+    };
+    Ok(Accepted { id, status, queue_position: position, send_after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts { now: 1000, is_template: false, window_open: true, opted_out: false, bypass_consent: false, expires_at: 2000 }
+    }
+
+    #[test]
+    fn free_form_needs_an_open_window_templates_do_not() {
+        assert_eq!(check(Facts { window_open: false, ..facts() }), Err(PolicyError::WindowClosed));
+        assert_eq!(check(Facts { window_open: false, is_template: true, ..facts() }), Ok(()));
+    }
+
+    #[test]
+    fn opted_out_blocks_everything_but_consent_replies() {
+        assert_eq!(check(Facts { opted_out: true, is_template: true, ..facts() }), Err(PolicyError::OptedOut));
+        assert_eq!(check(Facts { opted_out: true, bypass_consent: true, ..facts() }), Ok(()));
+    }
+
+    #[test]
+    fn expiry_wins() {
+        assert_eq!(check(Facts { now: 2000, opted_out: true, ..facts() }), Err(PolicyError::Expired));
+    }
+}

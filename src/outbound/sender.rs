@@ -1,0 +1,142 @@
+//! The paced sender: one task per account drains that account's FIFO,
+//! at least `pace` between two sends, retrying the head of the queue on
+//! transient errors so that order holds (SPEC §6).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::graph::send_body;
+use super::policy::{PolicyError, check_record};
+use super::retry::{Class, classify, delay};
+use super::{RecordError, Status};
+use crate::app::Shared;
+use crate::domain::{Millis, now_ms};
+use crate::state::Account;
+
+/// What one attempt at the head of the queue came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutionOutcome {
+    /// Sent, or ended for good: take it off the queue.
+    Done,
+    /// Ended by policy without calling Meta (no pace used).
+    Refused,
+    /// Transient failure: try the same message again after this delay.
+    Retry(Duration),
+    /// Nothing to send (cancelled, unknown).
+    Skipped,
+}
+
+/// Run the sender of `account` until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
+    let pace_ms = account.settings.pace.as_millis() as Millis;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let now = now_ms();
+        let next_due = account.queue.promote_due(now);
+        let Some(id) = account.queue.head() else {
+            let wait = next_due.map_or(Duration::from_secs(3600), |t| Duration::from_millis((t - now).max(1) as u64));
+            tokio::select! {
+                _ = account.queue.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                changed = stop.changed() => if changed.is_err() { break },
+            }
+            continue;
+        };
+        if let Some(last) = account.queue.last_send() {
+            let due = last + pace_ms;
+            if now < due {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis((due - now) as u64)) => {}
+                    changed = stop.changed() => if changed.is_err() { break },
+                }
+                continue;
+            }
+        }
+        match try_execute(&shared, &account, &id).await {
+            ExecutionOutcome::Done | ExecutionOutcome::Refused | ExecutionOutcome::Skipped => {
+                shared.state.dequeue(&account, &id);
+            }
+            ExecutionOutcome::Retry(wait) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    changed = stop.changed() => if changed.is_err() { break },
+                }
+            }
+        }
+    }
+}
+
+/// One attempt at sending message `id` of `account`.
+#[tracing::instrument(skip_all, fields(account = %account.name(), message_id = %id))]
+pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> ExecutionOutcome {
+    let state = &shared.state;
+    let now = now_ms();
+    let Some(record) = state.record(id) else { return ExecutionOutcome::Skipped };
+    if record.status != Status::Queued {
+        return ExecutionOutcome::Skipped;
+    }
+    // SPEC §6: policy again at dispatch.
+    if let Err(refused) = check_record(state, account, &record, now) {
+        match refused {
+            PolicyError::Expired => {
+                state.update_record(id, now, |_| (Some(Status::Expired), ()));
+            }
+            other => state.mark_failed(id, RecordError { code: other.code().into(), graph_code: None, message: other.message() }, now),
+        }
+        tracing::info!(reason = refused.code(), "message not sent");
+        return ExecutionOutcome::Refused;
+    }
+    let attempts = state
+        .update_record(id, now, |r| {
+            r.attempts += 1;
+            (Some(Status::Sending), r.attempts)
+        })
+        .unwrap_or(1);
+    account.queue.mark_sent_now(now);
+
+    let Some(token) = &account.settings.access_token else {
+        // Sandbox: the same queue, pacing and states, no network (SPEC §2).
+        let wamid = format!("wamid.sandbox.{}", uuid::Uuid::now_v7().simple());
+        state.mark_sent(id, &wamid, now_ms());
+        tracing::info!(%wamid, "sandbox message sent");
+        return ExecutionOutcome::Done;
+    };
+    let body = send_body(&record.to, &record.content);
+    match shared.graph.send(&account.settings.phone_number_id, token, &body).await {
+        Ok(wamid) => {
+            state.mark_sent(id, &wamid, now_ms());
+            tracing::info!(%wamid, attempts, "message sent");
+            ExecutionOutcome::Done
+        }
+        Err(e) => {
+            let now = now_ms();
+            let error = RecordError {
+                code: "graph_error".into(),
+                graph_code: e.graph_code(),
+                message: e.describe(),
+            };
+            let max = shared.settings.sender.max_attempts;
+            if classify(&e) == Class::Transient && attempts < max {
+                let wait = delay(attempts, shared.settings.sender.backoff, e.retry_after(), fastrand::f64());
+                tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, "transient send failure");
+                state.update_record(id, now, |r| {
+                    r.error = Some(error);
+                    (Some(Status::Queued), ())
+                });
+                ExecutionOutcome::Retry(wait)
+            } else {
+                tracing::warn!(error = %error.message, attempts, "send failed");
+                if e.graph_code() == Some(131047) {
+                    // CLOUD_API.md §9.2: 131047 means the window is closed.
+                    state.close_window(account.id, &record.to, now);
+                }
+                state.mark_failed(id, error, now);
+                ExecutionOutcome::Done
+            }
+        }
+    }
+}

@@ -1,0 +1,652 @@
+//! The router's state, and the one place that changes it: accounts,
+//! conversations (window, name, rule state, vars, consent, handoff, recent
+//! messages), outbound records, the per-account queues and the inbound
+//! dedupe memory.
+//!
+//! Every mutation is a method here, so a durable journal can later be put
+//! under this module without touching the edges or the rules. Invariants:
+//! a window is only ever extended (except by Meta's 131047); an outbound
+//! status never moves backwards; no DashMap guard is held across `.await`
+//! or while another map is locked.
+
+pub mod dedupe;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, mpsc};
+
+use crate::config::AccountSettings;
+use crate::domain::{Millis, rfc3339};
+use crate::inbound::{InboundMessage, StatusUpdate};
+use crate::outbound::{OutboundRecord, RecordError, Status};
+use crate::telemetry::Metrics;
+use dedupe::Dedupe;
+
+/// 24 hours: the customer-service window (CLOUD_API.md §11).
+pub const WINDOW_MS: Millis = 24 * 3600 * 1000;
+/// Messages kept per conversation (SPEC §4).
+pub const RECENT: usize = 50;
+const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
+const DEDUPE_CAPACITY: usize = 1_000_000;
+const ORPHAN_CAPACITY: usize = 10_000;
+
+/// One business number.
+#[derive(Debug)]
+pub struct Account {
+    pub id: u16,
+    pub settings: AccountSettings,
+    pub queue: AccountQueue,
+}
+
+impl Account {
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+    pub fn is_sandbox(&self) -> bool {
+        self.settings.access_token.is_none()
+    }
+}
+
+/// The FIFO of one account: ready message ids, and scheduled ones by time.
+#[derive(Debug, Default)]
+pub struct AccountQueue {
+    inner: Mutex<QueueInner>,
+    /// Woken when something is queued.
+    pub notify: Notify,
+    /// Unix ms of the last send attempt (-1: none yet).
+    last_send: AtomicI64,
+}
+
+#[derive(Debug, Default)]
+struct QueueInner {
+    ready: VecDeque<String>,
+    scheduled: BTreeMap<(Millis, u64), String>,
+}
+
+/// A queue's numbers for `/v1/queues` and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct QueueStats {
+    pub depth: usize,
+    pub scheduled: usize,
+    pub next_scheduled: Option<Millis>,
+    pub last_send: Option<Millis>,
+}
+
+impl AccountQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
+        self.inner.lock().expect("queue lock")
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let q = self.lock();
+        let last = self.last_send.load(Ordering::Relaxed);
+        QueueStats {
+            depth: q.ready.len(),
+            scheduled: q.scheduled.len(),
+            next_scheduled: q.scheduled.keys().next().map(|(t, _)| *t),
+            last_send: (last >= 0).then_some(last),
+        }
+    }
+
+    /// Queued + scheduled.
+    pub fn len(&self) -> usize {
+        let q = self.lock();
+        q.ready.len() + q.scheduled.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message at the head of the ready queue.
+    pub fn head(&self) -> Option<String> {
+        self.lock().ready.front().cloned()
+    }
+
+    /// Move scheduled messages that are due into the ready queue, in
+    /// `send_at` order; returns when the next scheduled one is due.
+    pub fn promote_due(&self, now: Millis) -> Option<Millis> {
+        let mut q = self.lock();
+        while let Some((&(at, seq), _)) = q.scheduled.iter().next() {
+            if at > now {
+                return Some(at);
+            }
+            if let Some(id) = q.scheduled.remove(&(at, seq)) {
+                q.ready.push_back(id);
+            }
+        }
+        None
+    }
+
+    pub fn mark_sent_now(&self, now: Millis) {
+        self.last_send.store(now, Ordering::Relaxed);
+    }
+
+    pub fn last_send(&self) -> Option<Millis> {
+        let v = self.last_send.load(Ordering::Relaxed);
+        (v >= 0).then_some(v)
+    }
+}
+
+/// Conversation key: (account, contact).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConvKey {
+    pub account: u16,
+    pub contact: Box<str>,
+}
+
+impl ConvKey {
+    pub fn new(account: u16, contact: &str) -> Self {
+        ConvKey { account, contact: contact.into() }
+    }
+}
+
+/// The 24 h customer-service window of one conversation (16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub last_inbound: Millis,
+    pub expires: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// One entry of a conversation's recent messages.
+#[derive(Debug, Clone)]
+pub struct Recent {
+    pub direction: Direction,
+    /// wamid for inbound, router message id for outbound.
+    pub id: String,
+    pub kind: String,
+    pub text: Option<String>,
+    pub at: Millis,
+}
+
+/// Everything but the window of one conversation.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    pub name: Option<String>,
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub handoff_until: Option<Millis>,
+    pub opted_out: bool,
+    pub recent: VecDeque<Recent>,
+    pub last_activity: Millis,
+}
+
+/// The conversation as an inbound message left it, for the rules.
+#[derive(Debug, Clone)]
+pub struct InboundView {
+    /// This message opened a window (none was open before it).
+    pub new_conversation: bool,
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub opted_out: bool,
+    pub handoff: bool,
+}
+
+/// A conversation for the API.
+#[derive(Debug, Clone)]
+pub struct ConversationView {
+    pub account: String,
+    pub wa_id: String,
+    pub window: Option<Window>,
+    pub conversation: Conversation,
+}
+
+impl ConversationView {
+    pub fn window_open(&self, now: Millis) -> bool {
+        self.window.is_some_and(|w| w.expires > now)
+    }
+
+    pub fn to_json(&self, now: Millis) -> serde_json::Value {
+        let c = &self.conversation;
+        let handoff_active = c.handoff_until.is_some_and(|u| u > now);
+        serde_json::json!({
+            "account": self.account,
+            "wa_id": self.wa_id,
+            "contact": { "wa_id": self.wa_id, "name": c.name },
+            "name": c.name,
+            "window": {
+                "open": self.window_open(now),
+                "last_inbound_at": self.window.map(|w| rfc3339(w.last_inbound)),
+                "expires_at": self.window.map(|w| rfc3339(w.expires)),
+            },
+            "state": c.state,
+            "vars": c.vars,
+            "handoff": { "active": handoff_active, "until": c.handoff_until.filter(|_| handoff_active).map(rfc3339) },
+            "opted_out": c.opted_out,
+            "last_activity_at": rfc3339(c.last_activity),
+            "messages": c.recent.len(),
+        })
+    }
+}
+
+/// What applying a Meta status did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusOutcome {
+    Applied { id: String, status: Status },
+    /// Known message, but the status would move it backwards or repeats.
+    Ignored,
+    /// No message with that wamid (yet); kept in case the send answer is late.
+    Unknown,
+}
+
+#[derive(Default)]
+struct AccountsInner {
+    list: Vec<Arc<Account>>,
+    by_name: HashMap<String, u16>,
+    by_pnid: HashMap<String, u16>,
+}
+
+/// All state, behind one API.
+pub struct State {
+    accounts: RwLock<AccountsInner>,
+    conversations: DashMap<ConvKey, Conversation>,
+    windows: DashMap<ConvKey, Window>,
+    records: DashMap<String, OutboundRecord>,
+    by_wamid: DashMap<String, String>,
+    orphans: DashMap<String, Vec<StatusUpdate>>,
+    pub dedupe: Dedupe,
+    seq: AtomicU64,
+    idempotency: DashMap<String, Idempotent>,
+    idempotency_inserts: AtomicU64,
+    metrics: Arc<Metrics>,
+    new_accounts: mpsc::UnboundedSender<Arc<Account>>,
+}
+
+impl State {
+    /// State with the configured accounts; accounts registered later (sandbox)
+    /// are announced on the returned channel so a sender can be started.
+    pub fn new(accounts: &[AccountSettings], metrics: Arc<Metrics>) -> (Self, mpsc::UnboundedReceiver<Arc<Account>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = State {
+            accounts: RwLock::new(AccountsInner::default()),
+            conversations: DashMap::new(),
+            windows: DashMap::new(),
+            records: DashMap::new(),
+            by_wamid: DashMap::new(),
+            orphans: DashMap::new(),
+            dedupe: Dedupe::new(DEDUPE_CAPACITY, DEDUPE_TTL_MS),
+            seq: AtomicU64::new(0),
+            idempotency: DashMap::new(),
+            idempotency_inserts: AtomicU64::new(0),
+            metrics,
+            new_accounts: tx,
+        };
+        for a in accounts {
+            state.add_account(a.clone());
+        }
+        (state, rx)
+    }
+
+    // ------------------------------------------------------------ accounts
+
+    fn add_account(&self, settings: AccountSettings) -> Arc<Account> {
+        let mut inner = self.accounts.write().expect("accounts lock");
+        if let Some(&id) = inner.by_pnid.get(&settings.phone_number_id) {
+            return inner.list[id as usize].clone();
+        }
+        let id = inner.list.len() as u16;
+        let account = Arc::new(Account { id, settings, queue: AccountQueue::default() });
+        account.queue.last_send.store(-1, Ordering::Relaxed);
+        inner.by_name.insert(account.settings.name.clone(), id);
+        inner.by_pnid.insert(account.settings.phone_number_id.clone(), id);
+        inner.list.push(account.clone());
+        let _ = self.new_accounts.send(account.clone());
+        account
+    }
+
+    /// Register a sandbox account for a `phone_number_id` seen in a webhook.
+    pub fn register_sandbox(&self, phone_number_id: &str) -> Arc<Account> {
+        if let Some(a) = self.account_by_pnid(phone_number_id) {
+            return a;
+        }
+        tracing::info!(phone_number_id, "sandbox account registered from a webhook");
+        self.add_account(AccountSettings::sandbox(phone_number_id))
+    }
+
+    pub fn accounts(&self) -> Vec<Arc<Account>> {
+        self.accounts.read().expect("accounts lock").list.clone()
+    }
+
+    pub fn account(&self, id: u16) -> Option<Arc<Account>> {
+        self.accounts.read().expect("accounts lock").list.get(id as usize).cloned()
+    }
+
+    pub fn account_by_name(&self, name: &str) -> Option<Arc<Account>> {
+        let inner = self.accounts.read().expect("accounts lock");
+        inner.by_name.get(name).map(|&id| inner.list[id as usize].clone())
+    }
+
+    pub fn account_by_pnid(&self, pnid: &str) -> Option<Arc<Account>> {
+        let inner = self.accounts.read().expect("accounts lock");
+        inner.by_pnid.get(pnid).map(|&id| inner.list[id as usize].clone())
+    }
+
+    /// The account used when a request names none.
+    pub fn default_account(&self) -> Option<Arc<Account>> {
+        let inner = self.accounts.read().expect("accounts lock");
+        inner.list.iter().find(|a| a.settings.default).or_else(|| inner.list.first()).cloned()
+    }
+
+    // ------------------------------------------------------- conversations
+
+    /// Apply an inbound message: window, contact name, recent messages.
+    pub fn inbound(&self, account: &Account, msg: &InboundMessage, now: Millis) -> InboundView {
+        let key = ConvKey::new(account.id, &msg.from);
+        let mut new_conversation = false;
+        if msg.opens_window {
+            // SPEC §4: from Meta's timestamp, clamped to now, only extended.
+            let at = msg.timestamp.min(now);
+            let expires = at + WINDOW_MS;
+            let mut w = self.windows.entry(key.clone()).or_insert(Window { last_inbound: 0, expires: 0 });
+            let was_open = w.expires > now;
+            if expires > w.expires {
+                w.expires = expires;
+                w.last_inbound = at;
+            }
+            new_conversation = !was_open && w.expires > now;
+        }
+        let mut c = self.conversations.entry(key).or_default();
+        if let Some(name) = &msg.contact_name {
+            c.name = Some(name.clone());
+        }
+        c.last_activity = now;
+        push_recent(&mut c.recent, Recent { direction: Direction::In, id: msg.wamid.clone(), kind: msg.kind.as_str().to_string(), text: msg.text.clone(), at: msg.timestamp.min(now) });
+        if c.handoff_until.is_some_and(|u| u <= now) {
+            c.handoff_until = None;
+        }
+        InboundView {
+            new_conversation,
+            state: c.state.clone(),
+            vars: c.vars.clone(),
+            opted_out: c.opted_out,
+            handoff: c.handoff_until.is_some(),
+        }
+    }
+
+    fn update_conversation<R>(&self, account: u16, contact: &str, now: Millis, f: impl FnOnce(&mut Conversation) -> R) -> R {
+        let mut c = self.conversations.entry(ConvKey::new(account, contact)).or_default();
+        c.last_activity = now;
+        f(&mut c)
+    }
+
+    pub fn set_state(&self, account: u16, contact: &str, state: String, now: Millis) {
+        self.update_conversation(account, contact, now, |c| c.state = state);
+    }
+
+    pub fn set_vars(&self, account: u16, contact: &str, vars: impl IntoIterator<Item = (String, String)>, now: Millis) {
+        self.update_conversation(account, contact, now, |c| c.vars.extend(vars));
+    }
+
+    pub fn set_opted_out(&self, account: u16, contact: &str, opted_out: bool, now: Millis) {
+        self.update_conversation(account, contact, now, |c| c.opted_out = opted_out);
+    }
+
+    /// Hand the conversation to humans until `until`, or give it back (`None`).
+    pub fn set_handoff(&self, account: u16, contact: &str, until: Option<Millis>, now: Millis) {
+        self.update_conversation(account, contact, now, |c| c.handoff_until = until);
+    }
+
+    pub fn is_opted_out(&self, account: u16, contact: &str) -> bool {
+        self.conversations.get(&ConvKey::new(account, contact)).is_some_and(|c| c.opted_out)
+    }
+
+    pub fn window(&self, account: u16, contact: &str) -> Option<Window> {
+        self.windows.get(&ConvKey::new(account, contact)).map(|w| *w)
+    }
+
+    pub fn window_open(&self, account: u16, contact: &str, now: Millis) -> bool {
+        self.window(account, contact).is_some_and(|w| w.expires > now)
+    }
+
+    /// Meta said the window is closed (131047): believe it.
+    pub fn close_window(&self, account: u16, contact: &str, now: Millis) {
+        if let Some(mut w) = self.windows.get_mut(&ConvKey::new(account, contact))
+            && w.expires > now
+        {
+            w.expires = now;
+        }
+    }
+
+    pub fn open_windows(&self, now: Millis) -> usize {
+        self.windows.iter().filter(|w| w.expires > now).count()
+    }
+
+    pub fn conversation(&self, account: &Account, contact: &str) -> Option<ConversationView> {
+        let key = ConvKey::new(account.id, contact);
+        let conversation = self.conversations.get(&key).map(|c| c.clone())?;
+        Some(ConversationView { account: account.name().to_string(), wa_id: contact.to_string(), window: self.window(account.id, contact), conversation })
+    }
+
+    // ------------------------------------------------------------- records
+
+    /// Store a new record and, unless it is already final, queue it.
+    /// Returns its position in the ready queue (1 = next), or 0 when
+    /// scheduled or final.
+    pub fn insert_record(&self, account: &Account, record: OutboundRecord, now: Millis) -> usize {
+        let id = record.id.clone();
+        let status = record.status;
+        let send_at = record.send_at;
+        let conv_recent = Recent { direction: Direction::Out, id: id.clone(), kind: record.content.kind.clone(), text: record.content.summary(), at: now };
+        let to = record.to.clone();
+        for (s, _) in &record.history {
+            self.metrics.outbound(s.as_str());
+        }
+        self.records.insert(id.clone(), record);
+        self.update_conversation(account.id, &to, now, |c| push_recent(&mut c.recent, conv_recent));
+        let position = match status {
+            Status::Scheduled => {
+                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                account.queue.lock().scheduled.insert((send_at.unwrap_or(now), seq), id);
+                0
+            }
+            Status::Queued => {
+                let mut q = account.queue.lock();
+                q.ready.push_back(id);
+                q.ready.len()
+            }
+            _ => 0,
+        };
+        if !status.is_final() {
+            account.queue.notify.notify_one();
+        }
+        position
+    }
+
+    pub fn record(&self, id: &str) -> Option<OutboundRecord> {
+        self.records.get(id).map(|r| r.clone())
+    }
+
+    pub fn record_id_by_wamid(&self, wamid: &str) -> Option<String> {
+        self.by_wamid.get(wamid).map(|r| r.clone())
+    }
+
+    /// Tags of the outbound message with this wamid (for `reply_to_tag`).
+    pub fn tags_of_wamid(&self, wamid: &str) -> Vec<String> {
+        let Some(id) = self.record_id_by_wamid(wamid) else { return Vec::new() };
+        self.records.get(&id).map(|r| r.tags.clone()).unwrap_or_default()
+    }
+
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Change a record under its lock; `f` returns the status to move to
+    /// (recorded in history and metrics), or `None` to leave it.
+    pub fn update_record<R>(&self, id: &str, now: Millis, f: impl FnOnce(&mut OutboundRecord) -> (Option<Status>, R)) -> Option<R> {
+        let mut r = self.records.get_mut(id)?;
+        let (status, out) = f(&mut r);
+        if let Some(s) = status {
+            r.set_status(s, now);
+            self.metrics.outbound(s.as_str());
+        }
+        Some(out)
+    }
+
+    /// The send answered with `wamid`: mark sent and apply any statuses
+    /// that arrived before the answer.
+    pub fn mark_sent(&self, id: &str, wamid: &str, now: Millis) {
+        self.update_record(id, now, |r| {
+            r.wamid = Some(wamid.to_string());
+            r.error = None;
+            (Some(Status::Sent), ())
+        });
+        self.by_wamid.insert(wamid.to_string(), id.to_string());
+        if let Some((_, early)) = self.orphans.remove(wamid) {
+            for u in early {
+                self.apply_status(&u, now);
+            }
+        }
+    }
+
+    /// End a record `failed` with `error`.
+    pub fn mark_failed(&self, id: &str, error: RecordError, now: Millis) {
+        self.update_record(id, now, |r| {
+            r.error = Some(error);
+            (Some(Status::Failed), ())
+        });
+    }
+
+    /// Apply a delivery status from Meta (SPEC §3: never backwards).
+    pub fn apply_status(&self, u: &StatusUpdate, now: Millis) -> StatusOutcome {
+        let Some(next) = Status::parse(if u.status == "played" { "read" } else { &u.status }) else {
+            return StatusOutcome::Ignored;
+        };
+        let Some(id) = self.record_id_by_wamid(&u.wamid) else {
+            if self.orphans.len() < ORPHAN_CAPACITY {
+                self.orphans.entry(u.wamid.clone()).or_default().push(u.clone());
+            }
+            return StatusOutcome::Unknown;
+        };
+        let at = if u.timestamp > 0 { u.timestamp.min(now) } else { now };
+        let applied = self.update_record(&id, at, |r| {
+            if !r.status.accepts_from_meta(next) {
+                return (None, None);
+            }
+            if next == Status::Failed {
+                let (code, title) = u.error.clone().unwrap_or((0, "failed".into()));
+                r.error = Some(RecordError { code: "graph_error".into(), graph_code: Some(code), message: title });
+            }
+            (Some(next), Some((r.account.clone(), r.to.clone())))
+        });
+        match applied.flatten() {
+            Some((account, to)) => {
+                if next == Status::Failed
+                    && u.error.as_ref().is_some_and(|(c, _)| *c == 131047)
+                    && let Some(a) = self.account_by_name(&account)
+                {
+                    self.close_window(a.id, &to, now);
+                }
+                StatusOutcome::Applied { id, status: next }
+            }
+            None => StatusOutcome::Ignored,
+        }
+    }
+
+    /// Remove `id` from its account's queue (sent, failed or cancelled).
+    pub fn dequeue(&self, account: &Account, id: &str) -> bool {
+        let mut q = account.queue.lock();
+        if let Some(pos) = q.ready.iter().position(|x| x == id) {
+            q.ready.remove(pos);
+            return true;
+        }
+        let key = q.scheduled.iter().find(|(_, v)| v.as_str() == id).map(|(k, _)| *k);
+        key.and_then(|k| q.scheduled.remove(&k)).is_some()
+    }
+
+    /// Outbound counts of the recent messages of a conversation, with the
+    /// current status of each outbound one.
+    pub fn recent_messages(&self, account: &Account, contact: &str) -> Vec<serde_json::Value> {
+        let recent: Vec<Recent> = match self.conversations.get(&ConvKey::new(account.id, contact)) {
+            Some(c) => c.recent.iter().cloned().collect(),
+            None => return Vec::new(),
+        };
+        recent
+            .into_iter()
+            .map(|m| {
+                let (direction, status) = match m.direction {
+                    Direction::In => ("in", None),
+                    Direction::Out => ("out", self.records.get(&m.id).map(|r| r.status.as_str())),
+                };
+                serde_json::json!({ "direction": direction, "id": m.id, "type": m.kind, "text": m.text, "at": rfc3339(m.at), "status": status })
+            })
+            .collect()
+    }
+}
+
+/// A stored answer to a request with an idempotency key.
+#[derive(Debug, Clone)]
+struct Idempotent {
+    fingerprint: [u8; 32],
+    answer: serde_json::Value,
+    at: Millis,
+}
+
+/// How long idempotency keys are remembered.
+pub const IDEMPOTENCY_TTL_MS: Millis = 24 * 3600 * 1000;
+
+/// What an idempotent request came to.
+#[derive(Debug)]
+pub enum IdempotencyOutcome<E> {
+    /// First time: the answer was produced and stored.
+    Done(serde_json::Value),
+    /// Same key, same body: the stored answer.
+    Replayed(serde_json::Value),
+    /// Same key, another body.
+    Conflict,
+    /// The request failed; nothing was stored, the key may be used again.
+    Failed(E),
+}
+
+/// SHA-256 of a JSON value's canonical (sorted-key) serialisation.
+pub fn fingerprint(v: &serde_json::Value) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(serde_json::to_vec(v).unwrap_or_default()).into()
+}
+
+impl State {
+    /// Run `f` once per idempotency `key` (SPEC §7): a repeat with the same
+    /// fingerprint gets the stored answer, another fingerprint a conflict.
+    pub fn idempotent<E>(&self, key: &str, fp: [u8; 32], now: Millis, f: impl FnOnce() -> Result<serde_json::Value, E>) -> IdempotencyOutcome<E> {
+        use dashmap::mapref::entry::Entry;
+        let outcome = match self.idempotency.entry(key.to_string()) {
+            Entry::Occupied(e) if now - e.get().at < IDEMPOTENCY_TTL_MS => {
+                return if e.get().fingerprint == fp { IdempotencyOutcome::Replayed(e.get().answer.clone()) } else { IdempotencyOutcome::Conflict };
+            }
+            entry => match f() {
+                Ok(answer) => {
+                    let stored = Idempotent { fingerprint: fp, answer: answer.clone(), at: now };
+                    match entry {
+                        Entry::Occupied(mut e) => {
+                            e.insert(stored);
+                        }
+                        Entry::Vacant(e) => {
+                            e.insert(stored);
+                        }
+                    }
+                    IdempotencyOutcome::Done(answer)
+                }
+                Err(e) => IdempotencyOutcome::Failed(e),
+            },
+        };
+        if self.idempotency_inserts.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+            self.idempotency.retain(|_, v| now - v.at < IDEMPOTENCY_TTL_MS);
+        }
+        outcome
+    }
+}
+
+fn push_recent(recent: &mut VecDeque<Recent>, entry: Recent) {
+    if recent.len() >= RECENT {
+        recent.pop_front();
+    }
+    recent.push_back(entry);
+}

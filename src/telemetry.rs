@@ -1,0 +1,142 @@
+//! Logs (tracing to stderr, text or JSON lines) and the metrics registry.
+//!
+//! Each app owns its own [`Metrics`], so test servers running side by side
+//! never share counters. Log ids and codes; never tokens, secrets or
+//! message text at info.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Install the global subscriber (`RUST_LOG` filter, default `info`).
+pub fn init(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::env::var_os("NO_COLOR").is_none()).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabel {
+    account: String,
+}
+
+/// The `wa_router_*` metric families (SPEC §10).
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    webhooks: Family<ResultLabel, Counter>,
+    inbound: Family<TypeLabel, Counter>,
+    rule_matches: Family<RuleLabel, Counter>,
+    outbound: Family<StatusLabel, Counter>,
+    queue_depth: Family<AccountLabel, Gauge>,
+    scheduled: Family<AccountLabel, Gauge>,
+    open_windows: Gauge,
+    graph_latency: Histogram,
+    event_deliveries: Family<ResultLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("wa_router");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            webhooks: Family::default(),
+            inbound: Family::default(),
+            rule_matches: Family::default(),
+            outbound: Family::default(),
+            queue_depth: Family::default(),
+            scheduled: Family::default(),
+            open_windows: Gauge::default(),
+            graph_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            event_deliveries: Family::default(),
+        };
+        r.register("webhooks", "Webhook notifications received, by result", m.webhooks.clone());
+        r.register("inbound_messages", "Inbound messages processed, by type", m.inbound.clone());
+        r.register("rule_matches", "Inbound messages matched, by rule", m.rule_matches.clone());
+        r.register("outbound_messages", "Outbound message status changes, by status", m.outbound.clone());
+        r.register("queue_depth", "Messages queued per account", m.queue_depth.clone());
+        r.register("scheduled_messages", "Messages scheduled per account", m.scheduled.clone());
+        r.register("open_windows", "Conversations with an open 24 h window", m.open_windows.clone());
+        r.register("graph_request_duration_seconds", "Graph API request latency", m.graph_latency.clone());
+        r.register("event_deliveries", "Event deliveries to targets, by result", m.event_deliveries.clone());
+        *m.registry.lock().expect("metrics lock") = r;
+        m
+    }
+
+    pub fn webhook(&self, result: &str) {
+        self.webhooks.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    pub fn inbound(&self, kind: &str) {
+        self.inbound.get_or_create(&TypeLabel { r#type: kind.into() }).inc();
+    }
+
+    pub fn rule_match(&self, rule: &str) {
+        self.rule_matches.get_or_create(&RuleLabel { rule: rule.into() }).inc();
+    }
+
+    pub fn outbound(&self, status: &str) {
+        self.outbound.get_or_create(&StatusLabel { status: status.into() }).inc();
+    }
+
+    pub fn graph_request(&self, seconds: f64) {
+        self.graph_latency.observe(seconds);
+    }
+
+    pub fn event_delivery(&self, result: &str) {
+        self.event_deliveries.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    /// Prometheus text, after setting the gauges read at scrape time.
+    pub fn render(&self, open_windows: usize, queues: &[(String, usize, usize)]) -> String {
+        self.open_windows.set(open_windows as i64);
+        for (account, depth, scheduled) in queues {
+            self.queue_depth.get_or_create(&AccountLabel { account: account.clone() }).set(*depth as i64);
+            self.scheduled.get_or_create(&AccountLabel { account: account.clone() }).set(*scheduled as i64);
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics lock");
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

@@ -1,0 +1,208 @@
+//! From a verified notification to state changes and rule runs.
+//!
+//! Before the ack ([`accept`]): statuses are applied, inbound ids deduped,
+//! windows and conversation history updated. After the ack, one ordered
+//! lane per conversation (hashed onto a fixed set of worker tasks) runs
+//! consent keywords and the rules ([`process`]), so messages of one
+//! conversation are handled in arrival order and different conversations
+//! in parallel.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::payload::Notification;
+use crate::app::Shared;
+use crate::domain::now_ms;
+use crate::inbound::InboundMessage;
+use crate::outbound::policy::NewMessage;
+use crate::outbound::{Content, enqueue};
+use crate::rules::{ConsentKeyword, Facts};
+use crate::state::{Account, StatusOutcome};
+
+/// Number of ordered lanes (worker tasks) for rule processing.
+pub const LANES: usize = 32;
+
+/// One inbound message waiting for its rules.
+pub struct Job {
+    pub account: Arc<Account>,
+    pub msg: InboundMessage,
+    pub new_conversation: bool,
+}
+
+/// The senders of the lanes; workers are started by the app.
+pub struct Lanes {
+    senders: Vec<mpsc::UnboundedSender<Job>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Lanes {
+    pub fn new() -> (Self, Vec<mpsc::UnboundedReceiver<Job>>) {
+        let (senders, receivers) = (0..LANES).map(|_| mpsc::unbounded_channel()).unzip();
+        (Lanes { senders, hasher: Default::default() }, receivers)
+    }
+
+    fn push(&self, job: Job) {
+        let mut h = self.hasher.build_hasher();
+        job.account.id.hash(&mut h);
+        job.msg.from.hash(&mut h);
+        let lane = (h.finish() % self.senders.len() as u64) as usize;
+        if let Err(e) = self.senders[lane].send(job) {
+            // Only during shutdown, after the workers stopped.
+            tracing::error!(wamid = %e.0.msg.wamid, "rule lane closed; message not routed");
+        }
+    }
+}
+
+/// What one notification did, for the ack and the metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub messages: usize,
+    pub duplicates: usize,
+    pub statuses: usize,
+    pub unknown_accounts: usize,
+}
+
+/// The synchronous part of handling a notification: runs before the 200.
+pub fn accept(shared: &Shared, notification: Notification) -> Accepted {
+    let mut out = Accepted::default();
+    let state = &shared.state;
+    let metrics = &shared.metrics;
+    for batch in notification.batches {
+        let account = match state.account_by_pnid(&batch.phone_number_id) {
+            Some(a) => a,
+            None if shared.settings.sandbox => state.register_sandbox(&batch.phone_number_id),
+            None => {
+                // SPEC §3: unknown number in live mode → acked, counted, ignored.
+                tracing::warn!(phone_number_id = %batch.phone_number_id, "webhook for an unknown phone_number_id ignored");
+                metrics.webhook("unknown_account");
+                out.unknown_accounts += 1;
+                continue;
+            }
+        };
+        let now = now_ms();
+        for status in &batch.statuses {
+            match state.apply_status(status, now) {
+                StatusOutcome::Applied { .. } => metrics.webhook("status_applied"),
+                StatusOutcome::Ignored => metrics.webhook("status_ignored"),
+                StatusOutcome::Unknown => metrics.webhook("status_unknown"),
+            }
+            out.statuses += 1;
+        }
+        for msg in batch.messages {
+            if !state.dedupe.first_time(&msg.wamid, now) {
+                metrics.webhook("duplicate_message");
+                out.duplicates += 1;
+                continue;
+            }
+            metrics.inbound(msg.kind.as_str());
+            let view = state.inbound(&account, &msg, now);
+            out.messages += 1;
+            shared.lanes.push(Job { account: account.clone(), msg, new_conversation: view.new_conversation });
+        }
+    }
+    out
+}
+
+/// Run a lane: process its jobs in order until the channel closes.
+pub async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        process(&shared, job);
+    }
+}
+
+/// Consent keywords, handoff and rules for one inbound message.
+#[tracing::instrument(skip_all, fields(account = %job.account.name(), message_id = %job.msg.wamid))]
+pub fn process(shared: &Shared, job: Job) {
+    let Job { account, msg, new_conversation } = job;
+    let state = &shared.state;
+    let rules = shared.rules.get();
+    let now = now_ms();
+    let name = account.name().to_string();
+
+    if let Some(keyword) = rules.consent_keyword(&msg) {
+        let opted_out = keyword == ConsentKeyword::OptOut;
+        state.set_opted_out(account.id, &msg.from, opted_out, now);
+        tracing::info!(opted_out, "consent keyword");
+        if let Some(reply) = rules.consent_reply(keyword, &msg, &name) {
+            match reply {
+                Ok(content) => send(shared, &account, &msg.from, content, "consent", true),
+                Err(e) => tracing::error!(error = %e, "consent reply could not be rendered"),
+            }
+        }
+        return;
+    }
+
+    let conv = state.conversation(&account, &msg.from).map(|c| c.conversation).unwrap_or_default();
+    if conv.handoff_until.is_some_and(|u| u > now) {
+        tracing::debug!("conversation handed off; rules skipped");
+        shared.metrics.rule_match("(handoff)");
+        return;
+    }
+    let reply_tags = match (&msg.context_id, rules.uses_reply_tags) {
+        (Some(ctx), true) => state.tags_of_wamid(ctx),
+        _ => Vec::new(),
+    };
+    let facts = Facts { account: &name, state: &conv.state, new_conversation, reply_tags: &reply_tags };
+    let Some(hit) = rules.first_match(&msg, facts) else {
+        shared.metrics.rule_match("(none)");
+        return;
+    };
+    let plan = rules.plan(&hit, &msg, &name, &conv.state, &conv.vars);
+    shared.metrics.rule_match(&plan.rule);
+    tracing::info!(rule = %plan.rule, "rule matched");
+    if let Some(s) = plan.set_state {
+        state.set_state(account.id, &msg.from, s, now);
+    }
+    if !plan.set_vars.is_empty() {
+        state.set_vars(account.id, &msg.from, plan.set_vars, now);
+    }
+    if plan.mark_read {
+        mark_read(shared, &account, &msg.wamid);
+    }
+    let source = format!("rule:{}", plan.rule);
+    for content in plan.sends {
+        match content {
+            Ok(content) => send(shared, &account, &msg.from, content, &source, false),
+            Err(e) => tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent"),
+        }
+    }
+    for target in &plan.forward {
+        tracing::info!(target = %target, "forward requested (event delivery to targets arrives with issue #3)");
+    }
+    if plan.handoff {
+        let until = now + shared.settings.conversations.handoff_ttl.as_millis() as i64;
+        state.set_handoff(account.id, &msg.from, Some(until), now);
+    }
+}
+
+fn send(shared: &Shared, account: &Arc<Account>, to: &str, content: Content, source: &str, bypass_consent: bool) {
+    let new = NewMessage {
+        account: account.clone(),
+        to: to.to_string(),
+        content,
+        source: source.to_string(),
+        tags: Vec::new(),
+        metadata: None,
+        send_at: None,
+        validity: shared.settings.sender.validity,
+        bypass_consent,
+        keep_refused: true,
+    };
+    if let Err((refused, id)) = enqueue(&shared.state, new, now_ms()) {
+        tracing::info!(reason = refused.code(), message_id = ?id, "rule message refused by policy");
+    }
+}
+
+fn mark_read(shared: &Shared, account: &Arc<Account>, wamid: &str) {
+    let Some(token) = account.settings.access_token.clone() else { return };
+    let graph = shared.graph.clone();
+    let pnid = account.settings.phone_number_id.clone();
+    let wamid = wamid.to_string();
+    shared.runtime.spawn(async move {
+        if let Err(e) = graph.mark_read(&pnid, &token, &wamid).await {
+            tracing::warn!(error = %e.describe(), "mark as read failed");
+        }
+    });
+}

@@ -1,0 +1,472 @@
+//! Tolerant parsing of Meta's webhook notifications (CLOUD_API.md §4–§6)
+//! into typed inbound events.
+//!
+//! The envelope must be a WhatsApp notification; below it nothing is an
+//! error: unknown fields are ignored, unknown message types become
+//! `unsupported`, and an item that cannot be read at all is counted and
+//! skipped without failing its neighbours.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::domain::{Millis, now_ms};
+use crate::inbound::{InboundKind, InboundMessage, ReplyChoice, StatusUpdate};
+
+/// Why a body is not a WhatsApp notification (→ 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("the body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("not a WhatsApp Business Account notification: {0}")]
+    NotWhatsApp(String),
+}
+
+/// The messages and statuses of one `changes[].value` (one business number).
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub phone_number_id: String,
+    pub messages: Vec<InboundMessage>,
+    pub statuses: Vec<StatusUpdate>,
+}
+
+/// A whole notification.
+#[derive(Debug, Default)]
+pub struct Notification {
+    pub batches: Vec<Batch>,
+    /// Changes of other fields (templates, quality, account updates).
+    pub other_fields: usize,
+    /// Items that could not be read (no id, wrong shapes).
+    pub malformed: usize,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    #[serde(borrow)]
+    object: Cow<'a, str>,
+    #[serde(borrow)]
+    entry: Vec<EntryIn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EntryIn<'a> {
+    #[serde(default, borrow)]
+    changes: Vec<ChangeIn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChangeIn<'a> {
+    #[serde(default, borrow)]
+    field: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    value: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ValueIn<'a> {
+    metadata: Option<MetadataIn>,
+    contacts: Vec<ContactIn>,
+    #[serde(borrow)]
+    messages: Vec<&'a RawValue>,
+    #[serde(borrow)]
+    statuses: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct MetadataIn {
+    phone_number_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ContactIn {
+    profile: Option<ProfileIn>,
+    wa_id: Option<String>,
+    user_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ProfileIn {
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct MessageIn {
+    from: Option<String>,
+    from_user_id: Option<String>,
+    id: Option<String>,
+    timestamp: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    context: Option<ContextIn>,
+    text: Option<TextIn>,
+    image: Option<MediaIn>,
+    video: Option<MediaIn>,
+    document: Option<MediaIn>,
+    interactive: Option<InteractiveIn>,
+    button: Option<ButtonIn>,
+    order: Option<OrderIn>,
+}
+
+/// The fields every message has, for messages whose content cannot be read.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct MinimalIn {
+    from: Option<String>,
+    from_user_id: Option<String>,
+    id: Option<String>,
+    timestamp: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ContextIn {
+    id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TextIn {
+    body: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct MediaIn {
+    caption: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InteractiveIn {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    button_reply: Option<ReplyIn>,
+    list_reply: Option<ReplyIn>,
+    nfm_reply: Option<NfmIn>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ReplyIn {
+    id: Option<String>,
+    title: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct NfmIn {
+    name: Option<String>,
+    body: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ButtonIn {
+    payload: Option<String>,
+    text: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct OrderIn {
+    text: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct StatusIn {
+    id: Option<String>,
+    status: Option<String>,
+    timestamp: Option<Value>,
+    recipient_id: Option<String>,
+    errors: Vec<ErrorIn>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ErrorIn {
+    code: Option<i64>,
+    title: Option<String>,
+    message: Option<String>,
+}
+
+/// Meta's unix-seconds timestamp (a string, or a number) in ms.
+fn timestamp_ms(v: &Option<Value>) -> Option<Millis> {
+    let secs = match v.as_ref()? {
+        Value::String(s) => s.trim().parse::<i64>().ok()?,
+        Value::Number(n) => n.as_i64()?,
+        _ => return None,
+    };
+    secs.checked_mul(1000)
+}
+
+/// Parse a notification body (already signature-checked).
+pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
+    let env: EnvelopeIn<'_> = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ParseError::NotWhatsApp(e.to_string())
+        } else {
+            ParseError::NotJson(e.to_string())
+        }
+    })?;
+    if env.object != "whatsapp_business_account" {
+        return Err(ParseError::NotWhatsApp(format!("object is {:?}", env.object)));
+    }
+    let mut out = Notification::default();
+    let now = now_ms();
+    for entry in env.entry {
+        for change in entry.changes {
+            if change.field.as_deref().unwrap_or("messages") != "messages" {
+                out.other_fields += 1;
+                continue;
+            }
+            let Some(raw) = change.value else {
+                out.malformed += 1;
+                continue;
+            };
+            let Ok(value) = serde_json::from_str::<ValueIn<'_>>(raw.get()) else {
+                out.malformed += 1;
+                continue;
+            };
+            let Some(pnid) = value.metadata.and_then(|m| m.phone_number_id).filter(|p| !p.is_empty()) else {
+                out.malformed += 1;
+                continue;
+            };
+            let mut batch = Batch { phone_number_id: pnid, ..Batch::default() };
+            for raw in value.messages {
+                match message(raw, &value.contacts, now) {
+                    Some(m) => batch.messages.push(m),
+                    None => out.malformed += 1,
+                }
+            }
+            for raw in value.statuses {
+                match status(raw) {
+                    Some(s) => batch.statuses.push(s),
+                    None => out.malformed += 1,
+                }
+            }
+            out.batches.push(batch);
+        }
+    }
+    Ok(out)
+}
+
+fn status(raw: &RawValue) -> Option<StatusUpdate> {
+    let s: StatusIn = serde_json::from_str(raw.get()).ok()?;
+    let error = s.errors.first().map(|e| (e.code.unwrap_or(0), e.title.clone().or_else(|| e.message.clone()).unwrap_or_default()));
+    Some(StatusUpdate {
+        wamid: s.id.filter(|i| !i.is_empty())?,
+        status: s.status?,
+        timestamp: timestamp_ms(&s.timestamp).unwrap_or(0),
+        recipient: s.recipient_id,
+        error,
+    })
+}
+
+fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<InboundMessage> {
+    let full: Option<MessageIn> = serde_json::from_str(raw.get()).ok();
+    let (m, readable) = match full {
+        Some(m) => (m, true),
+        None => {
+            let min: MinimalIn = serde_json::from_str(raw.get()).ok()?;
+            (MessageIn { from: min.from, from_user_id: min.from_user_id, id: min.id, timestamp: min.timestamp, kind: min.kind, ..MessageIn::default() }, false)
+        }
+    };
+    let wamid = m.id.clone().filter(|i| !i.is_empty())?;
+    // SPEC: the contact is the wa_id, or Meta's user_id when no wa_id is given.
+    let contact = contacts.iter().find(|c| {
+        (m.from.is_some() && c.wa_id == m.from) || (m.from_user_id.is_some() && c.user_id == m.from_user_id)
+    });
+    let contact = contact.or(if contacts.len() == 1 { contacts.first() } else { None });
+    let from = m
+        .from
+        .clone()
+        .or_else(|| m.from_user_id.clone())
+        .or_else(|| contact.and_then(|c| c.wa_id.clone().or_else(|| c.user_id.clone())))
+        .filter(|f| !f.is_empty())?;
+    let raw_type = m.kind.clone().unwrap_or_else(|| "unknown".into());
+    let mut text = None;
+    let mut reply = None;
+    let choice = |r: &ReplyIn| -> Option<ReplyChoice> { Some(ReplyChoice { id: r.id.clone()?, title: r.title.clone().unwrap_or_default() }) };
+    let kind = if !readable {
+        InboundKind::Unsupported
+    } else {
+        match raw_type.as_str() {
+            "text" => {
+                text = m.text.as_ref().and_then(|t| t.body.clone());
+                InboundKind::Text
+            }
+            "image" | "video" | "document" => {
+                let media = match raw_type.as_str() {
+                    "image" => &m.image,
+                    "video" => &m.video,
+                    _ => &m.document,
+                };
+                text = media.as_ref().and_then(|x| x.caption.clone());
+                InboundKind::parse(&raw_type).unwrap_or(InboundKind::Unsupported)
+            }
+            "audio" => InboundKind::Audio,
+            "sticker" => InboundKind::Sticker,
+            "location" => InboundKind::Location,
+            "contacts" => InboundKind::Contacts,
+            "reaction" => InboundKind::Reaction,
+            "order" => {
+                text = m.order.as_ref().and_then(|o| o.text.clone());
+                InboundKind::Order
+            }
+            "button" => {
+                let b = m.button.as_ref();
+                reply = b.and_then(|b| Some(ReplyChoice { id: b.payload.clone()?, title: b.text.clone().unwrap_or_default() }));
+                text = b.and_then(|b| b.text.clone());
+                if reply.is_some() { InboundKind::Button } else { InboundKind::Unsupported }
+            }
+            "interactive" => {
+                let i = m.interactive.as_ref();
+                match i.and_then(|i| i.kind.as_deref()) {
+                    Some("button_reply") => {
+                        reply = i.and_then(|i| i.button_reply.as_ref()).and_then(choice);
+                        if reply.is_some() { InboundKind::Button } else { InboundKind::Unsupported }
+                    }
+                    Some("list_reply") => {
+                        reply = i.and_then(|i| i.list_reply.as_ref()).and_then(choice);
+                        if reply.is_some() { InboundKind::List } else { InboundKind::Unsupported }
+                    }
+                    Some("nfm_reply") => {
+                        let n = i.and_then(|i| i.nfm_reply.as_ref());
+                        text = n.and_then(|n| n.body.clone());
+                        let _name = n.and_then(|n| n.name.clone());
+                        InboundKind::Flow
+                    }
+                    _ => InboundKind::Unsupported,
+                }
+            }
+            _ => InboundKind::Unsupported,
+        }
+    };
+    if text.is_none() {
+        text = reply.as_ref().map(|r| r.title.clone());
+    }
+    // CLOUD_API.md §11: only real user messages open or refresh the window;
+    // reactions, unsupported and system messages do not (unconfirmed at Meta).
+    let opens_window = match kind {
+        InboundKind::Reaction => false,
+        InboundKind::Unsupported => raw_type == "request_welcome",
+        _ => true,
+    };
+    Some(InboundMessage {
+        wamid,
+        from,
+        contact_name: contact.and_then(|c| c.profile.as_ref()).and_then(|p| p.name.clone()),
+        timestamp: timestamp_ms(&m.timestamp).unwrap_or(now),
+        kind,
+        raw_type,
+        text,
+        reply,
+        context_id: m.context.and_then(|c| c.id),
+        opens_window,
+        raw: raw.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/../shared/whatsapp/fixtures/webhooks/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn one(name: &str) -> InboundMessage {
+        let n = parse(&fixture(name)).unwrap();
+        assert_eq!(n.malformed, 0, "{name}");
+        n.batches.into_iter().flat_map(|b| b.messages).next().unwrap_or_else(|| panic!("{name}: no message"))
+    }
+
+    #[test]
+    fn every_fixture_parses() {
+        let dir = format!("{}/../shared/whatsapp/fixtures/webhooks", env!("CARGO_MANIFEST_DIR"));
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let n = parse(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(n.malformed, 0, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn fixture_types_map_to_rule_types() {
+        let cases = [
+            ("text.json", InboundKind::Text),
+            ("image.json", InboundKind::Image),
+            ("video.json", InboundKind::Video),
+            ("audio_voice.json", InboundKind::Audio),
+            ("document.json", InboundKind::Document),
+            ("sticker.json", InboundKind::Sticker),
+            ("location.json", InboundKind::Location),
+            ("contacts.json", InboundKind::Contacts),
+            ("interactive_button_reply.json", InboundKind::Button),
+            ("interactive_list_reply.json", InboundKind::List),
+            ("interactive_nfm_reply.json", InboundKind::Flow),
+            ("template_button.json", InboundKind::Button),
+            ("reaction.json", InboundKind::Reaction),
+            ("order.json", InboundKind::Order),
+            ("system.json", InboundKind::Unsupported),
+            ("unsupported.json", InboundKind::Unsupported),
+            ("referral_ad.json", InboundKind::Text),
+        ];
+        for (name, kind) in cases {
+            assert_eq!(one(name).kind, kind, "{name}");
+        }
+        let b = one("interactive_button_reply.json");
+        assert!(b.reply.is_some() && b.context_id.is_some());
+        assert!(!one("reaction.json").opens_window);
+        assert!(one("text.json").contact_name.is_some());
+    }
+
+    #[test]
+    fn batches_and_statuses() {
+        let n = parse(&fixture("batch_multi_entry.json")).unwrap();
+        let messages: usize = n.batches.iter().map(|b| b.messages.len()).sum();
+        let statuses: usize = n.batches.iter().map(|b| b.statuses.len()).sum();
+        assert_eq!((messages, statuses), (4, 4));
+        let failed = parse(&fixture("status_failed.json")).unwrap();
+        let s = &failed.batches[0].statuses[0];
+        assert_eq!(s.status, "failed");
+        assert_eq!(s.error.as_ref().map(|e| e.0), Some(131047));
+    }
+
+    #[test]
+    fn other_fields_are_counted_not_errors() {
+        let n = parse(&fixture("template_status_update.json")).unwrap();
+        assert!(n.batches.is_empty());
+        assert!(n.other_fields >= 1);
+    }
+
+    #[test]
+    fn bad_bodies_are_errors_and_odd_items_are_skipped() {
+        assert!(matches!(parse(b"not json"), Err(ParseError::NotJson(_))));
+        assert!(matches!(parse(b"[1,2]"), Err(ParseError::NotWhatsApp(_))));
+        assert!(matches!(parse(br#"{"object":"page","entry":[]}"#), Err(ParseError::NotWhatsApp(_))));
+        assert!(parse(br#"{"object":"whatsapp_business_account","entry":["#).is_err());
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse(deep.as_bytes()).is_err());
+        let odd = br#"{"object":"whatsapp_business_account","entry":[{"changes":[{"field":"messages","value":{
+            "metadata":{"phone_number_id":"1"},
+            "messages":[{"id":"wamid.a","from":"15551234567","timestamp":"1","type":"text","text":{"body":42}},
+                        {"from":"15551234567","type":"text"},
+                        {"id":"wamid.b","from":"15551234567","timestamp":"1","type":"hologram","hologram":{}}]}}]}]}"#;
+        let n = parse(odd).unwrap();
+        assert_eq!(n.malformed, 1, "the message without an id");
+        let kinds: Vec<_> = n.batches[0].messages.iter().map(|m| m.kind).collect();
+        assert_eq!(kinds, vec![InboundKind::Unsupported, InboundKind::Unsupported]);
+    }
+}
