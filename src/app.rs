@@ -57,17 +57,28 @@ impl App {
     pub async fn build(settings: Settings) -> Result<App, StartError> {
         let settings = Arc::new(settings);
         let targets: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
-        let rules = Arc::new(Rules::load(&settings.routes_path, targets).map_err(StartError::Rules)?);
+        let rules =
+            Arc::new(Rules::load(&settings.routes_path, targets).map_err(StartError::Rules)?);
         let metrics = Arc::new(Metrics::new());
         let graph = Arc::new(
-            GraphClient::new(&settings.meta.graph_url, &settings.meta.graph_version, settings.sender.timeout, metrics.clone())
-                .map_err(StartError::Other)?,
+            GraphClient::new(
+                &settings.meta.graph_url,
+                &settings.meta.graph_version,
+                settings.sender.timeout,
+                metrics.clone(),
+            )
+            .map_err(StartError::Other)?,
         );
         let (state, mut new_accounts) = State::new(&settings.accounts, metrics.clone());
         let (lanes, lane_receivers) = Lanes::new();
-        let listener = TcpListener::bind(&settings.listen)
-            .map_err(|e| StartError::Listen { addr: settings.listen.clone(), reason: e.to_string() })?;
-        let port = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?.port();
+        let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
+            addr: settings.listen.clone(),
+            reason: e.to_string(),
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?
+            .port();
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             state,
@@ -90,14 +101,20 @@ impl App {
             let stop_rx = stop_rx.clone();
             tokio::spawn(async move {
                 while let Some(account) = new_accounts.recv().await {
-                    tokio::spawn(outbound::sender::run(shared.clone(), account, stop_rx.clone()));
+                    tokio::spawn(outbound::sender::run(
+                        shared.clone(),
+                        account,
+                        stop_rx.clone(),
+                    ));
                 }
             });
         }
         crate::rules::reload::spawn(rules, stop_rx);
 
         let data = web::Data::from(shared.clone());
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 8);
         let server = HttpServer::new(move || {
             ActixApp::new()
                 .app_data(data.clone())
@@ -110,8 +127,14 @@ impl App {
                     web::scope("/v1")
                         .route("/messages", web::post().to(api::messages::send))
                         .route("/messages/{id}", web::get().to(api::messages::get))
-                        .route("/conversations/{account}/{wa_id}", web::get().to(api::conversations::get))
-                        .route("/conversations/{account}/{wa_id}/messages", web::get().to(api::conversations::messages))
+                        .route(
+                            "/conversations/{account}/{wa_id}",
+                            web::get().to(api::conversations::get),
+                        )
+                        .route(
+                            "/conversations/{account}/{wa_id}/messages",
+                            web::get().to(api::conversations::messages),
+                        )
                         .route("/queues", web::get().to(api::conversations::queues)),
                 )
                 .default_service(web::to(not_found))
@@ -120,12 +143,20 @@ impl App {
         .disable_signals()
         .shutdown_timeout(5)
         .listen(listener)
-        .map_err(|e| StartError::Listen { addr: settings.listen.clone(), reason: e.to_string() })?
+        .map_err(|e| StartError::Listen {
+            addr: settings.listen.clone(),
+            reason: e.to_string(),
+        })?
         .run();
 
         // Memory mode loads nothing; the durable journal (issue #4) replays first.
         shared.ready.store(true, Ordering::Release);
-        Ok(App { port, server, shared, stop })
+        Ok(App {
+            port,
+            server,
+            shared,
+            stop,
+        })
     }
 
     /// The port actually bound (tests bind port 0).

@@ -21,7 +21,13 @@ use crate::telemetry::{self, LogFormat};
 #[command(name = "wa-router", version, about)]
 pub struct Cli {
     /// Log format on stderr (filter with RUST_LOG).
-    #[arg(long, global = true, value_enum, default_value = "text", env = "WA_ROUTER_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "WA_ROUTER_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -105,7 +111,9 @@ pub struct SimulateArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, listen } => serve(config.as_deref(), Overrides { listen }, cli.log_format),
+        Command::Serve { config, listen } => {
+            serve(config.as_deref(), Overrides { listen }, cli.log_format)
+        }
         Command::Check { routes, config } => check(routes.as_deref(), config.as_deref()),
         Command::Simulate(args) => simulate(&args),
         Command::Sign { secret, file } => sign(&secret, file.as_deref()),
@@ -130,7 +138,10 @@ fn serve(config: Option<&Path>, overrides: Overrides, format: LogFormat) -> Exit
             "SANDBOX MODE: no account has an access token. Nothing is sent to WhatsApp; app secret, verify token and API key are all \"sandbox\" unless configured. Do not expose this server."
         );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -162,13 +173,21 @@ fn serve(config: Option<&Path>, overrides: Overrides, format: LogFormat) -> Exit
 }
 
 /// The rule file and target names for `check` and `simulate`.
-fn rules_source(routes: Option<&Path>, config: Option<&Path>) -> Result<(PathBuf, Vec<String>, Option<Settings>), ExitCode> {
+fn rules_source(
+    routes: Option<&Path>,
+    config: Option<&Path>,
+) -> Result<(PathBuf, Vec<String>, Option<Settings>), ExitCode> {
     let settings = match config {
         Some(_) => Some(load_settings(config, &Overrides::default())?),
-        None if Path::new(config::DEFAULT_CONFIG).is_file() => Some(load_settings(None, &Overrides::default())?),
+        None if Path::new(config::DEFAULT_CONFIG).is_file() => {
+            Some(load_settings(None, &Overrides::default())?)
+        }
         None => None,
     };
-    let targets = settings.as_ref().map(|s| s.targets.iter().map(|t| t.name.clone()).collect()).unwrap_or_default();
+    let targets = settings
+        .as_ref()
+        .map(|s| s.targets.iter().map(|t| t.name.clone()).collect())
+        .unwrap_or_default();
     let path = routes
         .map(Path::to_path_buf)
         .or_else(|| settings.as_ref().map(|s| s.routes_path.clone()))
@@ -197,10 +216,11 @@ fn check(routes: Option<&Path>, config: Option<&Path>) -> ExitCode {
 }
 
 fn simulate(args: &SimulateArgs) -> ExitCode {
-    let (path, targets, settings) = match rules_source(args.routes.as_deref(), args.config.as_deref()) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
+    let (path, targets, settings) =
+        match rules_source(args.routes.as_deref(), args.config.as_deref()) {
+            Ok(x) => x,
+            Err(code) => return code,
+        };
     let rules = match crate::rules::load_file(&path, &targets) {
         Ok(r) => r,
         Err(errors) => {
@@ -210,14 +230,30 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let Some(from) = parse_phone(&args.from).or_else(|| (!args.from.is_empty()).then(|| args.from.clone())) else {
+    let Some(from) =
+        parse_phone(&args.from).or_else(|| (!args.from.is_empty()).then(|| args.from.clone()))
+    else {
         eprintln!("--from needs the contact's number");
         return ExitCode::from(1);
     };
     let (kind, text, reply) = match (&args.text, &args.button, &args.list, &args.kind) {
         (Some(t), _, _, _) => (InboundKind::Text, Some(t.clone()), None),
-        (_, Some(b), _, _) => (InboundKind::Button, Some(b.clone()), Some(ReplyChoice { id: b.clone(), title: b.clone() })),
-        (_, _, Some(l), _) => (InboundKind::List, Some(l.clone()), Some(ReplyChoice { id: l.clone(), title: l.clone() })),
+        (_, Some(b), _, _) => (
+            InboundKind::Button,
+            Some(b.clone()),
+            Some(ReplyChoice {
+                id: b.clone(),
+                title: b.clone(),
+            }),
+        ),
+        (_, _, Some(l), _) => (
+            InboundKind::List,
+            Some(l.clone()),
+            Some(ReplyChoice {
+                id: l.clone(),
+                title: l.clone(),
+            }),
+        ),
         (_, _, _, Some(k)) => match InboundKind::parse(k) {
             Some(kind) => (kind, None, None),
             None => {
@@ -234,7 +270,12 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
     let account = args.account.clone().unwrap_or_else(|| {
         settings
             .as_ref()
-            .and_then(|s| s.accounts.iter().find(|a| a.default).map(|a| a.name.clone()))
+            .and_then(|s| {
+                s.accounts
+                    .iter()
+                    .find(|a| a.default)
+                    .map(|a| a.name.clone())
+            })
             .unwrap_or_else(|| "sandbox".into())
     });
     let msg = InboundMessage {
@@ -250,39 +291,61 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
         opens_window: !matches!(kind, InboundKind::Reaction | InboundKind::Unsupported),
         raw: serde_json::value::RawValue::from_string("{}".into()).expect("valid JSON"),
     };
-    let out = simulate_message(&rules, &msg, &account, &args.state, args.window == WindowArg::Open);
+    let out = simulate_message(
+        &rules,
+        &msg,
+        &account,
+        &args.state,
+        args.window == WindowArg::Open,
+    );
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     ExitCode::SUCCESS
 }
 
 /// What the rules do with one message, as JSON (no state, no network).
-pub fn simulate_message(rules: &Ruleset, msg: &InboundMessage, account: &str, state: &str, window_was_open: bool) -> Value {
+pub fn simulate_message(
+    rules: &Ruleset,
+    msg: &InboundMessage,
+    account: &str,
+    state: &str,
+    window_was_open: bool,
+) -> Value {
     let window_open = window_was_open || msg.opens_window;
     let new_conversation = !window_was_open && msg.opens_window;
     let mut messages = Vec::new();
     let mut refused = Vec::new();
     let mut errors = Vec::new();
-    let mut push = |content: Result<crate::outbound::Content, String>, bypass_consent: bool| match content {
-        Ok(c) => {
-            let body = send_body(&msg.from, &c);
-            if !c.is_template() && !window_open {
-                refused.push(json!({ "reason": "window_closed", "body": body }));
-            } else {
-                let _ = bypass_consent;
-                messages.push(body);
+    let mut push =
+        |content: Result<crate::outbound::Content, String>, bypass_consent: bool| match content {
+            Ok(c) => {
+                let body = send_body(&msg.from, &c);
+                if !c.is_template() && !window_open {
+                    refused.push(json!({ "reason": "window_closed", "body": body }));
+                } else {
+                    let _ = bypass_consent;
+                    messages.push(body);
+                }
             }
-        }
-        Err(e) => errors.push(Value::String(e)),
-    };
+            Err(e) => errors.push(Value::String(e)),
+        };
     if let Some(keyword) = rules.consent_keyword(msg) {
         if let Some(reply) = rules.consent_reply(keyword, msg, account) {
             push(reply, true);
         }
-        let consent = if keyword == ConsentKeyword::OptOut { "opt_out" } else { "opt_in" };
+        let consent = if keyword == ConsentKeyword::OptOut {
+            "opt_out"
+        } else {
+            "opt_in"
+        };
         return json!({ "rule": null, "consent": consent, "messages": messages, "refused": refused, "errors": errors });
     }
     let vars = BTreeMap::new();
-    let facts = Facts { account, state, new_conversation, reply_tags: &[] };
+    let facts = Facts {
+        account,
+        state,
+        new_conversation,
+        reply_tags: &[],
+    };
     let Some(hit) = rules.first_match(msg, facts) else {
         return json!({ "rule": null, "messages": [], "refused": [], "errors": [] });
     };
@@ -312,7 +375,10 @@ fn sign(secret: &str, file: Option<&Path>) -> ExitCode {
         None => std::io::stdin().read_to_end(&mut body).map(|_| ()),
     };
     if let Err(e) = read {
-        eprintln!("cannot read {}: {e}", file.map_or("stdin".into(), |p| p.display().to_string()));
+        eprintln!(
+            "cannot read {}: {e}",
+            file.map_or("stdin".into(), |p| p.display().to_string())
+        );
         return ExitCode::from(1);
     }
     println!("{}", crate::webhook::verify::sign(secret.as_bytes(), &body));

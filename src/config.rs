@@ -226,7 +226,9 @@ struct Dur(Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        parse_duration(&raw).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&raw)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -253,9 +255,12 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
             .ok_or_else(|| format!("unclosed `${{` in {raw:?}"))?;
         let name = &after[..end];
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("invalid environment variable name {name:?} in {raw:?}"));
+            return Err(format!(
+                "invalid environment variable name {name:?} in {raw:?}"
+            ));
         }
-        let value = lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        let value =
+            lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -310,28 +315,61 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         let account = AccountSettings {
             name: a.name.0.clone(),
             phone_number_id: a.phone_number_id.0.clone(),
-            access_token: a.access_token.as_ref().filter(|t| !t.0.is_empty()).map(|t| Secret::new(t.0.clone())),
+            access_token: a
+                .access_token
+                .as_ref()
+                .filter(|t| !t.0.is_empty())
+                .map(|t| Secret::new(t.0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             default: a.default,
         };
         if account.name.is_empty() || account.name.contains('/') {
-            return Err(at(spanned.span(), "account name must be non-empty and contain no '/'".into()));
+            return Err(at(
+                spanned.span(),
+                "account name must be non-empty and contain no '/'".into(),
+            ));
         }
-        if account.phone_number_id.is_empty() || !account.phone_number_id.chars().all(|c| c.is_ascii_digit()) {
-            return Err(at(spanned.span(), format!("account {:?}: phone_number_id must be digits", account.name)));
+        if account.phone_number_id.is_empty()
+            || !account.phone_number_id.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(at(
+                spanned.span(),
+                format!("account {:?}: phone_number_id must be digits", account.name),
+            ));
         }
         if account.max_queue == 0 {
-            return Err(at(spanned.span(), format!("account {:?}: max_queue must be at least 1", account.name)));
+            return Err(at(
+                spanned.span(),
+                format!("account {:?}: max_queue must be at least 1", account.name),
+            ));
         }
-        if accounts.iter().any(|o: &AccountSettings| o.name == account.name) {
-            return Err(at(spanned.span(), format!("account name {:?} is used twice", account.name)));
+        if accounts
+            .iter()
+            .any(|o: &AccountSettings| o.name == account.name)
+        {
+            return Err(at(
+                spanned.span(),
+                format!("account name {:?} is used twice", account.name),
+            ));
         }
-        if accounts.iter().any(|o: &AccountSettings| o.phone_number_id == account.phone_number_id) {
-            return Err(at(spanned.span(), format!("phone_number_id {} is used twice", account.phone_number_id)));
+        if accounts
+            .iter()
+            .any(|o: &AccountSettings| o.phone_number_id == account.phone_number_id)
+        {
+            return Err(at(
+                spanned.span(),
+                format!("phone_number_id {} is used twice", account.phone_number_id),
+            ));
         }
         if account.default && accounts.iter().any(|o: &AccountSettings| o.default) {
-            return Err(at(spanned.span(), format!("account {:?}: only one account may be the default", account.name)));
+            return Err(at(
+                spanned.span(),
+                format!(
+                    "account {:?}: only one account may be the default",
+                    account.name
+                ),
+            ));
         }
         accounts.push(account);
     }
@@ -345,12 +383,22 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
     let sender_in = parsed.sender.unwrap_or_default();
     let mut app_secrets: Vec<Secret> = meta_in
         .app_secret
-        .map(|s| s.0.into_iter().filter(|s| !s.is_empty()).map(Secret::new).collect())
+        .map(|s| {
+            s.0.into_iter()
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect()
+        })
         .unwrap_or_default();
     let mut verify_token = meta_in.verify_token.map(|t| t.0).filter(|t| !t.is_empty());
     let mut keys: Vec<Secret> = api_in
         .keys
-        .map(|k| k.0.into_iter().filter(|s| !s.is_empty()).map(Secret::new).collect())
+        .map(|k| {
+            k.0.into_iter()
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect()
+        })
         .unwrap_or_default();
     if sandbox {
         if app_secrets.is_empty() {
@@ -374,7 +422,10 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         if !missing.is_empty() {
             return Err(ConfigError::Invalid {
                 file: name,
-                message: format!("live mode (an account has an access_token) needs {}", missing.join(", ")),
+                message: format!(
+                    "live mode (an account has an access_token) needs {}",
+                    missing.join(", ")
+                ),
             });
         }
     }
@@ -386,28 +437,48 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         .trim_end_matches('/')
         .to_string();
     if !(graph_url.starts_with("http://") || graph_url.starts_with("https://")) {
-        return Err(ConfigError::Invalid { file: name, message: format!("[meta] graph_url {graph_url:?} must start with http:// or https://") });
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: format!("[meta] graph_url {graph_url:?} must start with http:// or https://"),
+        });
     }
 
     let rate = api_in.rate.unwrap_or(50);
     let burst = api_in.burst.unwrap_or(150);
     if rate == 0 || burst == 0 {
-        return Err(ConfigError::Invalid { file: name, message: "[api] rate and burst must be at least 1".into() });
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: "[api] rate and burst must be at least 1".into(),
+        });
     }
     let max_attempts = sender_in.max_attempts.unwrap_or(5);
     if max_attempts == 0 {
-        return Err(ConfigError::Invalid { file: name, message: "[sender] max_attempts must be at least 1".into() });
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: "[sender] max_attempts must be at least 1".into(),
+        });
     }
 
     let mut targets = Vec::new();
     for (target_name, spanned) in &parsed.targets {
         let t = spanned.get_ref();
         if !(t.url.0.starts_with("http://") || t.url.0.starts_with("https://")) {
-            return Err(at(spanned.span(), format!("target {target_name:?}: url must start with http:// or https://")));
+            return Err(at(
+                spanned.span(),
+                format!("target {target_name:?}: url must start with http:// or https://"),
+            ));
         }
-        let events = t.events.clone().unwrap_or_else(|| vec!["message".into(), "status".into()]);
+        let events = t
+            .events
+            .clone()
+            .unwrap_or_else(|| vec!["message".into(), "status".into()]);
         if let Some(bad) = events.iter().find(|e| *e != "message" && *e != "status") {
-            return Err(at(spanned.span(), format!("target {target_name:?}: unknown event {bad:?} (use \"message\" and/or \"status\")")));
+            return Err(at(
+                spanned.span(),
+                format!(
+                    "target {target_name:?}: unknown event {bad:?} (use \"message\" and/or \"status\")"
+                ),
+            ));
         }
         targets.push(TargetSettings {
             name: target_name.clone(),
@@ -420,14 +491,26 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
 
     let data_dir = parsed.data_dir.map_or_else(|| "data".to_string(), |d| d.0);
     Ok(Settings {
-        listen: parsed.listen.map_or_else(|| "127.0.0.1:8080".to_string(), |l| l.0),
-        routes_path: relative(parsed.routes.map_or_else(|| "routes.toml".to_string(), |r| r.0)),
-        data_dir: if data_dir.is_empty() { None } else { Some(relative(data_dir)) },
+        listen: parsed
+            .listen
+            .map_or_else(|| "127.0.0.1:8080".to_string(), |l| l.0),
+        routes_path: relative(
+            parsed
+                .routes
+                .map_or_else(|| "routes.toml".to_string(), |r| r.0),
+        ),
+        data_dir: if data_dir.is_empty() {
+            None
+        } else {
+            Some(relative(data_dir))
+        },
         meta: MetaSettings {
             app_secrets,
             verify_token: Secret::new(verify_token.unwrap_or_default()),
             graph_url,
-            graph_version: meta_in.graph_version.map_or_else(|| "v25.0".to_string(), |v| v.0),
+            graph_version: meta_in
+                .graph_version
+                .map_or_else(|| "v25.0".to_string(), |v| v.0),
             max_body: meta_in.max_body.map_or(3 * 1024 * 1024, |s| s.0),
         },
         accounts,
@@ -436,7 +519,9 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             max_attempts,
             backoff: sender_in.backoff.map_or(Duration::from_secs(1), |d| d.0),
             timeout: sender_in.timeout.map_or(Duration::from_secs(10), |d| d.0),
-            validity: sender_in.validity.map_or(Duration::from_secs(36 * 3600), |d| d.0),
+            validity: sender_in
+                .validity
+                .map_or(Duration::from_secs(36 * 3600), |d| d.0),
         },
         conversations: ConversationSettings {
             handoff_ttl: parsed
@@ -446,7 +531,11 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         },
         targets,
         sandbox,
-        source: if source.is_empty() && file.to_string_lossy().starts_with('<') { None } else { Some(file.to_path_buf()) },
+        source: if source.is_empty() && file.to_string_lossy().starts_with('<') {
+            None
+        } else {
+            Some(file.to_path_buf())
+        },
     })
 }
 
@@ -481,7 +570,10 @@ mod tests {
 
     #[test]
     fn unset_variable_is_located() {
-        let err = parse("listen = \"127.0.0.1:1\"\n[meta]\napp_secret = \"${WA_ROUTER_SURELY_UNSET_VAR}\"\n").unwrap_err();
+        let err = parse(
+            "listen = \"127.0.0.1:1\"\n[meta]\napp_secret = \"${WA_ROUTER_SURELY_UNSET_VAR}\"\n",
+        )
+        .unwrap_err();
         let text = err.to_string();
         assert!(text.starts_with("/etc/wa/wa-router.toml:3:"), "{text}");
         assert!(text.contains("WA_ROUTER_SURELY_UNSET_VAR"), "{text}");
@@ -497,9 +589,14 @@ mod tests {
 
     #[test]
     fn live_mode_requires_secrets() {
-        let err = parse("[[accounts]]\nname = \"main\"\nphone_number_id = \"1\"\naccess_token = \"t\"\n").unwrap_err();
+        let err =
+            parse("[[accounts]]\nname = \"main\"\nphone_number_id = \"1\"\naccess_token = \"t\"\n")
+                .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("app_secret") && text.contains("verify_token") && text.contains("keys"), "{text}");
+        assert!(
+            text.contains("app_secret") && text.contains("verify_token") && text.contains("keys"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -528,12 +625,17 @@ backoff = "100ms"
         assert_eq!(s.accounts[0].pace, Duration::from_millis(200));
         assert!(s.accounts[0].default);
         assert_eq!(s.sender.backoff, Duration::from_millis(100));
-        assert!(!format!("{s:?}").contains("tok\""), "secrets must not show in Debug");
+        assert!(
+            !format!("{s:?}").contains("tok\""),
+            "secrets must not show in Debug"
+        );
     }
 
     #[test]
     fn bad_duration_is_located() {
-        let err = parse("[sender]\nbackoff = \"soon\"\n").unwrap_err().to_string();
+        let err = parse("[sender]\nbackoff = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("/etc/wa/wa-router.toml:2:"), "{err}");
         assert!(err.contains("invalid duration"), "{err}");
     }

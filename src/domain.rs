@@ -23,7 +23,9 @@ pub fn rfc3339(ms: Millis) -> String {
 
 /// Parse an RFC 3339 time stamp into unix milliseconds.
 pub fn parse_rfc3339(text: &str) -> Option<Millis> {
-    text.parse::<jiff::Timestamp>().ok().map(|t| t.as_millisecond())
+    text.parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond())
 }
 
 /// A secret string (token, app secret, API key) whose `Debug` never shows it.
@@ -80,7 +82,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    let bad = || format!("invalid duration {text:?}: use a number and a unit (ms, s, m, h, d), e.g. \"10s\"");
+    let bad = || {
+        format!("invalid duration {text:?}: use a number and a unit (ms, s, m, h, d), e.g. \"10s\"")
+    };
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
@@ -113,13 +117,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Render a duration the way configuration files write it (`"10s"`, `"200ms"`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 86_400_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(86_400_000) && ms > 0 {
         format!("{}d", ms / 86_400_000)
-    } else if ms % 3_600_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -130,7 +134,8 @@ pub fn format_duration(d: Duration) -> String {
 /// (KB = 1024 bytes, MB = 1024 KB).
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let s = text.trim();
-    let bad = || format!("invalid size {text:?}: use a number and a unit (B, KB, MB), e.g. \"3MB\"");
+    let bad =
+        || format!("invalid size {text:?}: use a number and a unit (B, KB, MB), e.g. \"3MB\"");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let number: usize = s[..split].parse().map_err(|_| bad())?;
     let factor = match s[split..].trim().to_ascii_uppercase().as_str() {
@@ -172,7 +177,12 @@ impl Located {
     /// Locate `message` at byte `offset` of `source` (the text of `file`).
     pub fn at(file: &str, source: &str, offset: usize, message: impl Into<String>) -> Self {
         let (line, col) = line_col(source, offset);
-        Located { file: file.to_string(), line, col, message: message.into() }
+        Located {
+            file: file.to_string(),
+            line,
+            col,
+            message: message.into(),
+        }
     }
 }
 
@@ -197,7 +207,10 @@ mod tests {
 
     #[test]
     fn phones_parse_to_digits() {
-        assert_eq!(parse_phone("+1 (631) 555-1181").as_deref(), Some("16315551181"));
+        assert_eq!(
+            parse_phone("+1 (631) 555-1181").as_deref(),
+            Some("16315551181")
+        );
         assert_eq!(parse_phone("447700900123").as_deref(), Some("447700900123"));
         assert_eq!(parse_phone("not-a-phone"), None);
         assert_eq!(parse_phone("+1-631-CALL-NOW"), None);
@@ -210,8 +223,14 @@ mod tests {
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("36h").unwrap(), Duration::from_secs(36 * 3600));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("36h").unwrap(),
+            Duration::from_secs(36 * 3600)
+        );
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         for bad in ["", "10", "s", "10x", "-1s", "ten seconds"] {
@@ -267,7 +286,10 @@ impl<'de> serde::Deserialize<'de> for Strings {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Strings, E> {
                 Ok(Strings(vec![v.to_string()]))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strings, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Strings, A::Error> {
                 let mut out = Vec::new();
                 while let Some(s) = seq.next_element::<String>()? {
                     out.push(s);

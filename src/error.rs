@@ -69,12 +69,22 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), field: None, retry_after: None }
+        ApiError {
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: None,
+        }
     }
 
     /// A 400 `invalid_request` blaming `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError { code: ErrorCode::InvalidRequest, message: message.into(), field: Some(field.into()), retry_after: None }
+        ApiError {
+            code: ErrorCode::InvalidRequest,
+            message: message.into(),
+            field: Some(field.into()),
+            retry_after: None,
+        }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {

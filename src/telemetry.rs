@@ -22,10 +22,16 @@ pub enum LogFormat {
 
 /// Install the global subscriber (`RUST_LOG` filter, default `info`).
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
     let _ = match format {
-        LogFormat::Text => builder.with_ansi(std::env::var_os("NO_COLOR").is_none()).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 }
@@ -90,33 +96,83 @@ impl Metrics {
             graph_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             event_deliveries: Family::default(),
         };
-        r.register("webhooks", "Webhook notifications received, by result", m.webhooks.clone());
-        r.register("inbound_messages", "Inbound messages processed, by type", m.inbound.clone());
-        r.register("rule_matches", "Inbound messages matched, by rule", m.rule_matches.clone());
-        r.register("outbound_messages", "Outbound message status changes, by status", m.outbound.clone());
-        r.register("queue_depth", "Messages queued per account", m.queue_depth.clone());
-        r.register("scheduled_messages", "Messages scheduled per account", m.scheduled.clone());
-        r.register("open_windows", "Conversations with an open 24 h window", m.open_windows.clone());
-        r.register("graph_request_duration_seconds", "Graph API request latency", m.graph_latency.clone());
-        r.register("event_deliveries", "Event deliveries to targets, by result", m.event_deliveries.clone());
+        r.register(
+            "webhooks",
+            "Webhook notifications received, by result",
+            m.webhooks.clone(),
+        );
+        r.register(
+            "inbound_messages",
+            "Inbound messages processed, by type",
+            m.inbound.clone(),
+        );
+        r.register(
+            "rule_matches",
+            "Inbound messages matched, by rule",
+            m.rule_matches.clone(),
+        );
+        r.register(
+            "outbound_messages",
+            "Outbound message status changes, by status",
+            m.outbound.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Messages queued per account",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "scheduled_messages",
+            "Messages scheduled per account",
+            m.scheduled.clone(),
+        );
+        r.register(
+            "open_windows",
+            "Conversations with an open 24 h window",
+            m.open_windows.clone(),
+        );
+        r.register(
+            "graph_request_duration_seconds",
+            "Graph API request latency",
+            m.graph_latency.clone(),
+        );
+        r.register(
+            "event_deliveries",
+            "Event deliveries to targets, by result",
+            m.event_deliveries.clone(),
+        );
         *m.registry.lock().expect("metrics lock") = r;
         m
     }
 
     pub fn webhook(&self, result: &str) {
-        self.webhooks.get_or_create(&ResultLabel { result: result.into() }).inc();
+        self.webhooks
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn inbound(&self, kind: &str) {
-        self.inbound.get_or_create(&TypeLabel { r#type: kind.into() }).inc();
+        self.inbound
+            .get_or_create(&TypeLabel {
+                r#type: kind.into(),
+            })
+            .inc();
     }
 
     pub fn rule_match(&self, rule: &str) {
-        self.rule_matches.get_or_create(&RuleLabel { rule: rule.into() }).inc();
+        self.rule_matches
+            .get_or_create(&RuleLabel { rule: rule.into() })
+            .inc();
     }
 
     pub fn outbound(&self, status: &str) {
-        self.outbound.get_or_create(&StatusLabel { status: status.into() }).inc();
+        self.outbound
+            .get_or_create(&StatusLabel {
+                status: status.into(),
+            })
+            .inc();
     }
 
     pub fn graph_request(&self, seconds: f64) {
@@ -124,15 +180,27 @@ impl Metrics {
     }
 
     pub fn event_delivery(&self, result: &str) {
-        self.event_deliveries.get_or_create(&ResultLabel { result: result.into() }).inc();
+        self.event_deliveries
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// Prometheus text, after setting the gauges read at scrape time.
     pub fn render(&self, open_windows: usize, queues: &[(String, usize, usize)]) -> String {
         self.open_windows.set(open_windows as i64);
         for (account, depth, scheduled) in queues {
-            self.queue_depth.get_or_create(&AccountLabel { account: account.clone() }).set(*depth as i64);
-            self.scheduled.get_or_create(&AccountLabel { account: account.clone() }).set(*scheduled as i64);
+            self.queue_depth
+                .get_or_create(&AccountLabel {
+                    account: account.clone(),
+                })
+                .set(*depth as i64);
+            self.scheduled
+                .get_or_create(&AccountLabel {
+                    account: account.clone(),
+                })
+                .set(*scheduled as i64);
         }
         let mut out = String::new();
         let registry = self.registry.lock().expect("metrics lock");

@@ -36,11 +36,21 @@ impl FromRequest for ApiKey {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let unauthorized = || ApiError::new(ErrorCode::Unauthorized, "missing or wrong API key: send X-API-Key or Authorization: Bearer");
-        let Some(shared) = req.app_data::<web::Data<Shared>>() else {
-            return ready(Err(ApiError::new(ErrorCode::Internal, "server state missing")));
+        let unauthorized = || {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong API key: send X-API-Key or Authorization: Bearer",
+            )
         };
-        let Some(key) = presented(req) else { return ready(Err(unauthorized())) };
+        let Some(shared) = req.app_data::<web::Data<Shared>>() else {
+            return ready(Err(ApiError::new(
+                ErrorCode::Internal,
+                "server state missing",
+            )));
+        };
+        let Some(key) = presented(req) else {
+            return ready(Err(unauthorized()));
+        };
         let mut found = None;
         for (i, k) in shared.settings.api.keys.iter().enumerate() {
             if constant_time_eq(key.as_bytes(), k.expose().as_bytes()) && found.is_none() {

@@ -10,10 +10,12 @@ use crate::error::{ApiError, ErrorCode};
 use crate::state::Account;
 
 fn account(shared: &Shared, name: &str) -> Result<std::sync::Arc<Account>, ApiError> {
-    shared
-        .state
-        .account_by_name(name)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownAccount, format!("no account named {name:?}")))
+    shared.state.account_by_name(name).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::UnknownAccount,
+            format!("no account named {name:?}"),
+        )
+    })
 }
 
 /// A contact in a path: a phone number (`+` and separators allowed) or a
@@ -23,26 +25,40 @@ fn contact(raw: &str) -> String {
 }
 
 /// `GET /v1/conversations/{account}/{wa_id}`.
-pub async fn get(_key: ApiKey, path: web::Path<(String, String)>, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    _key: ApiKey,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
     let (name, wa_id) = path.into_inner();
     let account = account(&shared, &name)?;
     let wa_id = contact(&wa_id);
-    let view = shared
-        .state
-        .conversation(&account, &wa_id)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no conversation with {wa_id} on {name:?}")))?;
+    let view = shared.state.conversation(&account, &wa_id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("no conversation with {wa_id} on {name:?}"),
+        )
+    })?;
     Ok(HttpResponse::Ok().json(view.to_json(now_ms())))
 }
 
 /// `GET /v1/conversations/{account}/{wa_id}/messages`: the last 50, both ways.
-pub async fn messages(_key: ApiKey, path: web::Path<(String, String)>, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+pub async fn messages(
+    _key: ApiKey,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
     let (name, wa_id) = path.into_inner();
     let account = account(&shared, &name)?;
     let wa_id = contact(&wa_id);
     if shared.state.conversation(&account, &wa_id).is_none() {
-        return Err(ApiError::new(ErrorCode::NotFound, format!("no conversation with {wa_id} on {name:?}")));
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no conversation with {wa_id} on {name:?}"),
+        ));
     }
-    Ok(HttpResponse::Ok().json(json!({ "messages": shared.state.recent_messages(&account, &wa_id) })))
+    Ok(HttpResponse::Ok()
+        .json(json!({ "messages": shared.state.recent_messages(&account, &wa_id) })))
 }
 
 /// `GET /v1/queues`: per account, depth, scheduled, next send time, pace.

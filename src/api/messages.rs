@@ -17,7 +17,16 @@ use crate::state::IdempotencyOutcome;
 
 /// Router fields beside the message object (SPEC §7).
 const ROUTER_FIELDS: &[&str] = &[
-    "account", "to", "type", "reply_to", "tags", "metadata", "send_at", "validity", "idempotency_key", "messaging_product",
+    "account",
+    "to",
+    "type",
+    "reply_to",
+    "tags",
+    "metadata",
+    "send_at",
+    "validity",
+    "idempotency_key",
+    "messaging_product",
     "recipient_type",
 ];
 const MAX_TAGS: usize = 10;
@@ -28,7 +37,10 @@ const SEND_AT_NOW_MS: Millis = 10 * 60 * 1000;
 const SEND_AT_MAX_MS: Millis = 35 * 24 * 3600 * 1000;
 const MAX_VALIDITY_S: u64 = 30 * 24 * 3600;
 
-fn str_field<'a>(body: &'a serde_json::Map<String, Value>, key: &str) -> Result<Option<&'a str>, ApiError> {
+fn str_field<'a>(
+    body: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, ApiError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -37,23 +49,42 @@ fn str_field<'a>(body: &'a serde_json::Map<String, Value>, key: &str) -> Result<
 }
 
 /// `POST /v1/messages`.
-pub async fn send(_key: ApiKey, req: HttpRequest, payload: web::Payload, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+pub async fn send(
+    _key: ApiKey,
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
     let body = json_body(&req, payload).await?;
-    let header_key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header_key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let (status, answer) = send_message(&shared, body, header_key)?;
     Ok(HttpResponse::build(status).json(answer))
 }
 
 /// Accept one send request; returns the HTTP status and body to answer
 /// (the original answer again for a repeated idempotency key).
-pub fn send_message(shared: &Shared, body: Value, header_key: Option<String>) -> Result<(actix_web::http::StatusCode, Value), ApiError> {
+pub fn send_message(
+    shared: &Shared,
+    body: Value,
+    header_key: Option<String>,
+) -> Result<(actix_web::http::StatusCode, Value), ApiError> {
     let Value::Object(map) = &body else {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "the body must be a JSON object",
+        ));
     };
     let body_key = str_field(map, "idempotency_key")?.map(str::to_string);
     let key = match (header_key, body_key) {
         (Some(h), Some(b)) if h != b => {
-            return Err(ApiError::invalid("idempotency_key", "the Idempotency-Key header and idempotency_key differ"));
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                "the Idempotency-Key header and idempotency_key differ",
+            ));
         }
         (h, b) => h.or(b),
     };
@@ -61,13 +92,21 @@ pub fn send_message(shared: &Shared, body: Value, header_key: Option<String>) ->
         return accept(shared, map).map(|v| (actix_web::http::StatusCode::ACCEPTED, v));
     };
     if key.is_empty() || key.len() > 255 {
-        return Err(ApiError::invalid("idempotency_key", "idempotency_key must be 1 to 255 characters"));
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            "idempotency_key must be 1 to 255 characters",
+        ));
     }
     let mut fingerprint_body = map.clone();
     fingerprint_body.remove("idempotency_key");
     let fingerprint = crate::state::fingerprint(&Value::Object(fingerprint_body));
-    match shared.state.idempotent(&key, fingerprint, now_ms(), || accept(shared, map)) {
-        IdempotencyOutcome::Done(v) | IdempotencyOutcome::Replayed(v) => Ok((actix_web::http::StatusCode::ACCEPTED, v)),
+    match shared
+        .state
+        .idempotent(&key, fingerprint, now_ms(), || accept(shared, map))
+    {
+        IdempotencyOutcome::Done(v) | IdempotencyOutcome::Replayed(v) => {
+            Ok((actix_web::http::StatusCode::ACCEPTED, v))
+        }
         IdempotencyOutcome::Conflict => Err(ApiError::new(
             ErrorCode::IdempotencyConflict,
             "this idempotency key was used with a different body",
@@ -79,11 +118,22 @@ pub fn send_message(shared: &Shared, body: Value, header_key: Option<String>) ->
 
 fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
     let now = now_ms();
-    let kind = str_field(map, "type")?.ok_or_else(|| ApiError::invalid("type", format!("type is required: one of {}", TYPES.join(", "))))?;
+    let kind = str_field(map, "type")?.ok_or_else(|| {
+        ApiError::invalid(
+            "type",
+            format!("type is required: one of {}", TYPES.join(", ")),
+        )
+    })?;
     if !TYPES.contains(&kind) {
-        return Err(ApiError::invalid("type", format!("unknown type {kind:?}: use one of {}", TYPES.join(", "))));
+        return Err(ApiError::invalid(
+            "type",
+            format!("unknown type {kind:?}: use one of {}", TYPES.join(", ")),
+        ));
     }
-    if let Some(extra) = map.keys().find(|k| k.as_str() != kind && !ROUTER_FIELDS.contains(&k.as_str())) {
+    if let Some(extra) = map
+        .keys()
+        .find(|k| k.as_str() != kind && !ROUTER_FIELDS.contains(&k.as_str()))
+    {
         return Err(ApiError::invalid(
             extra.clone(),
             format!("unknown field {extra:?}; the message content goes under the key {kind:?}"),
@@ -92,14 +142,23 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     if let Some(mp) = map.get("messaging_product")
         && mp != "whatsapp"
     {
-        return Err(ApiError::invalid("messaging_product", "messaging_product must be \"whatsapp\" if given"));
+        return Err(ApiError::invalid(
+            "messaging_product",
+            "messaging_product must be \"whatsapp\" if given",
+        ));
     }
     if let Some(rt) = map.get("recipient_type")
         && rt != "individual"
     {
-        return Err(ApiError::invalid("recipient_type", "only \"individual\" recipients are supported"));
+        return Err(ApiError::invalid(
+            "recipient_type",
+            "only \"individual\" recipients are supported",
+        ));
     }
-    let mut object = map.get(kind).cloned().ok_or_else(|| ApiError::invalid(kind, format!("the {kind:?} object is required")))?;
+    let mut object = map
+        .get(kind)
+        .cloned()
+        .ok_or_else(|| ApiError::invalid(kind, format!("the {kind:?} object is required")))?;
     if kind == "text"
         && let Value::String(s) = &object
     {
@@ -108,29 +167,51 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     validate(kind, &object).map_err(|e| ApiError::invalid(e.field, e.message))?;
 
     let account = match str_field(map, "account")? {
-        Some(name) => shared
-            .state
-            .account_by_name(name)
-            .ok_or_else(|| ApiError::new(ErrorCode::UnknownAccount, format!("no account named {name:?}")).with_field("account"))?,
+        Some(name) => shared.state.account_by_name(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownAccount,
+                format!("no account named {name:?}"),
+            )
+            .with_field("account")
+        })?,
         None => shared.state.default_account().ok_or_else(|| {
-            ApiError::new(ErrorCode::UnknownAccount, "no account is configured (sandbox: accounts appear with their first webhook)")
-                .with_field("account")
+            ApiError::new(
+                ErrorCode::UnknownAccount,
+                "no account is configured (sandbox: accounts appear with their first webhook)",
+            )
+            .with_field("account")
         })?,
     };
-    let to_raw = str_field(map, "to")?.ok_or_else(|| ApiError::invalid("to", "to is required: the contact's E.164 number"))?;
-    let to = parse_phone(to_raw)
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidPhone, format!("{to_raw:?} is not a valid E.164 phone number")).with_field("to"))?;
+    let to_raw = str_field(map, "to")?
+        .ok_or_else(|| ApiError::invalid("to", "to is required: the contact's E.164 number"))?;
+    let to = parse_phone(to_raw).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidPhone,
+            format!("{to_raw:?} is not a valid E.164 phone number"),
+        )
+        .with_field("to")
+    })?;
 
     let context_id = match str_field(map, "reply_to")? {
         None => None,
         Some(_) if kind == "reaction" => {
-            return Err(ApiError::invalid("reply_to", "a reaction cannot reply to a message; set reaction.message_id"));
+            return Err(ApiError::invalid(
+                "reply_to",
+                "a reaction cannot reply to a message; set reaction.message_id",
+            ));
         }
         Some(r) if r.starts_with("msg_") => {
-            let record = shared.state.record(r).ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
-            Some(record.wamid.ok_or_else(|| ApiError::invalid("reply_to", format!("message {r:?} has not been sent yet")))?)
+            let record = shared
+                .state
+                .record(r)
+                .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
+            Some(record.wamid.ok_or_else(|| {
+                ApiError::invalid("reply_to", format!("message {r:?} has not been sent yet"))
+            })?)
         }
-        Some(r) if r.trim().is_empty() => return Err(ApiError::invalid("reply_to", "reply_to must not be empty")),
+        Some(r) if r.trim().is_empty() => {
+            return Err(ApiError::invalid("reply_to", "reply_to must not be empty"));
+        }
         Some(r) => Some(r.to_string()),
     };
 
@@ -138,12 +219,23 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => {
             if items.len() > MAX_TAGS {
-                return Err(ApiError::invalid("tags", format!("at most {MAX_TAGS} tags")));
+                return Err(ApiError::invalid(
+                    "tags",
+                    format!("at most {MAX_TAGS} tags"),
+                ));
             }
             let mut tags: Vec<String> = Vec::new();
             for (i, t) in items.iter().enumerate() {
-                let t = t.as_str().map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty() && s.chars().count() <= MAX_TAG_LEN);
-                let t = t.ok_or_else(|| ApiError::invalid(format!("tags[{i}]"), format!("a tag is a string of 1 to {MAX_TAG_LEN} characters")))?;
+                let t = t
+                    .as_str()
+                    .map(|s| s.trim().to_lowercase())
+                    .filter(|s| !s.is_empty() && s.chars().count() <= MAX_TAG_LEN);
+                let t = t.ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("tags[{i}]"),
+                        format!("a tag is a string of 1 to {MAX_TAG_LEN} characters"),
+                    )
+                })?;
                 if !tags.contains(&t) {
                     tags.push(t);
                 }
@@ -155,14 +247,24 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     let metadata = match map.get("metadata") {
         None | Some(Value::Null) => None,
         Some(m @ Value::Object(_)) => Some(m.clone()),
-        Some(_) => return Err(ApiError::invalid("metadata", "metadata must be a JSON object")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "metadata",
+                "metadata must be a JSON object",
+            ));
+        }
     };
     let send_at = match str_field(map, "send_at")? {
         None => None,
         Some(s) => {
-            let at = parse_rfc3339(s).ok_or_else(|| ApiError::invalid("send_at", "send_at must be an RFC 3339 time stamp"))?;
+            let at = parse_rfc3339(s).ok_or_else(|| {
+                ApiError::invalid("send_at", "send_at must be an RFC 3339 time stamp")
+            })?;
             if at - now > SEND_AT_MAX_MS {
-                return Err(ApiError::invalid("send_at", "send_at may be at most 35 days ahead"));
+                return Err(ApiError::invalid(
+                    "send_at",
+                    "send_at may be at most 35 days ahead",
+                ));
             }
             (at - now > SEND_AT_NOW_MS).then_some(at)
         }
@@ -171,11 +273,20 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         None | Some(Value::Null) => shared.settings.sender.validity,
         Some(v) => match v.as_u64() {
             Some(s) if (1..=MAX_VALIDITY_S).contains(&s) => Duration::from_secs(s),
-            _ => return Err(ApiError::invalid("validity", format!("validity is a whole number of seconds from 1 to {MAX_VALIDITY_S}"))),
+            _ => {
+                return Err(ApiError::invalid(
+                    "validity",
+                    format!("validity is a whole number of seconds from 1 to {MAX_VALIDITY_S}"),
+                ));
+            }
         },
     };
 
-    let content = Content { kind: kind.to_string(), object, context_id };
+    let content = Content {
+        kind: kind.to_string(),
+        object,
+        context_id,
+    };
     let new = NewMessage {
         account: account.clone(),
         to: to.clone(),
@@ -188,7 +299,8 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         bypass_consent: false,
         keep_refused: false,
     };
-    let accepted = enqueue(&shared.state, new, now).map_err(|(refused, _)| policy_error(refused))?;
+    let accepted =
+        enqueue(&shared.state, new, now).map_err(|(refused, _)| policy_error(refused))?;
     Ok(json!({
         "id": accepted.id,
         "status": accepted.status.as_str(),
@@ -205,13 +317,22 @@ pub fn policy_error(refused: PolicyError) -> ApiError {
         PolicyError::WindowClosed => ApiError::new(ErrorCode::WindowClosed, refused.message()),
         PolicyError::OptedOut => ApiError::new(ErrorCode::OptedOut, refused.message()),
         PolicyError::Expired => ApiError::invalid("validity", refused.message()),
-        PolicyError::QueueFull { retry_after } => ApiError::new(ErrorCode::QueueFull, refused.message()).with_retry_after(retry_after),
+        PolicyError::QueueFull { retry_after } => {
+            ApiError::new(ErrorCode::QueueFull, refused.message()).with_retry_after(retry_after)
+        }
     }
 }
 
 /// `GET /v1/messages/{id}`.
-pub async fn get(_key: ApiKey, path: web::Path<String>, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    _key: ApiKey,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let record = shared.state.record(&id).ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
+    let record = shared
+        .state
+        .record(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
     Ok(HttpResponse::Ok().json(record.to_json()))
 }

@@ -14,22 +14,38 @@ use crate::error::{ApiError, ErrorCode};
 pub const MAX_BODY: usize = 1024 * 1024;
 
 /// Read a JSON request body of at most [`MAX_BODY`] bytes.
-pub async fn json_body(req: &HttpRequest, mut payload: web::Payload) -> Result<serde_json::Value, ApiError> {
+pub async fn json_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<serde_json::Value, ApiError> {
     let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, "request body over 1 MB");
-    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_BODY) {
         return Err(too_large());
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read"))?;
+        let chunk = chunk.map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the request body could not be read",
+            )
+        })?;
         if body.len() + chunk.len() > MAX_BODY {
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
     if body.is_empty() {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "a JSON body is required"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "a JSON body is required",
+        ));
     }
-    serde_json::from_slice(&body).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON: {e}")))
 }

@@ -15,7 +15,13 @@ use crate::telemetry::Metrics;
 #[derive(Debug, Clone, PartialEq)]
 pub enum GraphError {
     /// Meta answered with an error status.
-    Status { http: u16, code: Option<i64>, message: String, retry_after: Option<Duration>, transient_hint: bool },
+    Status {
+        http: u16,
+        code: Option<i64>,
+        message: String,
+        retry_after: Option<Duration>,
+        transient_hint: bool,
+    },
     /// No answer: connection refused, reset, timeout.
     Transport { message: String },
     /// A 2xx answer without a message id: the message may have been sent.
@@ -40,7 +46,12 @@ impl GraphError {
     /// A short description without secrets or message content.
     pub fn describe(&self) -> String {
         match self {
-            GraphError::Status { http, code, message, .. } => match code {
+            GraphError::Status {
+                http,
+                code,
+                message,
+                ..
+            } => match code {
                 Some(c) => format!("Graph API error {c} (HTTP {http}): {message}"),
                 None => format!("Graph API answered HTTP {http}"),
             },
@@ -73,7 +84,12 @@ pub struct GraphClient {
 }
 
 impl GraphClient {
-    pub fn new(base: &str, version: &str, timeout: Duration, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn new(
+        base: &str,
+        version: &str,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         // One process-wide crypto provider for rustls (ring); a second
         // install attempt (tests build several apps) is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -83,18 +99,39 @@ impl GraphClient {
             .user_agent(concat!("wa-router/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(GraphClient { http, base: base.trim_end_matches('/').to_string(), version: version.to_string(), metrics })
+        Ok(GraphClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            version: version.to_string(),
+            metrics,
+        })
     }
 
     fn url(&self, phone_number_id: &str) -> String {
-        format!("{}/{}/{}/messages", self.base, self.version, phone_number_id)
+        format!(
+            "{}/{}/{}/messages",
+            self.base, self.version, phone_number_id
+        )
     }
 
-    async fn post(&self, phone_number_id: &str, token: &Secret, body: &Value) -> Result<Value, GraphError> {
+    async fn post(
+        &self,
+        phone_number_id: &str,
+        token: &Secret,
+        body: &Value,
+    ) -> Result<Value, GraphError> {
         let started = Instant::now();
-        let result = self.http.post(self.url(phone_number_id)).bearer_auth(token.expose()).json(body).send().await;
+        let result = self
+            .http
+            .post(self.url(phone_number_id))
+            .bearer_auth(token.expose())
+            .json(body)
+            .send()
+            .await;
         let outcome = match result {
-            Err(e) => Err(GraphError::Transport { message: transport_message(e) }),
+            Err(e) => Err(GraphError::Transport {
+                message: transport_message(e),
+            }),
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_after = resp
@@ -103,7 +140,9 @@ impl GraphClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                let bytes = resp.bytes().await.map_err(|e| GraphError::Transport { message: transport_message(e) });
+                let bytes = resp.bytes().await.map_err(|e| GraphError::Transport {
+                    message: transport_message(e),
+                });
                 match bytes {
                     Err(e) => Err(e),
                     Ok(bytes) => {
@@ -123,7 +162,10 @@ impl GraphClient {
                                     .take(300)
                                     .collect(),
                                 retry_after,
-                                transient_hint: err.and_then(|e| e.get("is_transient")).and_then(Value::as_bool).unwrap_or(false),
+                                transient_hint: err
+                                    .and_then(|e| e.get("is_transient"))
+                                    .and_then(Value::as_bool)
+                                    .unwrap_or(false),
                             })
                         }
                     }
@@ -135,18 +177,31 @@ impl GraphClient {
     }
 
     /// Send a message; returns Meta's wamid.
-    pub async fn send(&self, phone_number_id: &str, token: &Secret, body: &Value) -> Result<String, GraphError> {
+    pub async fn send(
+        &self,
+        phone_number_id: &str,
+        token: &Secret,
+        body: &Value,
+    ) -> Result<String, GraphError> {
         let answer = self.post(phone_number_id, token, body).await?;
         answer
             .pointer("/messages/0/id")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| GraphError::BadAnswer { message: "no messages[0].id in the answer".into() })
+            .ok_or_else(|| GraphError::BadAnswer {
+                message: "no messages[0].id in the answer".into(),
+            })
     }
 
     /// Mark an inbound message read (CLOUD_API.md §7.5).
-    pub async fn mark_read(&self, phone_number_id: &str, token: &Secret, wamid: &str) -> Result<(), GraphError> {
-        let body = json!({ "messaging_product": "whatsapp", "status": "read", "message_id": wamid });
+    pub async fn mark_read(
+        &self,
+        phone_number_id: &str,
+        token: &Secret,
+        wamid: &str,
+    ) -> Result<(), GraphError> {
+        let body =
+            json!({ "messaging_product": "whatsapp", "status": "read", "message_id": wamid });
         self.post(phone_number_id, token, &body).await.map(|_| ())
     }
 }

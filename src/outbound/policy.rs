@@ -17,7 +17,9 @@ pub enum PolicyError {
     OptedOut,
     Expired,
     /// The account's queue holds `max_queue` messages; retry after this long.
-    QueueFull { retry_after: Duration },
+    QueueFull {
+        retry_after: Duration,
+    },
 }
 
 impl PolicyError {
@@ -33,9 +35,12 @@ impl PolicyError {
     pub fn message(self) -> String {
         match self {
             PolicyError::WindowClosed => {
-                "the 24-hour window with this contact is closed: only template messages may be sent".into()
+                "the 24-hour window with this contact is closed: only template messages may be sent"
+                    .into()
             }
-            PolicyError::OptedOut => "the contact opted out; nothing is sent until they opt in again".into(),
+            PolicyError::OptedOut => {
+                "the contact opted out; nothing is sent until they opt in again".into()
+            }
             PolicyError::Expired => "the message was not sent within its validity".into(),
             PolicyError::QueueFull { .. } => "the account's queue is full; retry later".into(),
         }
@@ -68,7 +73,12 @@ pub fn check(f: Facts) -> Result<(), PolicyError> {
 }
 
 /// Check policy for a record of `account` now.
-pub fn check_record(state: &State, account: &Account, r: &OutboundRecord, now: Millis) -> Result<(), PolicyError> {
+pub fn check_record(
+    state: &State,
+    account: &Account,
+    r: &OutboundRecord,
+    now: Millis,
+) -> Result<(), PolicyError> {
     check(Facts {
         now,
         is_template: r.content.is_template(),
@@ -111,16 +121,29 @@ pub struct Accepted {
 /// Accept a message into its account's queue, or refuse it by policy.
 /// A refused message is kept as a failed record when `keep_refused`; its id
 /// comes back with the error.
-pub fn enqueue(state: &State, new: NewMessage, now: Millis) -> Result<Accepted, (PolicyError, Option<String>)> {
+pub fn enqueue(
+    state: &State,
+    new: NewMessage,
+    now: Millis,
+) -> Result<Accepted, (PolicyError, Option<String>)> {
     let account = new.account.clone();
     let pace = account.settings.pace;
     if account.queue.len() >= account.settings.max_queue {
-        return Err((PolicyError::QueueFull { retry_after: pace.max(Duration::from_secs(1)) }, None));
+        return Err((
+            PolicyError::QueueFull {
+                retry_after: pace.max(Duration::from_secs(1)),
+            },
+            None,
+        ));
     }
     let send_at = new.send_at.filter(|t| *t > now);
     let start = send_at.unwrap_or(now);
     let expires_at = start + new.validity.as_millis() as Millis;
-    let status = if send_at.is_some() { Status::Scheduled } else { Status::Queued };
+    let status = if send_at.is_some() {
+        Status::Scheduled
+    } else {
+        Status::Queued
+    };
     let mut record = OutboundRecord {
         id: new_id("msg"),
         account: account.name().to_string(),
@@ -144,7 +167,11 @@ pub fn enqueue(state: &State, new: NewMessage, now: Millis) -> Result<Accepted, 
             return Err((refused, None));
         }
         let id = record.id.clone();
-        record.error = Some(super::RecordError { code: refused.code().into(), graph_code: None, message: refused.message() });
+        record.error = Some(super::RecordError {
+            code: refused.code().into(),
+            graph_code: None,
+            message: refused.message(),
+        });
         record.set_status(Status::Failed, now);
         state.insert_record(&account, record, now);
         return Err((refused, Some(id)));
@@ -155,11 +182,19 @@ pub fn enqueue(state: &State, new: NewMessage, now: Millis) -> Result<Accepted, 
         Some(t) => t,
         None => {
             let pace_ms = pace.as_millis() as Millis;
-            let next_free = account.queue.last_send().map_or(now, |l| (l + pace_ms).max(now));
+            let next_free = account
+                .queue
+                .last_send()
+                .map_or(now, |l| (l + pace_ms).max(now));
             next_free + pace_ms * position.saturating_sub(1) as Millis
         }
     };
-    Ok(Accepted { id, status, queue_position: position, send_after })
+    Ok(Accepted {
+        id,
+        status,
+        queue_position: position,
+        send_after,
+    })
 }
 
 #[cfg(test)]
@@ -167,23 +202,64 @@ mod tests {
     use super::*;
 
     fn facts() -> Facts {
-        Facts { now: 1000, is_template: false, window_open: true, opted_out: false, bypass_consent: false, expires_at: 2000 }
+        Facts {
+            now: 1000,
+            is_template: false,
+            window_open: true,
+            opted_out: false,
+            bypass_consent: false,
+            expires_at: 2000,
+        }
     }
 
     #[test]
     fn free_form_needs_an_open_window_templates_do_not() {
-        assert_eq!(check(Facts { window_open: false, ..facts() }), Err(PolicyError::WindowClosed));
-        assert_eq!(check(Facts { window_open: false, is_template: true, ..facts() }), Ok(()));
+        assert_eq!(
+            check(Facts {
+                window_open: false,
+                ..facts()
+            }),
+            Err(PolicyError::WindowClosed)
+        );
+        assert_eq!(
+            check(Facts {
+                window_open: false,
+                is_template: true,
+                ..facts()
+            }),
+            Ok(())
+        );
     }
 
     #[test]
     fn opted_out_blocks_everything_but_consent_replies() {
-        assert_eq!(check(Facts { opted_out: true, is_template: true, ..facts() }), Err(PolicyError::OptedOut));
-        assert_eq!(check(Facts { opted_out: true, bypass_consent: true, ..facts() }), Ok(()));
+        assert_eq!(
+            check(Facts {
+                opted_out: true,
+                is_template: true,
+                ..facts()
+            }),
+            Err(PolicyError::OptedOut)
+        );
+        assert_eq!(
+            check(Facts {
+                opted_out: true,
+                bypass_consent: true,
+                ..facts()
+            }),
+            Ok(())
+        );
     }
 
     #[test]
     fn expiry_wins() {
-        assert_eq!(check(Facts { now: 2000, opted_out: true, ..facts() }), Err(PolicyError::Expired));
+        assert_eq!(
+            check(Facts {
+                now: 2000,
+                opted_out: true,
+                ..facts()
+            }),
+            Err(PolicyError::Expired)
+        );
     }
 }

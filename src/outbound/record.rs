@@ -72,7 +72,9 @@ impl Status {
     /// to `next` (SPEC §3: never backwards; §6: late failures apply).
     pub fn accepts_from_meta(self, next: Status) -> bool {
         match next {
-            Status::Sent | Status::Delivered | Status::Read => !self.is_final() && next.rank() > self.rank(),
+            Status::Sent | Status::Delivered | Status::Read => {
+                !self.is_final() && next.rank() > self.rank()
+            }
             Status::Failed => matches!(self, Status::Sending | Status::Sent | Status::Delivered),
             _ => false,
         }
@@ -122,8 +124,15 @@ impl OutboundRecord {
 
     /// The API representation (SPEC §7 `GET /v1/messages/{id}`).
     pub fn to_json(&self) -> Value {
-        let error = self.error.as_ref().map(|e| json!({ "code": e.code, "graph_code": e.graph_code, "message": e.message }));
-        let history: Vec<Value> = self.history.iter().map(|(s, at)| json!({ "status": s.as_str(), "at": rfc3339(*at) })).collect();
+        let error = self
+            .error
+            .as_ref()
+            .map(|e| json!({ "code": e.code, "graph_code": e.graph_code, "message": e.message }));
+        let history: Vec<Value> = self
+            .history
+            .iter()
+            .map(|(s, at)| json!({ "status": s.as_str(), "at": rfc3339(*at) }))
+            .collect();
         let mut body = serde_json::Map::new();
         body.insert("type".into(), json!(self.content.kind));
         body.insert(self.content.kind.clone(), self.content.object.clone());
@@ -174,7 +183,12 @@ mod tests {
 
     #[test]
     fn any_order_of_statuses_ends_at_the_highest() {
-        let orders = [[Sent, Delivered, Read], [Read, Sent, Delivered], [Delivered, Read, Sent], [Read, Delivered, Sent]];
+        let orders = [
+            [Sent, Delivered, Read],
+            [Read, Sent, Delivered],
+            [Delivered, Read, Sent],
+            [Read, Delivered, Sent],
+        ];
         for order in orders {
             let mut s = Sending;
             for next in order {

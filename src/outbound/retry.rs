@@ -14,13 +14,15 @@ pub enum Class {
 
 /// Graph codes that a later identical request may get past (RETRY in
 /// CLOUD_API.md §9.2).
-const TRANSIENT_CODES: &[i64] = &[1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131056, 131057, 133004];
+const TRANSIENT_CODES: &[i64] = &[
+    1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131056, 131057, 133004,
+];
 
 /// Graph codes that fail the message whatever the HTTP status says.
 const PERMANENT_CODES: &[i64] = &[
-    0, 3, 10, 100, 190, 368, 130472, 130497, 131005, 131008, 131009, 131021, 131026, 131031, 131042, 131045, 131047,
-    131048, 131049, 131050, 131051, 131052, 131053, 131064, 132000, 132001, 132005, 132007, 132012, 132015, 132016,
-    133010, 135000,
+    0, 3, 10, 100, 190, 368, 130472, 130497, 131005, 131008, 131009, 131021, 131026, 131031,
+    131042, 131045, 131047, 131048, 131049, 131050, 131051, 131052, 131053, 131064, 132000, 132001,
+    132005, 132007, 132012, 132015, 132016, 133010, 135000,
 ];
 
 /// Classify by Graph code first (CLOUD_API.md: branch on `code`, not the
@@ -29,7 +31,12 @@ pub fn classify(e: &GraphError) -> Class {
     match e {
         GraphError::Transport { .. } => Class::Transient,
         GraphError::BadAnswer { .. } => Class::Permanent,
-        GraphError::Status { http, code, transient_hint, .. } => {
+        GraphError::Status {
+            http,
+            code,
+            transient_hint,
+            ..
+        } => {
             if let Some(code) = code {
                 if TRANSIENT_CODES.contains(code) {
                     return Class::Transient;
@@ -38,7 +45,11 @@ pub fn classify(e: &GraphError) -> Class {
                     return Class::Permanent;
                 }
             }
-            if *transient_hint || *http == 429 || *http >= 500 { Class::Transient } else { Class::Permanent }
+            if *transient_hint || *http == 429 || *http >= 500 {
+                Class::Transient
+            } else {
+                Class::Permanent
+            }
         }
     }
 }
@@ -53,7 +64,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// at 5 minutes; never shorter than Meta's `Retry-After`.
 pub fn delay(attempt: u32, base: Duration, retry_after: Option<Duration>, jitter: f64) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let jittered = exp.mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0)).min(MAX_BACKOFF);
+    let jittered = exp
+        .mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0))
+        .min(MAX_BACKOFF);
     match retry_after {
         Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
         None => jittered,
@@ -65,7 +78,13 @@ mod tests {
     use super::*;
 
     fn status(http: u16, code: Option<i64>) -> GraphError {
-        GraphError::Status { http, code, message: String::new(), retry_after: None, transient_hint: false }
+        GraphError::Status {
+            http,
+            code,
+            message: String::new(),
+            retry_after: None,
+            transient_hint: false,
+        }
     }
 
     #[test]
@@ -86,8 +105,18 @@ mod tests {
             (status(500, Some(131045)), Class::Permanent),
             (status(400, None), Class::Permanent),
             (status(502, Some(999_999)), Class::Transient),
-            (GraphError::Transport { message: "timed out".into() }, Class::Transient),
-            (GraphError::BadAnswer { message: String::new() }, Class::Permanent),
+            (
+                GraphError::Transport {
+                    message: "timed out".into(),
+                },
+                Class::Transient,
+            ),
+            (
+                GraphError::BadAnswer {
+                    message: String::new(),
+                },
+                Class::Permanent,
+            ),
         ];
         for (err, want) in table {
             assert_eq!(classify(&err), want, "{err:?}");
@@ -101,7 +130,13 @@ mod tests {
         assert_eq!(delay(2, base, None, 0.0), Duration::from_secs(2));
         assert_eq!(delay(3, base, None, 1.0), Duration::from_secs(5));
         assert_eq!(delay(30, base, None, 1.0), MAX_BACKOFF);
-        assert_eq!(delay(1, base, Some(Duration::from_secs(7)), 0.0), Duration::from_secs(7));
-        assert_eq!(delay(1, base, Some(Duration::from_secs(99_999)), 0.0), MAX_RETRY_AFTER);
+        assert_eq!(
+            delay(1, base, Some(Duration::from_secs(7)), 0.0),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            delay(1, base, Some(Duration::from_secs(99_999)), 0.0),
+            MAX_RETRY_AFTER
+        );
     }
 }

@@ -38,7 +38,9 @@ pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Re
         let now = now_ms();
         let next_due = account.queue.promote_due(now);
         let Some(id) = account.queue.head() else {
-            let wait = next_due.map_or(Duration::from_secs(3600), |t| Duration::from_millis((t - now).max(1) as u64));
+            let wait = next_due.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_millis((t - now).max(1) as u64)
+            });
             tokio::select! {
                 _ = account.queue.notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -75,7 +77,9 @@ pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Re
 pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> ExecutionOutcome {
     let state = &shared.state;
     let now = now_ms();
-    let Some(record) = state.record(id) else { return ExecutionOutcome::Skipped };
+    let Some(record) = state.record(id) else {
+        return ExecutionOutcome::Skipped;
+    };
     if record.status != Status::Queued {
         return ExecutionOutcome::Skipped;
     }
@@ -85,7 +89,15 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
             PolicyError::Expired => {
                 state.update_record(id, now, |_| (Some(Status::Expired), ()));
             }
-            other => state.mark_failed(id, RecordError { code: other.code().into(), graph_code: None, message: other.message() }, now),
+            other => state.mark_failed(
+                id,
+                RecordError {
+                    code: other.code().into(),
+                    graph_code: None,
+                    message: other.message(),
+                },
+                now,
+            ),
         }
         tracing::info!(reason = refused.code(), "message not sent");
         return ExecutionOutcome::Refused;
@@ -106,7 +118,11 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
         return ExecutionOutcome::Done;
     };
     let body = send_body(&record.to, &record.content);
-    match shared.graph.send(&account.settings.phone_number_id, token, &body).await {
+    match shared
+        .graph
+        .send(&account.settings.phone_number_id, token, &body)
+        .await
+    {
         Ok(wamid) => {
             state.mark_sent(id, &wamid, now_ms());
             tracing::info!(%wamid, attempts, "message sent");
@@ -121,7 +137,12 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
             };
             let max = shared.settings.sender.max_attempts;
             if classify(&e) == Class::Transient && attempts < max {
-                let wait = delay(attempts, shared.settings.sender.backoff, e.retry_after(), fastrand::f64());
+                let wait = delay(
+                    attempts,
+                    shared.settings.sender.backoff,
+                    e.retry_after(),
+                    fastrand::f64(),
+                );
                 tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, "transient send failure");
                 state.update_record(id, now, |r| {
                     r.error = Some(error);

@@ -18,12 +18,25 @@ pub struct Invalid {
 type Check = Result<(), Invalid>;
 
 fn bad(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid { field: field.into(), message: message.into() }
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// The message types the send endpoint knows (SPEC §7).
 pub const TYPES: &[&str] = &[
-    "text", "image", "video", "audio", "document", "sticker", "location", "contacts", "interactive", "template", "reaction",
+    "text",
+    "image",
+    "video",
+    "audio",
+    "document",
+    "sticker",
+    "location",
+    "contacts",
+    "interactive",
+    "template",
+    "reaction",
 ];
 
 /// Check the `kind` object of an outbound message (`obj` is the value under
@@ -37,7 +50,13 @@ pub fn validate(kind: &str, obj: &Value) -> Check {
         "interactive" => interactive(obj),
         "template" => template(obj),
         "reaction" => reaction(obj),
-        _ => Err(bad("type", format!("unknown message type {kind:?}; use one of {}", TYPES.join(", ")))),
+        _ => Err(bad(
+            "type",
+            format!(
+                "unknown message type {kind:?}; use one of {}",
+                TYPES.join(", ")
+            ),
+        )),
     }
 }
 
@@ -47,13 +66,20 @@ fn object<'a>(field: &str, v: &'a Value) -> Result<&'a serde_json::Map<String, V
 
 fn only_keys(field: &str, obj: &serde_json::Map<String, Value>, allowed: &[&str]) -> Check {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(bad(join(field, k), format!("unknown field; allowed here: {}", allowed.join(", ")))),
+        Some(k) => Err(bad(
+            join(field, k),
+            format!("unknown field; allowed here: {}", allowed.join(", ")),
+        )),
         None => Ok(()),
     }
 }
 
 fn join(field: &str, key: &str) -> String {
-    if field.is_empty() { key.to_string() } else { format!("{field}.{key}") }
+    if field.is_empty() {
+        key.to_string()
+    } else {
+        format!("{field}.{key}")
+    }
 }
 
 /// A required string of 1..=max characters (`max` 0 = no limit).
@@ -135,7 +161,10 @@ fn coordinate(field: &str, v: Option<&Value>, limit: f64) -> Check {
     };
     match n {
         Some(n) if n.is_finite() && n.abs() <= limit => Ok(()),
-        _ => Err(bad(field, format!("must be a number between -{limit} and {limit}"))),
+        _ => Err(bad(
+            field,
+            format!("must be a number between -{limit} and {limit}"),
+        )),
     }
 }
 
@@ -149,25 +178,39 @@ fn location(obj: &Value) -> Check {
 }
 
 fn contacts(obj: &Value) -> Check {
-    let cards = obj.as_array().ok_or_else(|| bad("contacts", "must be a list of contact cards"))?;
+    let cards = obj
+        .as_array()
+        .ok_or_else(|| bad("contacts", "must be a list of contact cards"))?;
     if cards.is_empty() || cards.len() > 257 {
         return Err(bad("contacts", "must hold 1 to 257 contact cards"));
     }
     for (i, card) in cards.iter().enumerate() {
         let field = format!("contacts[{i}]");
         let c = object(&field, card)?;
-        let name = c.get("name").ok_or_else(|| bad(format!("{field}.name"), "is required"))?;
+        let name = c
+            .get("name")
+            .ok_or_else(|| bad(format!("{field}.name"), "is required"))?;
         let name = object(&format!("{field}.name"), name)?;
-        string(&format!("{field}.name.formatted_name"), name.get("formatted_name"), 0)?;
+        string(
+            &format!("{field}.name.formatted_name"),
+            name.get("formatted_name"),
+            0,
+        )?;
     }
     Ok(())
 }
 
 fn interactive(obj: &Value) -> Check {
     let o = object("interactive", obj)?;
-    only_keys("interactive", o, &["type", "header", "body", "footer", "action"])?;
+    only_keys(
+        "interactive",
+        o,
+        &["type", "header", "body", "footer", "action"],
+    )?;
     let kind = string("interactive.type", o.get("type"), 0)?;
-    let action = o.get("action").ok_or_else(|| bad("interactive.action", "is required"))?;
+    let action = o
+        .get("action")
+        .ok_or_else(|| bad("interactive.action", "is required"))?;
     let action = object("interactive.action", action)?;
     match o.get("body") {
         Some(b) => {
@@ -193,21 +236,39 @@ fn interactive(obj: &Value) -> Check {
             if name != "cta_url" {
                 return Err(bad("interactive.action.name", "must be \"cta_url\""));
             }
-            let p = action.get("parameters").ok_or_else(|| bad("interactive.action.parameters", "is required"))?;
+            let p = action
+                .get("parameters")
+                .ok_or_else(|| bad("interactive.action.parameters", "is required"))?;
             let p = object("interactive.action.parameters", p)?;
-            string("interactive.action.parameters.display_text", p.get("display_text"), 20)?;
+            string(
+                "interactive.action.parameters.display_text",
+                p.get("display_text"),
+                20,
+            )?;
             url("interactive.action.parameters.url", p.get("url"))
         }
         "flow" => {
-            let p = action.get("parameters").ok_or_else(|| bad("interactive.action.parameters", "is required"))?;
+            let p = action
+                .get("parameters")
+                .ok_or_else(|| bad("interactive.action.parameters", "is required"))?;
             let p = object("interactive.action.parameters", p)?;
-            string("interactive.action.parameters.flow_cta", p.get("flow_cta"), 20)?;
+            string(
+                "interactive.action.parameters.flow_cta",
+                p.get("flow_cta"),
+                20,
+            )?;
             if p.get("flow_id").is_none() && p.get("flow_name").is_none() {
-                return Err(bad("interactive.action.parameters.flow_id", "flow_id or flow_name is required"));
+                return Err(bad(
+                    "interactive.action.parameters.flow_id",
+                    "flow_id or flow_name is required",
+                ));
             }
             Ok(())
         }
-        other => Err(bad("interactive.type", format!("unsupported interactive type {other:?}; use button, list, cta_url or flow"))),
+        other => Err(bad(
+            "interactive.type",
+            format!("unsupported interactive type {other:?}; use button, list, cta_url or flow"),
+        )),
     }
 }
 
@@ -218,7 +279,9 @@ fn header(h: &Value, text_only: bool) -> Check {
         "text" => string("interactive.header.text", h.get("text"), 60).map(|_| ()),
         "image" | "video" | "document" if !text_only => {
             let field = format!("interactive.header.{kind}");
-            let m = h.get(kind).ok_or_else(|| bad(field.clone(), "is required"))?;
+            let m = h
+                .get(kind)
+                .ok_or_else(|| bad(field.clone(), "is required"))?;
             let m = object(&field, m)?;
             match (m.get("id"), m.get("link")) {
                 (Some(id), None) => string(&format!("{field}.id"), Some(id), 256).map(|_| ()),
@@ -227,7 +290,10 @@ fn header(h: &Value, text_only: bool) -> Check {
             }
         }
         _ if text_only => Err(bad("interactive.header.type", "a list header must be text")),
-        _ => Err(bad("interactive.header.type", "must be text, image, video or document")),
+        _ => Err(bad(
+            "interactive.header.type",
+            "must be text, image, video or document",
+        )),
     }
 }
 
@@ -235,9 +301,17 @@ fn reply_buttons(action: &serde_json::Map<String, Value>) -> Check {
     let buttons = action
         .get("buttons")
         .and_then(Value::as_array)
-        .ok_or_else(|| bad("interactive.action.buttons", "is required: a list of 1 to 3 reply buttons"))?;
+        .ok_or_else(|| {
+            bad(
+                "interactive.action.buttons",
+                "is required: a list of 1 to 3 reply buttons",
+            )
+        })?;
     if buttons.is_empty() || buttons.len() > 3 {
-        return Err(bad("interactive.action.buttons", format!("must hold 1 to 3 reply buttons, not {}", buttons.len())));
+        return Err(bad(
+            "interactive.action.buttons",
+            format!("must hold 1 to 3 reply buttons, not {}", buttons.len()),
+        ));
     }
     let mut ids = Vec::new();
     let mut titles = Vec::new();
@@ -247,18 +321,29 @@ fn reply_buttons(action: &serde_json::Map<String, Value>) -> Check {
         if b.get("type").and_then(Value::as_str) != Some("reply") {
             return Err(bad(format!("{field}.type"), "must be \"reply\""));
         }
-        let r = b.get("reply").ok_or_else(|| bad(format!("{field}.reply"), "is required"))?;
+        let r = b
+            .get("reply")
+            .ok_or_else(|| bad(format!("{field}.reply"), "is required"))?;
         let r = object(&format!("{field}.reply"), r)?;
         let id = string(&format!("{field}.reply.id"), r.get("id"), 256)?;
         if id != id.trim() {
-            return Err(bad(format!("{field}.reply.id"), "must not start or end with spaces"));
+            return Err(bad(
+                format!("{field}.reply.id"),
+                "must not start or end with spaces",
+            ));
         }
         let title = string(&format!("{field}.reply.title"), r.get("title"), 20)?;
         if ids.contains(&id) {
-            return Err(bad(format!("{field}.reply.id"), "must be unique within the message"));
+            return Err(bad(
+                format!("{field}.reply.id"),
+                "must be unique within the message",
+            ));
         }
         if titles.contains(&title) {
-            return Err(bad(format!("{field}.reply.title"), "must be unique within the message"));
+            return Err(bad(
+                format!("{field}.reply.title"),
+                "must be unique within the message",
+            ));
         }
         ids.push(id);
         titles.push(title);
@@ -271,9 +356,17 @@ fn list(action: &serde_json::Map<String, Value>) -> Check {
     let sections = action
         .get("sections")
         .and_then(Value::as_array)
-        .ok_or_else(|| bad("interactive.action.sections", "is required: a list of 1 to 10 sections"))?;
+        .ok_or_else(|| {
+            bad(
+                "interactive.action.sections",
+                "is required: a list of 1 to 10 sections",
+            )
+        })?;
     if sections.is_empty() || sections.len() > 10 {
-        return Err(bad("interactive.action.sections", format!("must hold 1 to 10 sections, not {}", sections.len())));
+        return Err(bad(
+            "interactive.action.sections",
+            format!("must hold 1 to 10 sections, not {}", sections.len()),
+        ));
     }
     let mut ids = Vec::new();
     for (i, s) in sections.iter().enumerate() {
@@ -302,7 +395,10 @@ fn list(action: &serde_json::Map<String, Value>) -> Check {
         }
     }
     if ids.len() > 10 {
-        return Err(bad("interactive.action.sections", format!("a list holds at most 10 rows in total, not {}", ids.len())));
+        return Err(bad(
+            "interactive.action.sections",
+            format!("a list holds at most 10 rows in total, not {}", ids.len()),
+        ));
     }
     Ok(())
 }
@@ -311,10 +407,18 @@ fn template(obj: &Value) -> Check {
     let o = object("template", obj)?;
     only_keys("template", o, &["name", "language", "components"])?;
     let name = string("template.name", o.get("name"), 512)?;
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-        return Err(bad("template.name", "must be lower-case letters, digits and _"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(bad(
+            "template.name",
+            "must be lower-case letters, digits and _",
+        ));
     }
-    let lang = o.get("language").ok_or_else(|| bad("template.language.code", "is required"))?;
+    let lang = o
+        .get("language")
+        .ok_or_else(|| bad("template.language.code", "is required"))?;
     let lang = object("template.language", lang)?;
     string("template.language.code", lang.get("code"), 20)?;
     match o.get("components") {
@@ -336,7 +440,10 @@ fn reaction(obj: &Value) -> Check {
     string("reaction.message_id", o.get("message_id"), 0)?;
     match o.get("emoji") {
         Some(Value::String(e)) if e.chars().count() <= 10 => Ok(()),
-        None => Err(bad("reaction.emoji", "is required (\"\" removes a reaction)")),
+        None => Err(bad(
+            "reaction.emoji",
+            "is required (\"\" removes a reaction)",
+        )),
         _ => Err(bad("reaction.emoji", "must be one emoji")),
     }
 }
@@ -363,41 +470,96 @@ mod tests {
     fn button_titles_are_limited_and_unique() {
         let mut v = buttons(2);
         v["action"]["buttons"][1]["reply"]["title"] = json!("x".repeat(21));
-        assert_eq!(validate("interactive", &v).unwrap_err().field, "interactive.action.buttons[1].reply.title");
+        assert_eq!(
+            validate("interactive", &v).unwrap_err().field,
+            "interactive.action.buttons[1].reply.title"
+        );
         v["action"]["buttons"][1]["reply"]["title"] = json!("Option 0");
-        assert!(validate("interactive", &v).unwrap_err().message.contains("unique"));
+        assert!(
+            validate("interactive", &v)
+                .unwrap_err()
+                .message
+                .contains("unique")
+        );
     }
 
     #[test]
     fn text_length_is_limited() {
         assert!(validate("text", &json!({"body": "hi"})).is_ok());
-        assert_eq!(validate("text", &json!({"body": "é".repeat(4097)})).unwrap_err().field, "text.body");
-        assert_eq!(validate("text", &json!({"body": ""})).unwrap_err().field, "text.body");
-        assert_eq!(validate("text", &json!({"body": "x", "colour": 1})).unwrap_err().field, "text.colour");
+        assert_eq!(
+            validate("text", &json!({"body": "é".repeat(4097)}))
+                .unwrap_err()
+                .field,
+            "text.body"
+        );
+        assert_eq!(
+            validate("text", &json!({"body": ""})).unwrap_err().field,
+            "text.body"
+        );
+        assert_eq!(
+            validate("text", &json!({"body": "x", "colour": 1}))
+                .unwrap_err()
+                .field,
+            "text.colour"
+        );
     }
 
     #[test]
     fn list_rows_total_at_most_ten() {
-        let rows: Vec<Value> = (0..6).map(|i| json!({"id": format!("r{i}"), "title": "Row"})).collect();
+        let rows: Vec<Value> = (0..6)
+            .map(|i| json!({"id": format!("r{i}"), "title": "Row"}))
+            .collect();
         let v = json!({"type": "list", "body": {"text": "Menu"}, "action": {"button": "Open", "sections": [
             {"title": "A", "rows": rows.clone()}, {"title": "B", "rows": rows.iter().map(|r| { let mut r = r.clone(); r["id"] = json!(format!("{}b", r["id"].as_str().unwrap())); r }).collect::<Vec<_>>()}
         ]}});
-        assert!(validate("interactive", &v).unwrap_err().message.contains("at most 10 rows"));
+        assert!(
+            validate("interactive", &v)
+                .unwrap_err()
+                .message
+                .contains("at most 10 rows")
+        );
     }
 
     #[test]
     fn media_needs_id_or_link_and_captions_only_where_allowed() {
-        assert!(validate("image", &json!({"link": "https://x.test/a.jpg", "caption": "c"})).is_ok());
+        assert!(
+            validate(
+                "image",
+                &json!({"link": "https://x.test/a.jpg", "caption": "c"})
+            )
+            .is_ok()
+        );
         assert!(validate("image", &json!({})).is_err());
-        assert_eq!(validate("audio", &json!({"id": "1", "caption": "c"})).unwrap_err().field, "audio.caption");
+        assert_eq!(
+            validate("audio", &json!({"id": "1", "caption": "c"}))
+                .unwrap_err()
+                .field,
+            "audio.caption"
+        );
         assert!(validate("document", &json!({"id": "1", "filename": "a.pdf"})).is_ok());
     }
 
     #[test]
     fn templates_and_locations() {
-        assert!(validate("template", &json!({"name": "hello_world", "language": {"code": "en_US"}})).is_ok());
-        assert_eq!(validate("template", &json!({"name": "Hello"})).unwrap_err().field, "template.name");
+        assert!(
+            validate(
+                "template",
+                &json!({"name": "hello_world", "language": {"code": "en_US"}})
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            validate("template", &json!({"name": "Hello"}))
+                .unwrap_err()
+                .field,
+            "template.name"
+        );
         assert!(validate("location", &json!({"latitude": "38.9", "longitude": -77.0})).is_ok());
-        assert_eq!(validate("location", &json!({"latitude": 91, "longitude": 0})).unwrap_err().field, "location.latitude");
+        assert_eq!(
+            validate("location", &json!({"latitude": 91, "longitude": 0}))
+                .unwrap_err()
+                .field,
+            "location.latitude"
+        );
     }
 }

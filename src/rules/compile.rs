@@ -25,7 +25,13 @@ pub fn compile(file: &str, source: &str, targets: &[String]) -> Result<Ruleset, 
         }
         vec![Located::at(file, source, offset, message)]
     })?;
-    let mut c = Compiler { file, source, targets, errors: Vec::new(), templates: Templates::default() };
+    let mut c = Compiler {
+        file,
+        source,
+        targets,
+        errors: Vec::new(),
+        templates: Templates::default(),
+    };
     let consent = c.consent(&parsed);
     let mut rules = Vec::new();
     let mut conditions = Vec::new();
@@ -34,9 +40,15 @@ pub fn compile(file: &str, source: &str, targets: &[String]) -> Result<Ruleset, 
         let rule = spanned.get_ref();
         let name = rule.name.get_ref().clone();
         if name.trim().is_empty() {
-            c.error(rule.name.span().start, "rule name must not be empty".to_string());
+            c.error(
+                rule.name.span().start,
+                "rule name must not be empty".to_string(),
+            );
         } else if !names.insert(name.clone()) {
-            c.error(rule.name.span().start, format!("rule {name:?}: another rule has this name"));
+            c.error(
+                rule.name.span().start,
+                format!("rule {name:?}: another rule has this name"),
+            );
         }
         conditions.push(c.condition(&name, rule.when.as_ref()));
         rules.push(c.rule(&name, rule));
@@ -45,7 +57,13 @@ pub fn compile(file: &str, source: &str, targets: &[String]) -> Result<Ruleset, 
         return Err(c.errors);
     }
     let uses_reply_tags = conditions.iter().any(|c| c.reply_to_tag.is_some());
-    Ok(Ruleset { rules, matcher: Matcher::new(conditions), consent, templates: c.templates, uses_reply_tags })
+    Ok(Ruleset {
+        rules,
+        matcher: Matcher::new(conditions),
+        consent,
+        templates: c.templates,
+        uses_reply_tags,
+    })
 }
 
 /// The name of the `[[rule]]` whose text holds byte `offset`, if it can be told.
@@ -74,7 +92,8 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     fn error(&mut self, offset: usize, message: String) {
-        self.errors.push(Located::at(self.file, self.source, offset, message));
+        self.errors
+            .push(Located::at(self.file, self.source, offset, message));
     }
 
     fn text(&mut self, offset: usize, what: &str, source: &str) -> Text {
@@ -90,43 +109,81 @@ impl Compiler<'_> {
     fn consent(&mut self, file: &RoutesFile) -> Consent {
         let default_out = || vec!["stop".to_string(), "unsubscribe".to_string()];
         let Some(spanned) = &file.consent else {
-            return Consent { opt_out: default_out(), opt_in: vec!["start".into()], opt_out_reply: None, opt_in_reply: None };
+            return Consent {
+                opt_out: default_out(),
+                opt_in: vec!["start".into()],
+                opt_out_reply: None,
+                opt_in_reply: None,
+            };
         };
         let c = spanned.get_ref();
         let norm = |v: &Option<crate::domain::Strings>, d: Vec<String>| -> Vec<String> {
-            v.as_ref().map_or(d, |s| s.0.iter().map(|k| normalize_text(k)).filter(|k| !k.is_empty()).collect())
+            v.as_ref().map_or(d, |s| {
+                s.0.iter()
+                    .map(|k| normalize_text(k))
+                    .filter(|k| !k.is_empty())
+                    .collect()
+            })
         };
         let opt_out = norm(&c.opt_out, default_out());
         let opt_in = norm(&c.opt_in, vec!["start".into()]);
         if let Some(both) = opt_out.iter().find(|k| opt_in.contains(k)) {
-            self.error(spanned.span().start, format!("consent: {both:?} is both an opt-out and an opt-in keyword"));
+            self.error(
+                spanned.span().start,
+                format!("consent: {both:?} is both an opt-out and an opt-in keyword"),
+            );
         }
         let mut reply = |r: &Option<Spanned<String>>, what: &str| {
             r.as_ref().map(|r| {
                 if r.get_ref().chars().count() > 4096 {
-                    self.error(r.span().start, format!("consent: {what} is longer than 4096 characters"));
+                    self.error(
+                        r.span().start,
+                        format!("consent: {what} is longer than 4096 characters"),
+                    );
                 }
                 self.text(r.span().start, &format!("consent: {what}"), r.get_ref())
             })
         };
         let opt_out_reply = reply(&c.opt_out_reply, "opt_out_reply");
         let opt_in_reply = reply(&c.opt_in_reply, "opt_in_reply");
-        Consent { opt_out, opt_in, opt_out_reply, opt_in_reply }
+        Consent {
+            opt_out,
+            opt_in,
+            opt_out_reply,
+            opt_in_reply,
+        }
     }
 
     fn condition(&mut self, rule: &str, when: Option<&Spanned<WhenIn>>) -> Condition {
-        let Some(spanned) = when else { return Condition::default() };
+        let Some(spanned) = when else {
+            return Condition::default();
+        };
         let w = spanned.get_ref();
         let at = spanned.span().start;
         let mut c = Condition {
             account: w.account.as_ref().map(|a| a.0.clone()),
-            text: w.text.as_ref().map(|t| t.0.iter().map(|s| normalize_text(s)).collect()),
-            contains: w.contains.as_ref().map(|t| t.0.iter().map(|s| s.to_lowercase()).collect()),
-            button: w.button.as_ref().map(|b| b.0.iter().map(|s| IdPattern::parse(s)).collect()),
-            list: w.list.as_ref().map(|b| b.0.iter().map(|s| IdPattern::parse(s)).collect()),
+            text: w
+                .text
+                .as_ref()
+                .map(|t| t.0.iter().map(|s| normalize_text(s)).collect()),
+            contains: w
+                .contains
+                .as_ref()
+                .map(|t| t.0.iter().map(|s| s.to_lowercase()).collect()),
+            button: w
+                .button
+                .as_ref()
+                .map(|b| b.0.iter().map(|s| IdPattern::parse(s)).collect()),
+            list: w
+                .list
+                .as_ref()
+                .map(|b| b.0.iter().map(|s| IdPattern::parse(s)).collect()),
             state: w.state.as_ref().map(|s| s.0.clone()),
             new_conversation: w.new_conversation,
-            reply_to_tag: w.reply_to_tag.as_ref().map(|t| t.0.iter().map(|s| s.to_lowercase()).collect()),
+            reply_to_tag: w
+                .reply_to_tag
+                .as_ref()
+                .map(|t| t.0.iter().map(|s| s.to_lowercase()).collect()),
             ..Condition::default()
         };
         for (key, list) in [
@@ -140,7 +197,10 @@ impl Compiler<'_> {
             if let Some(list) = list
                 && (list.is_empty() || list.iter().any(|s| s.trim().is_empty()))
             {
-                self.error(at, format!("rule {rule:?}: when.{key} needs at least one non-empty value"));
+                self.error(
+                    at,
+                    format!("rule {rule:?}: when.{key} needs at least one non-empty value"),
+                );
             }
         }
         if let Some(from) = &w.from {
@@ -148,7 +208,10 @@ impl Compiler<'_> {
             for f in &from.get_ref().0 {
                 match parse_phone(f) {
                     Some(d) => numbers.push(d),
-                    None => self.error(from.span().start, format!("rule {rule:?}: when.from: {f:?} is not an E.164 phone number")),
+                    None => self.error(
+                        from.span().start,
+                        format!("rule {rule:?}: when.from: {f:?} is not an E.164 phone number"),
+                    ),
                 }
             }
             c.from = Some(numbers);
@@ -160,7 +223,13 @@ impl Compiler<'_> {
                     Some(kind) => bits |= kind.bit(),
                     None => {
                         let all: Vec<&str> = InboundKind::ALL.iter().map(|k| k.as_str()).collect();
-                        self.error(kinds.span().start, format!("rule {rule:?}: when.type: unknown type {k:?}; use one of {}", all.join(", ")));
+                        self.error(
+                            kinds.span().start,
+                            format!(
+                                "rule {rule:?}: when.type: unknown type {k:?}; use one of {}",
+                                all.join(", ")
+                            ),
+                        );
                     }
                 }
             }
@@ -172,8 +241,17 @@ impl Compiler<'_> {
                 match regex::RegexBuilder::new(r).size_limit(1 << 20).build() {
                     Ok(re) => compiled.push(re),
                     Err(e) => {
-                        let detail = e.to_string().lines().last().unwrap_or_default().trim().to_string();
-                        self.error(regexes.span().start, format!("rule {rule:?}: when.regex: invalid regex {r:?}: {detail}"));
+                        let detail = e
+                            .to_string()
+                            .lines()
+                            .last()
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string();
+                        self.error(
+                            regexes.span().start,
+                            format!("rule {rule:?}: when.regex: invalid regex {r:?}: {detail}"),
+                        );
                     }
                 }
             }
@@ -183,21 +261,43 @@ impl Compiler<'_> {
     }
 
     fn rule(&mut self, name: &str, r: &RuleIn) -> Rule {
-        let set_state = r.set_state.as_ref().map(|s| self.text(s.span().start, &format!("rule {name:?}: set_state"), s.get_ref()));
+        let set_state = r.set_state.as_ref().map(|s| {
+            self.text(
+                s.span().start,
+                &format!("rule {name:?}: set_state"),
+                s.get_ref(),
+            )
+        });
         let mut set = Vec::new();
         for (var, value) in r.set.iter().flatten() {
             if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                self.error(value.span().start, format!("rule {name:?}: set: variable name {var:?} must be letters, digits and _"));
+                self.error(
+                    value.span().start,
+                    format!(
+                        "rule {name:?}: set: variable name {var:?} must be letters, digits and _"
+                    ),
+                );
             }
-            let t = self.text(value.span().start, &format!("rule {name:?}: set.{var}"), value.get_ref());
+            let t = self.text(
+                value.span().start,
+                &format!("rule {name:?}: set.{var}"),
+                value.get_ref(),
+            );
             set.push((var.clone(), t));
         }
         let mut forward = Vec::new();
         if let Some(f) = &r.forward {
             for target in &f.get_ref().0 {
                 if !self.targets.contains(target) {
-                    let known = if self.targets.is_empty() { "none are configured".to_string() } else { format!("configured: {}", self.targets.join(", ")) };
-                    self.error(f.span().start, format!("rule {name:?}: forward: unknown target {target:?} ({known})"));
+                    let known = if self.targets.is_empty() {
+                        "none are configured".to_string()
+                    } else {
+                        format!("configured: {}", self.targets.join(", "))
+                    };
+                    self.error(
+                        f.span().start,
+                        format!("rule {name:?}: forward: unknown target {target:?} ({known})"),
+                    );
                 }
                 forward.push(target.clone());
             }
@@ -208,10 +308,23 @@ impl Compiler<'_> {
                 sends.push(t);
             }
         }
-        Rule { name: name.to_string(), set_state, set, mark_read: r.mark_read, sends, forward, handoff: r.handoff }
+        Rule {
+            name: name.to_string(),
+            set_state,
+            set,
+            mark_read: r.mark_read,
+            sends,
+            forward,
+            handoff: r.handoff,
+        }
     }
 
-    fn send(&mut self, rule: &str, index: usize, spanned: &Spanned<SendIn>) -> Option<SendTemplate> {
+    fn send(
+        &mut self,
+        rule: &str,
+        index: usize,
+        spanned: &Spanned<SendIn>,
+    ) -> Option<SendTemplate> {
         let s = spanned.get_ref();
         let at = spanned.span().start;
         let what = format!("rule {rule:?}: send[{index}] ({})", s.kind);
@@ -223,14 +336,28 @@ impl Compiler<'_> {
             }
         };
         if s.quote && s.kind == "reaction" {
-            self.error(at, format!("{what}: a reaction cannot quote (WhatsApp does not allow contextual reactions)"));
+            self.error(
+                at,
+                format!(
+                    "{what}: a reaction cannot quote (WhatsApp does not allow contextual reactions)"
+                ),
+            );
         }
         let kind = graph_type(&s.kind).to_string();
         // Validate with each template reduced to its static text plus one
         // character per expression: counts are exact, lengths a lower bound.
-        let preview = map_strings(&object, &mut |s| if is_template(s) { static_preview(s) } else { s.to_string() });
+        let preview = map_strings(&object, &mut |s| {
+            if is_template(s) {
+                static_preview(s)
+            } else {
+                s.to_string()
+            }
+        });
         if let Err(invalid) = validate(&kind, &preview) {
-            self.error(at, format!("{what}: {}: {}", invalid.field, invalid.message));
+            self.error(
+                at,
+                format!("{what}: {}: {}", invalid.field, invalid.message),
+            );
         }
         let mut slots = Vec::new();
         let mut pointers = Vec::new();
@@ -239,7 +366,12 @@ impl Compiler<'_> {
             let text = self.text(at, &what, &source);
             slots.push((pointer, text));
         }
-        Some(SendTemplate { kind, object, slots, quote: s.quote })
+        Some(SendTemplate {
+            kind,
+            object,
+            slots,
+            quote: s.quote,
+        })
     }
 }
 
@@ -288,7 +420,11 @@ fn map_strings(v: &Value, f: &mut impl FnMut(&str) -> String) -> Value {
     match v {
         Value::String(s) => Value::String(f(s)),
         Value::Array(a) => Value::Array(a.iter().map(|x| map_strings(x, f)).collect()),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, x)| (k.clone(), map_strings(x, f))).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| (k.clone(), map_strings(x, f)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -334,11 +470,16 @@ fn authoring_to_graph(s: &SendIn) -> Result<Value, String> {
         "unknown send type; use text, image, video, audio, document, sticker, location, buttons, list, cta_url, template or reaction".to_string()
     })?;
     if let Some(extra) = s.keys().into_iter().find(|k| !allowed.contains(k)) {
-        return Err(format!("key `{extra}` is not allowed here (allowed: {})", allowed.join(", ")));
+        return Err(format!(
+            "key `{extra}` is not allowed here (allowed: {})",
+            allowed.join(", ")
+        ));
     }
-    let req = |v: &Option<String>, key: &str| v.clone().ok_or_else(|| format!("`{key}` is required"));
+    let req =
+        |v: &Option<String>, key: &str| v.clone().ok_or_else(|| format!("`{key}` is required"));
     let interactive_frame = |kind: &str, action: Value| -> Result<Value, String> {
-        let mut o = json!({ "type": kind, "body": { "text": req(&s.body, "body")? }, "action": action });
+        let mut o =
+            json!({ "type": kind, "body": { "text": req(&s.body, "body")? }, "action": action });
         if let Some(h) = &s.header {
             o["header"] = json!({ "type": "text", "text": h });
         }
@@ -384,7 +525,10 @@ fn authoring_to_graph(s: &SendIn) -> Result<Value, String> {
         }
         "buttons" => {
             let buttons = s.buttons.as_ref().ok_or("`buttons` is required")?;
-            let list: Vec<Value> = buttons.iter().map(|b| json!({ "type": "reply", "reply": { "id": b.id, "title": b.title } })).collect();
+            let list: Vec<Value> = buttons
+                .iter()
+                .map(|b| json!({ "type": "reply", "reply": { "id": b.id, "title": b.title } }))
+                .collect();
             interactive_frame("button", json!({ "buttons": list }))?
         }
         "list" => {
@@ -410,7 +554,10 @@ fn authoring_to_graph(s: &SendIn) -> Result<Value, String> {
                     o
                 })
                 .collect();
-            interactive_frame("list", json!({ "button": req(&s.button, "button")?, "sections": list }))?
+            interactive_frame(
+                "list",
+                json!({ "button": req(&s.button, "button")?, "sections": list }),
+            )?
         }
         "cta_url" => interactive_frame(
             "cta_url",
@@ -419,9 +566,14 @@ fn authoring_to_graph(s: &SendIn) -> Result<Value, String> {
         "template" => {
             let mut o = json!({ "name": req(&s.name, "name")?, "language": { "code": req(&s.language, "language")? } });
             match (&s.body_params, &s.components) {
-                (Some(_), Some(_)) => return Err("give either `body_params` or `components`, not both".into()),
+                (Some(_), Some(_)) => {
+                    return Err("give either `body_params` or `components`, not both".into());
+                }
                 (Some(params), None) => {
-                    let p: Vec<Value> = params.iter().map(|t| json!({ "type": "text", "text": t })).collect();
+                    let p: Vec<Value> = params
+                        .iter()
+                        .map(|t| json!({ "type": "text", "text": t }))
+                        .collect();
                     o["components"] = json!([{ "type": "body", "parameters": p }]);
                 }
                 (None, Some(c)) => o["components"] = c.clone(),
@@ -439,7 +591,12 @@ mod tests {
     use super::*;
 
     fn errors(src: &str) -> Vec<String> {
-        compile("routes.toml", src, &["agents".into()]).err().unwrap_or_default().iter().map(|e| e.to_string()).collect()
+        compile("routes.toml", src, &["agents".into()])
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
     }
 
     #[test]
@@ -474,7 +631,9 @@ buttons = [ { id = "sales", title = "Talk to sales" } ]
 
     #[test]
     fn unknown_key_names_rule() {
-        let e = errors("[[rule]]\nname = \"a\"\nsend = []\n\n[[rule]]\nname = \"second\"\nwhn = { text = \"x\" }\n");
+        let e = errors(
+            "[[rule]]\nname = \"a\"\nsend = []\n\n[[rule]]\nname = \"second\"\nwhn = { text = \"x\" }\n",
+        );
         assert!(e[0].starts_with("routes.toml:7:1:"), "{}", e[0]);
         assert!(e[0].contains("rule \"second\""), "{}", e[0]);
         assert!(e[0].contains("whn"), "{}", e[0]);
@@ -487,7 +646,9 @@ buttons = [ { id = "sales", title = "Talk to sales" } ]
         );
         assert!(e[0].starts_with("routes.toml:3:"), "{}", e[0]);
         assert!(e[0].contains("interactive.action.buttons"), "{}", e[0]);
-        let e = errors("[[rule]]\nname = \"long\"\nsend = [{ type = \"buttons\", body = \"b\", buttons = [{ id = \"x\", title = \"{{ contact.name }} this title is far too long\" }] }]\n");
+        let e = errors(
+            "[[rule]]\nname = \"long\"\nsend = [{ type = \"buttons\", body = \"b\", buttons = [{ id = \"x\", title = \"{{ contact.name }} this title is far too long\" }] }]\n",
+        );
         assert!(e[0].contains("title"), "{e:?}");
     }
 
@@ -497,15 +658,20 @@ buttons = [ { id = "sales", title = "Talk to sales" } ]
         assert!(e[0].contains("unknown target \"crm\""), "{}", e[0]);
         let e = errors("[[rule]]\nname = \"t\"\nwhen = { type = \"gif\" }\n");
         assert!(e[0].contains("unknown type \"gif\""), "{}", e[0]);
-        let e = errors("[[rule]]\nname = \"c\"\nsend = [{ type = \"audio\", link = \"https://x.test/a.ogg\", caption = \"no\" }]\n");
+        let e = errors(
+            "[[rule]]\nname = \"c\"\nsend = [{ type = \"audio\", link = \"https://x.test/a.ogg\", caption = \"no\" }]\n",
+        );
         assert!(e[0].contains("`caption` is not allowed"), "{}", e[0]);
-        let e = errors("[[rule]]\nname = \"s\"\nsend = [{ type = \"text\", body = \"{{ oops\" }]\n");
+        let e =
+            errors("[[rule]]\nname = \"s\"\nsend = [{ type = \"text\", body = \"{{ oops\" }]\n");
         assert!(e[0].contains("template error"), "{}", e[0]);
     }
 
     #[test]
     fn every_error_is_reported() {
-        let e = errors("[[rule]]\nname = \"a\"\nwhen = { regex = '(' }\n[[rule]]\nname = \"a\"\nforward = \"nope\"\n");
+        let e = errors(
+            "[[rule]]\nname = \"a\"\nwhen = { regex = '(' }\n[[rule]]\nname = \"a\"\nforward = \"nope\"\n",
+        );
         assert_eq!(e.len(), 3, "{e:?}");
     }
 

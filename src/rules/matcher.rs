@@ -92,7 +92,7 @@ impl Condition {
             return false;
         }
         if let Some(from) = &self.from
-            && !from.iter().any(|f| *f == m.from)
+            && !from.contains(&m.from)
         {
             return false;
         }
@@ -128,7 +128,10 @@ impl Condition {
         {
             return false;
         }
-        for (patterns, kind) in [(&self.button, crate::inbound::InboundKind::Button), (&self.list, crate::inbound::InboundKind::List)] {
+        for (patterns, kind) in [
+            (&self.button, crate::inbound::InboundKind::Button),
+            (&self.list, crate::inbound::InboundKind::List),
+        ] {
             if let Some(patterns) = patterns {
                 match &m.reply {
                     Some(r) if m.kind == kind && patterns.iter().any(|pat| pat.matches(&r.id)) => {}
@@ -137,8 +140,13 @@ impl Condition {
             }
         }
         if let Some(regexes) = &self.regex {
-            let Some(text) = m.text.as_deref() else { return false };
-            let Some(found) = regexes.iter().find_map(|r| r.captures(text).map(|c| (r, c))) else {
+            let Some(text) = m.text.as_deref() else {
+                return false;
+            };
+            let Some(found) = regexes
+                .iter()
+                .find_map(|r| r.captures(text).map(|c| (r, c)))
+            else {
                 return false;
             };
             let (re, caps) = found;
@@ -241,7 +249,10 @@ impl Matcher {
         let mut captures = Vec::new();
         for i in candidates {
             if self.conditions[i as usize].holds(p, &mut captures) {
-                return Some(Hit { rule: i as usize, captures });
+                return Some(Hit {
+                    rule: i as usize,
+                    captures,
+                });
             }
         }
         None

@@ -104,7 +104,9 @@ impl Ruleset {
     /// Whether the message's text is a consent keyword.
     pub fn consent_keyword(&self, msg: &InboundMessage) -> Option<ConsentKeyword> {
         let norm = crate::domain::normalize_text(msg.text.as_deref()?);
-        if msg.kind != crate::inbound::InboundKind::Text && msg.kind != crate::inbound::InboundKind::Button {
+        if msg.kind != crate::inbound::InboundKind::Text
+            && msg.kind != crate::inbound::InboundKind::Button
+        {
             return None;
         }
         if self.consent.opt_out.contains(&norm) {
@@ -123,12 +125,25 @@ impl Ruleset {
 
     /// Run the actions of the matched rule: render state, vars and sends.
     /// `set_state` is applied before `set`, and both before `send` renders.
-    pub fn plan(&self, hit: &Hit, msg: &InboundMessage, account: &str, state: &str, vars: &BTreeMap<String, String>) -> Plan {
+    pub fn plan(
+        &self,
+        hit: &Hit,
+        msg: &InboundMessage,
+        account: &str,
+        state: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Plan {
         let rule = &self.rules[hit.rule];
         let mut input_vars = vars.clone();
         let mut state_now = state.to_string();
         let base = |state: &str, vars: &BTreeMap<String, String>| {
-            render::context(&RenderInput { message: msg, account, captures: &hit.captures, state, vars })
+            render::context(&RenderInput {
+                message: msg,
+                account,
+                captures: &hit.captures,
+                state,
+                vars,
+            })
         };
         let mut new_state = None;
         if let Some(t) = &rule.set_state {
@@ -149,7 +164,11 @@ impl Ruleset {
             }
         }
         let ctx = base(&state_now, &input_vars);
-        let sends = rule.sends.iter().map(|s| self.render_send(s, msg, &ctx)).collect();
+        let sends = rule
+            .sends
+            .iter()
+            .map(|s| self.render_send(s, msg, &ctx))
+            .collect();
         Plan {
             rule: rule.name.clone(),
             set_state: new_state,
@@ -161,7 +180,12 @@ impl Ruleset {
         }
     }
 
-    fn render_send(&self, s: &SendTemplate, msg: &InboundMessage, ctx: &minijinja::Value) -> Result<Content, String> {
+    fn render_send(
+        &self,
+        s: &SendTemplate,
+        msg: &InboundMessage,
+        ctx: &minijinja::Value,
+    ) -> Result<Content, String> {
         let mut object = s.object.clone();
         for (pointer, text) in &s.slots {
             let rendered = self.templates.render(text, ctx)?;
@@ -170,21 +194,40 @@ impl Ruleset {
             }
         }
         validate(&s.kind, &object).map_err(|e| format!("{}: {}", e.field, e.message))?;
-        Ok(Content { kind: s.kind.clone(), object, context_id: s.quote.then(|| msg.wamid.clone()) })
+        Ok(Content {
+            kind: s.kind.clone(),
+            object,
+            context_id: s.quote.then(|| msg.wamid.clone()),
+        })
     }
 
     /// The rendered opt-out or opt-in reply, if the file sets one.
-    pub fn consent_reply(&self, which: ConsentKeyword, msg: &InboundMessage, account: &str) -> Option<Result<Content, String>> {
+    pub fn consent_reply(
+        &self,
+        which: ConsentKeyword,
+        msg: &InboundMessage,
+        account: &str,
+    ) -> Option<Result<Content, String>> {
         let text = match which {
             ConsentKeyword::OptOut => self.consent.opt_out_reply.as_ref()?,
             ConsentKeyword::OptIn => self.consent.opt_in_reply.as_ref()?,
         };
         let vars = BTreeMap::new();
-        let ctx = render::context(&RenderInput { message: msg, account, captures: &[], state: "", vars: &vars });
+        let ctx = render::context(&RenderInput {
+            message: msg,
+            account,
+            captures: &[],
+            state: "",
+            vars: &vars,
+        });
         Some(self.templates.render(text, &ctx).and_then(|body| {
             let object = serde_json::json!({ "body": body });
             validate("text", &object).map_err(|e| format!("{}: {}", e.field, e.message))?;
-            Ok(Content { kind: "text".into(), object, context_id: None })
+            Ok(Content {
+                kind: "text".into(),
+                object,
+                context_id: None,
+            })
         }))
     }
 }
@@ -192,8 +235,14 @@ impl Ruleset {
 /// Read and compile a rule file.
 pub fn load_file(path: &Path, targets: &[String]) -> Result<Ruleset, Vec<Located>> {
     let name = path.display().to_string();
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| vec![Located { file: name.clone(), line: 1, col: 1, message: format!("cannot read the rule file: {e}") }])?;
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        vec![Located {
+            file: name.clone(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read the rule file: {e}"),
+        }]
+    })?;
     compile::compile(&name, &source, targets)
 }
 
@@ -218,7 +267,11 @@ impl Rules {
     pub fn load(path: &Path, targets: Vec<String>) -> Result<Self, Vec<Located>> {
         let set = load_file(path, &targets)?;
         Ok(Rules {
-            status: Mutex::new(RulesStatus { rules: set.len(), loaded_at: now_ms(), last_error: None }),
+            status: Mutex::new(RulesStatus {
+                rules: set.len(),
+                loaded_at: now_ms(),
+                last_error: None,
+            }),
             current: ArcSwap::from_pointee(set),
             path: path.to_path_buf(),
             targets,
@@ -245,12 +298,20 @@ impl Rules {
             Ok(set) => {
                 let n = set.len();
                 self.current.store(Arc::new(set));
-                *self.status.lock().expect("rules status lock") = RulesStatus { rules: n, loaded_at: now_ms(), last_error: None };
+                *self.status.lock().expect("rules status lock") = RulesStatus {
+                    rules: n,
+                    loaded_at: now_ms(),
+                    last_error: None,
+                };
                 tracing::info!(rules = n, file = %self.path.display(), "rules reloaded");
                 true
             }
             Err(errors) => {
-                let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+                let text = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 tracing::error!(file = %self.path.display(), errors = %text, "rule file invalid; the previous rules stay in force");
                 self.status.lock().expect("rules status lock").last_error = Some(text);
                 false

@@ -98,8 +98,29 @@ impl SendIn {
         macro_rules! has {
             ($($f:ident),*) => { $( if self.$f.is_some() { k.push(stringify!($f)); } )* };
         }
-        has!(body, preview_url, link, media_id, caption, filename, latitude, longitude, name, address, header, footer,
-             buttons, button, sections, display_text, url, language, body_params, components, emoji);
+        has!(
+            body,
+            preview_url,
+            link,
+            media_id,
+            caption,
+            filename,
+            latitude,
+            longitude,
+            name,
+            address,
+            header,
+            footer,
+            buttons,
+            button,
+            sections,
+            display_text,
+            url,
+            language,
+            body_params,
+            components,
+            emoji
+        );
         k
     }
 }

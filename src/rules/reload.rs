@@ -18,12 +18,24 @@ pub fn spawn(rules: Arc<Rules>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let file = rules.path().to_path_buf();
     let name = file.file_name().map(|n| n.to_os_string());
-    let dir = file.parent().map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p }).map(|p| p.to_path_buf());
+    let dir = file
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
+        .map(|p| p.to_path_buf());
     let watch_tx = tx.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && !event.kind.is_access()
-            && event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
         {
             let _ = watch_tx.send(());
         }
@@ -48,7 +60,9 @@ pub fn spawn(rules: Arc<Rules>, mut stop: tokio::sync::watch::Receiver<bool>) {
     {
         let hup_tx = tx.clone();
         tokio::spawn(async move {
-            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            if let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
                 while hup.recv().await.is_some() {
                     tracing::info!("SIGHUP: reloading rules");
                     if hup_tx.send(()).is_err() {

@@ -61,7 +61,10 @@ impl Templates {
         match text {
             Text::Literal(s) => Ok(s.clone()),
             Text::Template(name) => {
-                let t = self.env.get_template(name).map_err(|e| template_error(&e))?;
+                let t = self
+                    .env
+                    .get_template(name)
+                    .map_err(|e| template_error(&e))?;
                 t.render(ctx).map_err(|e| template_error(&e))
             }
         }
@@ -88,7 +91,10 @@ pub struct RenderInput<'a> {
 pub fn context(input: &RenderInput<'_>) -> Value {
     let m = input.message;
     let mut contact = BTreeMap::new();
-    contact.insert("name", Value::from(m.contact_name.clone().unwrap_or_default()));
+    contact.insert(
+        "name",
+        Value::from(m.contact_name.clone().unwrap_or_default()),
+    );
     contact.insert("wa_id", Value::from(m.from.clone()));
     let mut message = BTreeMap::new();
     message.insert("id", Value::from(m.wamid.clone()));
@@ -99,8 +105,16 @@ pub fn context(input: &RenderInput<'_>) -> Value {
         reply.insert("id", Value::from(r.id.clone()));
         reply.insert("title", Value::from(r.title.clone()));
     }
-    let captures: BTreeMap<&str, Value> = input.captures.iter().map(|(k, v)| (k.as_str(), Value::from(v.clone()))).collect();
-    let vars: BTreeMap<&str, Value> = input.vars.iter().map(|(k, v)| (k.as_str(), Value::from(v.clone()))).collect();
+    let captures: BTreeMap<&str, Value> = input
+        .captures
+        .iter()
+        .map(|(k, v)| (k.as_str(), Value::from(v.clone())))
+        .collect();
+    let vars: BTreeMap<&str, Value> = input
+        .vars
+        .iter()
+        .map(|(k, v)| (k.as_str(), Value::from(v.clone())))
+        .collect();
     let mut account = BTreeMap::new();
     account.insert("name", Value::from(input.account));
     let mut root = BTreeMap::new();

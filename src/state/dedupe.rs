@@ -18,7 +18,12 @@ pub struct Dedupe {
 
 impl Dedupe {
     pub fn new(capacity: usize, ttl_ms: Millis) -> Self {
-        Dedupe { seen: DashMap::new(), order: Mutex::new(VecDeque::new()), capacity: capacity.max(1), ttl_ms }
+        Dedupe {
+            seen: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            ttl_ms,
+        }
     }
 
     /// Record `id` as seen at `now`; false if it was seen before (and not
@@ -38,8 +43,12 @@ impl Dedupe {
         }
         let mut order = self.order.lock().expect("dedupe lock");
         order.push_back((id.into(), now));
-        while order.len() > self.capacity || order.front().is_some_and(|(_, at)| now - at > self.ttl_ms) {
-            let Some((old, at)) = order.pop_front() else { break };
+        while order.len() > self.capacity
+            || order.front().is_some_and(|(_, at)| now - at > self.ttl_ms)
+        {
+            let Some((old, at)) = order.pop_front() else {
+                break;
+            };
             self.seen.remove_if(&old, |_, seen_at| *seen_at == at);
         }
         true

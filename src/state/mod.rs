@@ -140,7 +140,10 @@ pub struct ConvKey {
 
 impl ConvKey {
     pub fn new(account: u16, contact: &str) -> Self {
-        ConvKey { account, contact: contact.into() }
+        ConvKey {
+            account,
+            contact: contact.into(),
+        }
     }
 }
 
@@ -231,7 +234,10 @@ impl ConversationView {
 /// What applying a Meta status did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatusOutcome {
-    Applied { id: String, status: Status },
+    Applied {
+        id: String,
+        status: Status,
+    },
     /// Known message, but the status would move it backwards or repeats.
     Ignored,
     /// No message with that wamid (yet); kept in case the send answer is late.
@@ -264,7 +270,10 @@ pub struct State {
 impl State {
     /// State with the configured accounts; accounts registered later (sandbox)
     /// are announced on the returned channel so a sender can be started.
-    pub fn new(accounts: &[AccountSettings], metrics: Arc<Metrics>) -> (Self, mpsc::UnboundedReceiver<Arc<Account>>) {
+    pub fn new(
+        accounts: &[AccountSettings],
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::UnboundedReceiver<Arc<Account>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = State {
             accounts: RwLock::new(AccountsInner::default()),
@@ -294,10 +303,16 @@ impl State {
             return inner.list[id as usize].clone();
         }
         let id = inner.list.len() as u16;
-        let account = Arc::new(Account { id, settings, queue: AccountQueue::default() });
+        let account = Arc::new(Account {
+            id,
+            settings,
+            queue: AccountQueue::default(),
+        });
         account.queue.last_send.store(-1, Ordering::Relaxed);
         inner.by_name.insert(account.settings.name.clone(), id);
-        inner.by_pnid.insert(account.settings.phone_number_id.clone(), id);
+        inner
+            .by_pnid
+            .insert(account.settings.phone_number_id.clone(), id);
         inner.list.push(account.clone());
         let _ = self.new_accounts.send(account.clone());
         account
@@ -317,23 +332,39 @@ impl State {
     }
 
     pub fn account(&self, id: u16) -> Option<Arc<Account>> {
-        self.accounts.read().expect("accounts lock").list.get(id as usize).cloned()
+        self.accounts
+            .read()
+            .expect("accounts lock")
+            .list
+            .get(id as usize)
+            .cloned()
     }
 
     pub fn account_by_name(&self, name: &str) -> Option<Arc<Account>> {
         let inner = self.accounts.read().expect("accounts lock");
-        inner.by_name.get(name).map(|&id| inner.list[id as usize].clone())
+        inner
+            .by_name
+            .get(name)
+            .map(|&id| inner.list[id as usize].clone())
     }
 
     pub fn account_by_pnid(&self, pnid: &str) -> Option<Arc<Account>> {
         let inner = self.accounts.read().expect("accounts lock");
-        inner.by_pnid.get(pnid).map(|&id| inner.list[id as usize].clone())
+        inner
+            .by_pnid
+            .get(pnid)
+            .map(|&id| inner.list[id as usize].clone())
     }
 
     /// The account used when a request names none.
     pub fn default_account(&self) -> Option<Arc<Account>> {
         let inner = self.accounts.read().expect("accounts lock");
-        inner.list.iter().find(|a| a.settings.default).or_else(|| inner.list.first()).cloned()
+        inner
+            .list
+            .iter()
+            .find(|a| a.settings.default)
+            .or_else(|| inner.list.first())
+            .cloned()
     }
 
     // ------------------------------------------------------- conversations
@@ -346,7 +377,10 @@ impl State {
             // SPEC §4: from Meta's timestamp, clamped to now, only extended.
             let at = msg.timestamp.min(now);
             let expires = at + WINDOW_MS;
-            let mut w = self.windows.entry(key.clone()).or_insert(Window { last_inbound: 0, expires: 0 });
+            let mut w = self.windows.entry(key.clone()).or_insert(Window {
+                last_inbound: 0,
+                expires: 0,
+            });
             let was_open = w.expires > now;
             if expires > w.expires {
                 w.expires = expires;
@@ -359,7 +393,16 @@ impl State {
             c.name = Some(name.clone());
         }
         c.last_activity = now;
-        push_recent(&mut c.recent, Recent { direction: Direction::In, id: msg.wamid.clone(), kind: msg.kind.as_str().to_string(), text: msg.text.clone(), at: msg.timestamp.min(now) });
+        push_recent(
+            &mut c.recent,
+            Recent {
+                direction: Direction::In,
+                id: msg.wamid.clone(),
+                kind: msg.kind.as_str().to_string(),
+                text: msg.text.clone(),
+                at: msg.timestamp.min(now),
+            },
+        );
         if c.handoff_until.is_some_and(|u| u <= now) {
             c.handoff_until = None;
         }
@@ -372,8 +415,17 @@ impl State {
         }
     }
 
-    fn update_conversation<R>(&self, account: u16, contact: &str, now: Millis, f: impl FnOnce(&mut Conversation) -> R) -> R {
-        let mut c = self.conversations.entry(ConvKey::new(account, contact)).or_default();
+    fn update_conversation<R>(
+        &self,
+        account: u16,
+        contact: &str,
+        now: Millis,
+        f: impl FnOnce(&mut Conversation) -> R,
+    ) -> R {
+        let mut c = self
+            .conversations
+            .entry(ConvKey::new(account, contact))
+            .or_default();
         c.last_activity = now;
         f(&mut c)
     }
@@ -382,7 +434,13 @@ impl State {
         self.update_conversation(account, contact, now, |c| c.state = state);
     }
 
-    pub fn set_vars(&self, account: u16, contact: &str, vars: impl IntoIterator<Item = (String, String)>, now: Millis) {
+    pub fn set_vars(
+        &self,
+        account: u16,
+        contact: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+        now: Millis,
+    ) {
         self.update_conversation(account, contact, now, |c| c.vars.extend(vars));
     }
 
@@ -396,15 +454,20 @@ impl State {
     }
 
     pub fn is_opted_out(&self, account: u16, contact: &str) -> bool {
-        self.conversations.get(&ConvKey::new(account, contact)).is_some_and(|c| c.opted_out)
+        self.conversations
+            .get(&ConvKey::new(account, contact))
+            .is_some_and(|c| c.opted_out)
     }
 
     pub fn window(&self, account: u16, contact: &str) -> Option<Window> {
-        self.windows.get(&ConvKey::new(account, contact)).map(|w| *w)
+        self.windows
+            .get(&ConvKey::new(account, contact))
+            .map(|w| *w)
     }
 
     pub fn window_open(&self, account: u16, contact: &str, now: Millis) -> bool {
-        self.window(account, contact).is_some_and(|w| w.expires > now)
+        self.window(account, contact)
+            .is_some_and(|w| w.expires > now)
     }
 
     /// Meta said the window is closed (131047): believe it.
@@ -423,7 +486,12 @@ impl State {
     pub fn conversation(&self, account: &Account, contact: &str) -> Option<ConversationView> {
         let key = ConvKey::new(account.id, contact);
         let conversation = self.conversations.get(&key).map(|c| c.clone())?;
-        Some(ConversationView { account: account.name().to_string(), wa_id: contact.to_string(), window: self.window(account.id, contact), conversation })
+        Some(ConversationView {
+            account: account.name().to_string(),
+            wa_id: contact.to_string(),
+            window: self.window(account.id, contact),
+            conversation,
+        })
     }
 
     // ------------------------------------------------------------- records
@@ -435,17 +503,29 @@ impl State {
         let id = record.id.clone();
         let status = record.status;
         let send_at = record.send_at;
-        let conv_recent = Recent { direction: Direction::Out, id: id.clone(), kind: record.content.kind.clone(), text: record.content.summary(), at: now };
+        let conv_recent = Recent {
+            direction: Direction::Out,
+            id: id.clone(),
+            kind: record.content.kind.clone(),
+            text: record.content.summary(),
+            at: now,
+        };
         let to = record.to.clone();
         for (s, _) in &record.history {
             self.metrics.outbound(s.as_str());
         }
         self.records.insert(id.clone(), record);
-        self.update_conversation(account.id, &to, now, |c| push_recent(&mut c.recent, conv_recent));
+        self.update_conversation(account.id, &to, now, |c| {
+            push_recent(&mut c.recent, conv_recent)
+        });
         let position = match status {
             Status::Scheduled => {
                 let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                account.queue.lock().scheduled.insert((send_at.unwrap_or(now), seq), id);
+                account
+                    .queue
+                    .lock()
+                    .scheduled
+                    .insert((send_at.unwrap_or(now), seq), id);
                 0
             }
             Status::Queued => {
@@ -471,8 +551,13 @@ impl State {
 
     /// Tags of the outbound message with this wamid (for `reply_to_tag`).
     pub fn tags_of_wamid(&self, wamid: &str) -> Vec<String> {
-        let Some(id) = self.record_id_by_wamid(wamid) else { return Vec::new() };
-        self.records.get(&id).map(|r| r.tags.clone()).unwrap_or_default()
+        let Some(id) = self.record_id_by_wamid(wamid) else {
+            return Vec::new();
+        };
+        self.records
+            .get(&id)
+            .map(|r| r.tags.clone())
+            .unwrap_or_default()
     }
 
     pub fn record_count(&self) -> usize {
@@ -481,7 +566,12 @@ impl State {
 
     /// Change a record under its lock; `f` returns the status to move to
     /// (recorded in history and metrics), or `None` to leave it.
-    pub fn update_record<R>(&self, id: &str, now: Millis, f: impl FnOnce(&mut OutboundRecord) -> (Option<Status>, R)) -> Option<R> {
+    pub fn update_record<R>(
+        &self,
+        id: &str,
+        now: Millis,
+        f: impl FnOnce(&mut OutboundRecord) -> (Option<Status>, R),
+    ) -> Option<R> {
         let mut r = self.records.get_mut(id)?;
         let (status, out) = f(&mut r);
         if let Some(s) = status {
@@ -517,23 +607,38 @@ impl State {
 
     /// Apply a delivery status from Meta (SPEC §3: never backwards).
     pub fn apply_status(&self, u: &StatusUpdate, now: Millis) -> StatusOutcome {
-        let Some(next) = Status::parse(if u.status == "played" { "read" } else { &u.status }) else {
+        let Some(next) = Status::parse(if u.status == "played" {
+            "read"
+        } else {
+            &u.status
+        }) else {
             return StatusOutcome::Ignored;
         };
         let Some(id) = self.record_id_by_wamid(&u.wamid) else {
             if self.orphans.len() < ORPHAN_CAPACITY {
-                self.orphans.entry(u.wamid.clone()).or_default().push(u.clone());
+                self.orphans
+                    .entry(u.wamid.clone())
+                    .or_default()
+                    .push(u.clone());
             }
             return StatusOutcome::Unknown;
         };
-        let at = if u.timestamp > 0 { u.timestamp.min(now) } else { now };
+        let at = if u.timestamp > 0 {
+            u.timestamp.min(now)
+        } else {
+            now
+        };
         let applied = self.update_record(&id, at, |r| {
             if !r.status.accepts_from_meta(next) {
                 return (None, None);
             }
             if next == Status::Failed {
                 let (code, title) = u.error.clone().unwrap_or((0, "failed".into()));
-                r.error = Some(RecordError { code: "graph_error".into(), graph_code: Some(code), message: title });
+                r.error = Some(RecordError {
+                    code: "graph_error".into(),
+                    graph_code: Some(code),
+                    message: title,
+                });
             }
             (Some(next), Some((r.account.clone(), r.to.clone())))
         });
@@ -558,7 +663,11 @@ impl State {
             q.ready.remove(pos);
             return true;
         }
-        let key = q.scheduled.iter().find(|(_, v)| v.as_str() == id).map(|(k, _)| *k);
+        let key = q
+            .scheduled
+            .iter()
+            .find(|(_, v)| v.as_str() == id)
+            .map(|(k, _)| *k);
         key.and_then(|k| q.scheduled.remove(&k)).is_some()
     }
 
@@ -615,15 +724,29 @@ pub fn fingerprint(v: &serde_json::Value) -> [u8; 32] {
 impl State {
     /// Run `f` once per idempotency `key` (SPEC §7): a repeat with the same
     /// fingerprint gets the stored answer, another fingerprint a conflict.
-    pub fn idempotent<E>(&self, key: &str, fp: [u8; 32], now: Millis, f: impl FnOnce() -> Result<serde_json::Value, E>) -> IdempotencyOutcome<E> {
+    pub fn idempotent<E>(
+        &self,
+        key: &str,
+        fp: [u8; 32],
+        now: Millis,
+        f: impl FnOnce() -> Result<serde_json::Value, E>,
+    ) -> IdempotencyOutcome<E> {
         use dashmap::mapref::entry::Entry;
         let outcome = match self.idempotency.entry(key.to_string()) {
             Entry::Occupied(e) if now - e.get().at < IDEMPOTENCY_TTL_MS => {
-                return if e.get().fingerprint == fp { IdempotencyOutcome::Replayed(e.get().answer.clone()) } else { IdempotencyOutcome::Conflict };
+                return if e.get().fingerprint == fp {
+                    IdempotencyOutcome::Replayed(e.get().answer.clone())
+                } else {
+                    IdempotencyOutcome::Conflict
+                };
             }
             entry => match f() {
                 Ok(answer) => {
-                    let stored = Idempotent { fingerprint: fp, answer: answer.clone(), at: now };
+                    let stored = Idempotent {
+                        fingerprint: fp,
+                        answer: answer.clone(),
+                        at: now,
+                    };
                     match entry {
                         Entry::Occupied(mut e) => {
                             e.insert(stored);
@@ -638,7 +761,8 @@ impl State {
             },
         };
         if self.idempotency_inserts.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
-            self.idempotency.retain(|_, v| now - v.at < IDEMPOTENCY_TTL_MS);
+            self.idempotency
+                .retain(|_, v| now - v.at < IDEMPOTENCY_TTL_MS);
         }
         outcome
     }

@@ -40,7 +40,13 @@ pub struct Lanes {
 impl Lanes {
     pub fn new() -> (Self, Vec<mpsc::UnboundedReceiver<Job>>) {
         let (senders, receivers) = (0..LANES).map(|_| mpsc::unbounded_channel()).unzip();
-        (Lanes { senders, hasher: Default::default() }, receivers)
+        (
+            Lanes {
+                senders,
+                hasher: Default::default(),
+            },
+            receivers,
+        )
     }
 
     fn push(&self, job: Job) {
@@ -99,7 +105,11 @@ pub fn accept(shared: &Shared, notification: Notification) -> Accepted {
             metrics.inbound(msg.kind.as_str());
             let view = state.inbound(&account, &msg, now);
             out.messages += 1;
-            shared.lanes.push(Job { account: account.clone(), msg, new_conversation: view.new_conversation });
+            shared.lanes.push(Job {
+                account: account.clone(),
+                msg,
+                new_conversation: view.new_conversation,
+            });
         }
     }
     out
@@ -115,7 +125,11 @@ pub async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job
 /// Consent keywords, handoff and rules for one inbound message.
 #[tracing::instrument(skip_all, fields(account = %job.account.name(), message_id = %job.msg.wamid))]
 pub fn process(shared: &Shared, job: Job) {
-    let Job { account, msg, new_conversation } = job;
+    let Job {
+        account,
+        msg,
+        new_conversation,
+    } = job;
     let state = &shared.state;
     let rules = shared.rules.get();
     let now = now_ms();
@@ -134,7 +148,10 @@ pub fn process(shared: &Shared, job: Job) {
         return;
     }
 
-    let conv = state.conversation(&account, &msg.from).map(|c| c.conversation).unwrap_or_default();
+    let conv = state
+        .conversation(&account, &msg.from)
+        .map(|c| c.conversation)
+        .unwrap_or_default();
     if conv.handoff_until.is_some_and(|u| u > now) {
         tracing::debug!("conversation handed off; rules skipped");
         shared.metrics.rule_match("(handoff)");
@@ -144,7 +161,12 @@ pub fn process(shared: &Shared, job: Job) {
         (Some(ctx), true) => state.tags_of_wamid(ctx),
         _ => Vec::new(),
     };
-    let facts = Facts { account: &name, state: &conv.state, new_conversation, reply_tags: &reply_tags };
+    let facts = Facts {
+        account: &name,
+        state: &conv.state,
+        new_conversation,
+        reply_tags: &reply_tags,
+    };
     let Some(hit) = rules.first_match(&msg, facts) else {
         shared.metrics.rule_match("(none)");
         return;
@@ -165,7 +187,9 @@ pub fn process(shared: &Shared, job: Job) {
     for content in plan.sends {
         match content {
             Ok(content) => send(shared, &account, &msg.from, content, &source, false),
-            Err(e) => tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent"),
+            Err(e) => {
+                tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent")
+            }
         }
     }
     for target in &plan.forward {
@@ -177,7 +201,14 @@ pub fn process(shared: &Shared, job: Job) {
     }
 }
 
-fn send(shared: &Shared, account: &Arc<Account>, to: &str, content: Content, source: &str, bypass_consent: bool) {
+fn send(
+    shared: &Shared,
+    account: &Arc<Account>,
+    to: &str,
+    content: Content,
+    source: &str,
+    bypass_consent: bool,
+) {
     let new = NewMessage {
         account: account.clone(),
         to: to.to_string(),
@@ -196,7 +227,9 @@ fn send(shared: &Shared, account: &Arc<Account>, to: &str, content: Content, sou
 }
 
 fn mark_read(shared: &Shared, account: &Arc<Account>, wamid: &str) {
-    let Some(token) = account.settings.access_token.clone() else { return };
+    let Some(token) = account.settings.access_token.clone() else {
+        return;
+    };
     let graph = shared.graph.clone();
     let pnid = account.settings.phone_number_id.clone();
     let wamid = wamid.to_string();

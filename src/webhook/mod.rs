@@ -12,44 +12,80 @@ use crate::app::Shared;
 use crate::error::{ApiError, ErrorCode};
 
 /// `GET /webhook`: the subscription handshake.
-pub async fn handshake(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
-    let query = web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-        .map_err(|_| ApiError::new(ErrorCode::Forbidden, "verification failed"))?;
+pub async fn handshake(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let query =
+        web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+            .map_err(|_| ApiError::new(ErrorCode::Forbidden, "verification failed"))?;
     let mode_ok = query.get("hub.mode").map(String::as_str) == Some("subscribe");
-    let token_ok = query
-        .get("hub.verify_token")
-        .is_some_and(|t| crate::api::auth::constant_time_eq(t.as_bytes(), shared.settings.meta.verify_token.expose().as_bytes()));
+    let token_ok = query.get("hub.verify_token").is_some_and(|t| {
+        crate::api::auth::constant_time_eq(
+            t.as_bytes(),
+            shared.settings.meta.verify_token.expose().as_bytes(),
+        )
+    });
     match (mode_ok && token_ok, query.get("hub.challenge")) {
-        (true, Some(challenge)) => Ok(HttpResponse::Ok().content_type("text/plain; charset=utf-8").body(challenge.clone())),
+        (true, Some(challenge)) => Ok(HttpResponse::Ok()
+            .content_type("text/plain; charset=utf-8")
+            .body(challenge.clone())),
         _ => {
             shared.metrics.webhook("verify_rejected");
-            Err(ApiError::new(ErrorCode::Forbidden, "verification failed: wrong hub.mode or hub.verify_token"))
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "verification failed: wrong hub.mode or hub.verify_token",
+            ))
         }
     }
 }
 
 /// `POST /webhook`: verify, parse, accept, ack.
-pub async fn receive(req: HttpRequest, mut payload: web::Payload, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+pub async fn receive(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
     let max = shared.settings.meta.max_body;
-    let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("webhook body over max_body ({max} bytes)"));
-    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("webhook body over max_body ({max} bytes)"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {
         shared.metrics.webhook("too_large");
         return Err(too_large());
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(4096).min(max));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::new(ErrorCode::InvalidNotification, "the request body could not be read"))?;
+        let chunk = chunk.map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidNotification,
+                "the request body could not be read",
+            )
+        })?;
         if body.len() + chunk.len() > max {
             shared.metrics.webhook("too_large");
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
-    let signature = req.headers().get(verify::SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    let signature = req
+        .headers()
+        .get(verify::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok());
     if !verify::verify(&body, signature, &shared.settings.meta.app_secrets) {
         shared.metrics.webhook("bad_signature");
-        return Err(ApiError::new(ErrorCode::InvalidSignature, "missing or invalid X-Hub-Signature-256"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidSignature,
+            "missing or invalid X-Hub-Signature-256",
+        ));
     }
     let notification = payload::parse(&body).map_err(|e| {
         shared.metrics.webhook("invalid");
@@ -60,8 +96,18 @@ pub async fn receive(req: HttpRequest, mut payload: web::Payload, shared: web::D
     shared.metrics.webhook("ok");
     if malformed > 0 {
         shared.metrics.webhook("malformed_items");
-        tracing::warn!(malformed, "webhook items that could not be read were skipped");
+        tracing::warn!(
+            malformed,
+            "webhook items that could not be read were skipped"
+        );
     }
-    tracing::debug!(messages = accepted.messages, duplicates = accepted.duplicates, statuses = accepted.statuses, "webhook accepted");
-    Ok(HttpResponse::Ok().content_type("text/plain; charset=utf-8").body("ok"))
+    tracing::debug!(
+        messages = accepted.messages,
+        duplicates = accepted.duplicates,
+        statuses = accepted.statuses,
+        "webhook accepted"
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body("ok"))
 }

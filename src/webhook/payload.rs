@@ -219,7 +219,10 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
         }
     })?;
     if env.object != "whatsapp_business_account" {
-        return Err(ParseError::NotWhatsApp(format!("object is {:?}", env.object)));
+        return Err(ParseError::NotWhatsApp(format!(
+            "object is {:?}",
+            env.object
+        )));
     }
     let mut out = Notification::default();
     let now = now_ms();
@@ -237,11 +240,18 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
                 out.malformed += 1;
                 continue;
             };
-            let Some(pnid) = value.metadata.and_then(|m| m.phone_number_id).filter(|p| !p.is_empty()) else {
+            let Some(pnid) = value
+                .metadata
+                .and_then(|m| m.phone_number_id)
+                .filter(|p| !p.is_empty())
+            else {
                 out.malformed += 1;
                 continue;
             };
-            let mut batch = Batch { phone_number_id: pnid, ..Batch::default() };
+            let mut batch = Batch {
+                phone_number_id: pnid,
+                ..Batch::default()
+            };
             for raw in value.messages {
                 match message(raw, &value.contacts, now) {
                     Some(m) => batch.messages.push(m),
@@ -262,7 +272,15 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
 
 fn status(raw: &RawValue) -> Option<StatusUpdate> {
     let s: StatusIn = serde_json::from_str(raw.get()).ok()?;
-    let error = s.errors.first().map(|e| (e.code.unwrap_or(0), e.title.clone().or_else(|| e.message.clone()).unwrap_or_default()));
+    let error = s.errors.first().map(|e| {
+        (
+            e.code.unwrap_or(0),
+            e.title
+                .clone()
+                .or_else(|| e.message.clone())
+                .unwrap_or_default(),
+        )
+    });
     Some(StatusUpdate {
         wamid: s.id.filter(|i| !i.is_empty())?,
         status: s.status?,
@@ -278,15 +296,30 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
         Some(m) => (m, true),
         None => {
             let min: MinimalIn = serde_json::from_str(raw.get()).ok()?;
-            (MessageIn { from: min.from, from_user_id: min.from_user_id, id: min.id, timestamp: min.timestamp, kind: min.kind, ..MessageIn::default() }, false)
+            (
+                MessageIn {
+                    from: min.from,
+                    from_user_id: min.from_user_id,
+                    id: min.id,
+                    timestamp: min.timestamp,
+                    kind: min.kind,
+                    ..MessageIn::default()
+                },
+                false,
+            )
         }
     };
     let wamid = m.id.clone().filter(|i| !i.is_empty())?;
     // SPEC: the contact is the wa_id, or Meta's user_id when no wa_id is given.
     let contact = contacts.iter().find(|c| {
-        (m.from.is_some() && c.wa_id == m.from) || (m.from_user_id.is_some() && c.user_id == m.from_user_id)
+        (m.from.is_some() && c.wa_id == m.from)
+            || (m.from_user_id.is_some() && c.user_id == m.from_user_id)
     });
-    let contact = contact.or(if contacts.len() == 1 { contacts.first() } else { None });
+    let contact = contact.or(if contacts.len() == 1 {
+        contacts.first()
+    } else {
+        None
+    });
     let from = m
         .from
         .clone()
@@ -296,7 +329,12 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
     let raw_type = m.kind.clone().unwrap_or_else(|| "unknown".into());
     let mut text = None;
     let mut reply = None;
-    let choice = |r: &ReplyIn| -> Option<ReplyChoice> { Some(ReplyChoice { id: r.id.clone()?, title: r.title.clone().unwrap_or_default() }) };
+    let choice = |r: &ReplyIn| -> Option<ReplyChoice> {
+        Some(ReplyChoice {
+            id: r.id.clone()?,
+            title: r.title.clone().unwrap_or_default(),
+        })
+    };
     let kind = if !readable {
         InboundKind::Unsupported
     } else {
@@ -325,20 +363,37 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
             }
             "button" => {
                 let b = m.button.as_ref();
-                reply = b.and_then(|b| Some(ReplyChoice { id: b.payload.clone()?, title: b.text.clone().unwrap_or_default() }));
+                reply = b.and_then(|b| {
+                    Some(ReplyChoice {
+                        id: b.payload.clone()?,
+                        title: b.text.clone().unwrap_or_default(),
+                    })
+                });
                 text = b.and_then(|b| b.text.clone());
-                if reply.is_some() { InboundKind::Button } else { InboundKind::Unsupported }
+                if reply.is_some() {
+                    InboundKind::Button
+                } else {
+                    InboundKind::Unsupported
+                }
             }
             "interactive" => {
                 let i = m.interactive.as_ref();
                 match i.and_then(|i| i.kind.as_deref()) {
                     Some("button_reply") => {
                         reply = i.and_then(|i| i.button_reply.as_ref()).and_then(choice);
-                        if reply.is_some() { InboundKind::Button } else { InboundKind::Unsupported }
+                        if reply.is_some() {
+                            InboundKind::Button
+                        } else {
+                            InboundKind::Unsupported
+                        }
                     }
                     Some("list_reply") => {
                         reply = i.and_then(|i| i.list_reply.as_ref()).and_then(choice);
-                        if reply.is_some() { InboundKind::List } else { InboundKind::Unsupported }
+                        if reply.is_some() {
+                            InboundKind::List
+                        } else {
+                            InboundKind::Unsupported
+                        }
                     }
                     Some("nfm_reply") => {
                         let n = i.and_then(|i| i.nfm_reply.as_ref());
@@ -365,7 +420,9 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
     Some(InboundMessage {
         wamid,
         from,
-        contact_name: contact.and_then(|c| c.profile.as_ref()).and_then(|p| p.name.clone()),
+        contact_name: contact
+            .and_then(|c| c.profile.as_ref())
+            .and_then(|p| p.name.clone()),
         timestamp: timestamp_ms(&m.timestamp).unwrap_or(now),
         kind,
         raw_type,
@@ -382,22 +439,33 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{}/../shared/whatsapp/fixtures/webhooks/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../shared/whatsapp/fixtures/webhooks/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     fn one(name: &str) -> InboundMessage {
         let n = parse(&fixture(name)).unwrap();
         assert_eq!(n.malformed, 0, "{name}");
-        n.batches.into_iter().flat_map(|b| b.messages).next().unwrap_or_else(|| panic!("{name}: no message"))
+        n.batches
+            .into_iter()
+            .flat_map(|b| b.messages)
+            .next()
+            .unwrap_or_else(|| panic!("{name}: no message"))
     }
 
     #[test]
     fn every_fixture_parses() {
-        let dir = format!("{}/../shared/whatsapp/fixtures/webhooks", env!("CARGO_MANIFEST_DIR"));
+        let dir = format!(
+            "{}/../shared/whatsapp/fixtures/webhooks",
+            env!("CARGO_MANIFEST_DIR")
+        );
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            let n = parse(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let n = parse(&std::fs::read(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert_eq!(n.malformed, 0, "{}", path.display());
         }
     }
@@ -455,7 +523,10 @@ mod tests {
     fn bad_bodies_are_errors_and_odd_items_are_skipped() {
         assert!(matches!(parse(b"not json"), Err(ParseError::NotJson(_))));
         assert!(matches!(parse(b"[1,2]"), Err(ParseError::NotWhatsApp(_))));
-        assert!(matches!(parse(br#"{"object":"page","entry":[]}"#), Err(ParseError::NotWhatsApp(_))));
+        assert!(matches!(
+            parse(br#"{"object":"page","entry":[]}"#),
+            Err(ParseError::NotWhatsApp(_))
+        ));
         assert!(parse(br#"{"object":"whatsapp_business_account","entry":["#).is_err());
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(parse(deep.as_bytes()).is_err());
@@ -467,6 +538,9 @@ mod tests {
         let n = parse(odd).unwrap();
         assert_eq!(n.malformed, 1, "the message without an id");
         let kinds: Vec<_> = n.batches[0].messages.iter().map(|m| m.kind).collect();
-        assert_eq!(kinds, vec![InboundKind::Unsupported, InboundKind::Unsupported]);
+        assert_eq!(
+            kinds,
+            vec![InboundKind::Unsupported, InboundKind::Unsupported]
+        );
     }
 }

@@ -31,7 +31,8 @@ pub fn verify(body: &[u8], header: Option<&str>, secrets: &[Secret]) -> bool {
     }
     let mut ok = false;
     for secret in secrets {
-        let mut mac = HmacSha256::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes keys of any length");
+        let mut mac = HmacSha256::new_from_slice(secret.expose().as_bytes())
+            .expect("HMAC takes keys of any length");
         mac.update(body);
         // verify_slice compares in constant time; check every secret.
         ok |= mac.verify_slice(&sig).is_ok();
@@ -66,10 +67,24 @@ mod tests {
         let body = b"{}";
         let secrets = [Secret::new("s")];
         let good = sign(b"s", body);
-        for bad in [None, Some(""), Some("sha256="), Some("sha256=zz"), Some(&good[7..]), Some("sha1=abcdef")] {
+        for bad in [
+            None,
+            Some(""),
+            Some("sha256="),
+            Some("sha256=zz"),
+            Some(&good[7..]),
+            Some("sha1=abcdef"),
+        ] {
             assert!(!verify(body, bad, &secrets), "{bad:?}");
         }
         assert!(!verify(b"{} ", Some(&good), &secrets), "another body");
-        assert!(verify(body, Some(&good.to_uppercase().replace("SHA256=", "sha256=")), &secrets), "hex case does not matter");
+        assert!(
+            verify(
+                body,
+                Some(&good.to_uppercase().replace("SHA256=", "sha256=")),
+                &secrets
+            ),
+            "hex case does not matter"
+        );
     }
 }
