@@ -82,16 +82,16 @@ pub struct SimulateArgs {
     #[arg(long)]
     from: String,
     /// An inbound text.
-    #[arg(long, group = "kind")]
+    #[arg(long, group = "message")]
     text: Option<String>,
     /// An interactive button reply (or template quick-reply) with this id.
-    #[arg(long, group = "kind")]
+    #[arg(long, group = "message")]
     button: Option<String>,
     /// A list reply with this row id.
-    #[arg(long, group = "kind")]
+    #[arg(long, group = "message")]
     list: Option<String>,
     /// A message of this type without content (image, location, …).
-    #[arg(long = "type", group = "kind")]
+    #[arg(long = "type", group = "message")]
     kind: Option<String>,
     /// The conversation state before the message.
     #[arg(long, default_value = "")]

@@ -1,0 +1,154 @@
+//! SPEC §1: the command line, run as the real binary.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wa-router");
+
+fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run wa-router");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_ok_with_the_rule_count() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), crate::helpers::GREETING).unwrap();
+    let (code, out, _) = run(&["check"], dir.path());
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "ok: 1 rules");
+}
+
+#[test]
+fn check_prints_every_error_with_file_line_col_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[[rule]]\nname = \"greet\"\nwhen = { text = \"hi\" }\n\n[[rule]]\nname = \"broken order\"\nwhen = { regex = '^order (?P<n>\\d+' }\n\n[[rule]]\nname = \"typo\"\nsend = [ { type = \"txt\", body = \"x\" } ]\n";
+    std::fs::write(dir.path().join("rules.toml"), text).unwrap();
+    let (code, out, err) = run(&["check", "rules.toml"], dir.path());
+    assert_eq!(code, 1);
+    assert!(!out.contains("ok:"));
+    assert!(
+        err.contains("rules.toml:7:") && err.contains("broken order"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rules.toml:11:") && err.contains("typo"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_uses_the_config_targets_for_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        "[[rule]]\nname = \"f\"\nforward = \"agents\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check"], dir.path());
+    assert_eq!(code, 1, "no config: no targets");
+    assert!(err.contains("unknown target \"agents\""), "{err}");
+    std::fs::write(
+        dir.path().join("wa-router.toml"),
+        "[targets.agents]\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"s\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&["check"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "ok: 1 rules");
+}
+
+#[test]
+fn sign_matches_hmac_from_file_and_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = b"{\"object\":\"whatsapp_business_account\",\"entry\":[]}\n";
+    std::fs::write(dir.path().join("body.json"), body).unwrap();
+    let expected = crate::helpers::sign(body, "s3cret");
+    let (code, out, _) = run(&["sign", "--secret", "s3cret", "body.json"], dir.path());
+    assert_eq!((code, out.trim()), (0, expected.as_str()));
+    let mut child = Command::new(BIN)
+        .args(["sign", "--secret", "s3cret"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+}
+
+#[test]
+fn simulate_prints_the_rule_and_graph_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), crate::helpers::GREETING).unwrap();
+    let (code, out, err) = run(
+        &[
+            "simulate",
+            "--from",
+            "+16315551181",
+            "--text",
+            "Hello",
+            "--name",
+            "Ana",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON on stdout");
+    assert_eq!(v["rule"], "greet");
+    assert_eq!(v["messages"][0]["to"], "16315551181");
+    assert_eq!(
+        v["messages"][0]["interactive"]["body"]["text"],
+        "Hi Ana! How can we help?"
+    );
+    let (_, out, _) = run(
+        &[
+            "simulate",
+            "--from",
+            "16315551181",
+            "--type",
+            "image",
+            "--window",
+            "closed",
+        ],
+        dir.path(),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["rule"].is_null());
+}
+
+#[test]
+fn serve_refuses_a_bad_config_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), "").unwrap();
+    std::fs::write(
+        dir.path().join("wa-router.toml"),
+        "listen = \"127.0.0.1:0\"\n[sender]\nmax_atempts = 3\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["serve"], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("wa-router.toml:3:1:") && err.contains("max_atempts"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("wa-router.toml"),
+        "[[accounts]]\nname = \"m\"\nphone_number_id = \"1\"\naccess_token = \"t\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["serve"], dir.path());
+    assert_eq!(code, 1);
+    assert!(err.contains("live mode") && !err.contains("\"t\""), "{err}");
+}

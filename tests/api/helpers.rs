@@ -1,0 +1,461 @@
+//! `spawn_app()` and the verbs tests use.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wa_router::app::App;
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+pub const APP_SECRET: &str = "test-app-secret";
+pub const VERIFY_TOKEN: &str = "test-verify-token";
+pub const API_KEY: &str = "test-api-key";
+pub const TOKEN: &str = "EAAG-test-token";
+pub const PNID: &str = "106540352242922";
+pub const ANA: &str = "16315551181";
+pub const BOB: &str = "16315551182";
+
+pub const GREETING: &str = r#"
+[[rule]]
+name = "greet"
+when = { text = ["hi", "hello", "menu"] }
+[[rule.send]]
+type = "buttons"
+body = "Hi {{ contact.name }}! How can we help?"
+buttons = [ { id = "sales", title = "Talk to sales" }, { id = "support", title = "Support" } ]
+"#;
+
+/// Answers Graph sends with `wamid.mock.N` and mark-as-read with success.
+pub struct GraphOk {
+    n: AtomicUsize,
+    arrivals: Arrivals,
+}
+
+/// Successful Graph sends with their arrival time.
+pub type Arrivals = Arc<std::sync::Mutex<Vec<(Instant, Value)>>>;
+
+impl Respond for GraphOk {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        if body.get("status").is_some() {
+            return ResponseTemplate::new(200).set_body_json(json!({ "success": true }));
+        }
+        self.arrivals
+            .lock()
+            .unwrap()
+            .push((Instant::now(), body.clone()));
+        let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
+        ResponseTemplate::new(200).set_body_json(json!({
+            "messaging_product": "whatsapp",
+            "contacts": [{ "input": body["to"], "wa_id": body["to"] }],
+            "messages": [{ "id": format!("wamid.mock.{n}") }]
+        }))
+    }
+}
+
+/// A Graph error answer as Meta sends it.
+pub fn graph_error(http: u16, code: i64) -> ResponseTemplate {
+    ResponseTemplate::new(http).set_body_json(json!({
+        "error": { "message": format!("(#{code}) test error"), "type": "OAuthException", "code": code,
+                   "error_data": { "messaging_product": "whatsapp", "details": "test" }, "fbtrace_id": "Atest" }
+    }))
+}
+
+pub struct TestApp {
+    pub addr: String,
+    pub graph: MockServer,
+    pub http: reqwest::Client,
+    /// Holds the config and rule files for the app's lifetime.
+    pub _dir: tempfile::TempDir,
+    pub routes_path: PathBuf,
+    pub arrivals: Arrivals,
+}
+
+/// Options for [`spawn_with`].
+pub struct Options {
+    pub routes: String,
+    /// Extra TOML appended to the generated config (tables after the accounts).
+    pub extra: String,
+    pub pace: &'static str,
+    pub account_extra: String,
+    pub live: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            routes: GREETING.into(),
+            extra: String::new(),
+            pace: "50ms",
+            account_extra: String::new(),
+            live: true,
+        }
+    }
+}
+
+pub async fn spawn_app(routes: &str) -> TestApp {
+    spawn_with(Options {
+        routes: routes.into(),
+        ..Options::default()
+    })
+    .await
+}
+
+pub async fn spawn_with(opts: Options) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        wa_router::telemetry::init(wa_router::telemetry::LogFormat::Text);
+    }
+    let graph = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v25\.0/\d+/messages$"))
+        .respond_with(GraphOk {
+            n: AtomicUsize::new(0),
+            arrivals: arrivals.clone(),
+        })
+        .with_priority(10)
+        .mount(&graph)
+        .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let routes_path = dir.path().join("routes.toml");
+    std::fs::write(&routes_path, &opts.routes).expect("write routes");
+    let token = if opts.live {
+        format!("access_token = \"{TOKEN}\"\n")
+    } else {
+        String::new()
+    };
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+routes = "routes.toml"
+data_dir = ""
+[meta]
+app_secret = ["old-secret", "{APP_SECRET}"]
+verify_token = "{VERIFY_TOKEN}"
+graph_url = "{graph}"
+graph_version = "v25.0"
+[[accounts]]
+name = "main"
+phone_number_id = "{PNID}"
+{token}pace = "{pace}"
+{account_extra}
+[api]
+keys = ["{API_KEY}"]
+rate = 1000
+burst = 1000
+[sender]
+max_attempts = 4
+backoff = "20ms"
+timeout = "2s"
+{extra}
+"#,
+        graph = graph.uri(),
+        pace = opts.pace,
+        account_extra = opts.account_extra,
+        extra = opts.extra,
+    );
+    let config_path = dir.path().join("wa-router.toml");
+    std::fs::write(&config_path, &config).expect("write config");
+    let settings =
+        wa_router::config::from_str(&config, &config_path).expect("test config is valid");
+    let app = App::build(settings).await.expect("app builds");
+    let addr = format!("http://127.0.0.1:{}", app.port());
+    app.spawn();
+    TestApp {
+        addr,
+        graph,
+        http: reqwest::Client::new(),
+        _dir: dir,
+        routes_path,
+        arrivals,
+    }
+}
+
+/// Poll `f` every 25 ms until it returns `Some`, for at most `secs` seconds.
+pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn sign(body: &[u8], secret: &str) -> String {
+    wa_router::webhook::verify::sign(secret.as_bytes(), body)
+}
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+static WAMIDS: AtomicUsize = AtomicUsize::new(1);
+
+pub fn new_wamid() -> String {
+    format!(
+        "wamid.test.{}.{}",
+        std::process::id(),
+        WAMIDS.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// An inbound message of `kind` with `content` from `from`.
+pub fn message(from: &str, kind: &str, content: Value) -> Value {
+    let mut m =
+        json!({ "from": from, "id": new_wamid(), "timestamp": now_s().to_string(), "type": kind });
+    m[kind] = content;
+    m
+}
+
+pub fn text(from: &str, body: &str) -> Value {
+    message(from, "text", json!({ "body": body }))
+}
+
+pub fn button(from: &str, id: &str, title: &str) -> Value {
+    message(
+        from,
+        "interactive",
+        json!({ "type": "button_reply", "button_reply": { "id": id, "title": title } }),
+    )
+}
+
+pub fn list_reply(from: &str, id: &str, title: &str) -> Value {
+    message(
+        from,
+        "interactive",
+        json!({ "type": "list_reply", "list_reply": { "id": id, "title": title } }),
+    )
+}
+
+pub fn name_of(wa_id: &str) -> &'static str {
+    match wa_id {
+        ANA => "Ana",
+        BOB => "Bob",
+        _ => "Someone",
+    }
+}
+
+/// A notification carrying `messages` (and their senders as contacts).
+pub fn notification(messages: Vec<Value>, statuses: Vec<Value>) -> Value {
+    let mut senders: Vec<String> = messages
+        .iter()
+        .filter_map(|m| m["from"].as_str().map(str::to_string))
+        .collect();
+    senders.dedup();
+    let contacts: Vec<Value> = senders
+        .iter()
+        .map(|w| json!({ "profile": { "name": name_of(w) }, "wa_id": w }))
+        .collect();
+    let mut value = json!({ "messaging_product": "whatsapp", "metadata": { "display_phone_number": "15550783881", "phone_number_id": PNID } });
+    if !contacts.is_empty() {
+        value["contacts"] = json!(contacts);
+    }
+    if !messages.is_empty() {
+        value["messages"] = json!(messages);
+    }
+    if !statuses.is_empty() {
+        value["statuses"] = json!(statuses);
+    }
+    json!({ "object": "whatsapp_business_account", "entry": [{ "id": "310298475561023", "changes": [{ "field": "messages", "value": value }] }] })
+}
+
+pub fn status(wamid: &str, status: &str, to: &str) -> Value {
+    json!({ "id": wamid, "status": status, "timestamp": now_s().to_string(), "recipient_id": to })
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.addr, path)
+    }
+
+    /// POST /webhook with `body` signed with the app secret.
+    pub async fn post_webhook(&self, body: &[u8]) -> reqwest::Response {
+        self.post_webhook_signed(body, Some(sign(body, APP_SECRET)))
+            .await
+    }
+
+    pub async fn post_webhook_signed(
+        &self,
+        body: &[u8],
+        signature: Option<String>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(self.url("/webhook"))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(s) = signature {
+            req = req.header("X-Hub-Signature-256", s);
+        }
+        req.send().await.expect("POST /webhook")
+    }
+
+    /// Deliver one notification; expects 200.
+    pub async fn deliver(&self, notification: &Value) {
+        let resp = self
+            .post_webhook(&serde_json::to_vec(notification).unwrap())
+            .await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "signed webhook: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Deliver one inbound message; returns its wamid.
+    pub async fn inbound(&self, msg: Value) -> String {
+        let id = msg["id"].as_str().unwrap().to_string();
+        self.deliver(&notification(vec![msg], vec![])).await;
+        id
+    }
+
+    pub async fn say(&self, from: &str, body: &str) -> String {
+        self.inbound(text(from, body)).await
+    }
+
+    /// Call the agent API with the test key.
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .header("X-API-Key", API_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("API call");
+        let status = resp.status().as_u16();
+        let json = resp.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    pub async fn send(&self, body: Value) -> (u16, Value) {
+        self.api(reqwest::Method::POST, "/v1/messages", Some(body))
+            .await
+    }
+
+    pub async fn send_text(&self, to: &str, body: &str) -> (u16, Value) {
+        self.send(json!({ "to": format!("+{to}"), "type": "text", "text": { "body": body } }))
+            .await
+    }
+
+    pub async fn send_template(&self, to: &str, name: &str) -> (u16, Value) {
+        self.send(json!({ "to": format!("+{to}"), "type": "template", "template": { "name": name, "language": { "code": "en_US" } } })).await
+    }
+
+    pub async fn record(&self, id: &str) -> Value {
+        let (status, body) = self
+            .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "GET message {id}: {body}");
+        body
+    }
+
+    pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        wait_for(10, &format!("message {id} to be {want}"), || async {
+            let r = self.record(id).await;
+            (r["status"] == want).then_some(r)
+        })
+        .await
+    }
+
+    pub async fn conversation(&self, wa_id: &str) -> Option<Value> {
+        let (status, body) = self
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/conversations/main/{wa_id}"),
+                None,
+            )
+            .await;
+        (status == 200).then_some(body)
+    }
+
+    pub async fn open_window(&self, wa_id: &str) {
+        self.say(wa_id, "window opener").await;
+        wait_for(10, "the window to open", || async {
+            self.conversation(wa_id)
+                .await
+                .filter(|c| c["window"]["open"] == true)
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    /// Every Graph message send received (bodies with a `to`), oldest first,
+    /// failed ones included.
+    pub async fn sends(&self) -> Vec<Value> {
+        let reqs = self.graph.received_requests().await.unwrap_or_default();
+        reqs.iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter(|b| b.get("to").is_some())
+            .collect()
+    }
+
+    /// Successful sends with their arrival times.
+    pub fn arrivals(&self) -> Vec<(Instant, Value)> {
+        self.arrivals.lock().unwrap().clone()
+    }
+
+    /// Human text of each send to `to`: text body, interactive body, template name.
+    pub async fn texts_to(&self, to: &str) -> Vec<String> {
+        self.sends()
+            .await
+            .iter()
+            .filter(|b| b["to"] == to)
+            .map(body_text)
+            .collect()
+    }
+
+    pub async fn wait_texts(&self, to: &str, count: usize) -> Vec<String> {
+        wait_for(10, &format!("{count} sends to {to}"), || async {
+            let t = self.texts_to(to).await;
+            (t.len() >= count).then_some(t)
+        })
+        .await
+    }
+
+    /// Barrier: everything queued earlier on the account has left when a
+    /// template sent now reaches the Graph mock.
+    pub async fn flush(&self) {
+        let name = format!("flush_{}", WAMIDS.fetch_add(1, Ordering::SeqCst));
+        let (status, _) = self.send_template("16315559999", &name).await;
+        assert_eq!(status, 202);
+        wait_for(10, "the flush template", || async {
+            self.sends()
+                .await
+                .iter()
+                .any(|b| b["template"]["name"] == name)
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+pub fn body_text(b: &Value) -> String {
+    let kind = b["type"].as_str().unwrap_or_default();
+    let part = &b[kind];
+    let t = match kind {
+        "text" => &part["body"],
+        "interactive" => &part["body"]["text"],
+        "template" => &part["name"],
+        _ => &part["caption"],
+    };
+    t.as_str().unwrap_or_default().to_string()
+}

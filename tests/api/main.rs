@@ -1,0 +1,10 @@
+//! Black-box tests: the real server on a random port, a wiremock Graph API,
+//! assertions on what the mock received. One binary, one link step.
+
+mod cli;
+mod helpers;
+mod messages_api;
+mod ops;
+mod rules;
+mod sender;
+mod webhook;

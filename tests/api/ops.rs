@@ -1,0 +1,74 @@
+//! SPEC §10: operations endpoints.
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn healthz_reports_rules_and_mode_and_readyz_is_200() {
+    let app = spawn_app(GREETING).await;
+    let health: Value = app
+        .http
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["routes"]["rules"], 1);
+    assert!(health["routes"]["last_error"].is_null());
+    assert!(health["routes"]["loaded_at"].as_str().is_some());
+    assert_eq!(health["mode"], "live");
+    assert_eq!(
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let sandbox = spawn_with(Options {
+        live: false,
+        ..Options::default()
+    })
+    .await;
+    let health: Value = sandbox
+        .http
+        .get(sandbox.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["mode"], "sandbox");
+}
+
+#[tokio::test]
+async fn metrics_count_webhooks_inbound_matches_and_outbound() {
+    let app = spawn_app(GREETING).await;
+    app.say(ANA, "hi").await;
+    app.wait_texts(ANA, 1).await;
+    let resp = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = resp.text().await.unwrap();
+    for needle in [
+        "wa_router_webhooks_total{result=\"ok\"} 1",
+        "wa_router_inbound_messages_total{type=\"text\"} 1",
+        "wa_router_rule_matches_total{rule=\"greet\"} 1",
+        "wa_router_outbound_messages_total{status=\"queued\"} 1",
+        "wa_router_open_windows 1",
+        "wa_router_queue_depth{account=\"main\"}",
+        "wa_router_graph_request_duration_seconds_count",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
