@@ -1,1 +1,148 @@
-fn main() {}
+//! Benchmarks of the hot paths (issue #2 targets on a 2-core machine):
+//! - verify → parse → route of a ~1 KB text notification: under 10 µs;
+//! - rule matching with 10 and 10,000 exact-text rules: flat;
+//! - window store insert and lookup, and the bytes one window entry costs:
+//!   under 100.
+//!
+//! `cargo bench` runs them; the window entry size is printed first.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use wa_router::domain::Secret;
+use wa_router::rules::Facts;
+use wa_router::rules::compile::compile;
+use wa_router::state::{ConvKey, WindowStore};
+use wa_router::webhook::{payload, verify};
+
+/// Counts live heap bytes, to measure what a window entry costs.
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const NOW: i64 = 1_795_000_000_000;
+
+fn text_notification(body: &str) -> Vec<u8> {
+    let n = serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "310298475561023", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550783881", "phone_number_id": "106540352242922" },
+            "contacts": [{ "profile": { "name": "Ana Souza" }, "wa_id": "16315551181", "user_id": "US.13491208655302741918" }],
+            "messages": [{ "from": "16315551181", "from_user_id": "US.13491208655302741918",
+                           "id": "wamid.HBgLMTYzMTU1NTExODEVAgASGBQzQTdCNUQ2RjE4QjY0OEM1QTlFNQA=",
+                           "timestamp": "1795000000", "type": "text", "text": { "body": body } }]
+        } }] }]
+    });
+    serde_json::to_vec(&n).unwrap()
+}
+
+fn keyword_rules(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&format!("[[rule]]\nname = \"r{i}\"\nwhen = {{ text = \"keyword {i}\" }}\nsend = [ {{ type = \"text\", body = \"answer {i}\" }} ]\n\n"));
+    }
+    s.push_str("[[rule]]\nname = \"fallback\"\nsend = [ { type = \"text\", body = \"?\" } ]\n");
+    s
+}
+
+fn webhook_path(c: &mut Criterion) {
+    let rules = compile("bench.toml", &keyword_rules(100), &[]).unwrap();
+    let padding = "x".repeat(1024 - text_notification("").len());
+    let body = text_notification(&format!("keyword 99{}", &padding[..padding.len().saturating_sub(10)]));
+    assert!((1000..=1100).contains(&body.len()), "{} bytes", body.len());
+    let hit_body = text_notification("keyword 99");
+    let secrets = [Secret::new("app-secret")];
+    let sig = verify::sign(b"app-secret", &body);
+    let hit_sig = verify::sign(b"app-secret", &hit_body);
+    let route = |body: &[u8], sig: &str| {
+        assert!(verify::verify(body, Some(sig), &secrets));
+        let n = payload::parse(body).unwrap();
+        let msg = &n.batches[0].messages[0];
+        let facts = Facts { account: "main", state: "", new_conversation: false, reply_tags: &[] };
+        rules.first_match(msg, facts).map(|h| h.rule)
+    };
+    assert_eq!(route(&hit_body, &hit_sig), Some(99));
+    c.bench_function("webhook/verify+parse+route 1KB text", |b| b.iter(|| black_box(route(black_box(&body), &sig))));
+    c.bench_function("webhook/verify only 1KB", |b| b.iter(|| black_box(verify::verify(black_box(&body), Some(&sig), &secrets))));
+    c.bench_function("webhook/parse only 1KB", |b| b.iter(|| black_box(payload::parse(black_box(&body)).unwrap().batches.len())));
+}
+
+fn rule_matching(c: &mut Criterion) {
+    let body = text_notification("Keyword  9");
+    let n = payload::parse(&body).unwrap();
+    let base = n.batches[0].messages[0].clone();
+    for count in [10usize, 10_000] {
+        let rules = compile("bench.toml", &keyword_rules(count), &[]).unwrap();
+        let mut last = base.clone();
+        last.text = Some(format!("keyword {}", count - 1));
+        let mut miss = base.clone();
+        miss.text = Some("nothing matches this".into());
+        let facts = || Facts { account: "main", state: "", new_conversation: false, reply_tags: &[] };
+        assert_eq!(rules.first_match(&last, facts()).map(|h| h.rule), Some(count - 1));
+        assert_eq!(rules.first_match(&miss, facts()).map(|h| h.rule), Some(count));
+        c.bench_function(&format!("rules/exact match, last of {count}"), |b| b.iter(|| black_box(rules.first_match(black_box(&last), facts()))));
+        c.bench_function(&format!("rules/no match, fallback after {count}"), |b| b.iter(|| black_box(rules.first_match(black_box(&miss), facts()))));
+    }
+}
+
+fn windows(c: &mut Criterion) {
+    // Bytes per entry, measured: heap growth for 100,000 windows.
+    let store = WindowStore::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..100_000u64 {
+        store.extend(ConvKey::new((i % 3) as u16, &format!("1631{:07}", i)), NOW, NOW);
+    }
+    let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / 100_000.0;
+    println!("window store: {bytes:.1} bytes per entry (100,000 entries; key {} B + window {} B inline)",
+        std::mem::size_of::<ConvKey>(), std::mem::size_of::<wa_router::state::Window>());
+    let keys: Vec<ConvKey> = (0..100_000u64).map(|i| ConvKey::new((i % 3) as u16, &format!("1631{:07}", i))).collect();
+    let mut i = 0usize;
+    c.bench_function("windows/lookup (100k entries)", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            black_box(store.is_open(&keys[i], NOW))
+        })
+    });
+    let mut j = 0u64;
+    c.bench_function("windows/refresh existing", |b| {
+        b.iter(|| {
+            j = (j + 7919) % 100_000;
+            black_box(store.extend(keys[j as usize].clone(), NOW + 1000, NOW + 1000))
+        })
+    });
+    let fresh = WindowStore::new();
+    let mut k = 0u64;
+    c.bench_function("windows/insert new", |b| {
+        b.iter(|| {
+            k += 1;
+            black_box(fresh.extend(ConvKey::new(0, &format!("44{k:010}")), NOW, NOW))
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = webhook_path, rule_matching, windows
+}
+criterion_main!(benches);

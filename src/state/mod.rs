@@ -10,6 +10,7 @@
 //! or while another map is locked.
 
 pub mod dedupe;
+pub mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -24,9 +25,8 @@ use crate::inbound::{InboundMessage, StatusUpdate};
 use crate::outbound::{OutboundRecord, RecordError, Status};
 use crate::telemetry::Metrics;
 use dedupe::Dedupe;
+pub use window::{ConvKey, WINDOW_MS, Window, WindowStore};
 
-/// 24 hours: the customer-service window (CLOUD_API.md §11).
-pub const WINDOW_MS: Millis = 24 * 3600 * 1000;
 /// Messages kept per conversation (SPEC §4).
 pub const RECENT: usize = 50;
 const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
@@ -131,29 +131,6 @@ impl AccountQueue {
     }
 }
 
-/// Conversation key: (account, contact).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ConvKey {
-    pub account: u16,
-    pub contact: Box<str>,
-}
-
-impl ConvKey {
-    pub fn new(account: u16, contact: &str) -> Self {
-        ConvKey {
-            account,
-            contact: contact.into(),
-        }
-    }
-}
-
-/// The 24 h customer-service window of one conversation (16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub last_inbound: Millis,
-    pub expires: Millis,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     In,
@@ -255,7 +232,7 @@ struct AccountsInner {
 pub struct State {
     accounts: RwLock<AccountsInner>,
     conversations: DashMap<ConvKey, Conversation>,
-    windows: DashMap<ConvKey, Window>,
+    windows: WindowStore,
     records: DashMap<String, OutboundRecord>,
     by_wamid: DashMap<String, String>,
     orphans: DashMap<String, Vec<StatusUpdate>>,
@@ -278,7 +255,7 @@ impl State {
         let state = State {
             accounts: RwLock::new(AccountsInner::default()),
             conversations: DashMap::new(),
-            windows: DashMap::new(),
+            windows: WindowStore::new(),
             records: DashMap::new(),
             by_wamid: DashMap::new(),
             orphans: DashMap::new(),
@@ -375,18 +352,7 @@ impl State {
         let mut new_conversation = false;
         if msg.opens_window {
             // SPEC §4: from Meta's timestamp, clamped to now, only extended.
-            let at = msg.timestamp.min(now);
-            let expires = at + WINDOW_MS;
-            let mut w = self.windows.entry(key.clone()).or_insert(Window {
-                last_inbound: 0,
-                expires: 0,
-            });
-            let was_open = w.expires > now;
-            if expires > w.expires {
-                w.expires = expires;
-                w.last_inbound = at;
-            }
-            new_conversation = !was_open && w.expires > now;
+            new_conversation = self.windows.extend(key.clone(), msg.timestamp, now);
         }
         let mut c = self.conversations.entry(key).or_default();
         if let Some(name) = &msg.contact_name {
@@ -460,27 +426,20 @@ impl State {
     }
 
     pub fn window(&self, account: u16, contact: &str) -> Option<Window> {
-        self.windows
-            .get(&ConvKey::new(account, contact))
-            .map(|w| *w)
+        self.windows.get(&ConvKey::new(account, contact))
     }
 
     pub fn window_open(&self, account: u16, contact: &str, now: Millis) -> bool {
-        self.window(account, contact)
-            .is_some_and(|w| w.expires > now)
+        self.windows.is_open(&ConvKey::new(account, contact), now)
     }
 
     /// Meta said the window is closed (131047): believe it.
     pub fn close_window(&self, account: u16, contact: &str, now: Millis) {
-        if let Some(mut w) = self.windows.get_mut(&ConvKey::new(account, contact))
-            && w.expires > now
-        {
-            w.expires = now;
-        }
+        self.windows.close(&ConvKey::new(account, contact), now);
     }
 
     pub fn open_windows(&self, now: Millis) -> usize {
-        self.windows.iter().filter(|w| w.expires > now).count()
+        self.windows.open_count(now)
     }
 
     pub fn conversation(&self, account: &Account, contact: &str) -> Option<ConversationView> {
