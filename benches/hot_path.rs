@@ -31,7 +31,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -68,7 +71,10 @@ fn keyword_rules(n: usize) -> String {
 fn webhook_path(c: &mut Criterion) {
     let rules = compile("bench.toml", &keyword_rules(100), &[]).unwrap();
     let padding = "x".repeat(1024 - text_notification("").len());
-    let body = text_notification(&format!("keyword 99{}", &padding[..padding.len().saturating_sub(10)]));
+    let body = text_notification(&format!(
+        "keyword 99{}",
+        &padding[..padding.len().saturating_sub(10)]
+    ));
     assert!((1000..=1100).contains(&body.len()), "{} bytes", body.len());
     let hit_body = text_notification("keyword 99");
     let secrets = [Secret::new("app-secret")];
@@ -78,13 +84,24 @@ fn webhook_path(c: &mut Criterion) {
         assert!(verify::verify(body, Some(sig), &secrets));
         let n = payload::parse(body).unwrap();
         let msg = &n.batches[0].messages[0];
-        let facts = Facts { account: "main", state: "", new_conversation: false, reply_tags: &[] };
+        let facts = Facts {
+            account: "main",
+            state: "",
+            new_conversation: false,
+            reply_tags: &[],
+        };
         rules.first_match(msg, facts).map(|h| h.rule)
     };
     assert_eq!(route(&hit_body, &hit_sig), Some(99));
-    c.bench_function("webhook/verify+parse+route 1KB text", |b| b.iter(|| black_box(route(black_box(&body), &sig))));
-    c.bench_function("webhook/verify only 1KB", |b| b.iter(|| black_box(verify::verify(black_box(&body), Some(&sig), &secrets))));
-    c.bench_function("webhook/parse only 1KB", |b| b.iter(|| black_box(payload::parse(black_box(&body)).unwrap().batches.len())));
+    c.bench_function("webhook/verify+parse+route 1KB text", |b| {
+        b.iter(|| black_box(route(black_box(&body), &sig)))
+    });
+    c.bench_function("webhook/verify only 1KB", |b| {
+        b.iter(|| black_box(verify::verify(black_box(&body), Some(&sig), &secrets)))
+    });
+    c.bench_function("webhook/parse only 1KB", |b| {
+        b.iter(|| black_box(payload::parse(black_box(&body)).unwrap().batches.len()))
+    });
 }
 
 fn rule_matching(c: &mut Criterion) {
@@ -97,11 +114,26 @@ fn rule_matching(c: &mut Criterion) {
         last.text = Some(format!("keyword {}", count - 1));
         let mut miss = base.clone();
         miss.text = Some("nothing matches this".into());
-        let facts = || Facts { account: "main", state: "", new_conversation: false, reply_tags: &[] };
-        assert_eq!(rules.first_match(&last, facts()).map(|h| h.rule), Some(count - 1));
-        assert_eq!(rules.first_match(&miss, facts()).map(|h| h.rule), Some(count));
-        c.bench_function(&format!("rules/exact match, last of {count}"), |b| b.iter(|| black_box(rules.first_match(black_box(&last), facts()))));
-        c.bench_function(&format!("rules/no match, fallback after {count}"), |b| b.iter(|| black_box(rules.first_match(black_box(&miss), facts()))));
+        let facts = || Facts {
+            account: "main",
+            state: "",
+            new_conversation: false,
+            reply_tags: &[],
+        };
+        assert_eq!(
+            rules.first_match(&last, facts()).map(|h| h.rule),
+            Some(count - 1)
+        );
+        assert_eq!(
+            rules.first_match(&miss, facts()).map(|h| h.rule),
+            Some(count)
+        );
+        c.bench_function(&format!("rules/exact match, last of {count}"), |b| {
+            b.iter(|| black_box(rules.first_match(black_box(&last), facts())))
+        });
+        c.bench_function(&format!("rules/no match, fallback after {count}"), |b| {
+            b.iter(|| black_box(rules.first_match(black_box(&miss), facts())))
+        });
     }
 }
 
@@ -110,12 +142,21 @@ fn windows(c: &mut Criterion) {
     let store = WindowStore::new();
     let before = LIVE.load(Ordering::Relaxed);
     for i in 0..100_000u64 {
-        store.extend(ConvKey::new((i % 3) as u16, &format!("1631{:07}", i)), NOW, NOW);
+        store.extend(
+            ConvKey::new((i % 3) as u16, &format!("1631{:07}", i)),
+            NOW,
+            NOW,
+        );
     }
     let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / 100_000.0;
-    println!("window store: {bytes:.1} bytes per entry (100,000 entries; key {} B + window {} B inline)",
-        std::mem::size_of::<ConvKey>(), std::mem::size_of::<wa_router::state::Window>());
-    let keys: Vec<ConvKey> = (0..100_000u64).map(|i| ConvKey::new((i % 3) as u16, &format!("1631{:07}", i))).collect();
+    println!(
+        "window store: {bytes:.1} bytes per entry (100,000 entries; key {} B + window {} B inline)",
+        std::mem::size_of::<ConvKey>(),
+        std::mem::size_of::<wa_router::state::Window>()
+    );
+    let keys: Vec<ConvKey> = (0..100_000u64)
+        .map(|i| ConvKey::new((i % 3) as u16, &format!("1631{:07}", i)))
+        .collect();
     let mut i = 0usize;
     c.bench_function("windows/lookup (100k entries)", |b| {
         b.iter(|| {

@@ -172,7 +172,9 @@ pub fn enqueue(
             graph_code: None,
             message: refused.message(),
         });
-        record.set_status(Status::Failed, now);
+        // It never entered the queue: its history is the refusal alone.
+        record.status = Status::Failed;
+        record.history = vec![(Status::Failed, now)];
         state.insert_record(&account, record, now);
         return Err((refused, Some(id)));
     }

@@ -20,7 +20,10 @@ pub struct ConvKey {
 
 impl ConvKey {
     pub fn new(account: u16, contact: &str) -> Self {
-        ConvKey { account, contact: contact.into() }
+        ConvKey {
+            account,
+            contact: contact.into(),
+        }
     }
 }
 
@@ -47,10 +50,16 @@ impl WindowStore {
     pub fn extend(&self, key: ConvKey, at: Millis, now: Millis) -> bool {
         let at = at.min(now);
         let expires = at + WINDOW_MS;
-        let mut w = self.map.entry(key).or_insert(Window { last_inbound: 0, expires: 0 });
+        let mut w = self.map.entry(key).or_insert(Window {
+            last_inbound: 0,
+            expires: 0,
+        });
         let was_open = w.expires > now;
         if expires > w.expires {
-            *w = Window { last_inbound: at, expires };
+            *w = Window {
+                last_inbound: at,
+                expires,
+            };
         }
         !was_open && w.expires > now
     }
@@ -95,9 +104,15 @@ mod tests {
         let k = ConvKey::new(0, "16315551181");
         let now = 10 * WINDOW_MS;
         assert!(s.extend(k.clone(), now - 1000, now), "first message opens");
-        assert!(!s.extend(k.clone(), now, now), "second message refreshes, does not open");
+        assert!(
+            !s.extend(k.clone(), now, now),
+            "second message refreshes, does not open"
+        );
         assert_eq!(s.get(&k).unwrap().expires, now + WINDOW_MS);
-        assert!(!s.extend(k.clone(), now - 5000, now), "an older retry does not shrink");
+        assert!(
+            !s.extend(k.clone(), now - 5000, now),
+            "an older retry does not shrink"
+        );
         assert_eq!(s.get(&k).unwrap().expires, now + WINDOW_MS);
     }
 
