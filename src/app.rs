@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::domain::Located;
 use crate::error::{ApiError, ErrorCode};
+use crate::events::Events;
 use crate::outbound::graph::GraphClient;
 use crate::rules::Rules;
 use crate::state::State;
@@ -28,7 +29,10 @@ pub struct Shared {
     pub rules: Arc<Rules>,
     pub metrics: Arc<Metrics>,
     pub graph: Arc<GraphClient>,
+    pub events: Arc<Events>,
     pub lanes: Lanes,
+    /// One GCRA limiter per API key (`[api] rate`/`burst`).
+    pub api_limits: Vec<governor::DefaultDirectRateLimiter>,
     /// The runtime the workers run on (handlers run on actix's own threads).
     pub runtime: tokio::runtime::Handle,
     pub ready: AtomicBool,
@@ -69,7 +73,11 @@ impl App {
             )
             .map_err(StartError::Other)?,
         );
-        let (state, mut new_accounts) = State::new(&settings.accounts, metrics.clone());
+        let events =
+            Arc::new(Events::new(&settings.targets, metrics.clone()).map_err(StartError::Other)?);
+        let (state, feeds) =
+            State::new(&settings.accounts, metrics.clone(), events.wants_statuses());
+        let mut new_accounts = feeds.new_accounts;
         let (lanes, lane_receivers) = Lanes::new();
         let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
             addr: settings.listen.clone(),
@@ -85,7 +93,14 @@ impl App {
             rules: rules.clone(),
             metrics,
             graph,
+            events: events.clone(),
             lanes,
+            api_limits: settings
+                .api
+                .keys
+                .iter()
+                .map(|_| api_limiter(settings.api.rate, settings.api.burst))
+                .collect(),
             runtime: tokio::runtime::Handle::current(),
             ready: AtomicBool::new(false),
         });
@@ -109,6 +124,15 @@ impl App {
                 }
             });
         }
+        if let Some(mut changes) = feeds.status_changes {
+            let events = events.clone();
+            tokio::spawn(async move {
+                while let Some(record) = changes.recv().await {
+                    events.message_status(&record);
+                }
+            });
+        }
+        events.spawn_workers(stop_rx.clone());
         crate::rules::reload::spawn(rules, stop_rx);
 
         let data = web::Data::from(shared.clone());
@@ -126,7 +150,11 @@ impl App {
                 .service(
                     web::scope("/v1")
                         .route("/messages", web::post().to(api::messages::send))
+                        .route("/messages", web::get().to(api::messages::list))
                         .route("/messages/{id}", web::get().to(api::messages::get))
+                        .route("/messages/{id}", web::delete().to(api::messages::cancel))
+                        .route("/messages/{id}/retry", web::post().to(api::messages::retry))
+                        .route("/conversations", web::get().to(api::conversations::list))
                         .route(
                             "/conversations/{account}/{wa_id}",
                             web::get().to(api::conversations::get),
@@ -134,6 +162,26 @@ impl App {
                         .route(
                             "/conversations/{account}/{wa_id}/messages",
                             web::get().to(api::conversations::messages),
+                        )
+                        .route(
+                            "/conversations/{account}/{wa_id}/state",
+                            web::put().to(api::conversations::put_state),
+                        )
+                        .route(
+                            "/conversations/{account}/{wa_id}/handoff",
+                            web::post().to(api::conversations::handoff),
+                        )
+                        .route(
+                            "/conversations/{account}/{wa_id}/handoff",
+                            web::delete().to(api::conversations::release),
+                        )
+                        .route(
+                            "/conversations/{account}/{wa_id}/opt-out",
+                            web::post().to(api::conversations::opt_out),
+                        )
+                        .route(
+                            "/conversations/{account}/{wa_id}/opt-out",
+                            web::delete().to(api::conversations::opt_in),
                         )
                         .route("/queues", web::get().to(api::conversations::queues)),
                 )
@@ -191,6 +239,13 @@ impl App {
         std::mem::forget(self.stop);
         shared
     }
+}
+
+fn api_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
+    use std::num::NonZeroU32;
+    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
 async fn shutdown_signal() {

@@ -45,9 +45,11 @@ pub async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
             (a.name().to_string(), s.depth, s.scheduled)
         })
         .collect();
-    let body = shared
-        .metrics
-        .render(shared.state.open_windows(now_ms()), &queues);
+    let body = shared.metrics.render(
+        shared.state.open_windows(now_ms()),
+        &queues,
+        &shared.events.backlog(),
+    );
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(body)

@@ -73,6 +73,12 @@ pub struct Metrics {
     open_windows: Gauge,
     graph_latency: Histogram,
     event_deliveries: Family<ResultLabel, Counter>,
+    event_backlog: Family<TargetLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
 }
 
 impl Default for Metrics {
@@ -95,6 +101,7 @@ impl Metrics {
             open_windows: Gauge::default(),
             graph_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             event_deliveries: Family::default(),
+            event_backlog: Family::default(),
         };
         r.register(
             "webhooks",
@@ -135,6 +142,11 @@ impl Metrics {
             "graph_request_duration_seconds",
             "Graph API request latency",
             m.graph_latency.clone(),
+        );
+        r.register(
+            "event_backlog",
+            "Events waiting for delivery, per target",
+            m.event_backlog.clone(),
         );
         r.register(
             "event_deliveries",
@@ -188,8 +200,20 @@ impl Metrics {
     }
 
     /// Prometheus text, after setting the gauges read at scrape time.
-    pub fn render(&self, open_windows: usize, queues: &[(String, usize, usize)]) -> String {
+    pub fn render(
+        &self,
+        open_windows: usize,
+        queues: &[(String, usize, usize)],
+        backlog: &[(String, usize)],
+    ) -> String {
         self.open_windows.set(open_windows as i64);
+        for (target, n) in backlog {
+            self.event_backlog
+                .get_or_create(&TargetLabel {
+                    target: target.clone(),
+                })
+                .set(*n as i64);
+        }
         for (account, depth, scheduled) in queues {
             self.queue_depth
                 .get_or_create(&AccountLabel {

@@ -57,7 +57,23 @@ impl FromRequest for ApiKey {
                 found = Some(i);
             }
         }
-        ready(found.map(ApiKey).ok_or_else(unauthorized))
+        let Some(index) = found else {
+            return ready(Err(unauthorized()));
+        };
+        // Per-key rate limit (SPEC §7): beyond rate/burst → 429 + Retry-After.
+        if let Some(limiter) = shared.api_limits.get(index)
+            && let Err(not_until) = limiter.check()
+        {
+            use governor::clock::{Clock, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return ready(Err(ApiError::new(
+                ErrorCode::RateLimited,
+                "rate limit of this API key exceeded; retry after Retry-After seconds",
+            )
+            .with_retry_after(std::time::Duration::from_secs(secs.max(1)))));
+        }
+        ready(Ok(ApiKey(index)))
     }
 }
 

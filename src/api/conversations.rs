@@ -1,13 +1,16 @@
 //! Conversations and queues over the API (SPEC §7).
 
-use actix_web::{HttpResponse, web};
+use std::collections::BTreeMap;
+
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use super::auth::ApiKey;
+use super::{json_body, limit, optional_json_body, query};
 use crate::app::Shared;
-use crate::domain::{format_duration, now_ms, parse_phone, rfc3339};
+use crate::domain::{Millis, format_duration, now_ms, parse_duration, parse_phone, rfc3339};
 use crate::error::{ApiError, ErrorCode};
-use crate::state::Account;
+use crate::state::{Account, ConversationView};
 
 fn account(shared: &Shared, name: &str) -> Result<std::sync::Arc<Account>, ApiError> {
     shared.state.account_by_name(name).ok_or_else(|| {
@@ -89,4 +92,256 @@ pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpRespo
         })
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "queues": queues })))
+}
+
+/// The conversation as the API shows it, after a change.
+fn answer(shared: &Shared, account: &Account, wa_id: &str) -> Result<HttpResponse, ApiError> {
+    let view = shared.state.conversation(account, wa_id).ok_or_else(|| {
+        ApiError::new(ErrorCode::NotFound, format!("no conversation with {wa_id}"))
+    })?;
+    Ok(HttpResponse::Ok().json(view.to_json(now_ms())))
+}
+
+/// A contact in a path must be a phone number or a BSUID (`CC.…`).
+fn path_contact(raw: &str) -> Result<String, ApiError> {
+    let c = contact(raw);
+    let valid = c.chars().all(|ch| ch.is_ascii_digit())
+        || (c.len() <= 140
+            && c.contains('.')
+            && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '.'));
+    if valid {
+        Ok(c)
+    } else {
+        Err(ApiError::new(
+            ErrorCode::InvalidPhone,
+            format!("{raw:?} is not a phone number or user id"),
+        )
+        .with_field("wa_id"))
+    }
+}
+
+/// Sort key of the conversation list: open windows first, then the most
+/// recent inbound message first; account and contact break ties.
+fn sort_key(v: &ConversationView, now: Millis) -> (bool, Millis, String, String) {
+    (
+        !v.window_open(now),
+        -v.window.map_or(0, |w| w.last_inbound),
+        v.account.clone(),
+        v.wa_id.clone(),
+    )
+}
+
+/// `GET /v1/conversations?account=&open=true&limit=&cursor=`.
+pub async fn list(
+    _key: ApiKey,
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(&req)?;
+    let limit = limit(&q)?;
+    let now = now_ms();
+    let account_id = match q.get("account") {
+        Some(name) => Some(account(&shared, name)?.id),
+        None => None,
+    };
+    let open = match q.get("open").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Err(ApiError::invalid("open", "open is true or false")),
+    };
+    let after = match q.get("cursor") {
+        None => None,
+        Some(c) => Some(
+            hex::decode(c)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<(bool, Millis, String, String)>(&b).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "cursor",
+                        "unknown cursor; pass next_cursor from the previous page",
+                    )
+                })?,
+        ),
+    };
+    let mut all: Vec<_> = shared
+        .state
+        .conversations(account_id)
+        .into_iter()
+        .filter(|v| open.is_none_or(|o| v.window_open(now) == o))
+        .map(|v| (sort_key(&v, now), v))
+        .filter(|(k, _)| after.as_ref().is_none_or(|a| k > a))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let more = all.len() > limit;
+    all.truncate(limit);
+    let next = if more {
+        all.last()
+            .map(|(k, _)| hex::encode(serde_json::to_vec(k).unwrap_or_default()))
+    } else {
+        None
+    };
+    let items: Vec<_> = all.iter().map(|(_, v)| v.to_json(now)).collect();
+    Ok(HttpResponse::Ok().json(json!({ "conversations": items, "next_cursor": next })))
+}
+
+/// `PUT /v1/conversations/{account}/{wa_id}/state`: `{"state": "…", "vars": {…}}`.
+pub async fn put_state(
+    _key: ApiKey,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, raw) = path.into_inner();
+    let account = account(&shared, &name)?;
+    let wa_id = path_contact(&raw)?;
+    let body = json_body(&req, payload).await?;
+    let obj = body.as_object().ok_or_else(|| {
+        ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object")
+    })?;
+    if let Some(k) = obj.keys().find(|k| *k != "state" && *k != "vars") {
+        return Err(ApiError::invalid(
+            k.clone(),
+            format!("unknown field {k:?}; use state and vars"),
+        ));
+    }
+    let state = match obj.get("state") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.chars().count() <= 256 => Some(s.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "state",
+                "state is a string of at most 256 characters",
+            ));
+        }
+    };
+    let vars = match obj.get("vars") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Object(m)) => {
+            let mut vars = BTreeMap::new();
+            for (k, v) in m {
+                if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(ApiError::invalid(
+                        format!("vars.{k}"),
+                        "variable names are letters, digits and _",
+                    ));
+                }
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("vars.{k}"),
+                            "a variable is a string, number or boolean",
+                        ));
+                    }
+                };
+                vars.insert(k.clone(), text);
+            }
+            Some(vars)
+        }
+        Some(_) => return Err(ApiError::invalid("vars", "vars is an object")),
+    };
+    if state.is_none() && vars.is_none() {
+        return Err(ApiError::invalid("state", "give state, vars or both"));
+    }
+    shared
+        .state
+        .put_state(account.id, &wa_id, state, vars, now_ms());
+    answer(&shared, &account, &wa_id)
+}
+
+/// `POST /v1/conversations/{account}/{wa_id}/handoff`: hand to humans,
+/// optionally `{"ttl": "2h"}` (default `handoff_ttl`).
+pub async fn handoff(
+    _key: ApiKey,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, raw) = path.into_inner();
+    let account = account(&shared, &name)?;
+    let wa_id = path_contact(&raw)?;
+    let ttl = match optional_json_body(&req, payload)
+        .await?
+        .as_ref()
+        .and_then(|b| b.get("ttl"))
+    {
+        None | Some(serde_json::Value::Null) => shared.settings.conversations.handoff_ttl,
+        Some(serde_json::Value::String(s)) => {
+            parse_duration(s).map_err(|e| ApiError::invalid("ttl", e))?
+        }
+        Some(serde_json::Value::Number(n)) => {
+            std::time::Duration::from_secs(n.as_u64().ok_or_else(|| {
+                ApiError::invalid("ttl", "ttl is a duration like \"2h\" or seconds")
+            })?)
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "ttl",
+                "ttl is a duration like \"2h\" or seconds",
+            ));
+        }
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86400) {
+        return Err(ApiError::invalid(
+            "ttl",
+            "ttl must be more than 0 and at most 30 days",
+        ));
+    }
+    let now = now_ms();
+    shared.state.set_handoff(
+        account.id,
+        &wa_id,
+        Some(now + ttl.as_millis() as Millis),
+        now,
+    );
+    answer(&shared, &account, &wa_id)
+}
+
+/// `DELETE /v1/conversations/{account}/{wa_id}/handoff`: back to the bot.
+pub async fn release(
+    _key: ApiKey,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, raw) = path.into_inner();
+    let account = account(&shared, &name)?;
+    let wa_id = path_contact(&raw)?;
+    shared.state.set_handoff(account.id, &wa_id, None, now_ms());
+    answer(&shared, &account, &wa_id)
+}
+
+/// `POST /v1/conversations/{account}/{wa_id}/opt-out`.
+pub async fn opt_out(
+    _key: ApiKey,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    set_consent(&shared, path.into_inner(), true)
+}
+
+/// `DELETE /v1/conversations/{account}/{wa_id}/opt-out`: an opt-in.
+pub async fn opt_in(
+    _key: ApiKey,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    set_consent(&shared, path.into_inner(), false)
+}
+
+fn set_consent(
+    shared: &Shared,
+    (name, raw): (String, String),
+    opted_out: bool,
+) -> Result<HttpResponse, ApiError> {
+    let account = account(shared, &name)?;
+    let wa_id = path_contact(&raw)?;
+    shared
+        .state
+        .set_opted_out(account.id, &wa_id, opted_out, now_ms());
+    answer(shared, &account, &wa_id)
 }

@@ -6,14 +6,16 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::auth::ApiKey;
-use super::json_body;
+use super::{json_body, limit, query};
 use crate::app::Shared;
 use crate::domain::{Millis, now_ms, parse_phone, parse_rfc3339, rfc3339};
 use crate::error::{ApiError, ErrorCode};
+use crate::outbound::Status;
 use crate::outbound::policy::{NewMessage, PolicyError};
 use crate::outbound::validate::{TYPES, validate};
 use crate::outbound::{Content, enqueue};
 use crate::state::IdempotencyOutcome;
+use crate::state::RecordFilter;
 
 /// Router fields beside the message object (SPEC §7).
 const ROUTER_FIELDS: &[&str] = &[
@@ -335,4 +337,122 @@ pub async fn get(
         .record(&id)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
     Ok(HttpResponse::Ok().json(record.to_json()))
+}
+
+/// `GET /v1/messages?account=&to=&status=&tag=&limit=&cursor=`: newest first.
+pub async fn list(
+    _key: ApiKey,
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(&req)?;
+    let limit = limit(&q)?;
+    let mut filter = RecordFilter::default();
+    if let Some(a) = q.get("account") {
+        if shared.state.account_by_name(a).is_none() {
+            return Err(ApiError::new(
+                ErrorCode::UnknownAccount,
+                format!("no account named {a:?}"),
+            )
+            .with_field("account"));
+        }
+        filter.account = Some(a.clone());
+    }
+    if let Some(t) = q.get("to") {
+        filter.to = Some(parse_phone(t).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidPhone,
+                format!("{t:?} is not a valid E.164 phone number"),
+            )
+            .with_field("to")
+        })?);
+    }
+    if let Some(s) = q.get("status") {
+        filter.status = Some(
+            Status::parse(s)
+                .ok_or_else(|| ApiError::invalid("status", format!("unknown status {s:?}")))?,
+        );
+    }
+    filter.tag = q.get("tag").map(|t| t.trim().to_lowercase());
+    let (page, next) =
+        shared
+            .state
+            .list_records(&filter, q.get("cursor").map(String::as_str), limit);
+    let messages: Vec<Value> = page.iter().map(|r| r.to_json()).collect();
+    Ok(HttpResponse::Ok().json(json!({ "messages": messages, "next_cursor": next })))
+}
+
+/// `DELETE /v1/messages/{id}`: cancel a queued or scheduled message.
+pub async fn cancel(
+    _key: ApiKey,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    match shared.state.cancel(&id, now_ms()) {
+        Ok(record) => Ok(HttpResponse::Ok().json(record.to_json())),
+        Err(None) => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no message {id:?}"),
+        )),
+        Err(Some(status)) => Err(ApiError::new(
+            ErrorCode::NotCancellable,
+            format!(
+                "message {id:?} is {}; only queued or scheduled messages can be cancelled",
+                status.as_str()
+            ),
+        )),
+    }
+}
+
+/// `POST /v1/messages/{id}/retry`: a failed or expired message again, as a
+/// new record with the same content.
+pub async fn retry(
+    _key: ApiKey,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    let old = shared
+        .state
+        .record(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
+    if !matches!(old.status, Status::Failed | Status::Expired) {
+        return Err(ApiError::new(
+            ErrorCode::NotRetryable,
+            format!(
+                "message {id:?} is {}; only failed or expired messages can be retried",
+                old.status.as_str()
+            ),
+        ));
+    }
+    let account = shared.state.account_by_name(&old.account).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::UnknownAccount,
+            format!("no account named {:?}", old.account),
+        )
+    })?;
+    let new = NewMessage {
+        account: account.clone(),
+        to: old.to.clone(),
+        content: old.content.clone(),
+        source: old.source.clone(),
+        tags: old.tags.clone(),
+        metadata: old.metadata.clone(),
+        send_at: None,
+        validity: shared.settings.sender.validity,
+        bypass_consent: false,
+        keep_refused: false,
+    };
+    let accepted =
+        enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| policy_error(refused))?;
+    Ok(HttpResponse::Accepted().json(json!({
+        "id": accepted.id,
+        "status": accepted.status.as_str(),
+        "account": account.name(),
+        "to": old.to,
+        "queue_position": accepted.queue_position,
+        "send_after": rfc3339(accepted.send_after),
+        "retry_of": id,
+    })))
 }

@@ -49,3 +49,34 @@ pub async fn json_body(
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON: {e}")))
 }
+
+/// Like [`json_body`], but an empty body is `None`.
+pub async fn optional_json_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    match json_body(req, payload).await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.message == "a JSON body is required" => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The query string as a map; repeated keys keep the last value.
+pub fn query(req: &HttpRequest) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad query string: {e}")))
+}
+
+/// `limit` of a list request: default 50, 1 to 200.
+pub fn limit(q: &std::collections::HashMap<String, String>) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(50),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=200).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", "limit is a number from 1 to 200")),
+    }
+}

@@ -85,29 +85,37 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
     }
     // SPEC §6: policy again at dispatch.
     if let Err(refused) = check_record(state, account, &record, now) {
-        match refused {
-            PolicyError::Expired => {
-                state.update_record(id, now, |_| (Some(Status::Expired), ()));
+        state.update_record(id, now, |r| {
+            if r.status != Status::Queued {
+                return (None, ());
             }
-            other => state.mark_failed(
-                id,
-                RecordError {
-                    code: other.code().into(),
-                    graph_code: None,
-                    message: other.message(),
-                },
-                now,
-            ),
-        }
+            if refused == PolicyError::Expired {
+                return (Some(Status::Expired), ());
+            }
+            r.error = Some(RecordError {
+                code: refused.code().into(),
+                graph_code: None,
+                message: refused.message(),
+            });
+            (Some(Status::Failed), ())
+        });
         tracing::info!(reason = refused.code(), "message not sent");
         return ExecutionOutcome::Refused;
     }
-    let attempts = state
+    // Only a message still queued may start sending (it may have been
+    // cancelled since it was read).
+    let Some(attempts) = state
         .update_record(id, now, |r| {
+            if r.status != Status::Queued {
+                return (None, None);
+            }
             r.attempts += 1;
-            (Some(Status::Sending), r.attempts)
+            (Some(Status::Sending), Some(r.attempts))
         })
-        .unwrap_or(1);
+        .flatten()
+    else {
+        return ExecutionOutcome::Skipped;
+    };
     account.queue.mark_sent_now(now);
 
     let Some(token) = &account.settings.access_token else {

@@ -242,6 +242,36 @@ pub struct State {
     idempotency_inserts: AtomicU64,
     metrics: Arc<Metrics>,
     new_accounts: mpsc::UnboundedSender<Arc<Account>>,
+    /// Record ids in creation order (UUID v7 sorts by time), for listing.
+    order: Mutex<std::collections::BTreeSet<String>>,
+    /// Where status changes go for `message.status` events, if anywhere.
+    status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
+}
+
+/// Filters of `GET /v1/messages`.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub account: Option<String>,
+    pub to: Option<String>,
+    pub status: Option<Status>,
+    pub tag: Option<String>,
+}
+
+impl RecordFilter {
+    fn matches(&self, r: &OutboundRecord) -> bool {
+        self.account.as_ref().is_none_or(|a| *a == r.account)
+            && self.to.as_ref().is_none_or(|t| *t == r.to)
+            && self.status.is_none_or(|s| s == r.status)
+            && self.tag.as_ref().is_none_or(|t| r.tags.contains(t))
+    }
+}
+
+/// Channels the state reports on, for the app to consume.
+pub struct StateFeeds {
+    /// Accounts registered (configured ones first, sandbox ones later).
+    pub new_accounts: mpsc::UnboundedReceiver<Arc<Account>>,
+    /// Outbound status changes (only when asked for).
+    pub status_changes: Option<mpsc::UnboundedReceiver<OutboundRecord>>,
 }
 
 impl State {
@@ -250,8 +280,15 @@ impl State {
     pub fn new(
         accounts: &[AccountSettings],
         metrics: Arc<Metrics>,
-    ) -> (Self, mpsc::UnboundedReceiver<Arc<Account>>) {
+        report_statuses: bool,
+    ) -> (Self, StateFeeds) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = if report_statuses {
+            let (t, r) = mpsc::unbounded_channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
         let state = State {
             accounts: RwLock::new(AccountsInner::default()),
             conversations: DashMap::new(),
@@ -265,11 +302,19 @@ impl State {
             idempotency_inserts: AtomicU64::new(0),
             metrics,
             new_accounts: tx,
+            order: Mutex::new(Default::default()),
+            status_changes: status_tx,
         };
         for a in accounts {
             state.add_account(a.clone());
         }
-        (state, rx)
+        (
+            state,
+            StateFeeds {
+                new_accounts: rx,
+                status_changes: status_rx,
+            },
+        )
     }
 
     // ------------------------------------------------------------ accounts
@@ -473,7 +518,11 @@ impl State {
         for (s, _) in &record.history {
             self.metrics.outbound(s.as_str());
         }
+        if status.is_final() {
+            self.report_status(&record);
+        }
         self.records.insert(id.clone(), record);
+        self.order.lock().expect("order lock").insert(id.clone());
         self.update_conversation(account.id, &to, now, |c| {
             push_recent(&mut c.recent, conv_recent)
         });
@@ -536,8 +585,111 @@ impl State {
         if let Some(s) = status {
             r.set_status(s, now);
             self.metrics.outbound(s.as_str());
+            // `sending` and the re-queue after a transient failure are the
+            // sender's inner steps, not news for agents.
+            if !matches!(s, Status::Sending | Status::Queued | Status::Scheduled) {
+                self.report_status(&r);
+            }
         }
         Some(out)
+    }
+
+    fn report_status(&self, r: &OutboundRecord) {
+        if let Some(tx) = &self.status_changes {
+            let _ = tx.send(r.clone());
+        }
+    }
+
+    /// Cancel a queued or scheduled message. `Err(None)`: no such message;
+    /// `Err(Some(status))`: it is past cancelling.
+    pub fn cancel(&self, id: &str, now: Millis) -> Result<OutboundRecord, Option<Status>> {
+        let outcome = self
+            .update_record(id, now, |r| {
+                if matches!(r.status, Status::Queued | Status::Scheduled) {
+                    (Some(Status::Cancelled), Ok(r.account.clone()))
+                } else {
+                    (None, Err(r.status))
+                }
+            })
+            .ok_or(None)?;
+        let account = outcome.map_err(Some)?;
+        if let Some(a) = self.account_by_name(&account) {
+            self.dequeue(&a, id);
+        }
+        self.record(id).ok_or(None)
+    }
+
+    /// Records newest first, after `cursor` (an id of a previous page).
+    /// Returns the page and the cursor of the next one.
+    pub fn list_records(
+        &self,
+        filter: &RecordFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> (Vec<OutboundRecord>, Option<String>) {
+        let order = self.order.lock().expect("order lock");
+        let range = match cursor {
+            Some(c) => {
+                order.range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c)))
+            }
+            None => order.range::<str, _>(..),
+        };
+        let mut page = Vec::new();
+        let mut more = false;
+        for id in range.rev() {
+            let Some(r) = self.records.get(id) else {
+                continue;
+            };
+            if !filter.matches(&r) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push(r.clone());
+        }
+        let next = if more {
+            page.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        (page, next)
+    }
+
+    /// Every conversation (of one account, or all), for listing.
+    pub fn conversations(&self, account: Option<u16>) -> Vec<ConversationView> {
+        let keys: Vec<ConvKey> = self
+            .conversations
+            .iter()
+            .filter(|e| account.is_none_or(|a| a == e.key().account))
+            .map(|e| e.key().clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let a = self.account(k.account)?;
+                self.conversation(&a, &k.contact)
+            })
+            .collect()
+    }
+
+    /// Set the rule state and, if given, replace the vars (API `PUT state`).
+    pub fn put_state(
+        &self,
+        account: u16,
+        contact: &str,
+        state: Option<String>,
+        vars: Option<BTreeMap<String, String>>,
+        now: Millis,
+    ) {
+        self.update_conversation(account, contact, now, |c| {
+            if let Some(s) = state {
+                c.state = s;
+            }
+            if let Some(v) = vars {
+                c.vars = v;
+            }
+        });
     }
 
     /// The send answered with `wamid`: mark sent and apply any statuses

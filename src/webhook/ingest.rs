@@ -153,8 +153,13 @@ pub fn process(shared: &Shared, job: Job) {
         .map(|c| c.conversation)
         .unwrap_or_default();
     if conv.handoff_until.is_some_and(|u| u > now) {
+        // SPEC §4: handed off → no rules; the message still goes to targets.
         tracing::debug!("conversation handed off; rules skipped");
         shared.metrics.rule_match("(handoff)");
+        let view = state.conversation(&account, &msg.from);
+        shared
+            .events
+            .message_received(None, &name, &msg, view.as_ref(), None);
         return;
     }
     let reply_tags = match (&msg.context_id, rules.uses_reply_tags) {
@@ -192,12 +197,20 @@ pub fn process(shared: &Shared, job: Job) {
             }
         }
     }
-    for target in &plan.forward {
-        tracing::info!(target = %target, "forward requested (event delivery to targets arrives with issue #3)");
-    }
     if plan.handoff {
         let until = now + shared.settings.conversations.handoff_ttl.as_millis() as i64;
         state.set_handoff(account.id, &msg.from, Some(until), now);
+    }
+    if !plan.forward.is_empty() {
+        // After state, vars and handoff are applied: the event shows them.
+        let view = state.conversation(&account, &msg.from);
+        shared.events.message_received(
+            Some(&plan.forward),
+            &name,
+            &msg,
+            view.as_ref(),
+            Some(&plan.rule),
+        );
     }
 }
 

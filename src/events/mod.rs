@@ -1,0 +1,336 @@
+//! Events to targets (SPEC §8): `message.received` and `message.status`
+//! POSTed as signed JSON to each configured target.
+//!
+//! Delivery is asynchronous and at-least-once: every target has its own
+//! queue and worker, so a slow or dead target never delays the webhook ack,
+//! the rules, the sender or other targets. A failed delivery (non-2xx,
+//! timeout, refused connection) is retried with the same event id, backing
+//! off exponentially, for up to 24 hours. Each target's backlog is bounded
+//! (oldest dropped first, counted) and visible in `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::config::TargetSettings;
+use crate::domain::{Millis, new_id, now_ms, rfc3339};
+use crate::inbound::InboundMessage;
+use crate::outbound::OutboundRecord;
+use crate::state::ConversationView;
+use crate::telemetry::Metrics;
+
+pub const SIGNATURE_HEADER: &str = "X-Router-Signature-256";
+pub const EVENT_ID_HEADER: &str = "X-Router-Event-Id";
+
+/// How long an event is retried (SPEC §8).
+pub const RETRY_FOR_MS: Millis = 24 * 3600 * 1000;
+/// Events kept per target before the oldest are dropped.
+pub const MAX_BACKLOG: usize = 100_000;
+/// Deliveries in flight per target.
+const CONCURRENCY: usize = 8;
+const TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_RETRY_MS: Millis = 1000;
+const MAX_RETRY_MS: Millis = 10 * 60 * 1000;
+
+/// One event on its way to one target.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: String,
+    body: Arc<Vec<u8>>,
+    created: Millis,
+    attempts: u32,
+}
+
+struct Target {
+    settings: TargetSettings,
+    queue: Mutex<BTreeMap<(Millis, u64), Pending>>,
+    notify: Notify,
+    slots: Arc<Semaphore>,
+}
+
+/// All targets and their delivery workers.
+pub struct Events {
+    targets: Vec<Arc<Target>>,
+    http: reqwest::Client,
+    metrics: Arc<Metrics>,
+    seq: AtomicU64,
+}
+
+/// Delay before the next attempt after `attempts` failed ones: 1 s doubling,
+/// up to 25 % jitter, capped at 10 minutes.
+pub fn retry_delay_ms(attempts: u32, jitter: f64) -> Millis {
+    let base = FIRST_RETRY_MS.saturating_mul(1 << attempts.saturating_sub(1).min(20));
+    ((base as f64 * (1.0 + 0.25 * jitter.clamp(0.0, 1.0))) as Millis).min(MAX_RETRY_MS)
+}
+
+impl Events {
+    pub fn new(targets: &[TargetSettings], metrics: Arc<Metrics>) -> Result<Self, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("wa-router/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let targets = targets
+            .iter()
+            .map(|t| {
+                Arc::new(Target {
+                    settings: t.clone(),
+                    queue: Mutex::new(BTreeMap::new()),
+                    notify: Notify::new(),
+                    slots: Arc::new(Semaphore::new(CONCURRENCY)),
+                })
+            })
+            .collect();
+        Ok(Events {
+            targets,
+            http,
+            metrics,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether any target wants status events.
+    pub fn wants_statuses(&self) -> bool {
+        self.targets.iter().any(|t| t.settings.statuses)
+    }
+
+    fn push(&self, target: &Target, id: &str, body: Arc<Vec<u8>>, now: Millis) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut q = target.queue.lock().expect("event queue lock");
+        if q.len() >= MAX_BACKLOG {
+            if let Some((&k, _)) = q.iter().next() {
+                q.remove(&k);
+            }
+            self.metrics.event_delivery("dropped");
+            tracing::error!(target = %target.settings.name, "event backlog full; the oldest event was dropped");
+        }
+        q.insert(
+            (now, seq),
+            Pending {
+                id: id.to_string(),
+                body,
+                created: now,
+                attempts: 0,
+            },
+        );
+        drop(q);
+        target.notify.notify_one();
+    }
+
+    fn emit(&self, body: Value, wants: impl Fn(&TargetSettings) -> bool) {
+        let id = body["id"].as_str().unwrap_or_default().to_string();
+        let bytes = Arc::new(serde_json::to_vec(&body).unwrap_or_default());
+        let now = now_ms();
+        for t in self.targets.iter().filter(|t| wants(&t.settings)) {
+            self.push(t, &id, bytes.clone(), now);
+        }
+    }
+
+    /// `message.received` to the named targets (`None`: every target
+    /// subscribed to messages).
+    pub fn message_received(
+        &self,
+        targets: Option<&[String]>,
+        account: &str,
+        msg: &InboundMessage,
+        conv: Option<&ConversationView>,
+        rule: Option<&str>,
+    ) {
+        let body = message_received_body(account, msg, conv, rule, now_ms());
+        match targets {
+            Some(names) => self.emit(body, |t| names.contains(&t.name)),
+            None => self.emit(body, |t| t.messages),
+        }
+    }
+
+    /// `message.status` to every target subscribed to statuses.
+    pub fn message_status(&self, record: &OutboundRecord) {
+        self.emit(message_status_body(record, now_ms()), |t| t.statuses);
+    }
+
+    /// Events waiting per target (for `/metrics`).
+    pub fn backlog(&self) -> Vec<(String, usize)> {
+        self.targets
+            .iter()
+            .map(|t| {
+                (
+                    t.settings.name.clone(),
+                    t.queue.lock().expect("event queue lock").len(),
+                )
+            })
+            .collect()
+    }
+
+    /// Start one delivery worker per target.
+    pub fn spawn_workers(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+        for t in &self.targets {
+            tokio::spawn(run_target(self.clone(), t.clone(), stop.clone()));
+        }
+    }
+
+    async fn deliver(&self, target: &Target, event: &Pending) -> Result<(), String> {
+        let signature =
+            crate::webhook::verify::sign(target.settings.secret.expose().as_bytes(), &event.body);
+        let resp = self
+            .http
+            .post(&target.settings.url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, signature)
+            .header(EVENT_ID_HEADER, &event.id)
+            .body(event.body.as_ref().clone())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    "timed out".to_string()
+                } else {
+                    "connection failed".to_string()
+                }
+            })?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", resp.status().as_u16()))
+        }
+    }
+}
+
+async fn run_target(events: Arc<Events>, target: Arc<Target>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let now = now_ms();
+        let due = {
+            let mut q = target.queue.lock().expect("event queue lock");
+            match q.iter().next().map(|(k, _)| *k) {
+                Some(key) if key.0 <= now => q.remove(&key).map(Ok),
+                Some(key) => Some(Err(key.0)),
+                None => None,
+            }
+        };
+        let event = match due {
+            Some(Ok(event)) => event,
+            other => {
+                let wait = match other {
+                    Some(Err(at)) => Duration::from_millis((at - now).max(1) as u64),
+                    _ => Duration::from_secs(3600),
+                };
+                tokio::select! {
+                    _ = target.notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    changed = stop.changed() => if changed.is_err() { break },
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = target.slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (events, target) = (events.clone(), target.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            attempt(&events, &target, event).await;
+        });
+    }
+}
+
+async fn attempt(events: &Events, target: &Target, mut event: Pending) {
+    event.attempts += 1;
+    match events.deliver(target, &event).await {
+        Ok(()) => {
+            events.metrics.event_delivery("ok");
+            tracing::debug!(target = %target.settings.name, event_id = %event.id, attempts = event.attempts, "event delivered");
+        }
+        Err(reason) => {
+            let now = now_ms();
+            if now - event.created >= RETRY_FOR_MS {
+                events.metrics.event_delivery("expired");
+                tracing::error!(target = %target.settings.name, event_id = %event.id, %reason, "event given up after 24 h of retries");
+                return;
+            }
+            events.metrics.event_delivery("retry");
+            let next = now + retry_delay_ms(event.attempts, fastrand::f64());
+            tracing::warn!(target = %target.settings.name, event_id = %event.id, %reason, attempts = event.attempts, "event delivery failed; will retry");
+            let seq = events.seq.fetch_add(1, Ordering::Relaxed);
+            target
+                .queue
+                .lock()
+                .expect("event queue lock")
+                .insert((next, seq), event);
+            target.notify.notify_one();
+        }
+    }
+}
+
+/// The `message.received` body (SPEC §8).
+pub fn message_received_body(
+    account: &str,
+    msg: &InboundMessage,
+    conv: Option<&ConversationView>,
+    rule: Option<&str>,
+    now: Millis,
+) -> Value {
+    let raw: Value = serde_json::from_str(msg.raw.get()).unwrap_or(Value::Null);
+    let c = conv.map(|c| &c.conversation);
+    let handoff = c.and_then(|c| c.handoff_until).is_some_and(|u| u > now);
+    json!({
+        "id": new_id("evt"),
+        "event": "message.received",
+        "at": rfc3339(now),
+        "account": account,
+        "conversation": {
+            "wa_id": msg.from,
+            "window_expires_at": conv.and_then(|c| c.window).map(|w| rfc3339(w.expires)),
+            "state": c.map(|c| c.state.clone()).unwrap_or_default(),
+            "handoff": handoff,
+        },
+        "contact": { "wa_id": msg.from, "name": msg.contact_name },
+        "message": {
+            "id": msg.wamid,
+            "type": msg.kind.as_str(),
+            "timestamp": rfc3339(msg.timestamp),
+            "text": msg.text,
+            "reply": msg.reply.as_ref().map(|r| json!({ "id": r.id, "title": r.title })),
+            "context": msg.context_id.as_ref().map(|id| json!({ "id": id })),
+            "raw": raw,
+        },
+        "rule": rule,
+    })
+}
+
+/// The `message.status` body (SPEC §8).
+pub fn message_status_body(r: &OutboundRecord, now: Millis) -> Value {
+    json!({
+        "id": new_id("evt"),
+        "event": "message.status",
+        "at": rfc3339(now),
+        "account": r.account,
+        "message_id": r.id,
+        "wamid": r.wamid,
+        "to": r.to,
+        "status": r.status.as_str(),
+        "tags": r.tags,
+        "metadata": r.metadata,
+        "error": r.error.as_ref().map(|e| json!({ "code": e.code, "graph_code": e.graph_code, "message": e.message })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay_ms;
+
+    #[test]
+    fn retries_back_off_and_cap() {
+        assert_eq!(retry_delay_ms(1, 0.0), 1000);
+        assert_eq!(retry_delay_ms(2, 0.0), 2000);
+        assert_eq!(retry_delay_ms(4, 1.0), 10_000);
+        assert_eq!(retry_delay_ms(40, 1.0), 600_000);
+    }
+}
