@@ -72,7 +72,11 @@ pub struct TestApp {
     pub _dir: tempfile::TempDir,
     pub routes_path: PathBuf,
     pub arrivals: Arrivals,
+    /// Mock event targets by name (each answers 200 unless told otherwise).
+    pub targets: std::collections::HashMap<&'static str, MockServer>,
 }
+
+pub const TARGET_SECRET: &str = "test-target-secret";
 
 /// Options for [`spawn_with`].
 pub struct Options {
@@ -82,6 +86,10 @@ pub struct Options {
     pub pace: &'static str,
     pub account_extra: String,
     pub live: bool,
+    pub rate: u32,
+    pub burst: u32,
+    /// Event targets: (name, events list as TOML, e.g. `["message"]`).
+    pub targets: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Options {
@@ -92,6 +100,9 @@ impl Default for Options {
             pace: "50ms",
             account_extra: String::new(),
             live: true,
+            rate: 1000,
+            burst: 1000,
+            targets: Vec::new(),
         }
     }
 }
@@ -144,8 +155,8 @@ phone_number_id = "{PNID}"
 {account_extra}
 [api]
 keys = ["{API_KEY}"]
-rate = 1000
-burst = 1000
+rate = {rate}
+burst = {burst}
 [sender]
 max_attempts = 4
 backoff = "20ms"
@@ -156,7 +167,22 @@ timeout = "2s"
         pace = opts.pace,
         account_extra = opts.account_extra,
         extra = opts.extra,
+        rate = opts.rate,
+        burst = opts.burst,
     );
+    let mut targets = std::collections::HashMap::new();
+    let mut target_toml = String::new();
+    for (name, events) in &opts.targets {
+        let mock = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .with_priority(10)
+            .mount(&mock)
+            .await;
+        target_toml.push_str(&format!("\n[targets.{name}]\nurl = \"{}/events/{name}\"\nsecret = \"{TARGET_SECRET}\"\nevents = {events}\n", mock.uri()));
+        targets.insert(*name, mock);
+    }
+    let config = format!("{config}{target_toml}");
     let config_path = dir.path().join("wa-router.toml");
     std::fs::write(&config_path, &config).expect("write config");
     let settings =
@@ -171,6 +197,7 @@ timeout = "2s"
         _dir: dir,
         routes_path,
         arrivals,
+        targets,
     }
 }
 
@@ -458,4 +485,53 @@ pub fn body_text(b: &Value) -> String {
         _ => &part["caption"],
     };
     t.as_str().unwrap_or_default().to_string()
+}
+
+/// A request an event target received: headers of interest and the body.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub signature: String,
+    pub event_id: String,
+    pub raw: Vec<u8>,
+    pub body: Value,
+}
+
+impl TestApp {
+    /// Every POST the target `name` received, oldest first.
+    pub async fn deliveries(&self, name: &str) -> Vec<Delivered> {
+        let reqs = self.targets[name]
+            .received_requests()
+            .await
+            .unwrap_or_default();
+        reqs.iter()
+            .map(|r| Delivered {
+                signature: r
+                    .headers
+                    .get("x-router-signature-256")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default(),
+                event_id: r
+                    .headers
+                    .get("x-router-event-id")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default(),
+                raw: r.body.clone(),
+                body: serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+            })
+            .collect()
+    }
+
+    /// Wait until target `name` received at least `count` events of `kind`.
+    pub async fn wait_events(&self, name: &str, kind: &str, count: usize) -> Vec<Delivered> {
+        wait_for(15, &format!("{count} {kind} events at {name}"), || async {
+            let d: Vec<Delivered> = self
+                .deliveries(name)
+                .await
+                .into_iter()
+                .filter(|d| d.body["event"] == kind)
+                .collect();
+            (d.len() >= count).then_some(d)
+        })
+        .await
+    }
 }

@@ -1,7 +1,9 @@
 //! Black-box tests: the real server on a random port, a wiremock Graph API,
 //! assertions on what the mock received. One binary, one link step.
 
+mod agent_api;
 mod cli;
+mod events;
 mod helpers;
 mod messages_api;
 mod ops;
