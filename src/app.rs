@@ -147,6 +147,7 @@ impl App {
                 .route("/healthz", web::get().to(ops::healthz))
                 .route("/readyz", web::get().to(ops::readyz))
                 .route("/metrics", web::get().to(ops::metrics))
+                .route("/openapi.json", web::get().to(api::openapi::serve))
                 .service(
                     web::scope("/v1")
                         .route("/messages", web::post().to(api::messages::send))

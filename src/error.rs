@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use crate::api::dto::{ErrorBody, ErrorEnvelope};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -107,14 +107,17 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let (status, code) = self.code.describe();
-        let mut error = json!({ "code": code, "message": self.message });
-        if let Some(field) = &self.field {
-            error["field"] = json!(field);
-        }
+        let body = ErrorEnvelope {
+            error: ErrorBody {
+                code: code.into(),
+                message: self.message.clone(),
+                field: self.field.clone(),
+            },
+        };
         let mut resp = HttpResponse::build(status);
         if let Some(after) = self.retry_after {
             resp.insert_header(("Retry-After", after.as_secs().max(1).to_string()));
         }
-        resp.json(json!({ "error": error }))
+        resp.json(body)
     }
 }

@@ -3,9 +3,12 @@
 use std::collections::BTreeMap;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::json;
 
 use super::auth::ApiKey;
+use super::dto::{
+    ConversationListOut, ConversationOut, ErrorEnvelope, HandoffIn, QueueOut, QueuesOut,
+    RecentListOut, RecentOut, StateIn,
+};
 use super::{json_body, limit, optional_json_body, query};
 use crate::app::Shared;
 use crate::domain::{Millis, format_duration, now_ms, parse_duration, parse_phone, rfc3339};
@@ -28,6 +31,8 @@ fn contact(raw: &str) -> String {
 }
 
 /// `GET /v1/conversations/{account}/{wa_id}`.
+#[utoipa::path(get, path = "/v1/conversations/{account}/{wa_id}", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")),
+    responses((status = 200, description = "The conversation", body = ConversationOut), (status = 404, description = "unknown_account / not_found", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn get(
     _key: ApiKey,
     path: web::Path<(String, String)>,
@@ -42,10 +47,12 @@ pub async fn get(
             format!("no conversation with {wa_id} on {name:?}"),
         )
     })?;
-    Ok(HttpResponse::Ok().json(view.to_json(now_ms())))
+    Ok(HttpResponse::Ok().json(ConversationOut::new(&view, now_ms())))
 }
 
 /// `GET /v1/conversations/{account}/{wa_id}/messages`: the last 50, both ways.
+#[utoipa::path(get, path = "/v1/conversations/{account}/{wa_id}/messages", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")),
+    responses((status = 200, description = "The last 50 messages, both directions", body = RecentListOut), (status = 404, description = "not_found", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn messages(
     _key: ApiKey,
     path: web::Path<(String, String)>,
@@ -60,11 +67,19 @@ pub async fn messages(
             format!("no conversation with {wa_id} on {name:?}"),
         ));
     }
-    Ok(HttpResponse::Ok()
-        .json(json!({ "messages": shared.state.recent_messages(&account, &wa_id) })))
+    Ok(HttpResponse::Ok().json(RecentListOut {
+        messages: shared
+            .state
+            .recent_messages(&account, &wa_id)
+            .iter()
+            .map(|(m, s)| RecentOut::new(m, *s))
+            .collect(),
+    }))
 }
 
 /// `GET /v1/queues`: per account, depth, scheduled, next send time, pace.
+#[utoipa::path(get, path = "/v1/queues", tag = "queues",
+    responses((status = 200, description = "Per account: depth, scheduled, next send time, pace", body = QueuesOut), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     let now = now_ms();
     let queues: Vec<_> = shared
@@ -79,19 +94,19 @@ pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpRespo
             } else {
                 stats.next_scheduled
             };
-            json!({
-                "account": a.name(),
-                "depth": stats.depth,
-                "scheduled": stats.scheduled,
-                "next_send_at": next_send.map(rfc3339),
-                "pace": format_duration(a.settings.pace),
-                "pace_ms": pace_ms,
-                "max_queue": a.settings.max_queue,
-                "sandbox": a.is_sandbox(),
-            })
+            QueueOut {
+                account: a.name().to_string(),
+                depth: stats.depth,
+                scheduled: stats.scheduled,
+                next_send_at: next_send.map(rfc3339),
+                pace: format_duration(a.settings.pace),
+                pace_ms,
+                max_queue: a.settings.max_queue,
+                sandbox: a.is_sandbox(),
+            }
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "queues": queues })))
+    Ok(HttpResponse::Ok().json(QueuesOut { queues }))
 }
 
 /// The conversation as the API shows it, after a change.
@@ -99,7 +114,7 @@ fn answer(shared: &Shared, account: &Account, wa_id: &str) -> Result<HttpRespons
     let view = shared.state.conversation(account, wa_id).ok_or_else(|| {
         ApiError::new(ErrorCode::NotFound, format!("no conversation with {wa_id}"))
     })?;
-    Ok(HttpResponse::Ok().json(view.to_json(now_ms())))
+    Ok(HttpResponse::Ok().json(ConversationOut::new(&view, now_ms())))
 }
 
 /// A contact in a path must be a phone number or a BSUID (`CC.…`).
@@ -132,6 +147,10 @@ fn sort_key(v: &ConversationView, now: Millis) -> (bool, Millis, String, String)
 }
 
 /// `GET /v1/conversations?account=&open=true&limit=&cursor=`.
+#[utoipa::path(get, path = "/v1/conversations", tag = "conversations",
+    params(("account" = Option<String>, Query, description = "Account name"), ("open" = Option<bool>, Query, description = "Only open (true) or closed (false) windows"),
+        ("limit" = Option<usize>, Query, description = "1 to 200, default 50"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses((status = 200, description = "Open windows first, most recent inbound first", body = ConversationListOut), (status = 404, description = "unknown_account", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn list(
     _key: ApiKey,
     req: HttpRequest,
@@ -181,11 +200,19 @@ pub async fn list(
     } else {
         None
     };
-    let items: Vec<_> = all.iter().map(|(_, v)| v.to_json(now)).collect();
-    Ok(HttpResponse::Ok().json(json!({ "conversations": items, "next_cursor": next })))
+    let conversations = all
+        .iter()
+        .map(|(_, v)| ConversationOut::new(v, now))
+        .collect();
+    Ok(HttpResponse::Ok().json(ConversationListOut {
+        conversations,
+        next_cursor: next,
+    }))
 }
 
 /// `PUT /v1/conversations/{account}/{wa_id}/state`: `{"state": "…", "vars": {…}}`.
+#[utoipa::path(put, path = "/v1/conversations/{account}/{wa_id}/state", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")), request_body = StateIn,
+    responses((status = 200, description = "The conversation", body = ConversationOut), (status = 400, description = "invalid_request", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn put_state(
     _key: ApiKey,
     req: HttpRequest,
@@ -255,6 +282,8 @@ pub async fn put_state(
 
 /// `POST /v1/conversations/{account}/{wa_id}/handoff`: hand to humans,
 /// optionally `{"ttl": "2h"}` (default `handoff_ttl`).
+#[utoipa::path(post, path = "/v1/conversations/{account}/{wa_id}/handoff", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")), request_body(content = Option<HandoffIn>),
+    responses((status = 200, description = "Handed to humans", body = ConversationOut), (status = 400, description = "invalid_request", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn handoff(
     _key: ApiKey,
     req: HttpRequest,
@@ -303,6 +332,8 @@ pub async fn handoff(
 }
 
 /// `DELETE /v1/conversations/{account}/{wa_id}/handoff`: back to the bot.
+#[utoipa::path(delete, path = "/v1/conversations/{account}/{wa_id}/handoff", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")),
+    responses((status = 200, description = "Back to the bot", body = ConversationOut), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn release(
     _key: ApiKey,
     path: web::Path<(String, String)>,
@@ -316,6 +347,8 @@ pub async fn release(
 }
 
 /// `POST /v1/conversations/{account}/{wa_id}/opt-out`.
+#[utoipa::path(post, path = "/v1/conversations/{account}/{wa_id}/opt-out", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")),
+    responses((status = 200, description = "Opted out", body = ConversationOut), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn opt_out(
     _key: ApiKey,
     path: web::Path<(String, String)>,
@@ -325,6 +358,8 @@ pub async fn opt_out(
 }
 
 /// `DELETE /v1/conversations/{account}/{wa_id}/opt-out`: an opt-in.
+#[utoipa::path(delete, path = "/v1/conversations/{account}/{wa_id}/opt-out", tag = "conversations", params(("account" = String, Path, description = "Account name"), ("wa_id" = String, Path, description = "Contact number (digits, + optional) or BSUID")),
+    responses((status = 200, description = "Opted in", body = ConversationOut), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn opt_in(
     _key: ApiKey,
     path: web::Path<(String, String)>,

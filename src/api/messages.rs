@@ -6,6 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::auth::ApiKey;
+use super::dto::{AcceptedOut, ErrorEnvelope, MessageIn, MessageListOut, RecordOut};
 use super::{json_body, limit, query};
 use crate::app::Shared;
 use crate::domain::{Millis, now_ms, parse_phone, parse_rfc3339, rfc3339};
@@ -51,6 +52,14 @@ fn str_field<'a>(
 }
 
 /// `POST /v1/messages`.
+#[utoipa::path(post, path = "/v1/messages", tag = "messages", request_body = MessageIn,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key + same body → the original answer")),
+    responses((status = 202, description = "Accepted", body = AcceptedOut),
+        (status = 400, description = "invalid_request / invalid_phone, `field` names the culprit", body = ErrorEnvelope),
+        (status = 403, description = "opted_out", body = ErrorEnvelope), (status = 404, description = "unknown_account", body = ErrorEnvelope),
+        (status = 409, description = "idempotency_conflict", body = ErrorEnvelope), (status = 413, description = "payload_too_large", body = ErrorEnvelope),
+        (status = 422, description = "window_closed: send a template", body = ErrorEnvelope),
+        (status = 503, description = "queue_full; Retry-After set", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn send(
     _key: ApiKey,
     req: HttpRequest,
@@ -303,14 +312,16 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     };
     let accepted =
         enqueue(&shared.state, new, now).map_err(|(refused, _)| policy_error(refused))?;
-    Ok(json!({
-        "id": accepted.id,
-        "status": accepted.status.as_str(),
-        "account": account.name(),
-        "to": to,
-        "queue_position": accepted.queue_position,
-        "send_after": rfc3339(accepted.send_after),
-    }))
+    let out = AcceptedOut {
+        id: accepted.id,
+        status: accepted.status.as_str().into(),
+        account: account.name().into(),
+        to,
+        queue_position: accepted.queue_position,
+        send_after: rfc3339(accepted.send_after),
+        retry_of: None,
+    };
+    Ok(serde_json::to_value(out).unwrap_or_default())
 }
 
 /// The API answer for a policy refusal (SPEC §7 table).
@@ -326,6 +337,8 @@ pub fn policy_error(refused: PolicyError) -> ApiError {
 }
 
 /// `GET /v1/messages/{id}`.
+#[utoipa::path(get, path = "/v1/messages/{id}", tag = "messages", params(("id" = String, Path, description = "Router message id")),
+    responses((status = 200, description = "The record", body = RecordOut), (status = 404, description = "not_found", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn get(
     _key: ApiKey,
     path: web::Path<String>,
@@ -336,10 +349,15 @@ pub async fn get(
         .state
         .record(&id)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
-    Ok(HttpResponse::Ok().json(record.to_json()))
+    Ok(HttpResponse::Ok().json(RecordOut::from(&record)))
 }
 
 /// `GET /v1/messages?account=&to=&status=&tag=&limit=&cursor=`: newest first.
+#[utoipa::path(get, path = "/v1/messages", tag = "messages",
+    params(("account" = Option<String>, Query, description = "Account name"), ("to" = Option<String>, Query, description = "Contact number"),
+        ("status" = Option<String>, Query, description = "Record status"), ("tag" = Option<String>, Query, description = "A tag"),
+        ("limit" = Option<usize>, Query, description = "1 to 200, default 50"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses((status = 200, description = "Newest first", body = MessageListOut), (status = 400, description = "invalid_request", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn list(
     _key: ApiKey,
     req: HttpRequest,
@@ -378,11 +396,17 @@ pub async fn list(
         shared
             .state
             .list_records(&filter, q.get("cursor").map(String::as_str), limit);
-    let messages: Vec<Value> = page.iter().map(|r| r.to_json()).collect();
-    Ok(HttpResponse::Ok().json(json!({ "messages": messages, "next_cursor": next })))
+    let messages = page.iter().map(RecordOut::from).collect();
+    Ok(HttpResponse::Ok().json(MessageListOut {
+        messages,
+        next_cursor: next,
+    }))
 }
 
 /// `DELETE /v1/messages/{id}`: cancel a queued or scheduled message.
+#[utoipa::path(delete, path = "/v1/messages/{id}", tag = "messages", params(("id" = String, Path, description = "Router message id")),
+    responses((status = 200, description = "Cancelled", body = RecordOut), (status = 404, description = "not_found", body = ErrorEnvelope),
+        (status = 409, description = "not_cancellable", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn cancel(
     _key: ApiKey,
     path: web::Path<String>,
@@ -390,7 +414,7 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     match shared.state.cancel(&id, now_ms()) {
-        Ok(record) => Ok(HttpResponse::Ok().json(record.to_json())),
+        Ok(record) => Ok(HttpResponse::Ok().json(RecordOut::from(&record))),
         Err(None) => Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no message {id:?}"),
@@ -407,6 +431,9 @@ pub async fn cancel(
 
 /// `POST /v1/messages/{id}/retry`: a failed or expired message again, as a
 /// new record with the same content.
+#[utoipa::path(post, path = "/v1/messages/{id}/retry", tag = "messages", params(("id" = String, Path, description = "A failed or expired message")),
+    responses((status = 202, description = "Queued again as a new record", body = AcceptedOut), (status = 404, description = "not_found", body = ErrorEnvelope),
+        (status = 409, description = "not_retryable", body = ErrorEnvelope), (status = 422, description = "window_closed", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn retry(
     _key: ApiKey,
     path: web::Path<String>,
@@ -446,13 +473,13 @@ pub async fn retry(
     };
     let accepted =
         enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| policy_error(refused))?;
-    Ok(HttpResponse::Accepted().json(json!({
-        "id": accepted.id,
-        "status": accepted.status.as_str(),
-        "account": account.name(),
-        "to": old.to,
-        "queue_position": accepted.queue_position,
-        "send_after": rfc3339(accepted.send_after),
-        "retry_of": id,
-    })))
+    Ok(HttpResponse::Accepted().json(AcceptedOut {
+        id: accepted.id,
+        status: accepted.status.as_str().into(),
+        account: account.name().into(),
+        to: old.to,
+        queue_position: accepted.queue_position,
+        send_after: rfc3339(accepted.send_after),
+        retry_of: Some(id),
+    }))
 }

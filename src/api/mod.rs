@@ -3,7 +3,9 @@
 
 pub mod auth;
 pub mod conversations;
+pub mod dto;
 pub mod messages;
+pub mod openapi;
 
 use actix_web::{HttpRequest, web};
 use futures_util::StreamExt;

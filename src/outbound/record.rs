@@ -2,10 +2,10 @@
 //! `scheduled → queued → sending → sent → delivered → read`, or a final
 //! `failed`, `expired` or `cancelled`. Statuses never move backwards.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Content;
-use crate::domain::{Millis, rfc3339};
+use crate::domain::Millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
@@ -120,41 +120,6 @@ impl OutboundRecord {
     pub fn set_status(&mut self, status: Status, at: Millis) {
         self.status = status;
         self.history.push((status, at));
-    }
-
-    /// The API representation (SPEC §7 `GET /v1/messages/{id}`).
-    pub fn to_json(&self) -> Value {
-        let error = self
-            .error
-            .as_ref()
-            .map(|e| json!({ "code": e.code, "graph_code": e.graph_code, "message": e.message }));
-        let history: Vec<Value> = self
-            .history
-            .iter()
-            .map(|(s, at)| json!({ "status": s.as_str(), "at": rfc3339(*at) }))
-            .collect();
-        let mut body = serde_json::Map::new();
-        body.insert("type".into(), json!(self.content.kind));
-        body.insert(self.content.kind.clone(), self.content.object.clone());
-        json!({
-            "id": self.id,
-            "account": self.account,
-            "to": self.to,
-            "type": self.content.kind,
-            "status": self.status.as_str(),
-            "wamid": self.wamid,
-            "source": self.source,
-            "tags": self.tags,
-            "metadata": self.metadata,
-            "attempts": self.attempts,
-            "error": error,
-            "history": history,
-            "created_at": rfc3339(self.created_at),
-            "send_at": self.send_at.map(rfc3339),
-            "expires_at": rfc3339(self.expires_at),
-            "reply_to": self.content.context_id,
-            "content": Value::Object(body),
-        })
     }
 }
 

@@ -20,7 +20,7 @@ use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
 
 use crate::config::AccountSettings;
-use crate::domain::{Millis, rfc3339};
+use crate::domain::Millis;
 use crate::inbound::{InboundMessage, StatusUpdate};
 use crate::outbound::{OutboundRecord, RecordError, Status};
 use crate::telemetry::Metrics;
@@ -183,28 +183,6 @@ pub struct ConversationView {
 impl ConversationView {
     pub fn window_open(&self, now: Millis) -> bool {
         self.window.is_some_and(|w| w.expires > now)
-    }
-
-    pub fn to_json(&self, now: Millis) -> serde_json::Value {
-        let c = &self.conversation;
-        let handoff_active = c.handoff_until.is_some_and(|u| u > now);
-        serde_json::json!({
-            "account": self.account,
-            "wa_id": self.wa_id,
-            "contact": { "wa_id": self.wa_id, "name": c.name },
-            "name": c.name,
-            "window": {
-                "open": self.window_open(now),
-                "last_inbound_at": self.window.map(|w| rfc3339(w.last_inbound)),
-                "expires_at": self.window.map(|w| rfc3339(w.expires)),
-            },
-            "state": c.state,
-            "vars": c.vars,
-            "handoff": { "active": handoff_active, "until": c.handoff_until.filter(|_| handoff_active).map(rfc3339) },
-            "opted_out": c.opted_out,
-            "last_activity_at": rfc3339(c.last_activity),
-            "messages": c.recent.len(),
-        })
     }
 }
 
@@ -784,7 +762,11 @@ impl State {
 
     /// Outbound counts of the recent messages of a conversation, with the
     /// current status of each outbound one.
-    pub fn recent_messages(&self, account: &Account, contact: &str) -> Vec<serde_json::Value> {
+    pub fn recent_messages(
+        &self,
+        account: &Account,
+        contact: &str,
+    ) -> Vec<(Recent, Option<Status>)> {
         let recent: Vec<Recent> = match self.conversations.get(&ConvKey::new(account.id, contact)) {
             Some(c) => c.recent.iter().cloned().collect(),
             None => return Vec::new(),
@@ -792,11 +774,11 @@ impl State {
         recent
             .into_iter()
             .map(|m| {
-                let (direction, status) = match m.direction {
-                    Direction::In => ("in", None),
-                    Direction::Out => ("out", self.records.get(&m.id).map(|r| r.status.as_str())),
+                let status = match m.direction {
+                    Direction::In => None,
+                    Direction::Out => self.records.get(&m.id).map(|r| r.status),
                 };
-                serde_json::json!({ "direction": direction, "id": m.id, "type": m.kind, "text": m.text, "at": rfc3339(m.at), "status": status })
+                (m, status)
             })
             .collect()
     }

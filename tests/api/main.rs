@@ -6,6 +6,7 @@ mod cli;
 mod events;
 mod helpers;
 mod messages_api;
+mod openapi;
 mod ops;
 mod rules;
 mod sender;
