@@ -208,3 +208,40 @@ async fn status_changes_reach_status_targets_with_tags_and_metadata() {
     assert_eq!(e["metadata"], json!({ "crm_id": 42 }));
     assert_eq!(events[1].signature, sign(&events[1].raw, TARGET_SECRET));
 }
+
+#[tokio::test]
+async fn events_for_a_target_that_refuses_connections_wait_in_a_visible_backlog() {
+    // Port 1 on loopback refuses connections.
+    let extra = "[targets.dead]\nurl = \"http://127.0.0.1:1/events\"\nsecret = \"s\"\nevents = [\"message\"]\n".to_string();
+    let app = spawn_with(Options {
+        routes: FORWARD.replace("forward = \"agents\"", "forward = [\"dead\", \"agents\"]"),
+        targets: vec![("agents", r#"["message"]"#)],
+        extra,
+        ..Options::default()
+    })
+    .await;
+    app.say(ANA, "sales").await;
+    app.wait_events("agents", "message.received", 1).await;
+    let metrics = wait_for(10, "the dead target's backlog", || async {
+        let m = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        (m.contains("wa_router_event_backlog{target=\"dead\"} 1") && m.contains("result=\"retry\""))
+            .then_some(m)
+    })
+    .await;
+    assert!(
+        metrics.contains("wa_router_event_backlog{target=\"agents\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        app.wait_texts(ANA, 1).await,
+        vec!["A sales rep will reply here shortly."]
+    );
+}
