@@ -45,6 +45,8 @@ pub enum StartError {
     Rules(Vec<Located>),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error("storage: {0}")]
+    Storage(String),
     #[error("{0}")]
     Other(String),
 }
@@ -78,6 +80,11 @@ impl App {
         let (state, feeds) =
             State::new(&settings.accounts, metrics.clone(), events.wants_statuses());
         let mut new_accounts = feeds.new_accounts;
+        // SPEC §9: replay the journal before anything is accepted.
+        let restored = match &settings.data_dir {
+            Some(dir) => Some(open_storage(&state, dir, settings.sandbox).await?),
+            None => None,
+        };
         let (lanes, lane_receivers) = Lanes::new();
         let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
             addr: settings.listen.clone(),
@@ -108,6 +115,17 @@ impl App {
 
         for receiver in lane_receivers {
             tokio::spawn(ingest::run_lane(shared.clone(), receiver));
+        }
+        if let Some(restored) = restored {
+            // Acknowledged before the stop, rules not yet run: run them now.
+            for (account, msg, new_conversation) in restored.pending {
+                shared.lanes.push(ingest::Job {
+                    account,
+                    msg,
+                    new_conversation,
+                });
+            }
+            spawn_compaction(shared.clone(), stop_rx.clone());
         }
         {
             // One paced sender per account, including sandbox accounts that
@@ -198,7 +216,6 @@ impl App {
         })?
         .run();
 
-        // Memory mode loads nothing; the durable journal (issue #4) replays first.
         shared.ready.store(true, Ordering::Release);
         Ok(App {
             port,
@@ -226,6 +243,16 @@ impl App {
         tracing::info!("shutting down: no new requests, finishing in-flight ones");
         handle.stop(true).await;
         let _ = self.stop.send(true);
+        if self.shared.state.journal().is_some() {
+            // Everything accepted is on disk; leave a snapshot for a fast start.
+            let synced = self.shared.state.sync().await;
+            match compact(&self.shared.state).await {
+                Ok(n) => tracing::info!(synced, objects = n, "state saved"),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not write the final snapshot; the journal still holds everything")
+                }
+            }
+        }
         match tokio::time::timeout(Duration::from_secs(10), server).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
@@ -247,6 +274,82 @@ fn api_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
     let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
+/// Open `data_dir`: replay the journal into `state`, attach the journal,
+/// and write a fresh snapshot so the next start replays little.
+async fn open_storage(
+    state: &State,
+    dir: &std::path::Path,
+    sandbox: bool,
+) -> Result<crate::state::restore::Restored, StartError> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StartError::Storage(format!(
+            "{}: cannot create the data directory: {e}",
+            dir.display()
+        ))
+    })?;
+    let (ops, next) = {
+        let dir = dir.to_path_buf();
+        // Startup: nothing else runs yet, so replaying inline blocks no one.
+        crate::journal::replay(&dir, |op| state.restore(op, sandbox)).map_err(|e| {
+            StartError::Storage(format!("{e} (move the file aside to start without it)"))
+        })?
+    };
+    let restored = state.finish_restore(crate::domain::now_ms(), sandbox);
+    let journal =
+        crate::journal::Journal::open(dir, next).map_err(|e| StartError::Storage(e.to_string()))?;
+    state.attach_journal(journal);
+    compact(state).await.map_err(|e| {
+        StartError::Storage(format!("{}: cannot write a snapshot: {e}", dir.display()))
+    })?;
+    tracing::info!(
+        ops,
+        records = restored.records,
+        conversations = restored.conversations,
+        pending_inbound = restored.pending.len(),
+        interrupted_sends = restored.interrupted,
+        ms = started.elapsed().as_millis() as u64,
+        dir = %dir.display(),
+        "state restored"
+    );
+    Ok(restored)
+}
+
+/// Log size that triggers a snapshot.
+const COMPACT_AT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Snapshot the whole state and drop the logs it covers.
+pub async fn compact(state: &State) -> Result<usize, String> {
+    let journal = state.journal().ok_or("memory mode")?.clone();
+    let next = journal.rotate().await?;
+    let ops = state.dump_ops();
+    let dir = journal.dir().ok_or("memory mode")?.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::journal::install_snapshot(&dir, next, ops.into_iter())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+fn spawn_compaction(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.changed() => break,
+            }
+            let big = shared
+                .state
+                .journal()
+                .is_some_and(|j| j.log_bytes() > COMPACT_AT_BYTES);
+            if big && let Err(e) = compact(&shared.state).await {
+                tracing::error!(error = %e, "compaction failed");
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -28,6 +28,7 @@ pub enum ErrorCode {
     RateLimited,
     QueueFull,
     NotReady,
+    StorageUnavailable,
     Internal,
 }
 
@@ -54,6 +55,7 @@ impl ErrorCode {
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            StorageUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

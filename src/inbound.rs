@@ -4,7 +4,7 @@
 use crate::domain::Millis;
 
 /// Inbound message types as rules name them (SPEC §5 `when.type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum InboundKind {
     Text,
     Image,
@@ -73,14 +73,14 @@ impl InboundKind {
 }
 
 /// The id and title of a button or list answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplyChoice {
     pub id: String,
     pub title: String,
 }
 
 /// One inbound message, as the rules see it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InboundMessage {
     /// wamid: Meta's id, the dedupe key.
     pub wamid: String,

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod inbound;
+pub mod journal;
 pub mod ops;
 pub mod outbound;
 pub mod rules;

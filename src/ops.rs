@@ -27,6 +27,12 @@ pub async fn healthz(shared: web::Data<Shared>) -> HttpResponse {
 
 /// `GET /readyz`: 200 once state is loaded.
 pub async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+    if shared.state.storage_failed() {
+        return Err(ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "storage failed: the router cannot record changes",
+        ));
+    }
     if shared.ready.load(Ordering::Acquire) {
         Ok(HttpResponse::Ok().json(json!({ "status": "ready" })))
     } else {

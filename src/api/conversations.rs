@@ -110,7 +110,8 @@ pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpRespo
 }
 
 /// The conversation as the API shows it, after a change.
-fn answer(shared: &Shared, account: &Account, wa_id: &str) -> Result<HttpResponse, ApiError> {
+async fn answer(shared: &Shared, account: &Account, wa_id: &str) -> Result<HttpResponse, ApiError> {
+    super::durable(shared).await?;
     let view = shared.state.conversation(account, wa_id).ok_or_else(|| {
         ApiError::new(ErrorCode::NotFound, format!("no conversation with {wa_id}"))
     })?;
@@ -277,7 +278,7 @@ pub async fn put_state(
     shared
         .state
         .put_state(account.id, &wa_id, state, vars, now_ms());
-    answer(&shared, &account, &wa_id)
+    answer(&shared, &account, &wa_id).await
 }
 
 /// `POST /v1/conversations/{account}/{wa_id}/handoff`: hand to humans,
@@ -328,7 +329,7 @@ pub async fn handoff(
         Some(now + ttl.as_millis() as Millis),
         now,
     );
-    answer(&shared, &account, &wa_id)
+    answer(&shared, &account, &wa_id).await
 }
 
 /// `DELETE /v1/conversations/{account}/{wa_id}/handoff`: back to the bot.
@@ -343,7 +344,7 @@ pub async fn release(
     let account = account(&shared, &name)?;
     let wa_id = path_contact(&raw)?;
     shared.state.set_handoff(account.id, &wa_id, None, now_ms());
-    answer(&shared, &account, &wa_id)
+    answer(&shared, &account, &wa_id).await
 }
 
 /// `POST /v1/conversations/{account}/{wa_id}/opt-out`.
@@ -354,7 +355,7 @@ pub async fn opt_out(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    set_consent(&shared, path.into_inner(), true)
+    set_consent(&shared, path.into_inner(), true).await
 }
 
 /// `DELETE /v1/conversations/{account}/{wa_id}/opt-out`: an opt-in.
@@ -365,10 +366,10 @@ pub async fn opt_in(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    set_consent(&shared, path.into_inner(), false)
+    set_consent(&shared, path.into_inner(), false).await
 }
 
-fn set_consent(
+async fn set_consent(
     shared: &Shared,
     (name, raw): (String, String),
     opted_out: bool,
@@ -378,5 +379,5 @@ fn set_consent(
     shared
         .state
         .set_opted_out(account.id, &wa_id, opted_out, now_ms());
-    answer(shared, &account, &wa_id)
+    answer(shared, &account, &wa_id).await
 }

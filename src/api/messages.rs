@@ -73,6 +73,7 @@ pub async fn send(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let (status, answer) = send_message(&shared, body, header_key)?;
+    super::durable(&shared).await?;
     Ok(HttpResponse::build(status).json(answer))
 }
 
@@ -414,7 +415,10 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     match shared.state.cancel(&id, now_ms()) {
-        Ok(record) => Ok(HttpResponse::Ok().json(RecordOut::from(&record))),
+        Ok(record) => {
+            super::durable(&shared).await?;
+            Ok(HttpResponse::Ok().json(RecordOut::from(&record)))
+        }
         Err(None) => Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no message {id:?}"),
@@ -473,6 +477,7 @@ pub async fn retry(
     };
     let accepted =
         enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| policy_error(refused))?;
+    super::durable(&shared).await?;
     Ok(HttpResponse::Accepted().json(AcceptedOut {
         id: accepted.id,
         status: accepted.status.as_str().into(),

@@ -82,3 +82,16 @@ pub fn limit(q: &std::collections::HashMap<String, String>) -> Result<usize, Api
             .ok_or_else(|| ApiError::invalid("limit", "limit is a number from 1 to 200")),
     }
 }
+
+/// Wait until the change just made is on disk (SPEC §9); 503 if it cannot be.
+pub async fn durable(shared: &crate::app::Shared) -> Result<(), ApiError> {
+    if shared.state.sync().await {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "the router cannot record changes now (storage failed); retry later",
+        )
+        .with_retry_after(std::time::Duration::from_secs(5)))
+    }
+}

@@ -18,7 +18,7 @@ pub use record::{OutboundRecord, RecordError, Status};
 
 /// A message's content in Meta's send shape: `type`, the object under that
 /// key, and the quoted message, if any.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Content {
     pub kind: String,
     pub object: Value,

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::Content;
 use crate::domain::Millis;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Status {
     Scheduled,
     Queued,
@@ -82,7 +82,7 @@ impl Status {
 }
 
 /// Why a record failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordError {
     /// `window_closed`, `opted_out`, `graph_error`, `invalid_message`, …
     pub code: String,
@@ -91,7 +91,7 @@ pub struct RecordError {
 }
 
 /// One outbound message and everything that happened to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OutboundRecord {
     pub id: String,
     pub account: String,

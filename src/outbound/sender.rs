@@ -117,6 +117,13 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
         return ExecutionOutcome::Skipped;
     };
     account.queue.mark_sent_now(now);
+    // `sending` must be on disk before Meta is called: after a crash such a
+    // message ends `interrupted` instead of being sent twice.
+    if !state.sync().await {
+        state.update_record(id, now, |_| (Some(Status::Queued), ()));
+        tracing::error!("journal unavailable; sending paused");
+        return ExecutionOutcome::Retry(Duration::from_secs(1));
+    }
 
     let Some(token) = &account.settings.access_token else {
         // Sandbox: the same queue, pacing and states, no network (SPEC §2).

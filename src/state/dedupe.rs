@@ -63,6 +63,18 @@ impl Dedupe {
     }
 }
 
+impl Dedupe {
+    /// Every remembered id with the time it was seen, oldest first.
+    pub fn entries(&self) -> Vec<(String, Millis)> {
+        let order = self.order.lock().expect("dedupe lock");
+        order
+            .iter()
+            .filter(|(id, at)| self.seen.get(id).is_some_and(|s| *s == *at))
+            .map(|(id, at)| (id.to_string(), *at))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

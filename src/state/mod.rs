@@ -10,6 +10,7 @@
 //! or while another map is locked.
 
 pub mod dedupe;
+pub mod restore;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -22,6 +23,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::config::AccountSettings;
 use crate::domain::Millis;
 use crate::inbound::{InboundMessage, StatusUpdate};
+use crate::journal::{Journal, Op};
 use crate::outbound::{OutboundRecord, RecordError, Status};
 use crate::telemetry::Metrics;
 use dedupe::Dedupe;
@@ -131,14 +133,14 @@ impl AccountQueue {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
     In,
     Out,
 }
 
 /// One entry of a conversation's recent messages.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Recent {
     pub direction: Direction,
     /// wamid for inbound, router message id for outbound.
@@ -149,7 +151,7 @@ pub struct Recent {
 }
 
 /// Everything but the window of one conversation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Conversation {
     pub name: Option<String>,
     pub state: String,
@@ -224,6 +226,10 @@ pub struct State {
     order: Mutex<std::collections::BTreeSet<String>>,
     /// Where status changes go for `message.status` events, if anywhere.
     status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
+    /// The durable journal (data_dir); unset in memory mode.
+    journal: std::sync::OnceLock<Journal>,
+    /// Acknowledged inbound messages whose rules have not run yet.
+    pending: DashMap<String, (String, InboundMessage, bool)>,
 }
 
 /// Filters of `GET /v1/messages`.
@@ -282,6 +288,8 @@ impl State {
             new_accounts: tx,
             order: Mutex::new(Default::default()),
             status_changes: status_tx,
+            journal: std::sync::OnceLock::new(),
+            pending: DashMap::new(),
         };
         for a in accounts {
             state.add_account(a.clone());
@@ -324,7 +332,12 @@ impl State {
             return a;
         }
         tracing::info!(phone_number_id, "sandbox account registered from a webhook");
-        self.add_account(AccountSettings::sandbox(phone_number_id))
+        let account = self.add_account(AccountSettings::sandbox(phone_number_id));
+        self.log(|| Op::Account {
+            name: account.name().to_string(),
+            phone_number_id: phone_number_id.to_string(),
+        });
+        account
     }
 
     pub fn accounts(&self) -> Vec<Arc<Account>> {
@@ -376,6 +389,13 @@ impl State {
         if msg.opens_window {
             // SPEC §4: from Meta's timestamp, clamped to now, only extended.
             new_conversation = self.windows.extend(key.clone(), msg.timestamp, now);
+            if let Some(window) = self.windows.get(&key) {
+                self.log(|| Op::Window {
+                    account: account.name().to_string(),
+                    contact: msg.from.clone(),
+                    window,
+                });
+            }
         }
         let mut c = self.conversations.entry(key).or_default();
         if let Some(name) = &msg.contact_name {
@@ -395,6 +415,11 @@ impl State {
         if c.handoff_until.is_some_and(|u| u <= now) {
             c.handoff_until = None;
         }
+        self.log(|| Op::Conversation {
+            account: account.name().to_string(),
+            contact: msg.from.clone(),
+            conversation: Box::new(c.clone()),
+        });
         InboundView {
             new_conversation,
             state: c.state.clone(),
@@ -416,7 +441,86 @@ impl State {
             .entry(ConvKey::new(account, contact))
             .or_default();
         c.last_activity = now;
-        f(&mut c)
+        let out = f(&mut c);
+        self.log(|| Op::Conversation {
+            account: self.account_name(account),
+            contact: contact.to_string(),
+            conversation: Box::new(c.clone()),
+        });
+        out
+    }
+
+    fn account_name(&self, id: u16) -> String {
+        self.account(id)
+            .map(|a| a.name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Append an op to the journal, if there is one (the op is only built then).
+    fn log(&self, op: impl FnOnce() -> Op) {
+        if let Some(j) = self.journal.get() {
+            j.append(&op());
+        }
+    }
+
+    /// Put the journal under this state (after replay).
+    pub fn attach_journal(&self, journal: Journal) {
+        let _ = self.journal.set(journal);
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.get()
+    }
+
+    /// Everything changed so far is on disk (memory mode: at once).
+    /// `false` when the journal cannot write.
+    pub async fn sync(&self) -> bool {
+        match self.journal.get() {
+            Some(j) => j.sync().await,
+            None => true,
+        }
+    }
+
+    /// Whether the journal failed (disk full, unwritable).
+    pub fn storage_failed(&self) -> bool {
+        self.journal.get().is_some_and(Journal::has_failed)
+    }
+
+    /// Record inbound message `wamid` as seen; false if it was seen before.
+    pub fn first_time(&self, wamid: &str, now: Millis) -> bool {
+        let fresh = self.dedupe.first_time(wamid, now);
+        if fresh {
+            self.log(|| Op::Seen {
+                wamid: wamid.to_string(),
+                at: now,
+            });
+        }
+        fresh
+    }
+
+    /// An acknowledged message waits for its rules (replayed after a crash).
+    pub fn mark_pending(&self, account: &Account, msg: &InboundMessage, new_conversation: bool) {
+        if self.journal.get().is_none() {
+            return;
+        }
+        self.pending.insert(
+            msg.wamid.clone(),
+            (account.name().to_string(), msg.clone(), new_conversation),
+        );
+        self.log(|| Op::Pending {
+            account: account.name().to_string(),
+            message: Box::new(msg.clone()),
+            new_conversation,
+        });
+    }
+
+    /// The rules of `wamid` ran.
+    pub fn mark_done(&self, wamid: &str) {
+        if self.pending.remove(wamid).is_some() {
+            self.log(|| Op::Done {
+                wamid: wamid.to_string(),
+            });
+        }
     }
 
     pub fn set_state(&self, account: u16, contact: &str, state: String, now: Millis) {
@@ -458,7 +562,15 @@ impl State {
 
     /// Meta said the window is closed (131047): believe it.
     pub fn close_window(&self, account: u16, contact: &str, now: Millis) {
-        self.windows.close(&ConvKey::new(account, contact), now);
+        let key = ConvKey::new(account, contact);
+        self.windows.close(&key, now);
+        if let Some(window) = self.windows.get(&key) {
+            self.log(|| Op::Window {
+                account: self.account_name(account),
+                contact: contact.to_string(),
+                window,
+            });
+        }
     }
 
     pub fn open_windows(&self, now: Millis) -> usize {
@@ -499,6 +611,7 @@ impl State {
         if status.is_final() {
             self.report_status(&record);
         }
+        self.log(|| Op::Record(Box::new(record.clone())));
         self.records.insert(id.clone(), record);
         self.order.lock().expect("order lock").insert(id.clone());
         self.update_conversation(account.id, &to, now, |c| {
@@ -569,6 +682,8 @@ impl State {
                 self.report_status(&r);
             }
         }
+        // Logged under the record's lock, so the journal keeps the order of changes.
+        self.log(|| Op::Record(Box::new(r.clone())));
         Some(out)
     }
 
@@ -840,6 +955,12 @@ impl State {
                         answer: answer.clone(),
                         at: now,
                     };
+                    self.log(|| Op::Idempotency {
+                        key: key.to_string(),
+                        fingerprint: hex::encode(fp),
+                        answer: answer.clone(),
+                        at: now,
+                    });
                     match entry {
                         Entry::Occupied(mut e) => {
                             e.insert(stored);

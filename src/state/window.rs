@@ -28,7 +28,7 @@ impl ConvKey {
 }
 
 /// The window of one conversation (16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     pub last_inbound: Millis,
     pub expires: Millis,
@@ -91,6 +91,21 @@ impl WindowStore {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+impl WindowStore {
+    /// Put a window back as it was (journal replay).
+    pub fn restore(&self, key: ConvKey, window: Window) {
+        self.map.insert(key, window);
+    }
+
+    /// Every window, for a snapshot.
+    pub fn entries(&self) -> Vec<(ConvKey, Window)> {
+        self.map
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect()
     }
 }
 

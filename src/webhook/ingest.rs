@@ -49,7 +49,7 @@ impl Lanes {
         )
     }
 
-    fn push(&self, job: Job) {
+    pub fn push(&self, job: Job) {
         let mut h = self.hasher.build_hasher();
         job.account.id.hash(&mut h);
         job.msg.from.hash(&mut h);
@@ -97,13 +97,14 @@ pub fn accept(shared: &Shared, notification: Notification) -> Accepted {
             out.statuses += 1;
         }
         for msg in batch.messages {
-            if !state.dedupe.first_time(&msg.wamid, now) {
+            if !state.first_time(&msg.wamid, now) {
                 metrics.webhook("duplicate_message");
                 out.duplicates += 1;
                 continue;
             }
             metrics.inbound(msg.kind.as_str());
             let view = state.inbound(&account, &msg, now);
+            state.mark_pending(&account, &msg, view.new_conversation);
             out.messages += 1;
             shared.lanes.push(Job {
                 account: account.clone(),
@@ -118,7 +119,9 @@ pub fn accept(shared: &Shared, notification: Notification) -> Accepted {
 /// Run a lane: process its jobs in order until the channel closes.
 pub async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     while let Some(job) = jobs.recv().await {
+        let wamid = job.msg.wamid.clone();
         process(&shared, job);
+        shared.state.mark_done(&wamid);
     }
 }
 

@@ -93,6 +93,14 @@ pub async fn receive(
     })?;
     let malformed = notification.malformed;
     let accepted = ingest::accept(&shared, notification);
+    // SPEC §9: a 200 means the effect is recorded; if it cannot be, Meta retries.
+    if !shared.state.sync().await {
+        shared.metrics.webhook("storage_failed");
+        return Err(ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "the router cannot record this notification now; retry later",
+        ));
+    }
     shared.metrics.webhook("ok");
     if malformed > 0 {
         shared.metrics.webhook("malformed_items");
