@@ -75,6 +75,19 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// An id like [`new_id`] but derived from `key`: the same key always gives
+/// the same id. Its time part is `ms`, so it still sorts by time. Used for
+/// rule replies, so that running the rules of one message again (after a
+/// crash) cannot create a second reply.
+pub fn derived_id(prefix: &str, ms: Millis, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut bytes = [0u8; 10];
+    bytes.copy_from_slice(&digest[..10]);
+    let id = uuid::Builder::from_unix_timestamp_millis(ms.max(0) as u64, &bytes).into_uuid();
+    format!("{prefix}_{}", id.simple())
+}
+
 /// Parse a duration such as `"200ms"`, `"10s"`, `"5m"`, `"36h"`, `"7d"`.
 /// Several parts may be joined (`"1h30m"`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -310,6 +310,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         validity,
         bypass_consent: false,
         keep_refused: false,
+        id: None,
     };
     let accepted =
         enqueue(&shared.state, new, now).map_err(|(refused, _)| policy_error(refused))?;
@@ -474,6 +475,7 @@ pub async fn retry(
         validity: shared.settings.sender.validity,
         bypass_consent: false,
         keep_refused: false,
+        id: None,
     };
     let accepted =
         enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| policy_error(refused))?;

@@ -107,6 +107,9 @@ pub struct NewMessage {
     /// Keep a refused message as a `failed` record (rules), rather than
     /// only answering the error (API).
     pub keep_refused: bool,
+    /// A fixed id (rule replies: derived from the inbound message); a
+    /// message with this id that already exists is not accepted twice.
+    pub id: Option<String>,
 }
 
 /// What accepting a message gave.
@@ -128,6 +131,15 @@ pub fn enqueue(
 ) -> Result<Accepted, (PolicyError, Option<String>)> {
     let account = new.account.clone();
     let pace = account.settings.pace;
+    if let Some(existing) = new.id.as_deref().and_then(|id| state.record(id)) {
+        // Already accepted (rules run again after a crash): same answer, no second message.
+        return Ok(Accepted {
+            id: existing.id,
+            status: existing.status,
+            queue_position: 0,
+            send_after: existing.send_at.unwrap_or(existing.created_at),
+        });
+    }
     if account.queue.len() >= account.settings.max_queue {
         return Err((
             PolicyError::QueueFull {
@@ -145,7 +157,7 @@ pub fn enqueue(
         Status::Queued
     };
     let mut record = OutboundRecord {
-        id: new_id("msg"),
+        id: new.id.clone().unwrap_or_else(|| new_id("msg")),
         account: account.name().to_string(),
         to: new.to,
         content: new.content,

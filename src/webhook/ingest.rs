@@ -144,7 +144,7 @@ pub fn process(shared: &Shared, job: Job) {
         tracing::info!(opted_out, "consent keyword");
         if let Some(reply) = rules.consent_reply(keyword, &msg, &name) {
             match reply {
-                Ok(content) => send(shared, &account, &msg.from, content, "consent", true),
+                Ok(content) => send(shared, &account, &msg, 0, content, "consent", true),
                 Err(e) => tracing::error!(error = %e, "consent reply could not be rendered"),
             }
         }
@@ -192,9 +192,9 @@ pub fn process(shared: &Shared, job: Job) {
         mark_read(shared, &account, &msg.wamid);
     }
     let source = format!("rule:{}", plan.rule);
-    for content in plan.sends {
+    for (slot, content) in plan.sends.into_iter().enumerate() {
         match content {
-            Ok(content) => send(shared, &account, &msg.from, content, &source, false),
+            Ok(content) => send(shared, &account, &msg, slot, content, &source, false),
             Err(e) => {
                 tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent")
             }
@@ -217,17 +217,26 @@ pub fn process(shared: &Shared, job: Job) {
     }
 }
 
+/// Queue reply number `slot` to `msg`. Its id is derived from the inbound
+/// message, so rules run again after a crash cannot send it twice.
 fn send(
     shared: &Shared,
     account: &Arc<Account>,
-    to: &str,
+    msg: &InboundMessage,
+    slot: usize,
     content: Content,
     source: &str,
     bypass_consent: bool,
 ) {
+    let id = crate::domain::derived_id(
+        "msg",
+        msg.timestamp,
+        &format!("{}|{}|{}", account.name(), msg.wamid, slot),
+    );
     let new = NewMessage {
+        id: Some(id),
         account: account.clone(),
-        to: to.to_string(),
+        to: msg.from.clone(),
         content,
         source: source.to_string(),
         tags: Vec::new(),
