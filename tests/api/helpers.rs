@@ -37,6 +37,12 @@ pub struct GraphOk {
 /// Successful Graph sends with their arrival time.
 pub type Arrivals = Arc<std::sync::Mutex<Vec<(Instant, Value)>>>;
 
+impl GraphOk {
+    pub fn new(n: AtomicUsize, arrivals: Arrivals) -> Self {
+        GraphOk { n, arrivals }
+    }
+}
+
 impl Respond for GraphOk {
     fn respond(&self, req: &Request) -> ResponseTemplate {
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);

@@ -3,6 +3,7 @@
 
 mod agent_api;
 mod cli;
+mod durability;
 mod events;
 mod helpers;
 mod messages_api;

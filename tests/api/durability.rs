@@ -1,0 +1,378 @@
+//! SPEC §9: with a data_dir, what was answered 200/202 survives a restart,
+//! including SIGKILL. These tests run the real binary as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicUsize;
+
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wa-router");
+
+/// A router process on a data directory that outlives it.
+struct Router {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+    http: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, port: u16) {
+    std::fs::write(dir.join("routes.toml"), routes).unwrap();
+    std::fs::write(
+        dir.join("wa-router.toml"),
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+routes = "routes.toml"
+data_dir = "data"
+[meta]
+app_secret = "{APP_SECRET}"
+verify_token = "{VERIFY_TOKEN}"
+graph_url = "{graph}"
+[[accounts]]
+name = "main"
+phone_number_id = "{PNID}"
+access_token = "{TOKEN}"
+pace = "{pace}"
+[api]
+keys = ["{API_KEY}"]
+rate = 1000
+burst = 1000
+[sender]
+backoff = "20ms"
+timeout = "2s"
+"#
+        ),
+    )
+    .unwrap();
+}
+
+impl Router {
+    async fn start(dir: &Path, graph: &str, pace: &str, routes: &str) -> Router {
+        let port = free_port();
+        write_config(dir, graph, pace, routes, port);
+        let child = Command::new(BIN)
+            .args(["serve", "-c", "wa-router.toml"])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let r = Router {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            port,
+            http: reqwest::Client::new(),
+        };
+        wait_for(20, "readyz", || async {
+            let resp = r.http.get(r.url("/readyz")).send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        })
+        .await;
+        r
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(&mut self) -> i32 {
+        let c = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let out = c.wait_with_output().unwrap();
+        out.status.code().unwrap_or(-1)
+    }
+
+    async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .header("X-API-Key", API_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn webhook(&self, n: &Value) -> u16 {
+        let body = serde_json::to_vec(n).unwrap();
+        let resp = self
+            .http
+            .post(self.url("/webhook"))
+            .header("X-Hub-Signature-256", sign(&body, APP_SECRET))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn graph_mock() -> (MockServer, Arrivals) {
+    let graph = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v25\.0/\d+/messages$"))
+        .respond_with(GraphOk::new(AtomicUsize::new(0), arrivals.clone()))
+        .mount(&graph)
+        .await;
+    (graph, arrivals)
+}
+
+fn template(name: &str) -> Value {
+    json!({ "to": format!("+{ANA}"), "type": "template", "template": { "name": name, "language": { "code": "en" } } })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, arrivals) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let (status, body) = r
+            .api(
+                reqwest::Method::POST,
+                "/v1/messages",
+                Some(template(&format!("t{i}"))),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    r.kill();
+    let r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
+    let finals = wait_for(20, "every message to end", || async {
+        let mut out = Vec::new();
+        for id in &ids {
+            let (status, rec) = r
+                .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
+                .await;
+            assert_eq!(status, 200, "message {id} was lost");
+            if rec["status"] == "sent" || rec["status"] == "failed" {
+                out.push(rec);
+            } else {
+                return None;
+            }
+        }
+        Some(out)
+    })
+    .await;
+    let sent: Vec<String> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b["template"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for (i, rec) in finals.iter().enumerate() {
+        let name = format!("t{i}");
+        let times = sent.iter().filter(|n| **n == name).count();
+        match rec["status"].as_str().unwrap() {
+            "sent" => assert_eq!(times, 1, "{name} sent {times} times"),
+            _ => {
+                assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+                assert!(times <= 1, "{name} sent {times} times");
+            }
+        }
+    }
+    let mut order = sent.clone();
+    order.dedup();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "queues resume in acceptance order");
+}
+
+const BOOK: &str = r#"
+[[rule]]
+name = "book"
+when = { text = "book" }
+set_state = "party"
+send = [ { type = "text", body = "How many?" } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_effects_survive_a_sigkill_and_are_not_repeated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, arrivals) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "50ms", BOOK).await;
+    let book = notification(vec![text(ANA, "book")], vec![]);
+    let stop = notification(vec![text(BOB, "STOP")], vec![]);
+    assert_eq!(r.webhook(&book).await, 200);
+    assert_eq!(r.webhook(&stop).await, 200);
+    r.kill();
+    let r = Router::start(dir.path(), &graph.uri(), "50ms", BOOK).await;
+    let conv = wait_for(10, "the restored conversation", || async {
+        let (status, c) = r
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/conversations/main/{ANA}"),
+                None,
+            )
+            .await;
+        (status == 200 && c["state"] == "party").then_some(c)
+    })
+    .await;
+    assert_eq!(conv["window"]["open"], true);
+    let (_, bob) = r
+        .api(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/main/{BOB}"),
+            None,
+        )
+        .await;
+    assert_eq!(bob["opted_out"], true);
+    // Meta retries the same delivery: acknowledged, not run again.
+    assert_eq!(r.webhook(&book).await, 200);
+    wait_for(10, "the reply", || async {
+        arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, b)| b["to"] == ANA)
+            .then_some(())
+    })
+    .await;
+    // Barrier: a later message's reply arrives after any duplicate would have.
+    assert_eq!(
+        r.webhook(&notification(vec![text(BOB, "start")], vec![]),)
+            .await,
+        200
+    );
+    let (s, _) = r.api(reqwest::Method::POST, "/v1/messages", Some(json!({ "to": format!("+{BOB}"), "type": "template", "template": { "name": "barrier", "language": { "code": "en" } } }))).await;
+    assert_eq!(s, 202);
+    wait_for(10, "the barrier", || async {
+        arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, b)| b["template"]["name"] == "barrier")
+            .then_some(())
+    })
+    .await;
+    let replies = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, b)| b["to"] == ANA)
+        .count();
+    assert_eq!(replies, 1, "one inbound message, one reply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_exits_0_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "10s", "").await;
+    let scheduled = json!({ "to": format!("+{ANA}"), "type": "template", "template": { "name": "later", "language": { "code": "en" } },
+        "send_at": wa_router::domain::rfc3339(wa_router::domain::now_ms() + 3_600_000), "tags": ["kept"], "idempotency_key": "k-1" });
+    let (_, first) = r
+        .api(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(scheduled.clone()),
+        )
+        .await;
+    assert_eq!(r.stop(), 0);
+    assert!(r.dir.join("data").join("snapshot.log").exists());
+    let r = Router::start(dir.path(), &graph.uri(), "10s", "").await;
+    let (_, rec) = r
+        .api(
+            reqwest::Method::GET,
+            &format!("/v1/messages/{}", first["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(rec["status"], "scheduled");
+    assert_eq!(rec["tags"], json!(["kept"]));
+    let (_, queues) = r.api(reqwest::Method::GET, "/v1/queues", None).await;
+    assert_eq!(queues["queues"][0]["scheduled"], 1);
+    // The idempotency key is remembered across the restart.
+    let (status, again) = r
+        .api(reqwest::Method::POST, "/v1/messages", Some(scheduled))
+        .await;
+    assert_eq!((status, &again["id"]), (202, &first["id"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_journal_stops_startup_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "50ms", "").await;
+    for i in 0..3 {
+        r.api(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(template(&format!("c{i}"))),
+        )
+        .await;
+    }
+    assert_eq!(r.stop(), 0);
+    let snapshot = dir.path().join("data").join("snapshot.log");
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&snapshot, &bytes).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "-c", "wa-router.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshot.log") && err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unusable_data_dir_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "http://127.0.0.1:9", "1s", "", free_port());
+    // A file where the data directory should be.
+    std::fs::write(dir.path().join("data"), "not a directory").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "-c", "wa-router.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("storage") && err.contains("data"), "{err}");
+}
