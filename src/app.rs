@@ -160,50 +160,7 @@ impl App {
         let server = HttpServer::new(move || {
             ActixApp::new()
                 .app_data(data.clone())
-                .route("/webhook", web::get().to(webhook::handshake))
-                .route("/webhook", web::post().to(webhook::receive))
-                .route("/healthz", web::get().to(ops::healthz))
-                .route("/readyz", web::get().to(ops::readyz))
-                .route("/metrics", web::get().to(ops::metrics))
-                .route("/openapi.json", web::get().to(api::openapi::serve))
-                .service(
-                    web::scope("/v1")
-                        .route("/messages", web::post().to(api::messages::send))
-                        .route("/messages", web::get().to(api::messages::list))
-                        .route("/messages/{id}", web::get().to(api::messages::get))
-                        .route("/messages/{id}", web::delete().to(api::messages::cancel))
-                        .route("/messages/{id}/retry", web::post().to(api::messages::retry))
-                        .route("/conversations", web::get().to(api::conversations::list))
-                        .route(
-                            "/conversations/{account}/{wa_id}",
-                            web::get().to(api::conversations::get),
-                        )
-                        .route(
-                            "/conversations/{account}/{wa_id}/messages",
-                            web::get().to(api::conversations::messages),
-                        )
-                        .route(
-                            "/conversations/{account}/{wa_id}/state",
-                            web::put().to(api::conversations::put_state),
-                        )
-                        .route(
-                            "/conversations/{account}/{wa_id}/handoff",
-                            web::post().to(api::conversations::handoff),
-                        )
-                        .route(
-                            "/conversations/{account}/{wa_id}/handoff",
-                            web::delete().to(api::conversations::release),
-                        )
-                        .route(
-                            "/conversations/{account}/{wa_id}/opt-out",
-                            web::post().to(api::conversations::opt_out),
-                        )
-                        .route(
-                            "/conversations/{account}/{wa_id}/opt-out",
-                            web::delete().to(api::conversations::opt_in),
-                        )
-                        .route("/queues", web::get().to(api::conversations::queues)),
-                )
+                .configure(routes)
                 .default_service(web::to(not_found))
         })
         .workers(workers)
@@ -367,6 +324,59 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Every endpoint; a known path with another method answers 405.
+fn routes(cfg: &mut web::ServiceConfig) {
+    use api::{conversations as c, messages as m};
+    let resource =
+        |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
+    cfg.service(
+        resource("/webhook")
+            .route(web::get().to(webhook::handshake))
+            .route(web::post().to(webhook::receive)),
+    )
+    .service(resource("/healthz").route(web::get().to(ops::healthz)))
+    .service(resource("/readyz").route(web::get().to(ops::readyz)))
+    .service(resource("/metrics").route(web::get().to(ops::metrics)))
+    .service(resource("/openapi.json").route(web::get().to(api::openapi::serve)))
+    .service(
+        resource("/v1/messages")
+            .route(web::post().to(m::send))
+            .route(web::get().to(m::list)),
+    )
+    .service(
+        resource("/v1/messages/{id}")
+            .route(web::get().to(m::get))
+            .route(web::delete().to(m::cancel)),
+    )
+    .service(resource("/v1/messages/{id}/retry").route(web::post().to(m::retry)))
+    .service(resource("/v1/conversations").route(web::get().to(c::list)))
+    .service(resource("/v1/conversations/{account}/{wa_id}").route(web::get().to(c::get)))
+    .service(
+        resource("/v1/conversations/{account}/{wa_id}/messages").route(web::get().to(c::messages)),
+    )
+    .service(
+        resource("/v1/conversations/{account}/{wa_id}/state").route(web::put().to(c::put_state)),
+    )
+    .service(
+        resource("/v1/conversations/{account}/{wa_id}/handoff")
+            .route(web::post().to(c::handoff))
+            .route(web::delete().to(c::release)),
+    )
+    .service(
+        resource("/v1/conversations/{account}/{wa_id}/opt-out")
+            .route(web::post().to(c::opt_out))
+            .route(web::delete().to(c::opt_in)),
+    )
+    .service(resource("/v1/queues").route(web::get().to(c::queues)));
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not take that method",
+    ))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

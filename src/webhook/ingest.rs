@@ -138,7 +138,14 @@ pub fn process(shared: &Shared, job: Job) {
     let now = now_ms();
     let name = account.name().to_string();
 
+    let conv = state
+        .conversation(&account, &msg.from)
+        .map(|c| c.conversation)
+        .unwrap_or_default();
+    let handed_off = conv.handoff_until.is_some_and(|u| u > now);
+
     if let Some(keyword) = rules.consent_keyword(&msg) {
+        // SPEC §4: consent keywords are honoured even while handed off.
         let opted_out = keyword == ConsentKeyword::OptOut;
         state.set_opted_out(account.id, &msg.from, opted_out, now);
         tracing::info!(opted_out, "consent keyword");
@@ -148,21 +155,19 @@ pub fn process(shared: &Shared, job: Job) {
                 Err(e) => tracing::error!(error = %e, "consent reply could not be rendered"),
             }
         }
-        return;
     }
-
-    let conv = state
-        .conversation(&account, &msg.from)
-        .map(|c| c.conversation)
-        .unwrap_or_default();
-    if conv.handoff_until.is_some_and(|u| u > now) {
-        // SPEC §4: handed off → no rules; the message still goes to targets.
+    if handed_off {
+        // SPEC §4: handed off → no rules; every inbound message (consent
+        // keywords too) still goes to the targets.
         tracing::debug!("conversation handed off; rules skipped");
         shared.metrics.rule_match("(handoff)");
         let view = state.conversation(&account, &msg.from);
         shared
             .events
             .message_received(None, &name, &msg, view.as_ref(), None);
+        return;
+    }
+    if rules.consent_keyword(&msg).is_some() {
         return;
     }
     let reply_tags = match (&msg.context_id, rules.uses_reply_tags) {
