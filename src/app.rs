@@ -82,7 +82,7 @@ impl App {
         let mut new_accounts = feeds.new_accounts;
         // SPEC §9: replay the journal before anything is accepted.
         let restored = match &settings.data_dir {
-            Some(dir) => Some(open_storage(&state, dir, settings.sandbox).await?),
+            Some(dir) => Some(open_storage(&state, &events, dir, settings.sandbox).await?),
             None => None,
         };
         let (lanes, lane_receivers) = Lanes::new();
@@ -125,8 +125,8 @@ impl App {
                     new_conversation,
                 });
             }
-            spawn_compaction(shared.clone(), stop_rx.clone());
         }
+        spawn_maintenance(shared.clone(), stop_rx.clone());
         {
             // One paced sender per account, including sandbox accounts that
             // appear later with their first webhook.
@@ -203,7 +203,7 @@ impl App {
         if self.shared.state.journal().is_some() {
             // Everything accepted is on disk; leave a snapshot for a fast start.
             let synced = self.shared.state.sync().await;
-            match compact(&self.shared.state).await {
+            match compact(&self.shared.state, &self.shared.events).await {
                 Ok(n) => tracing::info!(synced, objects = n, "state saved"),
                 Err(e) => {
                     tracing::error!(error = %e, "could not write the final snapshot; the journal still holds everything")
@@ -237,6 +237,7 @@ fn api_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
 /// and write a fresh snapshot so the next start replays little.
 async fn open_storage(
     state: &State,
+    events: &Events,
     dir: &std::path::Path,
     sandbox: bool,
 ) -> Result<crate::state::restore::Restored, StartError> {
@@ -247,18 +248,37 @@ async fn open_storage(
             dir.display()
         ))
     })?;
+    let mut queued_events = std::collections::BTreeMap::new();
     let (ops, next) = {
         let dir = dir.to_path_buf();
         // Startup: nothing else runs yet, so replaying inline blocks no one.
-        crate::journal::replay(&dir, |op| state.restore(op, sandbox)).map_err(|e| {
+        let queued_events = &mut queued_events;
+        crate::journal::replay(&dir, |op| match op {
+            crate::journal::Op::Event {
+                target,
+                id,
+                body,
+                created,
+            } => {
+                queued_events.insert((target.clone(), id.clone()), (target, id, body, created));
+            }
+            crate::journal::Op::EventDone { target, id } => {
+                queued_events.remove(&(target, id));
+            }
+            op => state.restore(op, sandbox),
+        })
+        .map_err(|e| {
             StartError::Storage(format!("{e} (move the file aside to start without it)"))
         })?
     };
     let restored = state.finish_restore(crate::domain::now_ms(), sandbox);
     let journal =
         crate::journal::Journal::open(dir, next).map_err(|e| StartError::Storage(e.to_string()))?;
+    let undelivered = queued_events.len();
+    events.restore(queued_events.into_values().collect());
+    events.attach_journal(journal.clone());
     state.attach_journal(journal);
-    compact(state).await.map_err(|e| {
+    compact(state, events).await.map_err(|e| {
         StartError::Storage(format!("{}: cannot write a snapshot: {e}", dir.display()))
     })?;
     tracing::info!(
@@ -267,6 +287,7 @@ async fn open_storage(
         conversations = restored.conversations,
         pending_inbound = restored.pending.len(),
         interrupted_sends = restored.interrupted,
+        undelivered_events = undelivered,
         ms = started.elapsed().as_millis() as u64,
         dir = %dir.display(),
         "state restored"
@@ -278,10 +299,11 @@ async fn open_storage(
 const COMPACT_AT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Snapshot the whole state and drop the logs it covers.
-pub async fn compact(state: &State) -> Result<usize, String> {
+pub async fn compact(state: &State, events: &Events) -> Result<usize, String> {
     let journal = state.journal().ok_or("memory mode")?.clone();
     let next = journal.rotate().await?;
-    let ops = state.dump_ops();
+    let mut ops = state.dump_ops();
+    ops.extend(events.dump_ops());
     let dir = journal.dir().ok_or("memory mode")?.to_path_buf();
     tokio::task::spawn_blocking(move || {
         crate::journal::install_snapshot(&dir, next, ops.into_iter())
@@ -291,18 +313,30 @@ pub async fn compact(state: &State) -> Result<usize, String> {
     .map_err(|e| e.to_string())
 }
 
-fn spawn_compaction(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Background upkeep: drop what is past `retention` (every minute) and,
+/// with a data_dir, snapshot when the log grows large.
+fn spawn_maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 _ = stop.changed() => break,
             }
+            ticks += 1;
+            if ticks % 12 == 0 {
+                let (records, conversations) = shared
+                    .state
+                    .prune(crate::domain::now_ms(), shared.settings.retention);
+                if records + conversations > 0 {
+                    tracing::info!(records, conversations, "dropped data past retention");
+                }
+            }
             let big = shared
                 .state
                 .journal()
                 .is_some_and(|j| j.log_bytes() > COMPACT_AT_BYTES);
-            if big && let Err(e) = compact(&shared.state).await {
+            if big && let Err(e) = compact(&shared.state, &shared.events).await {
                 tracing::error!(error = %e, "compaction failed");
             }
         }

@@ -25,6 +25,8 @@ pub struct Settings {
     pub routes_path: PathBuf,
     /// `None` = memory only.
     pub data_dir: Option<PathBuf>,
+    /// How long finished messages and idle conversations are kept.
+    pub retention: Duration,
     pub meta: MetaSettings,
     pub accounts: Vec<AccountSettings>,
     pub api: ApiSettings,
@@ -129,6 +131,7 @@ struct FileIn {
     listen: Option<EnvString>,
     routes: Option<EnvString>,
     data_dir: Option<EnvString>,
+    retention: Option<Dur>,
     meta: Option<MetaIn>,
     #[serde(default)]
     accounts: Vec<Spanned<AccountIn>>,
@@ -504,6 +507,9 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         } else {
             Some(relative(data_dir))
         },
+        retention: parsed
+            .retention
+            .map_or(Duration::from_secs(30 * 86400), |d| d.0),
         meta: MetaSettings {
             app_secrets,
             verify_token: Secret::new(verify_token.unwrap_or_default()),

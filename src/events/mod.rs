@@ -50,6 +50,8 @@ struct Target {
     queue: Mutex<BTreeMap<(Millis, u64), Pending>>,
     notify: Notify,
     slots: Arc<Semaphore>,
+    /// Every event not yet delivered or given up (queued or in flight), by id.
+    live: Mutex<std::collections::HashMap<String, Pending>>,
 }
 
 /// All targets and their delivery workers.
@@ -58,6 +60,7 @@ pub struct Events {
     http: reqwest::Client,
     metrics: Arc<Metrics>,
     seq: AtomicU64,
+    journal: std::sync::OnceLock<crate::journal::Journal>,
 }
 
 /// Delay before the next attempt after `attempts` failed ones: 1 s doubling,
@@ -84,6 +87,7 @@ impl Events {
                     queue: Mutex::new(BTreeMap::new()),
                     notify: Notify::new(),
                     slots: Arc::new(Semaphore::new(CONCURRENCY)),
+                    live: Mutex::new(Default::default()),
                 })
             })
             .collect();
@@ -92,7 +96,64 @@ impl Events {
             http,
             metrics,
             seq: AtomicU64::new(0),
+            journal: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Journal events from now on (data_dir mode).
+    pub fn attach_journal(&self, journal: crate::journal::Journal) {
+        let _ = self.journal.set(journal);
+    }
+
+    fn log(&self, op: impl FnOnce() -> crate::journal::Op) {
+        if let Some(j) = self.journal.get() {
+            j.append(&op());
+        }
+    }
+
+    fn finished(&self, target: &Target, id: &str) {
+        target.live.lock().expect("event live lock").remove(id);
+        self.log(|| crate::journal::Op::EventDone {
+            target: target.settings.name.clone(),
+            id: id.to_string(),
+        });
+    }
+
+    /// Queue events found in the journal (not yet delivered before the stop).
+    pub fn restore(&self, events: Vec<(String, String, String, Millis)>) {
+        for (target, id, body, created) in events {
+            match self.targets.iter().find(|t| t.settings.name == target) {
+                Some(t) => self.enqueue(
+                    t,
+                    Pending {
+                        id,
+                        body: Arc::new(body.into_bytes()),
+                        created,
+                        attempts: 0,
+                    },
+                    now_ms(),
+                ),
+                None => {
+                    tracing::warn!(target = %target, event_id = %id, "journal holds an event for a target no longer configured; dropped")
+                }
+            }
+        }
+    }
+
+    /// Every undelivered event, for a snapshot.
+    pub fn dump_ops(&self) -> Vec<crate::journal::Op> {
+        let mut ops = Vec::new();
+        for t in &self.targets {
+            for p in t.live.lock().expect("event live lock").values() {
+                ops.push(crate::journal::Op::Event {
+                    target: t.settings.name.clone(),
+                    id: p.id.clone(),
+                    body: String::from_utf8_lossy(&p.body).into_owned(),
+                    created: p.created,
+                });
+            }
+        }
+        ops
     }
 
     /// Whether any target wants status events.
@@ -101,25 +162,45 @@ impl Events {
     }
 
     fn push(&self, target: &Target, id: &str, body: Arc<Vec<u8>>, now: Millis) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut q = target.queue.lock().expect("event queue lock");
-        if q.len() >= MAX_BACKLOG {
-            if let Some((&k, _)) = q.iter().next() {
-                q.remove(&k);
-            }
-            self.metrics.event_delivery("dropped");
-            tracing::error!(target = %target.settings.name, "event backlog full; the oldest event was dropped");
-        }
-        q.insert(
-            (now, seq),
+        self.log(|| crate::journal::Op::Event {
+            target: target.settings.name.clone(),
+            id: id.to_string(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            created: now,
+        });
+        self.enqueue(
+            target,
             Pending {
                 id: id.to_string(),
                 body,
                 created: now,
                 attempts: 0,
             },
+            now,
         );
+    }
+
+    fn enqueue(&self, target: &Target, pending: Pending, now: Millis) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        target
+            .live
+            .lock()
+            .expect("event live lock")
+            .insert(pending.id.clone(), pending.clone());
+        let mut q = target.queue.lock().expect("event queue lock");
+        let mut dropped = None;
+        if q.len() >= MAX_BACKLOG
+            && let Some((&k, _)) = q.iter().next()
+        {
+            dropped = q.remove(&k);
+        }
+        q.insert((now, seq), pending);
         drop(q);
+        if let Some(old) = dropped {
+            self.metrics.event_delivery("dropped");
+            tracing::error!(target = %target.settings.name, event_id = %old.id, "event backlog full; the oldest event was dropped");
+            self.finished(target, &old.id);
+        }
         target.notify.notify_one();
     }
 
@@ -246,6 +327,7 @@ async fn attempt(events: &Events, target: &Target, mut event: Pending) {
     match events.deliver(target, &event).await {
         Ok(()) => {
             events.metrics.event_delivery("ok");
+            events.finished(target, &event.id);
             tracing::debug!(target = %target.settings.name, event_id = %event.id, attempts = event.attempts, "event delivered");
         }
         Err(reason) => {
@@ -253,6 +335,7 @@ async fn attempt(events: &Events, target: &Target, mut event: Pending) {
             if now - event.created >= RETRY_FOR_MS {
                 events.metrics.event_delivery("expired");
                 tracing::error!(target = %target.settings.name, event_id = %event.id, %reason, "event given up after 24 h of retries");
+                events.finished(target, &event.id);
                 return;
             }
             events.metrics.event_delivery("retry");

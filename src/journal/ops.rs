@@ -53,4 +53,25 @@ pub enum Op {
     Done {
         wamid: String,
     },
+    /// A conversation (and its window) past retention was dropped.
+    Forget {
+        account: String,
+        contact: String,
+    },
+    /// An outbound record past retention was dropped.
+    ForgetRecord {
+        id: String,
+    },
+    /// An event waiting for delivery to a target.
+    Event {
+        target: String,
+        id: String,
+        body: String,
+        created: Millis,
+    },
+    /// That event was delivered, or given up.
+    EventDone {
+        target: String,
+        id: String,
+    },
 }

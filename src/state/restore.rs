@@ -108,6 +108,18 @@ impl State {
             Op::Done { wamid } => {
                 self.pending.remove(&wamid);
             }
+            Op::Forget { account, contact } => {
+                if let Some(a) = self.account_by_name(&account) {
+                    let key = ConvKey::new(a.id, &contact);
+                    self.conversations.remove(&key);
+                    self.windows.remove(&key);
+                }
+            }
+            Op::ForgetRecord { id } => {
+                self.records.remove(&id);
+            }
+            // Events belong to the event queues; the app routes them there.
+            Op::Event { .. } | Op::EventDone { .. } => {}
         }
     }
 
@@ -226,5 +238,156 @@ impl State {
             });
         }
         ops
+    }
+}
+
+impl State {
+    /// Drop what is past `retention` (SPEC §9 bounded growth): finished
+    /// outbound records, and conversations idle that long whose window is
+    /// closed — except opted-out contacts, whose consent is kept.
+    /// Returns (records, conversations) removed.
+    pub fn prune(&self, now: Millis, retention: std::time::Duration) -> (usize, usize) {
+        let cutoff = now - retention.as_millis() as Millis;
+        let old_records: Vec<(String, Option<String>)> = self
+            .records
+            .iter()
+            .filter(|r| {
+                r.created_at < cutoff
+                    && !matches!(
+                        r.status,
+                        Status::Queued | Status::Scheduled | Status::Sending
+                    )
+            })
+            .map(|r| (r.id.clone(), r.wamid.clone()))
+            .collect();
+        for (id, wamid) in &old_records {
+            self.records.remove(id);
+            self.order.lock().expect("order lock").remove(id);
+            if let Some(w) = wamid {
+                self.by_wamid.remove(w);
+            }
+            self.log(|| Op::ForgetRecord { id: id.clone() });
+        }
+        let old_convs: Vec<ConvKey> = self
+            .conversations
+            .iter()
+            .filter(|c| {
+                c.last_activity < cutoff && !c.opted_out && !self.windows.is_open(c.key(), now)
+            })
+            .map(|c| c.key().clone())
+            .collect();
+        for key in &old_convs {
+            self.conversations.remove(key);
+            self.windows.remove(key);
+            self.log(|| Op::Forget {
+                account: self.account_name(key.account),
+                contact: key.contact.to_string(),
+            });
+        }
+        (old_records.len(), old_convs.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::Content;
+
+    fn state() -> State {
+        let mut a = AccountSettings::sandbox("1");
+        a.name = "main".into();
+        State::new(&[a], Arc::new(crate::telemetry::Metrics::new()), false).0
+    }
+
+    fn record(id: &str, status: Status, created_at: Millis) -> OutboundRecord {
+        OutboundRecord {
+            id: id.into(),
+            account: "main".into(),
+            to: "16315551181".into(),
+            content: Content {
+                kind: "text".into(),
+                object: serde_json::json!({ "body": "x" }),
+                context_id: None,
+            },
+            status,
+            wamid: Some(format!("wamid.{id}")),
+            source: "api".into(),
+            tags: vec![],
+            metadata: None,
+            attempts: 1,
+            error: None,
+            history: vec![(status, created_at)],
+            created_at,
+            send_at: None,
+            expires_at: created_at + 1000,
+            bypass_consent: false,
+        }
+    }
+
+    #[test]
+    fn prune_drops_old_finished_records_and_idle_conversations_but_keeps_consent() {
+        let s = state();
+        let day = 86_400_000;
+        let now = 100 * day;
+        for (id, status, at) in [
+            ("old", Status::Read, now - 40 * day),
+            ("new", Status::Sent, now - day),
+            ("stuck", Status::Queued, now - 40 * day),
+        ] {
+            s.restore(Op::Record(Box::new(record(id, status, at))), false);
+        }
+        let idle = Conversation {
+            last_activity: now - 40 * day,
+            ..Conversation::default()
+        };
+        let opted = Conversation {
+            last_activity: now - 40 * day,
+            opted_out: true,
+            ..Conversation::default()
+        };
+        s.restore(
+            Op::Conversation {
+                account: "main".into(),
+                contact: "1".into(),
+                conversation: Box::new(idle),
+            },
+            false,
+        );
+        s.restore(
+            Op::Conversation {
+                account: "main".into(),
+                contact: "2".into(),
+                conversation: Box::new(opted),
+            },
+            false,
+        );
+        let (records, conversations) =
+            s.prune(now, std::time::Duration::from_millis(30 * day as u64));
+        assert_eq!((records, conversations), (1, 1));
+        assert!(
+            s.record("old").is_none() && s.record("new").is_some() && s.record("stuck").is_some()
+        );
+        let account = s.account_by_name("main").unwrap();
+        assert!(s.conversation(&account, "1").is_none());
+        assert!(s.conversation(&account, "2").is_some(), "opt-outs are kept");
+    }
+
+    #[test]
+    fn restore_rebuilds_queues_in_acceptance_order_and_settles_interrupted_sends() {
+        let s = state();
+        for (id, status, at) in [
+            ("b", Status::Queued, 20),
+            ("a", Status::Queued, 10),
+            ("c", Status::Sending, 5),
+        ] {
+            s.restore(Op::Record(Box::new(record(id, status, at))), false);
+        }
+        let restored = s.finish_restore(1000, false);
+        assert_eq!(restored.interrupted, 1);
+        let account = s.account_by_name("main").unwrap();
+        assert_eq!(account.queue.head().as_deref(), Some("a"));
+        let c = s.record("c").unwrap();
+        assert_eq!(c.status, Status::Failed);
+        assert_eq!(c.error.unwrap().code, INTERRUPTED);
     }
 }

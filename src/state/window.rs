@@ -95,6 +95,10 @@ impl WindowStore {
 }
 
 impl WindowStore {
+    pub fn remove(&self, key: &ConvKey) {
+        self.map.remove(key);
+    }
+
     /// Put a window back as it was (journal replay).
     pub fn restore(&self, key: ConvKey, window: Window) {
         self.map.insert(key, window);

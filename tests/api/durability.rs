@@ -29,7 +29,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, port: u16) {
+fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, port: u16, extra: &str) {
     std::fs::write(dir.join("routes.toml"), routes).unwrap();
     std::fs::write(
         dir.join("wa-router.toml"),
@@ -53,6 +53,7 @@ burst = 1000
 [sender]
 backoff = "20ms"
 timeout = "2s"
+{extra}
 "#
         ),
     )
@@ -61,8 +62,12 @@ timeout = "2s"
 
 impl Router {
     async fn start(dir: &Path, graph: &str, pace: &str, routes: &str) -> Router {
+        Self::start_with(dir, graph, pace, routes, "").await
+    }
+
+    async fn start_with(dir: &Path, graph: &str, pace: &str, routes: &str, extra: &str) -> Router {
         let port = free_port();
-        write_config(dir, graph, pace, routes, port);
+        write_config(dir, graph, pace, routes, port, extra);
         let child = Command::new(BIN)
             .args(["serve", "-c", "wa-router.toml"])
             .current_dir(dir)
@@ -364,7 +369,7 @@ async fn a_corrupt_journal_stops_startup_with_the_file_named() {
 #[test]
 fn an_unusable_data_dir_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), "http://127.0.0.1:9", "1s", "", free_port());
+    write_config(dir.path(), "http://127.0.0.1:9", "1s", "", free_port(), "");
     // A file where the data directory should be.
     std::fs::write(dir.path().join("data"), "not a directory").unwrap();
     let out = Command::new(BIN)
@@ -375,4 +380,61 @@ fn an_unusable_data_dir_is_a_clear_startup_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("storage") && err.contains("data"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_events_survive_a_restart_with_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _) = graph_mock().await;
+    let target = MockServer::start().await;
+    let forward =
+        "[[rule]]\nname = \"to agents\"\nwhen = { text = \"agent\" }\nforward = \"agents\"\n";
+    // First run: the target is down (port 1 refuses connections).
+    let down = "[targets.agents]\nurl = \"http://127.0.0.1:1/events\"\nsecret = \"s\"\nevents = [\"message\"]\n";
+    let mut r = Router::start_with(dir.path(), &graph.uri(), "50ms", forward, down).await;
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "agent")], vec![]))
+            .await,
+        200
+    );
+    wait_for(10, "a failed delivery", || async {
+        let m = r
+            .http
+            .get(r.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        m.contains("result=\"retry\"").then_some(())
+    })
+    .await;
+    r.kill();
+    // Second run: the target is up; the same event arrives.
+    Mock::given(method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&target)
+        .await;
+    let up = format!(
+        "[targets.agents]\nurl = \"{}/events\"\nsecret = \"s\"\nevents = [\"message\"]\n",
+        target.uri()
+    );
+    let _r = Router::start_with(dir.path(), &graph.uri(), "50ms", forward, &up).await;
+    let got = wait_for(15, "the event after restart", || async {
+        let reqs = target.received_requests().await.unwrap_or_default();
+        (!reqs.is_empty()).then_some(reqs)
+    })
+    .await;
+    let body: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["event"], "message.received");
+    assert_eq!(
+        got[0]
+            .headers
+            .get("x-router-event-id")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        body["id"].as_str().unwrap()
+    );
 }
