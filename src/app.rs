@@ -324,7 +324,7 @@ fn spawn_maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 _ = stop.changed() => break,
             }
             ticks += 1;
-            if ticks % 12 == 0 {
+            if ticks.is_multiple_of(12) {
                 let (records, conversations) = shared
                     .state
                     .prune(crate::domain::now_ms(), shared.settings.retention);
