@@ -249,6 +249,7 @@ async fn open_storage(
         ))
     })?;
     let mut queued_events = std::collections::BTreeMap::new();
+    let log_bytes = crate::journal::log_bytes(dir);
     let (ops, next) = {
         let dir = dir.to_path_buf();
         // Startup: nothing else runs yet, so replaying inline blocks no one.
@@ -271,16 +272,21 @@ async fn open_storage(
             StartError::Storage(format!("{e} (move the file aside to start without it)"))
         })?
     };
-    let restored = state.finish_restore(crate::domain::now_ms(), sandbox);
+    // Attach the journal first: settling interrupted sends is journaled too.
     let journal =
         crate::journal::Journal::open(dir, next).map_err(|e| StartError::Storage(e.to_string()))?;
-    let undelivered = queued_events.len();
-    events.restore(queued_events.into_values().collect());
     events.attach_journal(journal.clone());
     state.attach_journal(journal);
-    compact(state, events).await.map_err(|e| {
-        StartError::Storage(format!("{}: cannot write a snapshot: {e}", dir.display()))
-    })?;
+    let restored = state.finish_restore(crate::domain::now_ms(), sandbox);
+    let undelivered = queued_events.len();
+    events.restore(queued_events.into_values().collect());
+    // A fresh snapshot only when the logs grew large: replaying a snapshot
+    // plus small logs is quicker than writing the snapshot again.
+    if log_bytes > COMPACT_AT_BYTES {
+        compact(state, events).await.map_err(|e| {
+            StartError::Storage(format!("{}: cannot write a snapshot: {e}", dir.display()))
+        })?;
+    }
     tracing::info!(
         ops,
         records = restored.records,

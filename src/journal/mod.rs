@@ -195,6 +195,18 @@ fn torn(path: &Path, offset: u64, len: u64, repair: bool, count: u64) -> Result<
     Ok(count)
 }
 
+/// Total size of the log files in `dir` (0 if none can be read).
+pub fn log_bytes(dir: &Path) -> u64 {
+    logs(dir)
+        .map(|l| {
+            l.iter()
+                .filter_map(|(_, p)| fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Replay `dir`: the snapshot, then every log after it, in order.
 /// Returns the number of ops applied and the next log sequence number.
 pub fn replay(dir: &Path, mut apply: impl FnMut(Op)) -> Result<(u64, u64), JournalError> {
