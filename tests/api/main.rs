@@ -10,5 +10,6 @@ mod messages_api;
 mod openapi;
 mod ops;
 mod rules;
+mod security;
 mod sender;
 mod webhook;
