@@ -438,3 +438,152 @@ async fn undelivered_events_survive_a_restart_with_their_ids() {
         body["id"].as_str().unwrap()
     );
 }
+
+const ECHO: &str = "[[rule]]\nname = \"echo\"\nsend = [ { type = \"text\", body = \"echo {{ message.text }}\" } ]\n";
+
+/// All pages of `GET /v1/messages` with a query.
+async fn all_records(r: &Router, query: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = r
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/messages?limit=200{query}{cursor}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        out.extend(page["messages"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_under_load_loses_nothing_accepted() {
+    let seed = std::env::var("FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("FAULT_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, arrivals) = graph_mock().await;
+    let acked_inbound = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let mut counter = 0usize;
+    for round in 0..3 {
+        let mut r = Router::start(dir.path(), &graph.uri(), "5ms", ECHO).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = Vec::new();
+        for worker in 0..4 {
+            let (http, base, stop, acked_inbound, accepted) = (
+                r.http.clone(),
+                r.url(""),
+                stop.clone(),
+                acked_inbound.clone(),
+                accepted.clone(),
+            );
+            let start = counter + worker * 100_000;
+            load.push(tokio::spawn(async move {
+                let mut i = start;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let who = format!("1631{:07}", i % 5000);
+                    if i % 2 == 0 {
+                        let mut m = text(&who, &format!("m{i}"));
+                        m["id"] = json!(format!("wamid.load.{i}"));
+                        let body = serde_json::to_vec(&notification(vec![m], vec![])).unwrap();
+                        let resp = http.post(format!("{base}/webhook")).header("X-Hub-Signature-256", sign(&body, APP_SECRET)).body(body).send().await;
+                        if let Ok(resp) = resp
+                            && resp.status() == 200
+                        {
+                            acked_inbound.lock().unwrap().push(format!("m{i}"));
+                        }
+                    } else {
+                        let name = format!("t{i}");
+                        let body = json!({ "to": format!("+{who}"), "type": "template", "template": { "name": name, "language": { "code": "en" } } });
+                        let resp = http.post(format!("{base}/v1/messages")).header("X-API-Key", API_KEY).json(&body).send().await;
+                        if let Ok(resp) = resp
+                            && resp.status() == 202
+                            && let Ok(v) = resp.json::<Value>().await
+                        {
+                            accepted.lock().unwrap().push((v["id"].as_str().unwrap().to_string(), name));
+                        }
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(150..900))).await;
+        r.kill();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for l in load {
+            l.await.unwrap();
+        }
+        counter += 1_000_000;
+        println!(
+            "round {round}: {} inbound acked, {} messages accepted so far",
+            acked_inbound.lock().unwrap().len(),
+            accepted.lock().unwrap().len()
+        );
+    }
+    let r = Router::start(dir.path(), &graph.uri(), "5ms", ECHO).await;
+    let accepted = accepted.lock().unwrap().clone();
+    let acked_inbound = acked_inbound.lock().unwrap().clone();
+    assert!(
+        accepted.len() > 10 && acked_inbound.len() > 10,
+        "the load ran"
+    );
+    // Every accepted message exists and ends sent or recorded failed.
+    let records = wait_for(60, "every message to settle", || async {
+        let all = all_records(&r, "").await;
+        let settled = all
+            .iter()
+            .all(|m| m["status"] == "sent" || m["status"] == "failed");
+        settled.then_some(all)
+    })
+    .await;
+    let by_id: std::collections::HashMap<&str, &Value> = records
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), m))
+        .collect();
+    let sent: Vec<String> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| body_text(b))
+        .collect();
+    let count = |text: &str| sent.iter().filter(|s| *s == text).count();
+    for (id, name) in &accepted {
+        let rec = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("accepted message {id} lost (seed {seed})"));
+        match rec["status"].as_str().unwrap() {
+            "sent" => assert_eq!(count(name), 1, "{name} (seed {seed})"),
+            _ => {
+                assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+                assert!(count(name) <= 1, "{name} (seed {seed})");
+            }
+        }
+    }
+    // Every acknowledged inbound message was answered once, or its reply is
+    // recorded as interrupted; never twice.
+    let interrupted = records
+        .iter()
+        .filter(|m| m["error"]["code"] == "interrupted" && m["source"] == "rule:echo")
+        .count();
+    let mut answered = 0;
+    for m in &acked_inbound {
+        let n = count(&format!("echo {m}"));
+        assert!(n <= 1, "{m} answered {n} times (seed {seed})");
+        answered += n;
+    }
+    assert!(
+        answered + interrupted >= acked_inbound.len(),
+        "answered {answered} + interrupted {interrupted} < acked {} (seed {seed})",
+        acked_inbound.len()
+    );
+}
