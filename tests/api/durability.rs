@@ -493,7 +493,7 @@ async fn sigkill_at_random_points_under_load_loses_nothing_accepted() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     i += 1;
                     let who = format!("1631{:07}", i % 5000);
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         let mut m = text(&who, &format!("m{i}"));
                         m["id"] = json!(format!("wamid.load.{i}"));
                         let body = serde_json::to_vec(&notification(vec![m], vec![])).unwrap();
