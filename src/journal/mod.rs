@@ -521,6 +521,19 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_full_disk_fails_syncs_and_marks_the_journal_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Writes to /dev/full fail with ENOSPC, like a full disk.
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(log_name(0))).unwrap();
+        let j = Journal::open(dir.path(), 0).unwrap();
+        j.append(&seen(1));
+        assert!(!j.sync().await, "a failed write must not be acknowledged");
+        assert!(j.has_failed());
+        assert!(!j.sync().await, "and nothing after it either");
+    }
+
     #[tokio::test]
     async fn snapshots_replace_the_logs_they_cover() {
         let dir = tempfile::tempdir().unwrap();
