@@ -96,6 +96,8 @@ pub struct Options {
     pub burst: u32,
     /// Event targets: (name, events list as TOML, e.g. `["message"]`).
     pub targets: Vec<(&'static str, &'static str)>,
+    /// Point the router at this Graph URL instead of the mock.
+    pub graph_url: Option<String>,
 }
 
 impl Default for Options {
@@ -109,6 +111,7 @@ impl Default for Options {
             rate: 1000,
             burst: 1000,
             targets: Vec::new(),
+            graph_url: None,
         }
     }
 }
@@ -169,7 +172,7 @@ backoff = "20ms"
 timeout = "2s"
 {extra}
 "#,
-        graph = graph.uri(),
+        graph = opts.graph_url.clone().unwrap_or_else(|| graph.uri()),
         pace = opts.pace,
         account_extra = opts.account_extra,
         extra = opts.extra,

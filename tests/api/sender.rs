@@ -316,3 +316,26 @@ async fn a_graph_timeout_is_transient() {
     let record = app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
     assert_eq!(record["attempts"], 2, "timeout 2s, then a retry: {record}");
 }
+
+#[tokio::test]
+async fn a_graph_api_that_refuses_connections_is_retried_then_recorded_failed() {
+    let app = spawn_with(Options {
+        graph_url: Some("http://127.0.0.1:1".into()),
+        ..Options::default()
+    })
+    .await;
+    let (status, sent) = app.send_template(ANA, "unreachable").await;
+    assert_eq!(status, 202);
+    let record = app
+        .wait_status(sent["id"].as_str().unwrap(), "failed")
+        .await;
+    assert_eq!(record["attempts"], 4, "max_attempts = 4: {record}");
+    assert!(
+        record["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{record}"
+    );
+    assert!(record["error"]["graph_code"].is_null());
+}
