@@ -128,8 +128,29 @@ pub fn send_message(
     }
 }
 
-fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-    let now = now_ms();
+/// A send request checked field by field, before anything is looked up.
+#[derive(Debug, Clone)]
+pub struct SendRequest {
+    pub account: Option<String>,
+    /// Digits only.
+    pub to: String,
+    pub kind: String,
+    pub object: Value,
+    /// As given: a wamid or a router message id.
+    pub reply_to: Option<String>,
+    pub tags: Vec<String>,
+    pub metadata: Option<Value>,
+    pub send_at: Option<Millis>,
+    /// `None`: the configured default.
+    pub validity: Option<Duration>,
+}
+
+/// Check a `POST /v1/messages` body (SPEC §7) without touching state: every
+/// invalid field → 400 naming it. Pure, so it can be fuzzed.
+pub fn parse_send_request(
+    map: &serde_json::Map<String, Value>,
+    now: Millis,
+) -> Result<SendRequest, ApiError> {
     let kind = str_field(map, "type")?.ok_or_else(|| {
         ApiError::invalid(
             "type",
@@ -178,22 +199,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     }
     validate(kind, &object).map_err(|e| ApiError::invalid(e.field, e.message))?;
 
-    let account = match str_field(map, "account")? {
-        Some(name) => shared.state.account_by_name(name).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::UnknownAccount,
-                format!("no account named {name:?}"),
-            )
-            .with_field("account")
-        })?,
-        None => shared.state.default_account().ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::UnknownAccount,
-                "no account is configured (sandbox: accounts appear with their first webhook)",
-            )
-            .with_field("account")
-        })?,
-    };
+    let account = str_field(map, "account")?.map(str::to_string);
     let to_raw = str_field(map, "to")?
         .ok_or_else(|| ApiError::invalid("to", "to is required: the contact's E.164 number"))?;
     let to = parse_phone(to_raw).ok_or_else(|| {
@@ -204,7 +210,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         .with_field("to")
     })?;
 
-    let context_id = match str_field(map, "reply_to")? {
+    let reply_to = match str_field(map, "reply_to")? {
         None => None,
         Some(_) if kind == "reaction" => {
             return Err(ApiError::invalid(
@@ -212,21 +218,11 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
                 "a reaction cannot reply to a message; set reaction.message_id",
             ));
         }
-        Some(r) if r.starts_with("msg_") => {
-            let record = shared
-                .state
-                .record(r)
-                .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
-            Some(record.wamid.ok_or_else(|| {
-                ApiError::invalid("reply_to", format!("message {r:?} has not been sent yet"))
-            })?)
-        }
         Some(r) if r.trim().is_empty() => {
             return Err(ApiError::invalid("reply_to", "reply_to must not be empty"));
         }
         Some(r) => Some(r.to_string()),
     };
-
     let tags = match map.get("tags") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => {
@@ -282,9 +278,9 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         }
     };
     let validity = match map.get("validity") {
-        None | Some(Value::Null) => shared.settings.sender.validity,
+        None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
-            Some(s) if (1..=MAX_VALIDITY_S).contains(&s) => Duration::from_secs(s),
+            Some(s) if (1..=MAX_VALIDITY_S).contains(&s) => Some(Duration::from_secs(s)),
             _ => {
                 return Err(ApiError::invalid(
                     "validity",
@@ -294,8 +290,64 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         },
     };
 
-    let content = Content {
+    Ok(SendRequest {
+        account,
+        to,
         kind: kind.to_string(),
+        object,
+        reply_to,
+        tags,
+        metadata,
+        send_at,
+        validity,
+    })
+}
+
+fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    let now = now_ms();
+    let SendRequest {
+        account,
+        to,
+        kind,
+        object,
+        reply_to,
+        tags,
+        metadata,
+        send_at,
+        validity,
+    } = parse_send_request(map, now)?;
+    let validity = validity.unwrap_or(shared.settings.sender.validity);
+    let account = match account.as_deref() {
+        Some(name) => shared.state.account_by_name(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownAccount,
+                format!("no account named {name:?}"),
+            )
+            .with_field("account")
+        })?,
+        None => shared.state.default_account().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownAccount,
+                "no account is configured (sandbox: accounts appear with their first webhook)",
+            )
+            .with_field("account")
+        })?,
+    };
+    // A router id stands for the wamid Meta gave that message.
+    let context_id = match reply_to {
+        Some(r) if r.starts_with("msg_") => {
+            let record = shared
+                .state
+                .record(&r)
+                .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
+            Some(record.wamid.ok_or_else(|| {
+                ApiError::invalid("reply_to", format!("message {r:?} has not been sent yet"))
+            })?)
+        }
+        other => other,
+    };
+    let content = Content {
+        kind,
         object,
         context_id,
     };
