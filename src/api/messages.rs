@@ -366,16 +366,34 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     };
     let accepted =
         enqueue(&shared.state, new, now).map_err(|(refused, _)| policy_error(refused))?;
-    let out = AcceptedOut {
+    let out = accepted_out(accepted, account.name(), to, None);
+    Ok(serde_json::to_value(out).unwrap_or_default())
+}
+
+/// The record `id`, or 404.
+fn find_record(shared: &Shared, id: &str) -> Result<crate::outbound::OutboundRecord, ApiError> {
+    shared
+        .state
+        .record(id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))
+}
+
+/// The 202 answer of an accepted message.
+fn accepted_out(
+    accepted: crate::outbound::policy::Accepted,
+    account: &str,
+    to: String,
+    retry_of: Option<String>,
+) -> AcceptedOut {
+    AcceptedOut {
         id: accepted.id,
         status: accepted.status.as_str().into(),
-        account: account.name().into(),
+        account: account.into(),
         to,
         queue_position: accepted.queue_position,
         send_after: rfc3339(accepted.send_after),
-        retry_of: None,
-    };
-    Ok(serde_json::to_value(out).unwrap_or_default())
+        retry_of,
+    }
 }
 
 /// The API answer for a policy refusal (SPEC §7 table).
@@ -399,10 +417,7 @@ pub async fn get(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let record = shared
-        .state
-        .record(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
+    let record = find_record(&shared, &id)?;
     Ok(HttpResponse::Ok().json(RecordOut::from(&record)))
 }
 
@@ -497,10 +512,7 @@ pub async fn retry(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let old = shared
-        .state
-        .record(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
+    let old = find_record(&shared, &id)?;
     if !matches!(old.status, Status::Failed | Status::Expired) {
         return Err(ApiError::new(
             ErrorCode::NotRetryable,
@@ -532,13 +544,5 @@ pub async fn retry(
     let accepted =
         enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| policy_error(refused))?;
     super::durable(&shared).await?;
-    Ok(HttpResponse::Accepted().json(AcceptedOut {
-        id: accepted.id,
-        status: accepted.status.as_str().into(),
-        account: account.name().into(),
-        to: old.to,
-        queue_position: accepted.queue_position,
-        send_after: rfc3339(accepted.send_after),
-        retry_of: Some(id),
-    }))
+    Ok(HttpResponse::Accepted().json(accepted_out(accepted, account.name(), old.to, Some(id))))
 }
