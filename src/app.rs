@@ -80,16 +80,18 @@ impl App {
         let (state, feeds) =
             State::new(&settings.accounts, metrics.clone(), events.wants_statuses());
         let mut new_accounts = feeds.new_accounts;
+        // Bind first: a second router on the same address stops here,
+        // before it touches the data directory.
+        let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
+            addr: settings.listen.clone(),
+            reason: e.to_string(),
+        })?;
         // SPEC §9: replay the journal before anything is accepted.
         let restored = match &settings.data_dir {
             Some(dir) => Some(open_storage(&state, &events, dir, settings.sandbox).await?),
             None => None,
         };
         let (lanes, lane_receivers) = Lanes::new();
-        let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
-            addr: settings.listen.clone(),
-            reason: e.to_string(),
-        })?;
         let port = listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?
@@ -248,6 +250,10 @@ async fn open_storage(
             dir.display()
         ))
     })?;
+    // One router per data_dir: a second one must not replay and compact
+    // under a running one. The lock is held until the process ends.
+    let lock = crate::journal::lock(dir).map_err(|e| StartError::Storage(e.to_string()))?;
+    std::mem::forget(lock);
     let mut queued_events = std::collections::BTreeMap::new();
     let log_bytes = crate::journal::log_bytes(dir);
     let (ops, next) = {

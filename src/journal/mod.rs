@@ -112,8 +112,9 @@ fn logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 }
 
 /// Read every frame of `path`. A torn frame at the very end (a crash
-/// mid-write) is cut off and the file truncated there when `repair`;
-/// damage followed by more data is corruption.
+/// mid-write) is cut off and the file truncated there when `repair` (the
+/// newest log); without `repair` it is corruption, and so is damage
+/// followed by more data.
 pub fn read_frames(
     path: &Path,
     repair: bool,
@@ -183,6 +184,15 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn torn(path: &Path, offset: u64, len: u64, repair: bool, count: u64) -> Result<u64, JournalError> {
+    if !repair {
+        // Only the newest log can be cut by a crash; a snapshot or an older
+        // log that ends early lost data some other way.
+        return Err(JournalError::Corrupt {
+            path: path.display().to_string(),
+            offset,
+            reason: "the file ends in the middle of a record (truncated)".into(),
+        });
+    }
     tracing::warn!(file = %path.display(), offset, dropped_bytes = len - offset, "journal ends in a torn record (crash mid-write); it is cut off");
     if repair {
         let f = OpenOptions::new()
@@ -193,6 +203,26 @@ fn torn(path: &Path, offset: u64, len: u64, repair: bool, count: u64) -> Result<
         f.sync_all().map_err(|e| io_error(path, e))?;
     }
     Ok(count)
+}
+
+/// Take the exclusive lock of `dir` (file `LOCK`): one router per data_dir.
+/// The lock lasts as long as the returned file is open.
+pub fn lock(dir: &Path) -> Result<File, JournalError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(JournalError::Io {
+            path: dir.display().to_string(),
+            reason: "in use by another wa-router (one router per data_dir)".into(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io_error(&path, e)),
+    }
 }
 
 /// Total size of the log files in `dir` (0 if none can be read).
@@ -517,6 +547,20 @@ mod tests {
         let err = replay(dir.path(), |_| {}).unwrap_err().to_string();
         assert!(
             err.contains("wal-00000000.log") && err.contains("corrupt"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_truncated_snapshot_is_an_error_not_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        install_snapshot(dir.path(), 0, (0..10).map(seen)).unwrap();
+        let path = dir.path().join(SNAPSHOT);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let err = replay(dir.path(), |_| {}).unwrap_err().to_string();
+        assert!(
+            err.contains("snapshot.log") && err.contains("truncated"),
             "{err}"
         );
     }

@@ -587,3 +587,32 @@ async fn sigkill_at_random_points_under_load_loses_nothing_accepted() {
         acked_inbound.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_router_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _) = graph_mock().await;
+    let r = Router::start(dir.path(), &graph.uri(), "50ms", "").await;
+    let second = tempfile::tempdir().unwrap();
+    // Same data directory (absolute), another port.
+    let data = dir.path().join("data");
+    write_config(second.path(), &graph.uri(), "50ms", "", free_port(), "");
+    let config = std::fs::read_to_string(second.path().join("wa-router.toml"))
+        .unwrap()
+        .replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"{}\"", data.display()),
+        );
+    std::fs::write(second.path().join("wa-router.toml"), config).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "-c", "wa-router.toml"])
+        .current_dir(second.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another wa-router"), "{err}");
+    // The first one is unharmed.
+    let (status, _) = r.api(reqwest::Method::GET, "/v1/queues", None).await;
+    assert_eq!(status, 200);
+}
