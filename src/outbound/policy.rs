@@ -191,18 +191,16 @@ pub fn enqueue(
         return Err((refused, Some(id)));
     }
     let id = record.id.clone();
+    // Estimate before inserting: once inserted, the sender may take the
+    // message at once and its own send would count against it.
+    let pace_ms = pace.as_millis() as Millis;
+    let ahead = account.queue.stats().depth as Millis;
+    let next_free = account
+        .queue
+        .last_send()
+        .map_or(now, |l| (l + pace_ms).max(now));
     let position = state.insert_record(&account, record, now);
-    let send_after = match send_at {
-        Some(t) => t,
-        None => {
-            let pace_ms = pace.as_millis() as Millis;
-            let next_free = account
-                .queue
-                .last_send()
-                .map_or(now, |l| (l + pace_ms).max(now));
-            next_free + pace_ms * position.saturating_sub(1) as Millis
-        }
-    };
+    let send_after = send_at.unwrap_or(next_free + pace_ms * ahead);
     Ok(Accepted {
         id,
         status,
