@@ -122,7 +122,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "d" => number * 86400.0,
             _ => return Err(bad()),
         };
-        total += Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
+        let part = Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
+        total = total.checked_add(part).ok_or_else(bad)?;
     }
     Ok(total)
 }
@@ -246,7 +247,11 @@ mod tests {
         );
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        for bad in ["", "10", "s", "10x", "-1s", "ten seconds"] {
+        // Found by fuzzing (fuzz/regressions/api_body/parse_duration_sum_overflow):
+        // parts that overflow when added used to panic.
+        let overflow = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions/api_body/parse_duration_sum_overflow")).unwrap();
+        assert!(parse_duration(&overflow).is_err());
+        for bad in ["", "10", "s", "10x", "-1s", "ten seconds", "18000000000000000000s18000000000000000000s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }
         assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
