@@ -616,3 +616,94 @@ async fn a_second_router_on_the_same_data_dir_refuses_to_start() {
     let (status, _) = r.api(reqwest::Method::GET, "/v1/queues", None).await;
     assert_eq!(status, 200);
 }
+
+/// Mount a tmpfs of `size` at `dir` (root only). Set
+/// WA_ROUTER_SKIP_MOUNT_TESTS=1 where mounting is not allowed.
+fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && std::env::var_os("WA_ROUTER_SKIP_MOUNT_TESTS").is_some() {
+        return false;
+    }
+    assert!(
+        ok,
+        "mounting a small tmpfs failed (needs root); set WA_ROUTER_SKIP_MOUNT_TESTS=1 to skip"
+    );
+    true
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    if !mount_tmpfs(&data, "256k") {
+        return;
+    }
+    let _unmount = Unmount(data.clone());
+    let (graph, _) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "1h", "").await;
+    let padding = "x".repeat(8000);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        let mut body = template(&format!("full{i}"));
+        body["metadata"] = json!({ "padding": padding });
+        let (status, answer) = r
+            .api(reqwest::Method::POST, "/v1/messages", Some(body))
+            .await;
+        match status {
+            202 => accepted.push(answer["id"].as_str().unwrap().to_string()),
+            _ => {
+                refused = Some((status, answer));
+                break;
+            }
+        }
+    }
+    let (status, answer) = refused.expect("the disk filled up");
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (503, Some("storage_unavailable")),
+        "{answer}"
+    );
+    assert!(!accepted.is_empty());
+    let ready = r.http.get(r.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        503,
+        "Meta must retry what cannot be recorded"
+    );
+    // Make room and restart: everything answered 202 is there.
+    r.kill();
+    assert!(
+        Command::new("mount")
+            .args(["-o", "remount,size=8m"])
+            .arg(&data)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = Router::start(dir.path(), &graph.uri(), "1h", "").await;
+    for id in &accepted {
+        let (status, _) = r
+            .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
+            .await;
+        assert_eq!(
+            status, 200,
+            "message {id} answered 202 before the disk filled was lost"
+        );
+    }
+}
