@@ -249,9 +249,21 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         // Found by fuzzing (fuzz/regressions/api_body/parse_duration_sum_overflow):
         // parts that overflow when added used to panic.
-        let overflow = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions/api_body/parse_duration_sum_overflow")).unwrap();
+        let overflow = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/regressions/api_body/parse_duration_sum_overflow"
+        ))
+        .unwrap();
         assert!(parse_duration(&overflow).is_err());
-        for bad in ["", "10", "s", "10x", "-1s", "ten seconds", "18000000000000000000s18000000000000000000s"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "10x",
+            "-1s",
+            "ten seconds",
+            "18000000000000000000s18000000000000000000s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }
         assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
