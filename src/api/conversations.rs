@@ -38,13 +38,11 @@ pub async fn get(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let (name, wa_id) = path.into_inner();
-    let account = account(&shared, &name)?;
-    let wa_id = contact(&wa_id);
+    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
     let view = shared.state.conversation(&account, &wa_id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
-            format!("no conversation with {wa_id} on {name:?}"),
+            format!("no conversation with {wa_id} on {:?}", account.name()),
         )
     })?;
     Ok(HttpResponse::Ok().json(ConversationOut::new(&view, now_ms())))
@@ -58,13 +56,11 @@ pub async fn messages(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let (name, wa_id) = path.into_inner();
-    let account = account(&shared, &name)?;
-    let wa_id = contact(&wa_id);
+    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
     if shared.state.conversation(&account, &wa_id).is_none() {
         return Err(ApiError::new(
             ErrorCode::NotFound,
-            format!("no conversation with {wa_id} on {name:?}"),
+            format!("no conversation with {wa_id} on {:?}", account.name()),
         ));
     }
     Ok(HttpResponse::Ok().json(RecentListOut {
@@ -107,6 +103,14 @@ pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpRespo
         })
         .collect();
     Ok(HttpResponse::Ok().json(QueuesOut { queues }))
+}
+
+/// The account and contact of a `/v1/conversations/{account}/{wa_id}` path.
+fn conversation_path(
+    shared: &Shared,
+    (name, raw): (String, String),
+) -> Result<(std::sync::Arc<Account>, String), ApiError> {
+    Ok((account(shared, &name)?, path_contact(&raw)?))
 }
 
 /// The conversation as the API shows it, after a change.
@@ -221,9 +225,7 @@ pub async fn put_state(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let (name, raw) = path.into_inner();
-    let account = account(&shared, &name)?;
-    let wa_id = path_contact(&raw)?;
+    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
     let body = json_body(&req, payload).await?;
     let obj = body.as_object().ok_or_else(|| {
         ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object")
@@ -292,9 +294,7 @@ pub async fn handoff(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let (name, raw) = path.into_inner();
-    let account = account(&shared, &name)?;
-    let wa_id = path_contact(&raw)?;
+    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
     let ttl = match optional_json_body(&req, payload)
         .await?
         .as_ref()
@@ -340,9 +340,7 @@ pub async fn release(
     path: web::Path<(String, String)>,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let (name, raw) = path.into_inner();
-    let account = account(&shared, &name)?;
-    let wa_id = path_contact(&raw)?;
+    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
     shared.state.set_handoff(account.id, &wa_id, None, now_ms());
     answer(&shared, &account, &wa_id).await
 }
@@ -374,8 +372,7 @@ async fn set_consent(
     (name, raw): (String, String),
     opted_out: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let account = account(shared, &name)?;
-    let wa_id = path_contact(&raw)?;
+    let (account, wa_id) = conversation_path(shared, (name, raw))?;
     shared
         .state
         .set_opted_out(account.id, &wa_id, opted_out, now_ms());
