@@ -279,6 +279,18 @@ async fn webhook_effects_survive_a_sigkill_and_are_not_repeated() {
             .await,
         200
     );
+    // Rules run after the ack: wait until the opt-in is in force.
+    wait_for(10, "the opt-in", || async {
+        let (_, c) = r
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/conversations/main/{BOB}"),
+                None,
+            )
+            .await;
+        (c["opted_out"] == false).then_some(())
+    })
+    .await;
     let (s, _) = r.api(reqwest::Method::POST, "/v1/messages", Some(json!({ "to": format!("+{BOB}"), "type": "template", "template": { "name": "barrier", "language": { "code": "en" } } }))).await;
     assert_eq!(s, 202);
     wait_for(10, "the barrier", || async {
