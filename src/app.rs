@@ -36,6 +36,8 @@ pub struct Shared {
     /// The runtime the workers run on (handlers run on actix's own threads).
     pub runtime: tokio::runtime::Handle,
     pub ready: AtomicBool,
+    /// Deadline and shared byte budget for reading request bodies.
+    pub bodies: crate::body::BodyLimits,
 }
 
 /// Why the app could not start.
@@ -56,6 +58,9 @@ pub struct App {
     server: actix_web::dev::Server,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    /// Background upkeep; awaited at shutdown so that a compaction it is
+    /// running ends before the final one starts.
+    maintenance: tokio::task::JoinHandle<()>,
 }
 
 impl App {
@@ -112,6 +117,10 @@ impl App {
                 .collect(),
             runtime: tokio::runtime::Handle::current(),
             ready: AtomicBool::new(false),
+            bodies: crate::body::BodyLimits::new(
+                settings.http.body_timeout,
+                settings.http.max_buffered,
+            ),
         });
         let (stop, stop_rx) = watch::channel(false);
 
@@ -128,7 +137,7 @@ impl App {
                 });
             }
         }
-        spawn_maintenance(shared.clone(), stop_rx.clone());
+        let maintenance = spawn_maintenance(shared.clone(), stop_rx.clone());
         {
             // One paced sender per account, including sandbox accounts that
             // appear later with their first webhook.
@@ -166,6 +175,10 @@ impl App {
                 .default_service(web::to(not_found))
         })
         .workers(workers)
+        // actix counts connections per worker.
+        .max_connections(settings.http.max_connections.div_ceil(workers))
+        .client_request_timeout(Duration::from_secs(5))
+        .client_disconnect_timeout(Duration::from_secs(1))
         .disable_signals()
         .shutdown_timeout(5)
         .listen(listener)
@@ -181,6 +194,7 @@ impl App {
             server,
             shared,
             stop,
+            maintenance,
         })
     }
 
@@ -202,6 +216,7 @@ impl App {
         tracing::info!("shutting down: no new requests, finishing in-flight ones");
         handle.stop(true).await;
         let _ = self.stop.send(true);
+        let _ = self.maintenance.await;
         if self.shared.state.journal().is_some() {
             // Everything accepted is on disk; leave a snapshot for a fast start.
             let synced = self.shared.state.sync().await;
@@ -244,7 +259,7 @@ async fn open_storage(
     sandbox: bool,
 ) -> Result<crate::state::restore::Restored, StartError> {
     let started = std::time::Instant::now();
-    std::fs::create_dir_all(dir).map_err(|e| {
+    crate::journal::create_private_dir(dir).map_err(|e| {
         StartError::Storage(format!(
             "{}: cannot create the data directory: {e}",
             dir.display()
@@ -254,6 +269,7 @@ async fn open_storage(
     // under a running one. The lock is held until the process ends.
     let lock = crate::journal::lock(dir).map_err(|e| StartError::Storage(e.to_string()))?;
     std::mem::forget(lock);
+    crate::journal::remove_stale_snapshots(dir);
     let mut queued_events = std::collections::BTreeMap::new();
     let log_bytes = crate::journal::log_bytes(dir);
     let (ops, next) = {
@@ -310,9 +326,15 @@ async fn open_storage(
 /// Log size that triggers a snapshot.
 const COMPACT_AT_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Snapshot the whole state and drop the logs it covers.
+/// Snapshot the whole state and drop the logs it covers. One compaction
+/// runs at a time; none after the journal failed (the newest log must stay
+/// the one that holds the last good records).
 pub async fn compact(state: &State, events: &Events) -> Result<usize, String> {
     let journal = state.journal().ok_or("memory mode")?.clone();
+    let _one_at_a_time = journal.compaction().await;
+    if journal.has_failed() {
+        return Err("the journal failed; no snapshot until restart".into());
+    }
     let next = journal.rotate().await?;
     let mut ops = state.dump_ops();
     ops.extend(events.dump_ops());
@@ -327,7 +349,10 @@ pub async fn compact(state: &State, events: &Events) -> Result<usize, String> {
 
 /// Background upkeep: drop what is past `retention` (every minute) and,
 /// with a data_dir, snapshot when the log grows large.
-fn spawn_maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+fn spawn_maintenance(
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = 0u64;
         loop {
@@ -347,12 +372,12 @@ fn spawn_maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let big = shared
                 .state
                 .journal()
-                .is_some_and(|j| j.log_bytes() > COMPACT_AT_BYTES);
+                .is_some_and(|j| !j.has_failed() && j.log_bytes() > COMPACT_AT_BYTES);
             if big && let Err(e) = compact(&shared.state, &shared.events).await {
                 tracing::error!(error = %e, "compaction failed");
             }
         }
-    });
+    })
 }
 
 async fn shutdown_signal() {

@@ -43,6 +43,9 @@ pub enum Command {
         /// Listen address, overriding the file (e.g. 0.0.0.0:8080).
         #[arg(long, env = "WA_ROUTER_LISTEN")]
         listen: Option<String>,
+        /// Let sandbox mode with the public "sandbox" credentials listen on a non-loopback address.
+        #[arg(long, env = "WA_ROUTER_ALLOW_REMOTE_SANDBOX")]
+        allow_remote_sandbox: bool,
     },
     /// Load and validate a rule file: prints `ok: N rules`, or every error as FILE:LINE:COL: message (exit 1).
     Check {
@@ -56,9 +59,20 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Print the X-Hub-Signature-256 value (sha256=<hex>) of FILE, or of stdin.
     Sign {
-        /// The app secret.
-        #[arg(long, env = "WA_APP_SECRET", hide_env_values = true)]
-        secret: String,
+        /// The app secret. Prefer the environment variable WA_APP_SECRET or
+        /// --secret-file: a value given here is visible to other users in
+        /// the process list.
+        #[arg(
+            long,
+            env = "WA_APP_SECRET",
+            hide_env_values = true,
+            required_unless_present = "secret_file",
+            conflicts_with = "secret_file"
+        )]
+        secret: Option<String>,
+        /// Read the app secret from this file (its first line).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
         /// The body to sign (default: stdin).
         file: Option<PathBuf>,
     },
@@ -111,12 +125,45 @@ pub struct SimulateArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, listen } => {
-            serve(config.as_deref(), Overrides { listen }, cli.log_format)
-        }
+        Command::Serve {
+            config,
+            listen,
+            allow_remote_sandbox,
+        } => serve(
+            config.as_deref(),
+            Overrides {
+                listen,
+                allow_remote_sandbox,
+            },
+            cli.log_format,
+        ),
         Command::Check { routes, config } => check(routes.as_deref(), config.as_deref()),
         Command::Simulate(args) => simulate(&args),
-        Command::Sign { secret, file } => sign(&secret, file.as_deref()),
+        Command::Sign {
+            secret,
+            secret_file,
+            file,
+        } => {
+            let secret = match (secret, secret_file) {
+                (Some(s), _) => s,
+                (None, Some(path)) => match std::fs::read_to_string(&path) {
+                    Ok(text) => text.lines().next().unwrap_or_default().to_string(),
+                    Err(e) => {
+                        eprintln!("cannot read {}: {e}", path.display());
+                        return ExitCode::from(1);
+                    }
+                },
+                (None, None) => {
+                    eprintln!("give --secret, --secret-file or WA_APP_SECRET");
+                    return ExitCode::from(2);
+                }
+            };
+            if secret.is_empty() {
+                eprintln!("the app secret is empty");
+                return ExitCode::from(1);
+            }
+            sign(&secret, file.as_deref())
+        }
     }
 }
 

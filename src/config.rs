@@ -17,6 +17,8 @@ use crate::domain::{Located, Secret, parse_duration, parse_size};
 pub const DEFAULT_CONFIG: &str = "wa-router.toml";
 /// App secret, verify token and API key of sandbox mode (SPEC §2).
 pub const SANDBOX_SECRET: &str = "sandbox";
+/// The name [`load`] gives the embedded defaults (no configuration file).
+pub const EMBEDDED: &str = "<embedded defaults>";
 
 /// The router's whole configuration, immutable after startup.
 #[derive(Debug, Clone)]
@@ -33,8 +35,16 @@ pub struct Settings {
     pub sender: SenderSettings,
     pub conversations: ConversationSettings,
     pub targets: Vec<TargetSettings>,
+    pub http: HttpSettings,
     /// Sandbox mode: no account has an access token (SPEC §2).
     pub sandbox: bool,
+    /// Some secret is the public sandbox one (`"sandbox"`): only with no
+    /// configuration file, or a file that says `[sandbox]
+    /// public_credentials = true`; such a router listens on loopback only
+    /// unless `allow_remote`.
+    pub public_credentials: bool,
+    /// Sandbox with public credentials may listen on a non-loopback address.
+    pub sandbox_allow_remote: bool,
     /// The file these settings came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -75,6 +85,17 @@ pub struct SenderSettings {
     pub validity: Duration,
 }
 
+/// Limits of the HTTP server against slow or greedy clients.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// A request body must arrive whole within this (→ 408).
+    pub body_timeout: Duration,
+    /// Request bodies buffered at once, all requests together (→ 503).
+    pub max_buffered: usize,
+    /// Open connections, all workers together.
+    pub max_connections: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct ConversationSettings {
     pub handoff_ttl: Duration,
@@ -87,6 +108,8 @@ pub struct TargetSettings {
     pub secret: Secret,
     pub messages: bool,
     pub statuses: bool,
+    /// Bytes of undelivered events kept before the oldest are dropped.
+    pub max_backlog_bytes: usize,
 }
 
 pub const DEFAULT_PACE: Duration = Duration::from_secs(10);
@@ -121,6 +144,8 @@ pub enum ConfigError {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    /// `--allow-remote-sandbox`: as `[sandbox] allow_remote = true`.
+    pub allow_remote_sandbox: bool,
 }
 
 // ---------------------------------------------------------------- file shape
@@ -140,13 +165,32 @@ struct FileIn {
     conversations: Option<ConversationsIn>,
     #[serde(default)]
     targets: BTreeMap<String, Spanned<TargetIn>>,
+    sandbox: Option<SandboxIn>,
+    http: Option<HttpIn>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpIn {
+    body_timeout: Option<Dur>,
+    max_buffered: Option<Size>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandboxIn {
+    #[serde(default)]
+    public_credentials: bool,
+    #[serde(default)]
+    allow_remote: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MetaIn {
-    app_secret: Option<EnvStrings>,
-    verify_token: Option<EnvString>,
+    app_secret: Option<Spanned<EnvStrings>>,
+    verify_token: Option<Spanned<EnvString>>,
     graph_url: Option<EnvString>,
     graph_version: Option<EnvString>,
     max_body: Option<Size>,
@@ -157,7 +201,7 @@ struct MetaIn {
 struct AccountIn {
     name: EnvString,
     phone_number_id: EnvString,
-    access_token: Option<EnvString>,
+    access_token: Option<Spanned<EnvString>>,
     pace: Option<Dur>,
     max_queue: Option<usize>,
     #[serde(default)]
@@ -167,7 +211,7 @@ struct AccountIn {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ApiIn {
-    keys: Option<EnvStrings>,
+    keys: Option<Spanned<EnvStrings>>,
     rate: Option<u32>,
     burst: Option<u32>,
 }
@@ -191,8 +235,9 @@ struct ConversationsIn {
 #[serde(deny_unknown_fields)]
 struct TargetIn {
     url: EnvString,
-    secret: EnvString,
+    secret: Spanned<EnvString>,
     events: Option<Vec<String>>,
+    max_backlog: Option<Size>,
 }
 
 /// A string with `${VAR}` expanded from the environment.
@@ -288,12 +333,38 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
             })?;
             from_str(&source, &file)?
         }
-        None => from_str("", Path::new("<embedded defaults>"))?,
+        None => from_str("", Path::new(EMBEDDED))?,
     };
     if let Some(listen) = &overrides.listen {
         settings.listen = listen.clone();
     }
+    settings.sandbox_allow_remote |= overrides.allow_remote_sandbox;
+    if settings.public_credentials
+        && !settings.sandbox_allow_remote
+        && !is_loopback(&settings.listen)
+    {
+        return Err(ConfigError::Invalid {
+            file: settings
+                .source
+                .as_ref()
+                .map_or_else(|| EMBEDDED.into(), |p| p.display().to_string()),
+            message: format!(
+                "sandbox mode with the public credentials (\"sandbox\") would listen on {}, which is not a loopback address: anyone who reaches it could use it. Configure [meta] app_secret, verify_token and [api] keys, or set [sandbox] allow_remote = true (--allow-remote-sandbox) if you mean it",
+                settings.listen
+            ),
+        });
+    }
     Ok(settings)
+}
+
+/// Whether `listen` (`host:port`) names a loopback address.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Parse and validate the text of a configuration file named `file`.
@@ -312,17 +383,36 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         ConfigError::Located(Located::at(&name, source, span.start, msg))
     };
 
+    // A secret that is present but empty (typically `${VAR}` with VAR set
+    // to "") is an error: it must never fall back to anything.
+    let empty = |span: std::ops::Range<usize>, key: &str| -> ConfigError {
+        at(
+            span,
+            format!(
+                "{key} is empty (an environment variable set to \"\"?); give a value or remove the key"
+            ),
+        )
+    };
+    let file_given = file != Path::new(EMBEDDED);
+
     let mut accounts = Vec::new();
     for spanned in &parsed.accounts {
         let a = spanned.get_ref();
+        if let Some(t) = &a.access_token
+            && t.get_ref().0.is_empty()
+        {
+            return Err(empty(
+                t.span(),
+                &format!("account {:?}: access_token", a.name.0),
+            ));
+        }
         let account = AccountSettings {
             name: a.name.0.clone(),
             phone_number_id: a.phone_number_id.0.clone(),
             access_token: a
                 .access_token
                 .as_ref()
-                .filter(|t| !t.0.is_empty())
-                .map(|t| Secret::new(t.0.clone())),
+                .map(|t| Secret::new(t.get_ref().0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             default: a.default,
@@ -379,37 +469,64 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
     if !accounts.is_empty() && !accounts.iter().any(|a| a.default) {
         accounts[0].default = true;
     }
+    if accounts.len() > crate::state::MAX_ACCOUNTS {
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: format!(
+                "{} accounts configured; at most {} are supported",
+                accounts.len(),
+                crate::state::MAX_ACCOUNTS
+            ),
+        });
+    }
     let sandbox = !accounts.iter().any(|a| a.access_token.is_some());
 
     let meta_in = parsed.meta.unwrap_or_default();
     let api_in = parsed.api.unwrap_or_default();
     let sender_in = parsed.sender.unwrap_or_default();
-    let mut app_secrets: Vec<Secret> = meta_in
-        .app_secret
-        .map(|s| {
-            s.0.into_iter()
-                .filter(|s| !s.is_empty())
-                .map(Secret::new)
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut verify_token = meta_in.verify_token.map(|t| t.0).filter(|t| !t.is_empty());
-    let mut keys: Vec<Secret> = api_in
-        .keys
-        .map(|k| {
-            k.0.into_iter()
-                .filter(|s| !s.is_empty())
-                .map(Secret::new)
-                .collect()
-        })
-        .unwrap_or_default();
-    if sandbox {
+    let sandbox_in = parsed.sandbox.unwrap_or_default();
+    let secrets =
+        |list: Option<Spanned<EnvStrings>>, key: &str| -> Result<Vec<Secret>, ConfigError> {
+            let Some(list) = list else {
+                return Ok(Vec::new());
+            };
+            let span = list.span();
+            let values = list.into_inner().0;
+            if values.is_empty() || values.iter().any(String::is_empty) {
+                return Err(empty(span, key));
+            }
+            Ok(values.into_iter().map(Secret::new).collect())
+        };
+    let mut app_secrets = secrets(meta_in.app_secret, "[meta] app_secret")?;
+    let mut keys = secrets(api_in.keys, "[api] keys")?;
+    let mut verify_token = match meta_in.verify_token {
+        Some(t) if t.get_ref().0.is_empty() => {
+            return Err(empty(t.span(), "[meta] verify_token"));
+        }
+        Some(t) => Some(t.into_inner().0),
+        None => None,
+    };
+    // The public sandbox credentials: with no file, or a file that asks.
+    let public_allowed = !file_given || sandbox_in.public_credentials;
+    if sandbox_in.public_credentials && !sandbox {
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: "[sandbox] public_credentials = true, but an account has an access_token (live mode): live mode never uses the public credentials".into(),
+        });
+    }
+    let mut public_credentials = false;
+    if sandbox && public_allowed {
         if app_secrets.is_empty() {
             app_secrets.push(Secret::new(SANDBOX_SECRET));
+            public_credentials = true;
         }
-        verify_token.get_or_insert_with(|| SANDBOX_SECRET.to_string());
+        if verify_token.is_none() {
+            verify_token = Some(SANDBOX_SECRET.to_string());
+            public_credentials = true;
+        }
         if keys.is_empty() {
             keys.push(Secret::new(SANDBOX_SECRET));
+            public_credentials = true;
         }
     } else {
         let mut missing = Vec::new();
@@ -423,12 +540,20 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             missing.push("[api] keys (at least one)");
         }
         if !missing.is_empty() {
-            return Err(ConfigError::Invalid {
-                file: name,
-                message: format!(
+            let message = if sandbox {
+                format!(
+                    "no account has an access_token (sandbox mode), and a configuration file does not get the public sandbox credentials unless it says [sandbox] public_credentials = true; otherwise it needs {}",
+                    missing.join(", ")
+                )
+            } else {
+                format!(
                     "live mode (an account has an access_token) needs {}",
                     missing.join(", ")
-                ),
+                )
+            };
+            return Err(ConfigError::Invalid {
+                file: name,
+                message,
             });
         }
     }
@@ -483,12 +608,45 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 ),
             ));
         }
+        if t.secret.get_ref().0.is_empty() {
+            return Err(empty(
+                t.secret.span(),
+                &format!("target {target_name:?}: secret"),
+            ));
+        }
         targets.push(TargetSettings {
             name: target_name.clone(),
             url: t.url.0.clone(),
-            secret: Secret::new(t.secret.0.clone()),
+            secret: Secret::new(t.secret.get_ref().0.clone()),
             messages: events.iter().any(|e| e == "message"),
             statuses: events.iter().any(|e| e == "status"),
+            max_backlog_bytes: t.max_backlog.map_or(64 * 1024 * 1024, |s| s.0),
+        });
+    }
+
+    let http_in = parsed.http.unwrap_or_default();
+    let max_body = meta_in.max_body.map_or(3 * 1024 * 1024, |s| s.0);
+    let http = HttpSettings {
+        body_timeout: http_in
+            .body_timeout
+            .map_or(Duration::from_secs(10), |d| d.0),
+        max_buffered: http_in.max_buffered.map_or(64 * 1024 * 1024, |s| s.0),
+        max_connections: http_in.max_connections.unwrap_or(10_000),
+    };
+    if http.body_timeout.is_zero() || http.max_connections == 0 {
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: "[http] body_timeout and max_connections must be above 0".into(),
+        });
+    }
+    if http.max_buffered < max_body.max(crate::api::MAX_BODY) {
+        return Err(ConfigError::Invalid {
+            file: name,
+            message: format!(
+                "[http] max_buffered ({} bytes) must be at least the largest body accepted ([meta] max_body, {} bytes)",
+                http.max_buffered,
+                max_body.max(crate::api::MAX_BODY)
+            ),
         });
     }
 
@@ -517,7 +675,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             graph_version: meta_in
                 .graph_version
                 .map_or_else(|| "v25.0".to_string(), |v| v.0),
-            max_body: meta_in.max_body.map_or(3 * 1024 * 1024, |s| s.0),
+            max_body,
         },
         accounts,
         api: ApiSettings { keys, rate, burst },
@@ -536,8 +694,11 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 .map_or(Duration::from_secs(24 * 3600), |d| d.0),
         },
         targets,
+        http,
         sandbox,
-        source: if source.is_empty() && file.to_string_lossy().starts_with('<') {
+        public_credentials,
+        sandbox_allow_remote: sandbox_in.allow_remote,
+        source: if !file_given {
             None
         } else {
             Some(file.to_path_buf())
@@ -555,13 +716,14 @@ mod tests {
 
     #[test]
     fn embedded_defaults_are_sandbox() {
-        let s = parse("").unwrap();
+        let s = from_str("", Path::new(EMBEDDED)).unwrap();
+        assert!(s.public_credentials && s.source.is_none());
         assert!(s.sandbox);
         assert_eq!(s.listen, "127.0.0.1:8080");
         assert_eq!(s.meta.app_secrets[0].expose(), "sandbox");
         assert_eq!(s.api.keys[0].expose(), "sandbox");
         assert_eq!(s.meta.max_body, 3 * 1024 * 1024);
-        assert_eq!(s.routes_path, PathBuf::from("/etc/wa/routes.toml"));
+        assert_eq!(s.routes_path, PathBuf::from("routes.toml"));
     }
 
     #[test]
@@ -635,6 +797,104 @@ backoff = "100ms"
             !format!("{s:?}").contains("tok\""),
             "secrets must not show in Debug"
         );
+    }
+
+    /// Issue #7.3: `${VAR}` with VAR set to "" must never mean "sandbox".
+    #[test]
+    fn empty_secrets_are_errors_naming_the_key() {
+        let live = "[[accounts]]\nname = \"main\"\nphone_number_id = \"1\"\naccess_token = \"t\"\n[meta]\napp_secret = \"s\"\nverify_token = \"v\"\n[api]\nkeys = [\"k\"]\n";
+        for (from, to, key, line) in [
+            (
+                "access_token = \"t\"",
+                "access_token = \"\"",
+                "access_token",
+                4,
+            ),
+            (
+                "app_secret = \"s\"",
+                "app_secret = \"\"",
+                "[meta] app_secret",
+                6,
+            ),
+            (
+                "app_secret = \"s\"",
+                "app_secret = [\"s\", \"\"]",
+                "[meta] app_secret",
+                6,
+            ),
+            (
+                "verify_token = \"v\"",
+                "verify_token = \"\"",
+                "[meta] verify_token",
+                7,
+            ),
+            ("keys = [\"k\"]", "keys = [\"\"]", "[api] keys", 9),
+        ] {
+            let text = live.replace(from, to);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("/etc/wa/wa-router.toml:{line}:"))
+                    && err.contains(key)
+                    && err.contains("empty"),
+                "{to}: {err}"
+            );
+        }
+        let err = parse(&format!(
+            "{live}[targets.a]\nurl = \"http://x\"\nsecret = \"\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("secret") && err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn a_file_gets_the_public_sandbox_credentials_only_when_it_asks() {
+        let err = parse("data_dir = \"\"\n").unwrap_err().to_string();
+        assert!(err.contains("public_credentials"), "{err}");
+        let s = parse("[sandbox]\npublic_credentials = true\n").unwrap();
+        assert!(s.sandbox && s.public_credentials);
+        assert_eq!(s.api.keys[0].expose(), "sandbox");
+        // Own secrets: sandbox mode without public credentials.
+        let s = parse("[meta]\napp_secret = \"a\"\nverify_token = \"b\"\n[api]\nkeys = \"c\"\n")
+            .unwrap();
+        assert!(s.sandbox && !s.public_credentials);
+        let err = parse("[sandbox]\npublic_credentials = true\n[[accounts]]\nname = \"m\"\nphone_number_id = \"1\"\naccess_token = \"t\"\n[meta]\napp_secret = \"s\"\nverify_token = \"v\"\n[api]\nkeys = \"k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("live mode"), "{err}");
+    }
+
+    #[test]
+    fn public_sandbox_listens_on_loopback_unless_allowed() {
+        let none = Overrides::default();
+        let remote = Overrides {
+            listen: Some("0.0.0.0:8080".into()),
+            ..Overrides::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wa-router.toml");
+        std::fs::write(&file, "[sandbox]\npublic_credentials = true\n").unwrap();
+        assert!(load(Some(&file), &none).is_ok());
+        let err = load(Some(&file), &remote).unwrap_err().to_string();
+        assert!(
+            err.contains("0.0.0.0:8080") && err.contains("allow_remote"),
+            "{err}"
+        );
+        let allowed = Overrides {
+            allow_remote_sandbox: true,
+            ..remote.clone()
+        };
+        assert!(load(Some(&file), &allowed).is_ok());
+        for (addr, loopback) in [
+            ("127.0.0.1:1", true),
+            ("localhost:8080", true),
+            ("[::1]:80", true),
+            ("0.0.0.0:80", false),
+            ("[::]:80", false),
+            ("192.168.1.2:80", false),
+        ] {
+            assert_eq!(is_loopback(addr), loopback, "{addr}");
+        }
     }
 
     #[test]

@@ -51,11 +51,12 @@ pub async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
             (a.name().to_string(), s.depth, s.scheduled)
         })
         .collect();
-    let body = shared.metrics.render(
-        shared.state.open_windows(now_ms()),
-        &queues,
-        &shared.events.backlog(),
-    );
+    let body = shared.metrics.render(&crate::telemetry::ScrapeGauges {
+        open_windows: shared.state.open_windows(now_ms()),
+        queues,
+        backlog: shared.events.backlog(),
+        body_buffered: shared.bodies.buffered(),
+    });
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(body)

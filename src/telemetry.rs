@@ -61,6 +61,17 @@ struct AccountLabel {
     account: String,
 }
 
+/// Values read at scrape time.
+#[derive(Debug, Default)]
+pub struct ScrapeGauges {
+    pub open_windows: usize,
+    /// (account, queued, scheduled)
+    pub queues: Vec<(String, usize, usize)>,
+    /// (target, events, bytes)
+    pub backlog: Vec<(String, usize, usize)>,
+    pub body_buffered: usize,
+}
+
 /// The `wa_router_*` metric families (SPEC §10).
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -74,6 +85,8 @@ pub struct Metrics {
     graph_latency: Histogram,
     event_deliveries: Family<ResultLabel, Counter>,
     event_backlog: Family<TargetLabel, Gauge>,
+    event_backlog_bytes: Family<TargetLabel, Gauge>,
+    body_buffered: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +115,8 @@ impl Metrics {
             graph_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             event_deliveries: Family::default(),
             event_backlog: Family::default(),
+            event_backlog_bytes: Family::default(),
+            body_buffered: Gauge::default(),
         };
         r.register(
             "webhooks",
@@ -147,6 +162,16 @@ impl Metrics {
             "event_backlog",
             "Events waiting for delivery, per target",
             m.event_backlog.clone(),
+        );
+        r.register(
+            "event_backlog_bytes",
+            "Bytes of events waiting for delivery, per target",
+            m.event_backlog_bytes.clone(),
+        );
+        r.register(
+            "request_body_buffered_bytes",
+            "Request body bytes buffered right now (all requests; [http] max_buffered)",
+            m.body_buffered.clone(),
         );
         r.register(
             "event_deliveries",
@@ -200,20 +225,19 @@ impl Metrics {
     }
 
     /// Prometheus text, after setting the gauges read at scrape time.
-    pub fn render(
-        &self,
-        open_windows: usize,
-        queues: &[(String, usize, usize)],
-        backlog: &[(String, usize)],
-    ) -> String {
-        self.open_windows.set(open_windows as i64);
-        for (target, n) in backlog {
-            self.event_backlog
-                .get_or_create(&TargetLabel {
-                    target: target.clone(),
-                })
-                .set(*n as i64);
+    pub fn render(&self, g: &ScrapeGauges) -> String {
+        self.open_windows.set(g.open_windows as i64);
+        self.body_buffered.set(g.body_buffered as i64);
+        for (target, n, bytes) in &g.backlog {
+            let label = TargetLabel {
+                target: target.clone(),
+            };
+            self.event_backlog.get_or_create(&label).set(*n as i64);
+            self.event_backlog_bytes
+                .get_or_create(&label)
+                .set(*bytes as i64);
         }
+        let queues = &g.queues;
         for (account, depth, scheduled) in queues {
             self.queue_depth
                 .get_or_create(&AccountLabel {

@@ -8,47 +8,33 @@ pub mod messages;
 pub mod openapi;
 
 use actix_web::{HttpRequest, web};
-use futures_util::StreamExt;
 
 use crate::error::{ApiError, ErrorCode};
 
 /// Largest API request body (SPEC §7: over 1 MB → 413).
 pub const MAX_BODY: usize = 1024 * 1024;
 
-/// Read a JSON request body of at most [`MAX_BODY`] bytes.
+/// Read a JSON request body of at most [`MAX_BODY`] bytes, under the
+/// router's body deadline and budget ([`crate::body`]).
 pub async fn json_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
 ) -> Result<serde_json::Value, ApiError> {
-    let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, "request body over 1 MB");
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
-        return Err(too_large());
-    }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| {
-            ApiError::new(
-                ErrorCode::InvalidRequest,
-                "the request body could not be read",
-            )
-        })?;
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    if body.is_empty() {
+    let Some(shared) = req.app_data::<web::Data<crate::app::Shared>>() else {
+        return Err(ApiError::new(ErrorCode::Internal, "server state missing"));
+    };
+    let body = shared
+        .bodies
+        .read(req, payload, MAX_BODY)
+        .await
+        .map_err(|e| e.into_api_error("request body over 1 MB", ErrorCode::InvalidRequest))?;
+    if body.bytes.is_empty() {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
             "a JSON body is required",
         ));
     }
-    serde_json::from_slice(&body)
+    serde_json::from_slice(&body.bytes)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON: {e}")))
 }
 

@@ -28,7 +28,8 @@ pub const EVENT_ID_HEADER: &str = "X-Router-Event-Id";
 
 /// How long an event is retried (SPEC §8).
 pub const RETRY_FOR_MS: Millis = 24 * 3600 * 1000;
-/// Events kept per target before the oldest are dropped.
+/// Events kept per target before the oldest are dropped; the bytes they
+/// may hold are `[targets.NAME] max_backlog` (default 64 MB).
 pub const MAX_BACKLOG: usize = 100_000;
 /// Deliveries in flight per target.
 const CONCURRENCY: usize = 8;
@@ -47,11 +48,37 @@ struct Pending {
 
 struct Target {
     settings: TargetSettings,
-    queue: Mutex<BTreeMap<(Millis, u64), Pending>>,
+    queue: Mutex<Backlog>,
     notify: Notify,
     slots: Arc<Semaphore>,
     /// Every event not yet delivered or given up (queued or in flight), by id.
     live: Mutex<std::collections::HashMap<String, Pending>>,
+}
+
+/// Events waiting for a target, by due time, and their size.
+#[derive(Default)]
+struct Backlog {
+    due: BTreeMap<(Millis, u64), Pending>,
+    bytes: usize,
+}
+
+impl Backlog {
+    fn insert(&mut self, key: (Millis, u64), p: Pending) {
+        self.bytes += p.body.len();
+        if let Some(old) = self.due.insert(key, p) {
+            self.bytes -= old.body.len();
+        }
+    }
+
+    fn remove(&mut self, key: &(Millis, u64)) -> Option<Pending> {
+        let p = self.due.remove(key)?;
+        self.bytes -= p.body.len();
+        Some(p)
+    }
+
+    fn first_key(&self) -> Option<(Millis, u64)> {
+        self.due.keys().next().copied()
+    }
 }
 
 /// All targets and their delivery workers.
@@ -84,7 +111,7 @@ impl Events {
             .map(|t| {
                 Arc::new(Target {
                     settings: t.clone(),
-                    queue: Mutex::new(BTreeMap::new()),
+                    queue: Mutex::new(Backlog::default()),
                     notify: Notify::new(),
                     slots: Arc::new(Semaphore::new(CONCURRENCY)),
                     live: Mutex::new(Default::default()),
@@ -188,15 +215,18 @@ impl Events {
             .expect("event live lock")
             .insert(pending.id.clone(), pending.clone());
         let mut q = target.queue.lock().expect("event queue lock");
-        let mut dropped = None;
-        if q.len() >= MAX_BACKLOG
-            && let Some((&k, _)) = q.iter().next()
+        let mut dropped = Vec::new();
+        // Bounded by count and by bytes: the oldest go first.
+        while q.due.len() >= MAX_BACKLOG
+            || (!q.due.is_empty()
+                && q.bytes + pending.body.len() > target.settings.max_backlog_bytes)
         {
-            dropped = q.remove(&k);
+            let Some(k) = q.first_key() else { break };
+            dropped.extend(q.remove(&k));
         }
         q.insert((now, seq), pending);
         drop(q);
-        if let Some(old) = dropped {
+        for old in dropped {
             self.metrics.event_delivery("dropped");
             tracing::error!(target = %target.settings.name, event_id = %old.id, "event backlog full; the oldest event was dropped");
             self.finished(target, &old.id);
@@ -235,15 +265,13 @@ impl Events {
         self.emit(message_status_body(record, now_ms()), |t| t.statuses);
     }
 
-    /// Events waiting per target (for `/metrics`).
-    pub fn backlog(&self) -> Vec<(String, usize)> {
+    /// Events and their bytes waiting per target (for `/metrics`).
+    pub fn backlog(&self) -> Vec<(String, usize, usize)> {
         self.targets
             .iter()
             .map(|t| {
-                (
-                    t.settings.name.clone(),
-                    t.queue.lock().expect("event queue lock").len(),
-                )
+                let q = t.queue.lock().expect("event queue lock");
+                (t.settings.name.clone(), q.due.len(), q.bytes)
             })
             .collect()
     }
@@ -290,7 +318,7 @@ async fn run_target(events: Arc<Events>, target: Arc<Target>, mut stop: watch::R
         let now = now_ms();
         let due = {
             let mut q = target.queue.lock().expect("event queue lock");
-            match q.iter().next().map(|(k, _)| *k) {
+            match q.first_key() {
                 Some(key) if key.0 <= now => q.remove(&key).map(Ok),
                 Some(key) => Some(Err(key.0)),
                 None => None,

@@ -15,7 +15,20 @@
 //! Compaction: [`Journal::rotate`] starts a new log file; the caller then
 //! writes a snapshot of the whole state and [`install_snapshot`] removes the
 //! logs it covers. Ops are applied to memory before they are appended, so a
-//! snapshot taken after a rotation holds everything in the older logs.
+//! snapshot taken after a rotation holds everything in the older logs. One
+//! compaction runs at a time ([`Journal::compaction`]), and none once the
+//! journal has failed: the log that holds the last good frames stays the
+//! newest one.
+//!
+//! Failure: a write or fdatasync that fails (disk full, I/O error) marks the
+//! journal failed for the rest of the process, and the file is cut back to
+//! the end of its last good frame, so no torn frame is left behind. On
+//! start, a torn tail (a partial frame, a frame whose checksum fails, or a
+//! zero-filled region as power loss leaves on some filesystems) is cut off
+//! the newest log that holds data; anywhere else it is corruption.
+//!
+//! Files are created owner-only (0600; the directory 0700): they hold
+//! customer data.
 
 pub mod ops;
 
@@ -32,7 +45,9 @@ use tokio::sync::oneshot;
 pub use ops::Op;
 
 const SNAPSHOT: &str = "snapshot.log";
-const SNAPSHOT_TMP: &str = "snapshot.tmp";
+/// Temporary snapshots are `snapshot.<unique>.tmp`, renamed when complete.
+const SNAPSHOT_TMP_PREFIX: &str = "snapshot.";
+const SNAPSHOT_TMP_SUFFIX: &str = ".tmp";
 /// Ops without a waiting ack still reach the disk within this.
 const LAZY_SYNC: Duration = Duration::from_millis(50);
 /// Largest frame accepted on replay (a bigger length is corruption).
@@ -71,6 +86,8 @@ pub struct Journal {
     failed: Arc<AtomicBool>,
     log_bytes: Arc<AtomicU64>,
     dir: Option<PathBuf>,
+    /// Held for the whole of a compaction (rotate + snapshot + removal).
+    compaction: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -111,10 +128,12 @@ fn logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     Ok(found)
 }
 
-/// Read every frame of `path`. A torn frame at the very end (a crash
-/// mid-write) is cut off and the file truncated there when `repair` (the
-/// newest log); without `repair` it is corruption, and so is damage
-/// followed by more data.
+/// Read every frame of `path`. A torn tail (a crash or a failed write
+/// mid-frame: a partial frame, a last frame whose checksum fails, or a
+/// zero-filled rest of the file) is cut off and the file truncated there
+/// when `repair` (the newest log that holds data); without `repair` it is
+/// corruption, and so is damage followed by more data. A frame of length 0
+/// is never valid.
 pub fn read_frames(
     path: &Path,
     repair: bool,
@@ -130,6 +149,15 @@ pub fn read_frames(
         offset,
         reason: reason.into(),
     };
+    // A bad frame at `offset`: a torn tail if nothing but zeros follows it
+    // or it is the last frame; damage otherwise.
+    let bad = |offset: u64, last: bool, count: u64, reason: &str| -> Result<u64, JournalError> {
+        if last || zeros_from(path, offset)? {
+            torn(path, offset, len, repair, count)
+        } else {
+            Err(corrupt(offset, reason))
+        }
+    };
     loop {
         let mut head = [0u8; 8];
         match read_full(&mut r, &mut head) {
@@ -140,12 +168,12 @@ pub fn read_frames(
         }
         let size = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        let frame_end = offset + 8 + size as u64;
+        if size == 0 {
+            return bad(offset, false, count, "empty record");
+        }
         if size > MAX_FRAME {
-            return if offset + 8 + size as u64 > len {
-                torn(path, offset, len, repair, count)
-            } else {
-                Err(corrupt(offset, "frame too large"))
-            };
+            return bad(offset, frame_end > len, count, "frame too large");
         }
         let mut payload = vec![0u8; size];
         match read_full(&mut r, &mut payload) {
@@ -154,20 +182,33 @@ pub fn read_frames(
             Err(e) => return Err(io_error(path, e)),
         }
         if crc32fast::hash(&payload) != crc {
-            // The last frame may be torn; anywhere else it is damage.
-            return if offset + 8 + size as u64 >= len {
-                torn(path, offset, len, repair, count)
-            } else {
-                Err(corrupt(offset, "checksum mismatch"))
-            };
+            return bad(offset, frame_end >= len, count, "checksum mismatch");
         }
         let op: Op = serde_json::from_slice(&payload)
             .map_err(|e| corrupt(offset, &format!("unreadable record: {e}")))?;
         each(op);
         count += 1;
-        offset += 8 + size as u64;
+        offset = frame_end;
     }
     Ok(count)
+}
+
+/// Whether every byte of `path` from `offset` on is zero.
+fn zeros_from(path: &Path, offset: u64) -> Result<bool, JournalError> {
+    use std::io::Seek;
+    let mut f = File::open(path).map_err(|e| io_error(path, e))?;
+    f.seek(io::SeekFrom::Start(offset))
+        .map_err(|e| io_error(path, e))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) if buf[..n].iter().all(|&b| b == 0) => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, e)),
+        }
+    }
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -193,15 +234,13 @@ fn torn(path: &Path, offset: u64, len: u64, repair: bool, count: u64) -> Result<
             reason: "the file ends in the middle of a record (truncated)".into(),
         });
     }
-    tracing::warn!(file = %path.display(), offset, dropped_bytes = len - offset, "journal ends in a torn record (crash mid-write); it is cut off");
-    if repair {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_error(path, e))?;
-        f.set_len(offset).map_err(|e| io_error(path, e))?;
-        f.sync_all().map_err(|e| io_error(path, e))?;
-    }
+    tracing::warn!(file = %path.display(), offset, dropped_bytes = len - offset, "journal ends in a torn record (crash or failed write mid-record); it is cut off");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error(path, e))?;
+    f.set_len(offset).map_err(|e| io_error(path, e))?;
+    f.sync_all().map_err(|e| io_error(path, e))?;
     Ok(count)
 }
 
@@ -209,10 +248,7 @@ fn torn(path: &Path, offset: u64, len: u64, repair: bool, count: u64) -> Result<
 /// The lock lasts as long as the returned file is open.
 pub fn lock(dir: &Path) -> Result<File, JournalError> {
     let path = dir.join("LOCK");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    let file = private(OpenOptions::new().create(true).truncate(false).write(true))
         .open(&path)
         .map_err(|e| io_error(&path, e))?;
     match file.try_lock() {
@@ -254,12 +290,18 @@ pub fn replay(dir: &Path, mut apply: impl FnMut(Op)) -> Result<(u64, u64), Journ
     }
     let mut next = from_seq;
     let files = logs(dir)?;
-    let last = files.last().map(|(s, _)| *s);
+    // Only the newest log that holds data can end torn: older ones were
+    // closed cleanly. Empty logs after it (a rotation with nothing written
+    // since) do not make it older.
+    let last = files
+        .iter()
+        .rev()
+        .find(|(_, p)| fs::metadata(p).map_or(true, |m| m.len() > 0))
+        .map(|(s, _)| *s);
     for (seq, path) in files {
         if seq < from_seq {
             continue;
         }
-        // Only the newest log can end torn; older ones were closed cleanly.
         applied += read_frames(&path, Some(seq) == last, &mut apply)?;
         next = seq + 1;
     }
@@ -274,27 +316,26 @@ impl Journal {
             failed: Arc::new(AtomicBool::new(false)),
             log_bytes: Arc::new(AtomicU64::new(0)),
             dir: None,
+            compaction: Default::default(),
         }
     }
 
     /// Open the journal in `dir` for appending, starting log `next_seq`.
     pub fn open(dir: &Path, next_seq: u64) -> Result<Self, JournalError> {
         let path = dir.join(log_name(next_seq));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
+        let file = private(OpenOptions::new().create(true).append(true))
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
         sync_dir(dir);
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
-        let log_bytes = Arc::new(AtomicU64::new(
-            file.metadata().map(|m| m.len()).unwrap_or(0),
-        ));
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_bytes = Arc::new(AtomicU64::new(len));
         let writer = Writer {
             dir: dir.to_path_buf(),
             file,
             seq: next_seq,
+            good_len: len,
             failed: failed.clone(),
             log_bytes: log_bytes.clone(),
         };
@@ -307,7 +348,13 @@ impl Journal {
             failed,
             log_bytes,
             dir: Some(dir.to_path_buf()),
+            compaction: Default::default(),
         })
+    }
+
+    /// Held by whoever compacts: one compaction at a time.
+    pub async fn compaction(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.compaction.clone().lock_owned().await
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -364,25 +411,32 @@ impl Journal {
 }
 
 /// Write a snapshot of `ops` covering every log before `next_log`, then
-/// delete those logs. Blocking: call from a blocking thread.
+/// delete those logs. Blocking: call from a blocking thread. The snapshot
+/// is written to a temporary file of its own (created new, never shared
+/// with another writer), fsynced, renamed over `snapshot.log`, and the
+/// directory fsynced before any log is removed.
 pub fn install_snapshot(
     dir: &Path,
     next_log: u64,
     ops: impl Iterator<Item = Op>,
 ) -> Result<usize, JournalError> {
-    let tmp = dir.join(SNAPSHOT_TMP);
-    let mut out =
-        io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(|e| io_error(&tmp, e))?);
-    out.write_all(&frame(&Op::SnapshotOf { next_log }))
-        .map_err(|e| io_error(&tmp, e))?;
-    let mut n = 0;
-    for op in ops {
-        out.write_all(&frame(&op)).map_err(|e| io_error(&tmp, e))?;
-        n += 1;
-    }
-    let file = out.into_inner().map_err(|e| io_error(&tmp, e.error()))?;
-    file.sync_all().map_err(|e| io_error(&tmp, e))?;
-    fs::rename(&tmp, dir.join(SNAPSHOT)).map_err(|e| io_error(&tmp, e))?;
+    static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        "{SNAPSHOT_TMP_PREFIX}{}.{}{SNAPSHOT_TMP_SUFFIX}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = write_snapshot(&tmp, next_log, ops).and_then(|n| {
+        fs::rename(&tmp, dir.join(SNAPSHOT)).map_err(|e| io_error(&tmp, e))?;
+        Ok(n)
+    });
+    let n = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     sync_dir(dir);
     for (seq, path) in logs(dir)? {
         if seq < next_log {
@@ -390,6 +444,70 @@ pub fn install_snapshot(
         }
     }
     Ok(n)
+}
+
+fn write_snapshot(
+    tmp: &Path,
+    next_log: u64,
+    ops: impl Iterator<Item = Op>,
+) -> Result<usize, JournalError> {
+    let file = private(OpenOptions::new().write(true).create_new(true))
+        .open(tmp)
+        .map_err(|e| io_error(tmp, e))?;
+    let mut out = io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&frame(&Op::SnapshotOf { next_log }))
+        .map_err(|e| io_error(tmp, e))?;
+    let mut n = 0;
+    for op in ops {
+        out.write_all(&frame(&op)).map_err(|e| io_error(tmp, e))?;
+        n += 1;
+    }
+    let file = out.into_inner().map_err(|e| io_error(tmp, e.error()))?;
+    file.sync_all().map_err(|e| io_error(tmp, e))?;
+    Ok(n)
+}
+
+/// Remove temporary snapshots left by a process that stopped mid-write.
+pub fn remove_stale_snapshots(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(SNAPSHOT_TMP_PREFIX) && name.ends_with(SNAPSHOT_TMP_SUFFIX) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Create the data directory owner-only (0700); warn when an existing one
+/// is readable by others.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder.create(dir)?;
+        let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the data directory is readable by other users and holds customer data; chmod 700 it");
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    builder.create(dir)
+}
+
+/// Files of the journal are owner-only (0600) when created.
+fn private(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
 }
 
 fn sync_dir(dir: &Path) {
@@ -402,6 +520,8 @@ struct Writer {
     dir: PathBuf,
     file: File,
     seq: u64,
+    /// Length of the current log up to the end of its last whole frame.
+    good_len: u64,
     failed: Arc<AtomicBool>,
     log_bytes: Arc<AtomicU64>,
 }
@@ -471,29 +591,45 @@ impl Writer {
             .file
             .write_all(buf)
             .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
-        self.log_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let written = buf.len() as u64;
         buf.clear();
         match result {
-            Ok(()) => true,
+            Ok(()) => {
+                self.good_len += written;
+                self.log_bytes.store(self.good_len, Ordering::Relaxed);
+                true
+            }
             Err(e) => {
                 tracing::error!(dir = %self.dir.display(), error = %e, "journal write failed; the router stops accepting what it cannot record");
                 self.failed.store(true, Ordering::Release);
+                // Leave no torn frame behind: cut the log back to its last
+                // whole frame (what was not synced was not acknowledged).
+                let cut = self
+                    .file
+                    .set_len(self.good_len)
+                    .and_then(|()| self.file.sync_all());
+                if let Err(e) = cut {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "could not cut the journal back to its last whole record; the next start repairs it");
+                }
                 false
             }
         }
     }
 
     fn rotate(&mut self) -> Result<u64, String> {
+        if self.failed.load(Ordering::Acquire) {
+            // The current log holds the last good frames: it must stay the
+            // newest, so that a start repairs its tail.
+            return Err("the journal failed; no rotation until restart".into());
+        }
         let next = self.seq + 1;
         let path = self.dir.join(log_name(next));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
+        let file = private(OpenOptions::new().create(true).append(true))
             .open(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         self.file = file;
         self.seq = next;
+        self.good_len = 0;
         self.log_bytes.store(0, Ordering::Relaxed);
         sync_dir(&self.dir);
         Ok(next)
@@ -596,5 +732,98 @@ mod tests {
             format!("{got:?}"),
             format!("{:?}", (0..6).map(seen).collect::<Vec<_>>())
         );
+    }
+
+    async fn log_of(dir: &Path, n: u64) -> PathBuf {
+        let j = Journal::open(dir, 0).unwrap();
+        for i in 0..n {
+            j.append(&seen(i));
+        }
+        assert!(j.sync().await);
+        dir.join(log_name(0))
+    }
+
+    #[tokio::test]
+    async fn a_zero_filled_tail_is_torn_not_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_of(dir.path(), 5).await;
+        let good = fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        drop(f);
+        let (applied, _) = replay(dir.path(), |_| {}).unwrap();
+        assert_eq!(applied, 5);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            good,
+            "the zeros are cut"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_frame_followed_by_data_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_of(dir.path(), 2).await;
+        let mut bytes = fs::read(&path).unwrap();
+        let mut tail = vec![0u8; 8];
+        tail.extend_from_slice(&frame(&seen(9)));
+        bytes.extend_from_slice(&tail);
+        fs::write(&path, &bytes).unwrap();
+        let err = replay(dir.path(), |_| {}).unwrap_err().to_string();
+        assert!(err.contains("empty record"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_torn_log_followed_only_by_empty_logs_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_of(dir.path(), 4).await;
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 2);
+        fs::write(&path, &bytes).unwrap();
+        // A rotation after the failed write left an empty newer log.
+        fs::write(dir.path().join(log_name(1)), b"").unwrap();
+        let (applied, next) = replay(dir.path(), |_| {}).unwrap();
+        assert_eq!((applied, next), (3, 2));
+        // An older log that is torn under a newer one holding data is not.
+        fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+        fs::write(dir.path().join(log_name(1)), frame(&seen(7))).unwrap();
+        assert!(replay(dir.path(), |_| {}).is_err());
+    }
+
+    #[test]
+    fn concurrent_snapshots_do_not_share_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        for _ in 0..25 {
+                            install_snapshot(dir.path(), 0, (0..200).map(seen)).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().unwrap();
+            }
+        });
+        let (applied, _) = replay(dir.path(), |_| {}).unwrap();
+        assert_eq!(applied, 201, "the marker and 200 ops");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(SNAPSHOT)]);
+    }
+
+    #[tokio::test]
+    async fn no_rotation_after_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(log_name(0))).unwrap();
+        let j = Journal::open(dir.path(), 0).unwrap();
+        j.append(&seen(1));
+        assert!(!j.sync().await);
+        assert!(j.rotate().await.is_err());
+        assert!(!dir.path().join(log_name(1)).exists());
     }
 }

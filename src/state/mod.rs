@@ -34,6 +34,11 @@ pub const RECENT: usize = 50;
 const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
 const DEDUPE_CAPACITY: usize = 1_000_000;
 const ORPHAN_CAPACITY: usize = 10_000;
+/// Accounts the router can hold (ids are `u16`).
+pub const MAX_ACCOUNTS: usize = u16::MAX as usize;
+/// Sandbox accounts registered from webhooks, at most: anyone holding the
+/// sandbox app secret can make up phone number ids.
+pub const MAX_SANDBOX_ACCOUNTS: usize = 1_000;
 
 /// One business number.
 #[derive(Debug)]
@@ -291,6 +296,7 @@ impl State {
             journal: std::sync::OnceLock::new(),
             pending: DashMap::new(),
         };
+        // The configuration holds at most MAX_ACCOUNTS (checked on load).
         for a in accounts {
             state.add_account(a.clone());
         }
@@ -305,12 +311,25 @@ impl State {
 
     // ------------------------------------------------------------ accounts
 
-    fn add_account(&self, settings: AccountSettings) -> Arc<Account> {
+    /// Add an account; `None` when the router holds as many as it can.
+    fn add_account(&self, settings: AccountSettings) -> Option<Arc<Account>> {
         let mut inner = self.accounts.write().expect("accounts lock");
         if let Some(&id) = inner.by_pnid.get(&settings.phone_number_id) {
-            return inner.list[id as usize].clone();
+            return Some(inner.list[id as usize].clone());
         }
-        let id = inner.list.len() as u16;
+        let sandboxes = inner
+            .list
+            .iter()
+            .filter(|a| a.is_sandbox() && a.settings.name == a.settings.phone_number_id)
+            .count();
+        let id = u16::try_from(inner.list.len()).ok()?;
+        if usize::from(id) >= MAX_ACCOUNTS
+            || (settings.access_token.is_none()
+                && settings.name == settings.phone_number_id
+                && sandboxes >= MAX_SANDBOX_ACCOUNTS)
+        {
+            return None;
+        }
         let account = Arc::new(Account {
             id,
             settings,
@@ -323,21 +342,30 @@ impl State {
             .insert(account.settings.phone_number_id.clone(), id);
         inner.list.push(account.clone());
         let _ = self.new_accounts.send(account.clone());
-        account
+        Some(account)
     }
 
-    /// Register a sandbox account for a `phone_number_id` seen in a webhook.
-    pub fn register_sandbox(&self, phone_number_id: &str) -> Arc<Account> {
+    /// Register a sandbox account for a `phone_number_id` seen in a webhook;
+    /// `None` past [`MAX_SANDBOX_ACCOUNTS`] (logged and counted).
+    pub fn register_sandbox(&self, phone_number_id: &str) -> Option<Arc<Account>> {
         if let Some(a) = self.account_by_pnid(phone_number_id) {
-            return a;
+            return Some(a);
         }
+        let Some(account) = self.add_account(AccountSettings::sandbox(phone_number_id)) else {
+            self.metrics.webhook("sandbox_account_refused");
+            tracing::error!(
+                phone_number_id,
+                max = MAX_SANDBOX_ACCOUNTS,
+                "sandbox account not registered: the router holds as many sandbox accounts as it allows; the webhook's items for it are ignored"
+            );
+            return None;
+        };
         tracing::info!(phone_number_id, "sandbox account registered from a webhook");
-        let account = self.add_account(AccountSettings::sandbox(phone_number_id));
         self.log(|| Op::Account {
             name: account.name().to_string(),
             phone_number_id: phone_number_id.to_string(),
         });
-        account
+        Some(account)
     }
 
     pub fn accounts(&self) -> Vec<Arc<Account>> {

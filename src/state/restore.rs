@@ -27,7 +27,7 @@ impl State {
             return Some(a);
         }
         if sandbox {
-            return Some(self.add_account(AccountSettings::sandbox(name)));
+            return self.add_account(AccountSettings::sandbox(name));
         }
         tracing::warn!(
             account = name,

@@ -76,9 +76,15 @@ pub fn accept(shared: &Shared, notification: Notification) -> Accepted {
     let state = &shared.state;
     let metrics = &shared.metrics;
     for batch in notification.batches {
-        let account = match state.account_by_pnid(&batch.phone_number_id) {
+        let known = state.account_by_pnid(&batch.phone_number_id).or_else(|| {
+            shared
+                .settings
+                .sandbox
+                .then(|| state.register_sandbox(&batch.phone_number_id))
+                .flatten()
+        });
+        let account = match known {
             Some(a) => a,
-            None if shared.settings.sandbox => state.register_sandbox(&batch.phone_number_id),
             None => {
                 // SPEC §3: unknown number in live mode → acked, counted, ignored.
                 tracing::warn!(phone_number_id = %batch.phone_number_id, "webhook for an unknown phone_number_id ignored");

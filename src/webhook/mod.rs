@@ -6,7 +6,6 @@ pub mod payload;
 pub mod verify;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use futures_util::StreamExt;
 
 use crate::app::Shared;
 use crate::error::{ApiError, ErrorCode};
@@ -43,51 +42,34 @@ pub async fn handshake(
 /// `POST /webhook`: verify, parse, accept, ack.
 pub async fn receive(
     req: HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let max = shared.settings.meta.max_body;
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("webhook body over max_body ({max} bytes)"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > max) {
-        shared.metrics.webhook("too_large");
-        return Err(too_large());
-    }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(4096).min(max));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| {
-            ApiError::new(
+    // Unverified bytes: bounded in time and, across all requests, in size.
+    let body = match shared.bodies.read(&req, payload, max).await {
+        Ok(body) => body,
+        Err(e) => {
+            shared.metrics.webhook(e.label());
+            return Err(e.into_api_error(
+                &format!("webhook body over max_body ({max} bytes)"),
                 ErrorCode::InvalidNotification,
-                "the request body could not be read",
-            )
-        })?;
-        if body.len() + chunk.len() > max {
-            shared.metrics.webhook("too_large");
-            return Err(too_large());
+            ));
         }
-        body.extend_from_slice(&chunk);
-    }
+    };
+    let body = &body.bytes;
     let signature = req
         .headers()
         .get(verify::SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok());
-    if !verify::verify(&body, signature, &shared.settings.meta.app_secrets) {
+    if !verify::verify(body, signature, &shared.settings.meta.app_secrets) {
         shared.metrics.webhook("bad_signature");
         return Err(ApiError::new(
             ErrorCode::InvalidSignature,
             "missing or invalid X-Hub-Signature-256",
         ));
     }
-    let notification = payload::parse(&body).map_err(|e| {
+    let notification = payload::parse(body).map_err(|e| {
         shared.metrics.webhook("invalid");
         ApiError::new(ErrorCode::InvalidNotification, e.to_string())
     })?;

@@ -61,7 +61,7 @@ fn check_uses_the_config_targets_for_forward() {
     assert!(err.contains("unknown target \"agents\""), "{err}");
     std::fs::write(
         dir.path().join("wa-router.toml"),
-        "[targets.agents]\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"s\"\n",
+        "[sandbox]\npublic_credentials = true\n[targets.agents]\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"s\"\n",
     )
     .unwrap();
     let (code, out, err) = run(&["check"], dir.path());

@@ -1,6 +1,7 @@
 //! Black-box tests: the real server on a random port, a wiremock Graph API,
 //! assertions on what the mock received. One binary, one link step.
 
+mod abuse;
 mod agent_api;
 mod cli;
 mod durability;
