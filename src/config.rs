@@ -67,6 +67,9 @@ pub struct AccountSettings {
     pub access_token: Option<Secret>,
     pub pace: Duration,
     pub max_queue: usize,
+    /// Finished outbound records kept; past it the oldest finished ones
+    /// are dropped before `retention`.
+    pub max_records: usize,
     pub default: bool,
 }
 
@@ -114,6 +117,7 @@ pub struct TargetSettings {
 
 pub const DEFAULT_PACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_QUEUE: usize = 10_000;
+pub const DEFAULT_MAX_RECORDS: usize = 200_000;
 
 impl AccountSettings {
     /// A sandbox account registered from a webhook's `phone_number_id`.
@@ -124,6 +128,7 @@ impl AccountSettings {
             access_token: None,
             pace: DEFAULT_PACE,
             max_queue: DEFAULT_MAX_QUEUE,
+            max_records: DEFAULT_MAX_RECORDS,
             default: false,
         }
     }
@@ -204,6 +209,7 @@ struct AccountIn {
     access_token: Option<Spanned<EnvString>>,
     pace: Option<Dur>,
     max_queue: Option<usize>,
+    max_records: Option<usize>,
     #[serde(default)]
     default: bool,
 }
@@ -415,6 +421,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 .map(|t| Secret::new(t.get_ref().0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            max_records: a.max_records.unwrap_or(DEFAULT_MAX_RECORDS),
             default: a.default,
         };
         if account.name.is_empty() || account.name.contains('/') {
@@ -431,10 +438,13 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 format!("account {:?}: phone_number_id must be digits", account.name),
             ));
         }
-        if account.max_queue == 0 {
+        if account.max_queue == 0 || account.max_records == 0 {
             return Err(at(
                 spanned.span(),
-                format!("account {:?}: max_queue must be at least 1", account.name),
+                format!(
+                    "account {:?}: max_queue and max_records must be at least 1",
+                    account.name
+                ),
             ));
         }
         if accounts

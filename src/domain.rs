@@ -79,6 +79,17 @@ pub fn new_id(prefix: &str) -> String {
 /// the same id. Its time part is `ms`, so it still sorts by time. Used for
 /// rule replies, so that running the rules of one message again (after a
 /// crash) cannot create a second reply.
+/// Largest `metadata` of an API send (its JSON text), kept on the record
+/// for the whole retention and carried by every status event.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Largest total of a conversation's `vars` (names and values).
+pub const MAX_VARS_BYTES: usize = 16 * 1024;
+
+/// Bytes `vars` take for [`MAX_VARS_BYTES`].
+pub fn vars_bytes<'a>(vars: impl IntoIterator<Item = (&'a String, &'a String)>) -> usize {
+    vars.into_iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
 pub fn derived_id(prefix: &str, ms: Millis, key: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(key.as_bytes());

@@ -87,6 +87,7 @@ pub struct Metrics {
     event_backlog: Family<TargetLabel, Gauge>,
     event_backlog_bytes: Family<TargetLabel, Gauge>,
     body_buffered: Gauge,
+    records_evicted: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +118,7 @@ impl Metrics {
             event_backlog: Family::default(),
             event_backlog_bytes: Family::default(),
             body_buffered: Gauge::default(),
+            records_evicted: Counter::default(),
         };
         r.register(
             "webhooks",
@@ -174,6 +176,11 @@ impl Metrics {
             m.body_buffered.clone(),
         );
         r.register(
+            "records_evicted",
+            "Finished outbound records dropped before retention because an account held max_records",
+            m.records_evicted.clone(),
+        );
+        r.register(
             "event_deliveries",
             "Event deliveries to targets, by result",
             m.event_deliveries.clone(),
@@ -210,6 +217,10 @@ impl Metrics {
                 status: status.into(),
             })
             .inc();
+    }
+
+    pub fn records_evicted(&self, n: usize) {
+        self.records_evicted.inc_by(n as u64);
     }
 
     pub fn graph_request(&self, seconds: f64) {

@@ -270,6 +270,16 @@ pub async fn put_state(
                 };
                 vars.insert(k.clone(), text);
             }
+            let size = crate::domain::vars_bytes(&vars);
+            if size > crate::domain::MAX_VARS_BYTES {
+                return Err(ApiError::invalid(
+                    "vars",
+                    format!(
+                        "vars take {size} bytes; at most {} are kept per conversation",
+                        crate::domain::MAX_VARS_BYTES
+                    ),
+                ));
+            }
             Some(vars)
         }
         Some(_) => return Err(ApiError::invalid("vars", "vars is an object")),
@@ -373,8 +383,10 @@ async fn set_consent(
     opted_out: bool,
 ) -> Result<HttpResponse, ApiError> {
     let (account, wa_id) = conversation_path(shared, (name, raw))?;
+    // By the request's time: a late-delivered older keyword cannot undo it.
+    let now = now_ms();
     shared
         .state
-        .set_opted_out(account.id, &wa_id, opted_out, now_ms());
+        .set_opted_out(account.id, &wa_id, opted_out, now, now);
     answer(shared, &account, &wa_id).await
 }

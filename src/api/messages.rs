@@ -254,7 +254,19 @@ pub fn parse_send_request(
     };
     let metadata = match map.get("metadata") {
         None | Some(Value::Null) => None,
-        Some(m @ Value::Object(_)) => Some(m.clone()),
+        Some(m @ Value::Object(_)) => {
+            let size = serde_json::to_vec(m).map_or(usize::MAX, |b| b.len());
+            if size > crate::domain::MAX_METADATA_BYTES {
+                return Err(ApiError::invalid(
+                    "metadata",
+                    format!(
+                        "metadata is {size} bytes of JSON; at most {} are kept",
+                        crate::domain::MAX_METADATA_BYTES
+                    ),
+                ));
+            }
+            Some(m.clone())
+        }
         Some(_) => {
             return Err(ApiError::invalid(
                 "metadata",

@@ -68,6 +68,12 @@ impl Status {
         matches!(self, Status::Failed | Status::Expired | Status::Cancelled)
     }
 
+    /// Out of the queue and not being sent: the record may be dropped
+    /// (retention, `max_records`) without losing work.
+    pub fn is_settled(self) -> bool {
+        !matches!(self, Status::Queued | Status::Scheduled | Status::Sending)
+    }
+
     /// Whether a delivery status from Meta may move a message from `self`
     /// to `next` (SPEC §3: never backwards; §6: late failures apply).
     pub fn accepts_from_meta(self, next: Status) -> bool {

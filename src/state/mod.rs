@@ -46,6 +46,8 @@ pub struct Account {
     pub id: u16,
     pub settings: AccountSettings,
     pub queue: AccountQueue,
+    /// Outbound records of this account held in memory.
+    records: std::sync::atomic::AtomicUsize,
 }
 
 impl Account {
@@ -163,6 +165,11 @@ pub struct Conversation {
     pub vars: BTreeMap<String, String>,
     pub handoff_until: Option<Millis>,
     pub opted_out: bool,
+    /// When the last consent change was made (the keyword message's
+    /// timestamp, or the API request's time): older keywords, which Meta
+    /// may deliver late and out of order, do not undo it.
+    #[serde(default)]
+    pub consent_at: Option<Millis>,
     pub recent: VecDeque<Recent>,
     pub last_activity: Millis,
 }
@@ -334,6 +341,7 @@ impl State {
             id,
             settings,
             queue: AccountQueue::default(),
+            records: Default::default(),
         });
         account.queue.last_send.store(-1, Ordering::Relaxed);
         inner.by_name.insert(account.settings.name.clone(), id);
@@ -562,11 +570,42 @@ impl State {
         vars: impl IntoIterator<Item = (String, String)>,
         now: Millis,
     ) {
-        self.update_conversation(account, contact, now, |c| c.vars.extend(vars));
+        self.update_conversation(account, contact, now, |c| {
+            let mut merged = c.vars.clone();
+            merged.extend(vars);
+            let size = crate::domain::vars_bytes(&merged);
+            if size > crate::domain::MAX_VARS_BYTES {
+                tracing::error!(
+                    size,
+                    max = crate::domain::MAX_VARS_BYTES,
+                    "a rule's vars would exceed the per-conversation limit; not set"
+                );
+            } else {
+                c.vars = merged;
+            }
+        });
     }
 
-    pub fn set_opted_out(&self, account: u16, contact: &str, opted_out: bool, now: Millis) {
-        self.update_conversation(account, contact, now, |c| c.opted_out = opted_out);
+    /// Record a consent change made at `at`; `false` (and nothing changed)
+    /// when a later change is already recorded. Compared in whole seconds,
+    /// the resolution of Meta's timestamps: within one second, the change
+    /// processed last wins.
+    pub fn set_opted_out(
+        &self,
+        account: u16,
+        contact: &str,
+        opted_out: bool,
+        at: Millis,
+        now: Millis,
+    ) -> bool {
+        self.update_conversation(account, contact, now, |c| {
+            if c.consent_at.is_some_and(|last| last / 1000 > at / 1000) {
+                return false;
+            }
+            c.opted_out = opted_out;
+            c.consent_at = Some(at);
+            true
+        })
     }
 
     /// Hand the conversation to humans until `until`, or give it back (`None`).
@@ -640,7 +679,15 @@ impl State {
             self.report_status(&record);
         }
         self.log(|| Op::Record(Box::new(record.clone())));
-        self.records.insert(id.clone(), record);
+        if self.records.insert(id.clone(), record).is_none() {
+            let held = account.records.fetch_add(1, Ordering::Relaxed) + 1;
+            // Past the cap by a tenth: drop the oldest finished records
+            // down to 90 % of it (amortised: one scan per cap/5 inserts).
+            let cap = account.settings.max_records;
+            if held > cap + cap / 10 {
+                self.evict_records(account, cap - cap / 10);
+            }
+        }
         self.order.lock().expect("order lock").insert(id.clone());
         self.update_conversation(account.id, &to, now, |c| {
             push_recent(&mut c.recent, conv_recent)
@@ -666,6 +713,52 @@ impl State {
             account.queue.notify.notify_one();
         }
         position
+    }
+
+    /// Drop the oldest finished records of `account` until it holds `keep`.
+    fn evict_records(&self, account: &Account, keep: usize) {
+        let held = account.records.load(Ordering::Relaxed);
+        let mut excess = held.saturating_sub(keep);
+        let mut victims = Vec::new();
+        {
+            let order = self.order.lock().expect("order lock");
+            for id in order.iter() {
+                if excess == 0 {
+                    break;
+                }
+                let Some(r) = self.records.get(id) else {
+                    continue;
+                };
+                if r.account == account.name() && r.status.is_settled() {
+                    victims.push((id.clone(), r.wamid.clone()));
+                    excess -= 1;
+                }
+            }
+        }
+        self.metrics.records_evicted(victims.len());
+        tracing::warn!(
+            account = account.name(),
+            dropped = victims.len(),
+            max_records = account.settings.max_records,
+            "account holds more records than max_records; the oldest finished ones were dropped"
+        );
+        for (id, wamid) in victims {
+            self.forget_record(&id, wamid.as_deref());
+        }
+    }
+
+    /// Remove one record with its indexes (journaled).
+    fn forget_record(&self, id: &str, wamid: Option<&str>) {
+        if let Some((_, r)) = self.records.remove(id)
+            && let Some(a) = self.account_by_name(&r.account)
+        {
+            a.records.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.order.lock().expect("order lock").remove(id);
+        if let Some(w) = wamid {
+            self.by_wamid.remove(w);
+        }
+        self.log(|| Op::ForgetRecord { id: id.to_string() });
     }
 
     pub fn record(&self, id: &str) -> Option<OutboundRecord> {

@@ -138,6 +138,9 @@ impl State {
             let mut order = self.order.lock().expect("order lock");
             for r in self.records.iter() {
                 order.insert(r.id.clone());
+                if let Some(a) = self.account_by_name(&r.account) {
+                    a.records.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(w) = &r.wamid {
                     self.by_wamid.insert(w.clone(), r.id.clone());
                 }
@@ -251,22 +254,11 @@ impl State {
         let old_records: Vec<(String, Option<String>)> = self
             .records
             .iter()
-            .filter(|r| {
-                r.created_at < cutoff
-                    && !matches!(
-                        r.status,
-                        Status::Queued | Status::Scheduled | Status::Sending
-                    )
-            })
+            .filter(|r| r.created_at < cutoff && r.status.is_settled())
             .map(|r| (r.id.clone(), r.wamid.clone()))
             .collect();
         for (id, wamid) in &old_records {
-            self.records.remove(id);
-            self.order.lock().expect("order lock").remove(id);
-            if let Some(w) = wamid {
-                self.by_wamid.remove(w);
-            }
-            self.log(|| Op::ForgetRecord { id: id.clone() });
+            self.forget_record(id, wamid.as_deref());
         }
         let old_convs: Vec<ConvKey> = self
             .conversations

@@ -152,10 +152,25 @@ pub fn process(shared: &Shared, job: Job) {
 
     if let Some(keyword) = rules.consent_keyword(&msg) {
         // SPEC §4: consent keywords are honoured even while handed off.
+        // They count by the time the customer sent them: Meta retries for
+        // days and out of order, so an older keyword arriving after a newer
+        // one changes nothing and is not answered.
         let opted_out = keyword == ConsentKeyword::OptOut;
-        state.set_opted_out(account.id, &msg.from, opted_out, now);
-        tracing::info!(opted_out, "consent keyword");
-        if let Some(reply) = rules.consent_reply(keyword, &msg, &name) {
+        let applied = state.set_opted_out(
+            account.id,
+            &msg.from,
+            opted_out,
+            msg.timestamp.min(now),
+            now,
+        );
+        tracing::info!(opted_out, applied, "consent keyword");
+        if !applied {
+            shared.metrics.webhook("stale_consent_keyword");
+        }
+        if let Some(reply) = applied
+            .then(|| rules.consent_reply(keyword, &msg, &name))
+            .flatten()
+        {
             match reply {
                 Ok(content) => send(shared, &account, &msg, 0, content, "consent", true),
                 Err(e) => tracing::error!(error = %e, "consent reply could not be rendered"),
