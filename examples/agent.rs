@@ -23,7 +23,7 @@ struct Args {
     /// Address to listen on; events arrive at POST /whatsapp.
     #[arg(long, env = "AGENT_LISTEN", default_value = "127.0.0.1:9000")]
     listen: String,
-    /// The target's `secret` in wa-router.toml (key of X-Router-Signature-256).
+    /// The target's `secret` in wa-router.toml (key of the event signatures).
     #[arg(
         long,
         env = "AGENTS_SECRET",
@@ -53,9 +53,21 @@ struct Agent {
     seen: Mutex<HashSet<String>>,
 }
 
-/// `X-Router-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>`,
-/// compared in constant time.
-fn signature_ok(secret: &str, body: &[u8], header: Option<&str>) -> bool {
+/// `X-Router-Timestamp-Signature: sha256=<hex HMAC-SHA256(secret,
+/// "{X-Router-Timestamp}.{raw body}")>`, compared in constant time, and the
+/// timestamp within 5 minutes of now: a delivery recorded by someone on the
+/// path cannot be replayed later. (`X-Router-Signature-256`, the body alone,
+/// is the SPEC's signature and is sent too.)
+fn signature_ok(secret: &str, body: &[u8], timestamp: Option<&str>, header: Option<&str>) -> bool {
+    let Some(ts) = timestamp.and_then(|t| t.trim().parse::<i64>().ok()) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if (now - ts).abs() > 300 {
+        return false;
+    }
     let Some(sig) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
         return false;
     };
@@ -63,6 +75,8 @@ fn signature_ok(secret: &str, body: &[u8], header: Option<&str>) -> bool {
         return false;
     };
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(ts.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
     mac.verify_slice(&sig).is_ok()
 }
@@ -71,8 +85,13 @@ fn signature_ok(secret: &str, body: &[u8], header: Option<&str>) -> bool {
 async fn receive(req: HttpRequest, body: web::Bytes, agent: web::Data<Agent>) -> HttpResponse {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     // The signature covers the exact bytes: check it before parsing anything.
-    if !signature_ok(&agent.args.secret, &body, header("x-router-signature-256")) {
-        tracing::warn!("bad or missing X-Router-Signature-256; event rejected");
+    if !signature_ok(
+        &agent.args.secret,
+        &body,
+        header("x-router-timestamp"),
+        header("x-router-timestamp-signature"),
+    ) {
+        tracing::warn!("bad, old or missing X-Router-Timestamp-Signature; event rejected");
         return HttpResponse::Unauthorized().body("bad signature");
     }
     let Ok(event) = serde_json::from_slice::<Value>(&body) else {

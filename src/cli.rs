@@ -180,6 +180,12 @@ fn serve(config: Option<&Path>, overrides: Overrides, format: LogFormat) -> Exit
         Ok(s) => s,
         Err(code) => return code,
     };
+    if settings.ops_key.is_none() && !config::is_loopback(&settings.listen) {
+        tracing::warn!(
+            listen = %settings.listen,
+            "/metrics and /healthz answer anyone who reaches this address and name accounts, rules and targets; set [ops] key to require a key"
+        );
+    }
     if settings.sandbox {
         tracing::warn!(
             "SANDBOX MODE: no account has an access token. Nothing is sent to WhatsApp; app secret, verify token and API key are all \"sandbox\" unless configured. Do not expose this server."

@@ -36,6 +36,9 @@ pub struct Settings {
     pub conversations: ConversationSettings,
     pub targets: Vec<TargetSettings>,
     pub http: HttpSettings,
+    /// `[ops] key`: when set, `/metrics` and `/healthz` need it
+    /// (`X-API-Key` or `Authorization: Bearer`); `/readyz` stays open.
+    pub ops_key: Option<Secret>,
     /// Sandbox mode: no account has an access token (SPEC §2).
     pub sandbox: bool,
     /// Some secret is the public sandbox one (`"sandbox"`): only with no
@@ -172,6 +175,13 @@ struct FileIn {
     targets: BTreeMap<String, Spanned<TargetIn>>,
     sandbox: Option<SandboxIn>,
     http: Option<HttpIn>,
+    ops: Option<OpsIn>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpsIn {
+    key: Option<Spanned<EnvString>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -634,6 +644,11 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         });
     }
 
+    let ops_key = match parsed.ops.and_then(|o| o.key) {
+        Some(k) if k.get_ref().0.is_empty() => return Err(empty(k.span(), "[ops] key")),
+        Some(k) => Some(Secret::new(k.into_inner().0)),
+        None => None,
+    };
     let http_in = parsed.http.unwrap_or_default();
     let max_body = meta_in.max_body.map_or(3 * 1024 * 1024, |s| s.0);
     let http = HttpSettings {
@@ -705,6 +720,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         },
         targets,
         http,
+        ops_key,
         sandbox,
         public_credentials,
         sandbox_allow_remote: sandbox_in.allow_remote,

@@ -2,17 +2,38 @@
 
 use std::sync::atomic::Ordering;
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use crate::app::Shared;
 use crate::domain::{now_ms, rfc3339};
 use crate::error::{ApiError, ErrorCode};
 
+/// With `[ops] key` set, `/metrics` and `/healthz` (which name accounts,
+/// rules, targets and files) need it.
+fn ops_authorized(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
+    let Some(key) = &shared.settings.ops_key else {
+        return Ok(());
+    };
+    let given = crate::api::auth::presented(req).unwrap_or_default();
+    if crate::api::auth::constant_time_eq(given.as_bytes(), key.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong [ops] key: send X-API-Key or Authorization: Bearer",
+        ))
+    }
+}
+
 /// `GET /healthz`: liveness, rule file state and mode.
-pub async fn healthz(shared: web::Data<Shared>) -> HttpResponse {
+pub async fn healthz(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    ops_authorized(&req, &shared)?;
     let status = shared.rules.status();
-    HttpResponse::Ok().json(json!({
+    Ok(HttpResponse::Ok().json(json!({
         "status": "ok",
         "routes": {
             "rules": status.rules,
@@ -22,7 +43,7 @@ pub async fn healthz(shared: web::Data<Shared>) -> HttpResponse {
         },
         "mode": if shared.settings.sandbox { "sandbox" } else { "live" },
         "accounts": shared.state.accounts().len(),
-    }))
+    })))
 }
 
 /// `GET /readyz`: 200 once state is loaded.
@@ -41,7 +62,11 @@ pub async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError>
 }
 
 /// `GET /metrics`: Prometheus text.
-pub async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
+pub async fn metrics(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    ops_authorized(&req, &shared)?;
     let queues: Vec<(String, usize, usize)> = shared
         .state
         .accounts()
@@ -57,7 +82,7 @@ pub async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
         backlog: shared.events.backlog(),
         body_buffered: shared.bodies.buffered(),
     });
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(body)
+        .body(body))
 }

@@ -22,7 +22,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct ApiKey(pub usize);
 
-fn presented(req: &HttpRequest) -> Option<&str> {
+/// The key a request presents (`X-API-Key` or `Authorization: Bearer`).
+pub fn presented(req: &HttpRequest) -> Option<&str> {
     if let Some(k) = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(k.trim());
     }

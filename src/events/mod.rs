@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::TargetSettings;
-use crate::domain::{Millis, new_id, now_ms, rfc3339};
+use crate::domain::{Millis, derived_id, now_ms, rfc3339};
 use crate::inbound::InboundMessage;
 use crate::outbound::OutboundRecord;
 use crate::state::ConversationView;
@@ -25,6 +25,20 @@ use crate::telemetry::Metrics;
 
 pub const SIGNATURE_HEADER: &str = "X-Router-Signature-256";
 pub const EVENT_ID_HEADER: &str = "X-Router-Event-Id";
+/// Unix seconds at which this delivery attempt was signed.
+pub const TIMESTAMP_HEADER: &str = "X-Router-Timestamp";
+/// `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`: lets a receiver
+/// refuse replays of an old delivery (as Standard Webhooks does).
+pub const TIMESTAMP_SIGNATURE_HEADER: &str = "X-Router-Timestamp-Signature";
+
+/// The timestamped signature of `body` at `timestamp` (unix seconds).
+pub fn timestamp_signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let mut signed = Vec::with_capacity(body.len() + 21);
+    signed.extend_from_slice(timestamp.to_string().as_bytes());
+    signed.push(b'.');
+    signed.extend_from_slice(body);
+    crate::webhook::verify::sign(secret, &signed)
+}
 
 /// How long an event is retried (SPEC §8).
 pub const RETRY_FOR_MS: Millis = 24 * 3600 * 1000;
@@ -284,14 +298,20 @@ impl Events {
     }
 
     async fn deliver(&self, target: &Target, event: &Pending) -> Result<(), String> {
-        let signature =
-            crate::webhook::verify::sign(target.settings.secret.expose().as_bytes(), &event.body);
+        let secret = target.settings.secret.expose().as_bytes();
+        let signature = crate::webhook::verify::sign(secret, &event.body);
+        let timestamp = now_ms() / 1000;
         let resp = self
             .http
             .post(&target.settings.url)
             .header("content-type", "application/json")
             .header(SIGNATURE_HEADER, signature)
             .header(EVENT_ID_HEADER, &event.id)
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(
+                TIMESTAMP_SIGNATURE_HEADER,
+                timestamp_signature(secret, timestamp, &event.body),
+            )
             .body(event.body.as_ref().clone())
             .send()
             .await
@@ -391,8 +411,20 @@ pub fn message_received_body(
     let raw: Value = serde_json::from_str(msg.raw.get()).unwrap_or(Value::Null);
     let c = conv.map(|c| &c.conversation);
     let handoff = c.and_then(|c| c.handoff_until).is_some_and(|u| u > now);
+    // The same inbound message and rule give the same id however often the
+    // event is built (re-run after a crash, Meta's retry after a 503), so
+    // receivers can dedupe by it (SPEC §8).
+    let id = derived_id(
+        "evt",
+        msg.timestamp,
+        &format!(
+            "message.received|{account}|{}|{}",
+            msg.wamid,
+            rule.unwrap_or("")
+        ),
+    );
     json!({
-        "id": new_id("evt"),
+        "id": id,
         "event": "message.received",
         "at": rfc3339(now),
         "account": account,
@@ -418,8 +450,14 @@ pub fn message_received_body(
 
 /// The `message.status` body (SPEC §8).
 pub fn message_status_body(r: &OutboundRecord, now: Millis) -> Value {
+    // One event per (message, status): stable across re-emission.
+    let id = derived_id(
+        "evt",
+        r.created_at,
+        &format!("message.status|{}|{}", r.id, r.status.as_str()),
+    );
     json!({
-        "id": new_id("evt"),
+        "id": id,
         "event": "message.status",
         "at": rfc3339(now),
         "account": r.account,
@@ -443,5 +481,31 @@ mod tests {
         assert_eq!(retry_delay_ms(2, 0.0), 2000);
         assert_eq!(retry_delay_ms(4, 1.0), 10_000);
         assert_eq!(retry_delay_ms(40, 1.0), 600_000);
+    }
+
+    /// Issue #7.10: an event built again for the same message (after a
+    /// crash or a 503 made the router process it again) keeps its id.
+    #[test]
+    fn event_ids_are_stable_across_rebuilds() {
+        let raw = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+        let msg = crate::inbound::InboundMessage {
+            wamid: "wamid.A".into(),
+            from: "16315551181".into(),
+            contact_name: None,
+            timestamp: 1_700_000_000_000,
+            kind: crate::inbound::InboundKind::Text,
+            raw_type: "text".into(),
+            text: Some("hi".into()),
+            reply: None,
+            context_id: None,
+            opens_window: true,
+            raw,
+        };
+        let a = super::message_received_body("main", &msg, None, Some("sales"), 1);
+        let b = super::message_received_body("main", &msg, None, Some("sales"), 99_999);
+        assert_eq!(a["id"], b["id"]);
+        let other = super::message_received_body("main", &msg, None, None, 1);
+        assert_ne!(a["id"], other["id"]);
+        assert!(a["id"].as_str().unwrap().starts_with("evt_"));
     }
 }

@@ -33,7 +33,12 @@ pub use window::{ConvKey, WINDOW_MS, Window, WindowStore};
 pub const RECENT: usize = 50;
 const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
 const DEDUPE_CAPACITY: usize = 1_000_000;
+/// Statuses of wamids not (yet) known, kept in case the send answer is
+/// late: at most this many wamids, each for at most [`ORPHAN_TTL_MS`].
 const ORPHAN_CAPACITY: usize = 10_000;
+/// Statuses of messages this router did not send (other apps on the same
+/// number) would otherwise stay forever.
+pub const ORPHAN_TTL_MS: Millis = 10 * 60 * 1000;
 /// Accounts the router can hold (ids are `u16`).
 pub const MAX_ACCOUNTS: usize = u16::MAX as usize;
 /// Sandbox accounts registered from webhooks, at most: anyone holding the
@@ -227,7 +232,9 @@ pub struct State {
     windows: WindowStore,
     records: DashMap<String, OutboundRecord>,
     by_wamid: DashMap<String, String>,
-    orphans: DashMap<String, Vec<StatusUpdate>>,
+    /// wamid → (first seen, statuses) for statuses that came before their
+    /// send answer.
+    orphans: DashMap<String, (Millis, Vec<StatusUpdate>)>,
     pub dedupe: Dedupe,
     seq: AtomicU64,
     idempotency: DashMap<String, Idempotent>,
@@ -915,7 +922,9 @@ impl State {
             (Some(Status::Sent), ())
         });
         self.by_wamid.insert(wamid.to_string(), id.to_string());
-        if let Some((_, early)) = self.orphans.remove(wamid) {
+        // The wamid is indexed before the orphans are looked at: a status
+        // parked concurrently is either seen here or finds the index.
+        if let Some((_, (_, early))) = self.orphans.remove(wamid) {
             for u in early {
                 self.apply_status(&u, now);
             }
@@ -939,14 +948,12 @@ impl State {
         }) else {
             return StatusOutcome::Ignored;
         };
-        let Some(id) = self.record_id_by_wamid(&u.wamid) else {
-            if self.orphans.len() < ORPHAN_CAPACITY {
-                self.orphans
-                    .entry(u.wamid.clone())
-                    .or_default()
-                    .push(u.clone());
-            }
-            return StatusOutcome::Unknown;
+        let id = match self.record_id_by_wamid(&u.wamid) {
+            Some(id) => id,
+            None => match self.park_orphan(u, now) {
+                Some(id) => id,
+                None => return StatusOutcome::Unknown,
+            },
         };
         let at = if u.timestamp > 0 {
             u.timestamp.min(now)
@@ -979,6 +986,32 @@ impl State {
             }
             None => StatusOutcome::Ignored,
         }
+    }
+
+    /// Keep a status whose wamid is unknown, unless the wamid became known
+    /// meanwhile (then its record id). Checked again under the orphan
+    /// entry's lock, which [`State::mark_sent`] takes after indexing the
+    /// wamid, so a status is never parked after its record was marked sent.
+    fn park_orphan(&self, u: &StatusUpdate, now: Millis) -> Option<String> {
+        if self.orphans.len() >= ORPHAN_CAPACITY {
+            self.orphans
+                .retain(|_, (since, _)| now - *since < ORPHAN_TTL_MS);
+        }
+        let full = self.orphans.len() >= ORPHAN_CAPACITY;
+        let entry = self.orphans.entry(u.wamid.clone());
+        if let Some(id) = self.record_id_by_wamid(&u.wamid) {
+            return Some(id);
+        }
+        match entry {
+            dashmap::mapref::entry::Entry::Occupied(mut e) => e.get_mut().1.push(u.clone()),
+            dashmap::mapref::entry::Entry::Vacant(e) if !full => {
+                e.insert((now, vec![u.clone()]));
+            }
+            dashmap::mapref::entry::Entry::Vacant(_) => {
+                self.metrics.webhook("status_unknown_dropped");
+            }
+        }
+        None
     }
 
     /// Remove `id` from its account's queue (sent, failed or cancelled).

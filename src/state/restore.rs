@@ -382,4 +382,75 @@ mod tests {
         assert_eq!(c.status, Status::Failed);
         assert_eq!(c.error.unwrap().code, INTERRUPTED);
     }
+
+    fn delivered(wamid: &str) -> crate::inbound::StatusUpdate {
+        crate::inbound::StatusUpdate {
+            wamid: wamid.into(),
+            status: "delivered".into(),
+            timestamp: 0,
+            recipient: None,
+            error: None,
+        }
+    }
+
+    /// Issue #7.11: statuses of messages other apps sent from the number
+    /// used to fill the early-status map for good.
+    #[test]
+    fn early_statuses_expire_and_make_room() {
+        let s = state();
+        let t0 = 1_000_000;
+        for i in 0..ORPHAN_CAPACITY {
+            s.apply_status(&delivered(&format!("wamid.other.{i}")), t0);
+        }
+        let later = t0 + ORPHAN_TTL_MS + 1;
+        s.restore(
+            Op::Record(Box::new(record("mine", Status::Sending, later))),
+            false,
+        );
+        assert_eq!(
+            s.apply_status(&delivered("wamid.mine"), later),
+            StatusOutcome::Unknown
+        );
+        s.mark_sent("mine", "wamid.mine", later);
+        assert_eq!(s.record("mine").unwrap().status, Status::Delivered);
+        assert!(
+            s.orphans.len() < ORPHAN_CAPACITY,
+            "expired entries were dropped"
+        );
+    }
+
+    /// Issue #7.11: a status that races with the send answer is applied.
+    #[test]
+    fn a_status_racing_the_send_answer_is_never_lost() {
+        let s = state();
+        let n = 10_000;
+        for i in 0..n {
+            s.restore(
+                Op::Record(Box::new(record(&format!("r{i}"), Status::Sending, 1))),
+                false,
+            );
+        }
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 0..n {
+                    go.wait();
+                    s.apply_status(&delivered(&format!("wamid.r{i}x")), 10);
+                }
+            });
+            scope.spawn(|| {
+                for i in 0..n {
+                    go.wait();
+                    s.mark_sent(&format!("r{i}"), &format!("wamid.r{i}x"), 10);
+                }
+            });
+        });
+        for i in 0..n {
+            assert_eq!(
+                s.record(&format!("r{i}")).unwrap().status,
+                Status::Delivered,
+                "record r{i}"
+            );
+        }
+    }
 }

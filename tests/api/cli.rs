@@ -86,6 +86,28 @@ fn sign_matches_hmac_from_file_and_stdin() {
     child.stdin.take().unwrap().write_all(body).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+    // Off the command line (issue #7): from a file or the environment.
+    std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+    let (code, out, _) = run(
+        &["sign", "--secret-file", "secret", "body.json"],
+        dir.path(),
+    );
+    assert_eq!((code, out.trim()), (0, expected.as_str()));
+    let out = Command::new(BIN)
+        .args(["sign", "body.json"])
+        .current_dir(dir.path())
+        .env("WA_APP_SECRET", "s3cret")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+    let out = Command::new(BIN)
+        .args(["sign", "body.json"])
+        .current_dir(dir.path())
+        .env_remove("WA_APP_SECRET")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("secret"), "{err}");
 }
 
 #[test]

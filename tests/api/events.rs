@@ -44,6 +44,15 @@ async fn forward_posts_a_signed_message_received_event() {
     );
     assert_eq!(e.event_id, e.body["id"].as_str().unwrap());
     assert!(e.event_id.starts_with("evt_"));
+    // The timestamped signature (replay protection) covers "{ts}.{body}".
+    let ts: i64 = e
+        .timestamp
+        .parse()
+        .expect("X-Router-Timestamp is unix seconds");
+    assert!((now_s() - ts).abs() < 60);
+    let mut signed = format!("{ts}.").into_bytes();
+    signed.extend_from_slice(&e.raw);
+    assert_eq!(e.timestamp_signature, sign(&signed, TARGET_SECRET));
     let b = &e.body;
     assert_eq!(b["account"], "main");
     assert_eq!(b["rule"], "sales");

@@ -501,6 +501,9 @@ pub fn body_text(b: &Value) -> String {
 pub struct Delivered {
     pub signature: String,
     pub event_id: String,
+    /// X-Router-Timestamp and X-Router-Timestamp-Signature.
+    pub timestamp: String,
+    pub timestamp_signature: String,
     pub raw: Vec<u8>,
     pub body: Value,
 }
@@ -512,18 +515,18 @@ impl TestApp {
             .received_requests()
             .await
             .unwrap_or_default();
+        let header = |r: &wiremock::Request, name: &str| {
+            r.headers
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
         reqs.iter()
             .map(|r| Delivered {
-                signature: r
-                    .headers
-                    .get("x-router-signature-256")
-                    .map(|v| v.to_str().unwrap().to_string())
-                    .unwrap_or_default(),
-                event_id: r
-                    .headers
-                    .get("x-router-event-id")
-                    .map(|v| v.to_str().unwrap().to_string())
-                    .unwrap_or_default(),
+                signature: header(r, "x-router-signature-256"),
+                event_id: header(r, "x-router-event-id"),
+                timestamp: header(r, "x-router-timestamp"),
+                timestamp_signature: header(r, "x-router-timestamp-signature"),
                 raw: r.body.clone(),
                 body: serde_json::from_slice(&r.body).unwrap_or(Value::Null),
             })

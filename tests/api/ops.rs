@@ -72,3 +72,37 @@ async fn metrics_count_webhooks_inbound_matches_and_outbound() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
+
+/// Issue #7: with `[ops] key`, /metrics and /healthz need it; /readyz not.
+#[tokio::test]
+async fn an_ops_key_guards_metrics_and_healthz() {
+    let app = spawn_with(Options {
+        extra: "[ops]\nkey = \"ops-secret\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    for path in ["/metrics", "/healthz"] {
+        let resp = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let resp = app
+            .http
+            .get(app.url(path))
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path}: the API key is not the ops key");
+        let resp = app
+            .http
+            .get(app.url(path))
+            .header("Authorization", "Bearer ops-secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let resp = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
