@@ -923,6 +923,22 @@ backoff = "100ms"
         }
     }
 
+    /// The shipped example configurations load (with their variables set).
+    #[test]
+    fn the_example_configurations_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let live = std::fs::read_to_string(root.join("wa-router.toml")).unwrap();
+        let filled = regex::Regex::new(r"\$\{[A-Z_]+\}")
+            .unwrap()
+            .replace_all(&live, "value");
+        let s = from_str(&filled, &root.join("wa-router.toml")).unwrap();
+        assert!(!s.sandbox && s.ops_key.is_some());
+        let sandbox_path = root.join("sandbox-agent").join("wa-router.toml");
+        let sandbox = std::fs::read_to_string(&sandbox_path).unwrap();
+        let s = from_str(&sandbox, &sandbox_path).unwrap();
+        assert!(s.sandbox && s.public_credentials);
+    }
+
     #[test]
     fn bad_duration_is_located() {
         let err = parse("[sender]\nbackoff = \"soon\"\n")
