@@ -21,20 +21,12 @@ struct Router {
     http: reqwest::Client,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, port: u16, extra: &str) {
+fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, extra: &str) {
     std::fs::write(dir.join("routes.toml"), routes).unwrap();
     std::fs::write(
         dir.join("wa-router.toml"),
         format!(
-            r#"listen = "127.0.0.1:{port}"
+            r#"listen = "127.0.0.1:0"
 routes = "routes.toml"
 data_dir = "data"
 [meta]
@@ -66,23 +58,32 @@ impl Router {
     }
 
     async fn start_with(dir: &Path, graph: &str, pace: &str, routes: &str, extra: &str) -> Router {
-        let port = free_port();
-        write_config(dir, graph, pace, routes, port, extra);
+        write_config(dir, graph, pace, routes, extra);
+        Self::spawn(dir).await
+    }
+
+    /// Start the binary on `dir/wa-router.toml` (which listens on port 0)
+    /// and wait until it is ready.
+    async fn spawn(dir: &Path) -> Router {
+        let log_path = dir.join("router.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(BIN)
             .args(["serve", "-c", "wa-router.toml"])
             .current_dir(dir)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,wa_router::cli=info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let r = Router {
+        let mut r = Router {
             child: Some(child),
             dir: dir.to_path_buf(),
-            port,
+            port: 0,
             http: reqwest::Client::new(),
         };
+        r.port = port_from_log(&log_path).await;
         wait_for(20, "readyz", || async {
             let resp = r.http.get(r.url("/readyz")).send().await.ok()?;
             (resp.status() == 200).then_some(())
@@ -393,7 +394,7 @@ async fn a_corrupt_journal_stops_startup_with_the_file_named() {
 #[test]
 fn an_unusable_data_dir_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), "http://127.0.0.1:9", "1s", "", free_port(), "");
+    write_config(dir.path(), "http://127.0.0.1:9", "1s", "", "");
     // A file where the data directory should be.
     std::fs::write(dir.path().join("data"), "not a directory").unwrap();
     let out = Command::new(BIN)
@@ -620,7 +621,7 @@ async fn a_second_router_on_the_same_data_dir_refuses_to_start() {
     let second = tempfile::tempdir().unwrap();
     // Same data directory (absolute), another port.
     let data = dir.path().join("data");
-    write_config(second.path(), &graph.uri(), "50ms", "", free_port(), "");
+    write_config(second.path(), &graph.uri(), "50ms", "", "");
     let config = std::fs::read_to_string(second.path().join("wa-router.toml"))
         .unwrap()
         .replace(
@@ -826,4 +827,76 @@ async fn the_data_dir_and_its_files_are_owner_only() {
         files += 1;
     }
     assert!(files >= 3, "LOCK, a log and the snapshot");
+}
+
+/// Issue #8.4: a data_dir written before the journal had a format version
+/// (tests/fixtures/journal-v0) still starts with everything it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_from_the_previous_format_still_starts() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journal-v0");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["wa-router.toml", "routes.toml"] {
+        std::fs::copy(fixture.join(name), dir.path().join(name)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    for entry in std::fs::read_dir(fixture.join("data")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(
+            entry.path(),
+            dir.path().join("data").join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    let r = Router::spawn(dir.path()).await;
+    let get = |path: String| {
+        let r = &r;
+        async move {
+            let resp = r
+                .http
+                .get(r.url(&path))
+                .header("X-API-Key", "fixture-key")
+                .send()
+                .await
+                .unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, scheduled) = get("/v1/messages/msg_01a2390b765b7216ad3241be25736efc".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(scheduled["source"], "api");
+    assert_eq!(scheduled["tags"], json!(["fixture"]));
+    assert_eq!(scheduled["metadata"], json!({ "crm": 42 }));
+    let (status, queued) = get("/v1/messages/msg_01a2390b8100752190b10f22af1602b4".into()).await;
+    assert_eq!((status, &queued["tags"]), (200, &json!(["second"])));
+    let (status, reply) = get("/v1/messages/msg_01a2390b757070d19f467cdda6dfdd19".into()).await;
+    assert_eq!(
+        (status, reply["source"].as_str()),
+        (200, Some("rule:greet"))
+    );
+    assert_eq!(reply["status"], "sent");
+    let (status, ana) = get("/v1/conversations/main/16315551181".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (ana["state"].as_str(), ana["name"].as_str()),
+        (Some("vip"), Some("Ana"))
+    );
+    assert_eq!(ana["vars"], json!({ "tier": "gold" }));
+    let (_, messages) = get("/v1/conversations/main/16315551181/messages".into()).await;
+    let texts: Vec<&str> = messages["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert!(
+        texts.contains(&"hi") && texts.contains(&"thanks"),
+        "{texts:?}"
+    );
+    let (_, bob) = get("/v1/conversations/main/16315551182".into()).await;
+    assert_eq!(bob["opted_out"], true);
+    let (status, _) = get("/v1/conversations/999000111/16315551183".into()).await;
+    assert_eq!(status, 200, "the sandbox account registered from a webhook");
 }

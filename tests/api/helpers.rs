@@ -210,6 +210,18 @@ timeout = "2s"
     }
 }
 
+/// The port a router child process bound (it listens on port 0 and logs
+/// `wa-router listening … port=N`): read from its log file at `log`.
+/// No port is picked beforehand, so no other process can take it first.
+pub async fn port_from_log(log: &std::path::Path) -> u16 {
+    let re = regex::Regex::new(r#"wa-router listening.*?port(?:=|":)(\d+)"#).unwrap();
+    wait_for(20, "the router to log its port", || async {
+        let text = std::fs::read_to_string(log).ok()?;
+        re.captures(&text)?.get(1)?.as_str().parse().ok()
+    })
+    .await
+}
+
 /// Poll `f` every 25 ms until it returns `Some`, for at most `secs` seconds.
 pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
 where

@@ -42,16 +42,11 @@ async fn no_secret_reaches_the_logs_at_trace_level_or_the_answers() {
         .mount(&target)
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     std::fs::write(dir.path().join("routes.toml"), "[[rule]]\nname = \"all\"\nforward = \"agents\"\nsend = [ { type = \"text\", body = \"hi\" } ]\n").unwrap();
     std::fs::write(
         dir.path().join("wa-router.toml"),
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n[meta]\napp_secret = \"${{T_APP}}\"\nverify_token = \"{verify_token}\"\ngraph_url = \"{}\"\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[meta]\napp_secret = \"${{T_APP}}\"\nverify_token = \"{verify_token}\"\ngraph_url = \"{}\"\n\
              [[accounts]]\nname = \"main\"\nphone_number_id = \"{PNID}\"\naccess_token = \"${{T_TOKEN}}\"\npace = \"10ms\"\n\
              [api]\nkeys = [\"{api_key}\"]\n[targets.agents]\nurl = \"{}/e\"\nsecret = \"{target_secret}\"\n",
             graph.uri(),
@@ -65,12 +60,14 @@ async fn no_secret_reaches_the_logs_at_trace_level_or_the_answers() {
         .args(["serve", "-c", "wa-router.toml"])
         .current_dir(dir.path())
         .env("RUST_LOG", "trace")
+        .env("NO_COLOR", "1")
         .env("T_APP", app_secret)
         .env("T_TOKEN", token)
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
+    let port = port_from_log(&log_path).await;
     let http = reqwest::Client::new();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
     wait_for(20, "readyz", || async {
