@@ -35,6 +35,8 @@ pub struct Job {
 pub struct Lanes {
     senders: Vec<mpsc::UnboundedSender<Job>>,
     hasher: std::collections::hash_map::RandomState,
+    /// Jobs pushed and not yet finished (queued or running).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Lanes {
@@ -44,6 +46,7 @@ impl Lanes {
             Lanes {
                 senders,
                 hasher: Default::default(),
+                pending: Default::default(),
             },
             receivers,
         )
@@ -54,10 +57,25 @@ impl Lanes {
         job.account.id.hash(&mut h);
         job.msg.from.hash(&mut h);
         let lane = (h.finish() % self.senders.len() as u64) as usize;
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Err(e) = self.senders[lane].send(job) {
+            self.finished();
             // Only during shutdown, after the workers stopped.
             tracing::error!(wamid = %e.0.msg.wamid, "rule lane closed; message not routed");
         }
+    }
+}
+
+impl Lanes {
+    /// Inbound messages whose rules have not finished running.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn finished(&self) {
+        self.pending
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -128,6 +146,7 @@ pub async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job
         let wamid = job.msg.wamid.clone();
         process(&shared, job);
         shared.state.mark_done(&wamid);
+        shared.lanes.finished();
     }
 }
 

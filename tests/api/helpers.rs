@@ -80,6 +80,8 @@ pub struct TestApp {
     pub arrivals: Arrivals,
     /// Mock event targets by name (each answers 200 unless told otherwise).
     pub targets: std::collections::HashMap<&'static str, MockServer>,
+    /// The running app's state (for barriers; assertions go through HTTP).
+    pub shared: Arc<wa_router::app::Shared>,
 }
 
 pub const TARGET_SECRET: &str = "test-target-secret";
@@ -198,8 +200,9 @@ timeout = "2s"
         wa_router::config::from_str(&config, &config_path).expect("test config is valid");
     let app = App::build(settings).await.expect("app builds");
     let addr = format!("http://127.0.0.1:{}", app.port());
-    app.spawn();
+    let shared = app.spawn();
     TestApp {
+        shared,
         addr,
         graph,
         http: reqwest::Client::new(),
@@ -479,9 +482,20 @@ impl TestApp {
         .await
     }
 
-    /// Barrier: everything queued earlier on the account has left when a
-    /// template sent now reaches the Graph mock.
+    /// Barrier: every inbound message acknowledged so far has had its rules
+    /// run (webhooks are answered before that).
+    pub async fn rules_idle(&self) {
+        wait_for(10, "the rule lanes to be idle", || async {
+            (self.shared.lanes.pending() == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Barrier: the rules of every message acknowledged so far have run,
+    /// and everything they queued on the account has left, when a template
+    /// sent now reaches the Graph mock.
     pub async fn flush(&self) {
+        self.rules_idle().await;
         let name = format!("flush_{}", WAMIDS.fetch_add(1, Ordering::SeqCst));
         let (status, _) = self.send_template("16315559999", &name).await;
         assert_eq!(status, 202);
