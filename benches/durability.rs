@@ -65,7 +65,7 @@ async fn webhook_rate(addr: &str, n: usize) -> f64 {
         tasks.push(tokio::spawn(async move {
             let mut i = worker;
             while i < bodies.len() {
-                let sig = wa_router::webhook::verify::sign(SECRET.as_bytes(), &bodies[i]);
+                let sig = wa_router::crypto::sign(SECRET.as_bytes(), &bodies[i]);
                 let resp = http
                     .post(&url)
                     .header("X-Hub-Signature-256", sig)

@@ -11,11 +11,12 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use wa_router::crypto;
 use wa_router::domain::Secret;
 use wa_router::rules::Facts;
 use wa_router::rules::compile::compile;
 use wa_router::state::{ConvKey, WindowStore};
-use wa_router::webhook::{payload, verify};
+use wa_router::webhook::payload;
 
 /// Counts live heap bytes, to measure what a window entry costs.
 struct Counting;
@@ -78,10 +79,10 @@ fn webhook_path(c: &mut Criterion) {
     assert!((1000..=1100).contains(&body.len()), "{} bytes", body.len());
     let hit_body = text_notification("keyword 99");
     let secrets = [Secret::new("app-secret")];
-    let sig = verify::sign(b"app-secret", &body);
-    let hit_sig = verify::sign(b"app-secret", &hit_body);
+    let sig = crypto::sign(b"app-secret", &body);
+    let hit_sig = crypto::sign(b"app-secret", &hit_body);
     let route = |body: &[u8], sig: &str| {
-        assert!(verify::verify(body, Some(sig), &secrets));
+        assert!(crypto::verify_any(body, Some(sig), &secrets));
         let n = payload::parse(body).unwrap();
         let msg = &n.batches[0].messages[0];
         let facts = Facts {
@@ -97,7 +98,7 @@ fn webhook_path(c: &mut Criterion) {
         b.iter(|| black_box(route(black_box(&body), &sig)))
     });
     c.bench_function("webhook/verify only 1KB", |b| {
-        b.iter(|| black_box(verify::verify(black_box(&body), Some(&sig), &secrets)))
+        b.iter(|| black_box(crypto::verify_any(black_box(&body), Some(&sig), &secrets)))
     });
     c.bench_function("webhook/parse only 1KB", |b| {
         b.iter(|| black_box(payload::parse(black_box(&body)).unwrap().batches.len()))

@@ -434,6 +434,6 @@ fn sign(secret: &str, file: Option<&Path>) -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    println!("{}", crate::webhook::verify::sign(secret.as_bytes(), &body));
+    println!("{}", crate::crypto::sign(secret.as_bytes(), &body));
     ExitCode::SUCCESS
 }

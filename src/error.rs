@@ -4,9 +4,30 @@
 
 use std::time::Duration;
 
-use crate::api::dto::{ErrorBody, ErrorEnvelope};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::outbound::graph::GraphError;
+use crate::outbound::policy::PolicyError;
+use crate::outbound::validate::Invalid;
+
+/// The `error` object of the envelope.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    /// The field to blame, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Every HTTP error: `{"error": {"code", "message", "field"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -103,6 +124,35 @@ impl ApiError {
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self
+    }
+}
+
+/// A policy refusal at enqueue (SPEC §7 table).
+impl From<PolicyError> for ApiError {
+    fn from(refused: PolicyError) -> Self {
+        let message = refused.to_string();
+        match refused {
+            PolicyError::WindowClosed => ApiError::new(ErrorCode::WindowClosed, message),
+            PolicyError::OptedOut => ApiError::new(ErrorCode::OptedOut, message),
+            PolicyError::Expired => ApiError::invalid("validity", message),
+            PolicyError::QueueFull { retry_after } => {
+                ApiError::new(ErrorCode::QueueFull, message).with_retry_after(retry_after)
+            }
+        }
+    }
+}
+
+/// Content that breaks a WhatsApp limit: 400 blaming the field.
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::invalid(e.field, e.message)
+    }
+}
+
+/// A Graph error surfaced over HTTP (none is today: sends are queued).
+impl From<GraphError> for ApiError {
+    fn from(e: GraphError) -> Self {
+        ApiError::new(ErrorCode::Internal, e.to_string())
     }
 }
 

@@ -6,6 +6,7 @@ pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod events;

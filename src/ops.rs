@@ -16,7 +16,7 @@ fn ops_authorized(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
         return Ok(());
     };
     let given = crate::api::auth::presented(req).unwrap_or_default();
-    if crate::api::auth::constant_time_eq(given.as_bytes(), key.expose().as_bytes()) {
+    if crate::crypto::constant_time_eq(given.as_bytes(), key.expose().as_bytes()) {
         Ok(())
     } else {
         Err(ApiError::new(

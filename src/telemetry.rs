@@ -4,7 +4,7 @@
 //! never share counters. Log ids and codes; never tokens, secrets or
 //! message text at info.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -185,7 +185,7 @@ impl Metrics {
             "Event deliveries to targets, by result",
             m.event_deliveries.clone(),
         );
-        *m.registry.lock().expect("metrics lock") = r;
+        *m.registry.lock() = r;
         m
     }
 
@@ -262,7 +262,7 @@ impl Metrics {
                 .set(*scheduled as i64);
         }
         let mut out = String::new();
-        let registry = self.registry.lock().expect("metrics lock");
+        let registry = self.registry.lock();
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }

@@ -4,18 +4,9 @@
 use std::future::{Ready, ready};
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::app::Shared;
 use crate::error::{ApiError, ErrorCode};
-
-/// Equality that takes the same time wherever the inputs differ, and
-/// whatever their lengths (both sides are hashed first).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
-    bool::from(da.as_slice().ct_eq(db.as_slice()))
-}
 
 /// Proof that the request carried a configured API key; holds the key's
 /// index in `[api] keys` (for per-key rate limits).
@@ -54,7 +45,9 @@ impl FromRequest for ApiKey {
         };
         let mut found = None;
         for (i, k) in shared.settings.api.keys.iter().enumerate() {
-            if constant_time_eq(key.as_bytes(), k.expose().as_bytes()) && found.is_none() {
+            if crate::crypto::constant_time_eq(key.as_bytes(), k.expose().as_bytes())
+                && found.is_none()
+            {
                 found = Some(i);
             }
         }
@@ -75,18 +68,5 @@ impl FromRequest for ApiKey {
             .with_retry_after(std::time::Duration::from_secs(secs.max(1)))));
         }
         ready(Ok(ApiKey(index)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn equality() {
-        assert!(constant_time_eq(b"key", b"key"));
-        assert!(!constant_time_eq(b"key", b"kez"));
-        assert!(!constant_time_eq(b"key", b"key-longer"));
-        assert!(!constant_time_eq(b"", b"x"));
     }
 }

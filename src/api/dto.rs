@@ -298,17 +298,4 @@ pub struct QueuesOut {
     pub queues: Vec<QueueOut>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-    /// The field to blame, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
-
-/// Every HTTP error: `{"error": {"code", "message", "field"}}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorEnvelope {
-    pub error: ErrorBody,
-}
+pub use crate::error::{ErrorBody, ErrorEnvelope};

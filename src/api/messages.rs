@@ -12,7 +12,7 @@ use crate::app::Shared;
 use crate::domain::{Millis, now_ms, parse_phone, parse_rfc3339, rfc3339};
 use crate::error::{ApiError, ErrorCode};
 use crate::outbound::Status;
-use crate::outbound::policy::{NewMessage, PolicyError};
+use crate::outbound::policy::NewMessage;
 use crate::outbound::validate::{TYPES, validate};
 use crate::outbound::{Content, enqueue};
 use crate::state::IdempotencyOutcome;
@@ -197,7 +197,7 @@ pub fn parse_send_request(
     {
         object = json!({ "body": s });
     }
-    validate(kind, &object).map_err(|e| ApiError::invalid(e.field, e.message))?;
+    validate(kind, &object)?;
 
     let account = str_field(map, "account")?.map(str::to_string);
     let to_raw = str_field(map, "to")?
@@ -377,7 +377,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         id: None,
     };
     let accepted =
-        enqueue(&shared.state, new, now).map_err(|(refused, _)| policy_error(refused))?;
+        enqueue(&shared.state, new, now).map_err(|(refused, _)| ApiError::from(refused))?;
     let out = accepted_out(accepted, account.name(), to, None);
     Ok(serde_json::to_value(out).unwrap_or_default())
 }
@@ -405,18 +405,6 @@ fn accepted_out(
         queue_position: accepted.queue_position,
         send_after: rfc3339(accepted.send_after),
         retry_of,
-    }
-}
-
-/// The API answer for a policy refusal (SPEC §7 table).
-pub fn policy_error(refused: PolicyError) -> ApiError {
-    match refused {
-        PolicyError::WindowClosed => ApiError::new(ErrorCode::WindowClosed, refused.message()),
-        PolicyError::OptedOut => ApiError::new(ErrorCode::OptedOut, refused.message()),
-        PolicyError::Expired => ApiError::invalid("validity", refused.message()),
-        PolicyError::QueueFull { retry_after } => {
-            ApiError::new(ErrorCode::QueueFull, refused.message()).with_retry_after(retry_after)
-        }
     }
 }
 
@@ -554,7 +542,7 @@ pub async fn retry(
         id: None,
     };
     let accepted =
-        enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| policy_error(refused))?;
+        enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| ApiError::from(refused))?;
     super::durable(&shared).await?;
     Ok(HttpResponse::Accepted().json(accepted_out(accepted, account.name(), old.to, Some(id))))
 }

@@ -15,11 +15,11 @@ use crate::error::{ApiError, ErrorCode};
 pub const MAX_BODY: usize = 1024 * 1024;
 
 /// Read a JSON request body of at most [`MAX_BODY`] bytes, under the
-/// router's body deadline and budget ([`crate::body`]).
-pub async fn json_body(
+/// router's body deadline and budget ([`crate::body`]); `None` when empty.
+pub async fn optional_json_body(
     req: &HttpRequest,
     payload: web::Payload,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<Option<serde_json::Value>, ApiError> {
     let Some(shared) = req.app_data::<web::Data<crate::app::Shared>>() else {
         return Err(ApiError::new(ErrorCode::Internal, "server state missing"));
     };
@@ -29,25 +29,21 @@ pub async fn json_body(
         .await
         .map_err(|e| e.into_api_error("request body over 1 MB", ErrorCode::InvalidRequest))?;
     if body.bytes.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "a JSON body is required",
-        ));
+        return Ok(None);
     }
     serde_json::from_slice(&body.bytes)
+        .map(Some)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON: {e}")))
 }
 
-/// Like [`json_body`], but an empty body is `None`.
-pub async fn optional_json_body(
+/// Like [`optional_json_body`], but a body is required.
+pub async fn json_body(
     req: &HttpRequest,
     payload: web::Payload,
-) -> Result<Option<serde_json::Value>, ApiError> {
-    match json_body(req, payload).await {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.message == "a JSON body is required" => Ok(None),
-        Err(e) => Err(e),
-    }
+) -> Result<serde_json::Value, ApiError> {
+    optional_json_body(req, payload)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "a JSON body is required"))
 }
 
 /// The query string as a map; repeated keys keep the last value.

@@ -9,8 +9,10 @@
 //! (oldest dropped first, counted) and visible in `/metrics`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -30,15 +32,6 @@ pub const TIMESTAMP_HEADER: &str = "X-Router-Timestamp";
 /// `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`: lets a receiver
 /// refuse replays of an old delivery (as Standard Webhooks does).
 pub const TIMESTAMP_SIGNATURE_HEADER: &str = "X-Router-Timestamp-Signature";
-
-/// The timestamped signature of `body` at `timestamp` (unix seconds).
-pub fn timestamp_signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    let mut signed = Vec::with_capacity(body.len() + 21);
-    signed.extend_from_slice(timestamp.to_string().as_bytes());
-    signed.push(b'.');
-    signed.extend_from_slice(body);
-    crate::webhook::verify::sign(secret, &signed)
-}
 
 /// How long an event is retried (SPEC §8).
 pub const RETRY_FOR_MS: Millis = 24 * 3600 * 1000;
@@ -153,7 +146,7 @@ impl Events {
     }
 
     fn finished(&self, target: &Target, id: &str) {
-        target.live.lock().expect("event live lock").remove(id);
+        target.live.lock().remove(id);
         self.log(|| crate::journal::Op::EventDone {
             target: target.settings.name.clone(),
             id: id.to_string(),
@@ -185,7 +178,7 @@ impl Events {
     pub fn dump_ops(&self) -> Vec<crate::journal::Op> {
         let mut ops = Vec::new();
         for t in &self.targets {
-            for p in t.live.lock().expect("event live lock").values() {
+            for p in t.live.lock().values() {
                 ops.push(crate::journal::Op::Event {
                     target: t.settings.name.clone(),
                     id: p.id.clone(),
@@ -226,9 +219,8 @@ impl Events {
         target
             .live
             .lock()
-            .expect("event live lock")
             .insert(pending.id.clone(), pending.clone());
-        let mut q = target.queue.lock().expect("event queue lock");
+        let mut q = target.queue.lock();
         let mut dropped = Vec::new();
         // Bounded by count and by bytes: the oldest go first.
         while q.due.len() >= MAX_BACKLOG
@@ -284,7 +276,7 @@ impl Events {
         self.targets
             .iter()
             .map(|t| {
-                let q = t.queue.lock().expect("event queue lock");
+                let q = t.queue.lock();
                 (t.settings.name.clone(), q.due.len(), q.bytes)
             })
             .collect()
@@ -299,7 +291,7 @@ impl Events {
 
     async fn deliver(&self, target: &Target, event: &Pending) -> Result<(), String> {
         let secret = target.settings.secret.expose().as_bytes();
-        let signature = crate::webhook::verify::sign(secret, &event.body);
+        let signature = crate::crypto::sign(secret, &event.body);
         let timestamp = now_ms() / 1000;
         let resp = self
             .http
@@ -310,7 +302,7 @@ impl Events {
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(
                 TIMESTAMP_SIGNATURE_HEADER,
-                timestamp_signature(secret, timestamp, &event.body),
+                crate::crypto::sign_timestamped(secret, timestamp, &event.body),
             )
             .body(event.body.as_ref().clone())
             .send()
@@ -337,7 +329,7 @@ async fn run_target(events: Arc<Events>, target: Arc<Target>, mut stop: watch::R
         }
         let now = now_ms();
         let due = {
-            let mut q = target.queue.lock().expect("event queue lock");
+            let mut q = target.queue.lock();
             match q.first_key() {
                 Some(key) if key.0 <= now => q.remove(&key).map(Ok),
                 Some(key) => Some(Err(key.0)),
@@ -390,11 +382,7 @@ async fn attempt(events: &Events, target: &Target, mut event: Pending) {
             let next = now + retry_delay_ms(event.attempts, fastrand::f64());
             tracing::warn!(target = %target.settings.name, event_id = %event.id, %reason, attempts = event.attempts, "event delivery failed; will retry");
             let seq = events.seq.fetch_add(1, Ordering::Relaxed);
-            target
-                .queue
-                .lock()
-                .expect("event queue lock")
-                .insert((next, seq), event);
+            target.queue.lock().insert((next, seq), event);
             target.notify.notify_one();
         }
     }

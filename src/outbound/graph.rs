@@ -11,8 +11,9 @@ use super::Content;
 use crate::domain::Secret;
 use crate::telemetry::Metrics;
 
-/// A failed Graph request.
-#[derive(Debug, Clone, PartialEq)]
+/// A failed Graph request. Displayed without secrets or message content.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.describe())]
 pub enum GraphError {
     /// Meta answered with an error status.
     Status {

@@ -11,15 +11,17 @@ use crate::domain::{Millis, new_id};
 use crate::state::{Account, State};
 
 /// Why a message may not be sent (now).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
+    #[error("the 24-hour window with this contact is closed: only template messages may be sent")]
     WindowClosed,
+    #[error("the contact opted out; nothing is sent until they opt in again")]
     OptedOut,
+    #[error("the message was not sent within its validity")]
     Expired,
     /// The account's queue holds `max_queue` messages; retry after this long.
-    QueueFull {
-        retry_after: Duration,
-    },
+    #[error("the account's queue is full; retry later")]
+    QueueFull { retry_after: Duration },
 }
 
 impl PolicyError {
@@ -29,20 +31,6 @@ impl PolicyError {
             PolicyError::OptedOut => "opted_out",
             PolicyError::Expired => "expired",
             PolicyError::QueueFull { .. } => "queue_full",
-        }
-    }
-
-    pub fn message(self) -> String {
-        match self {
-            PolicyError::WindowClosed => {
-                "the 24-hour window with this contact is closed: only template messages may be sent"
-                    .into()
-            }
-            PolicyError::OptedOut => {
-                "the contact opted out; nothing is sent until they opt in again".into()
-            }
-            PolicyError::Expired => "the message was not sent within its validity".into(),
-            PolicyError::QueueFull { .. } => "the account's queue is full; retry later".into(),
         }
     }
 }
@@ -182,7 +170,7 @@ pub fn enqueue(
         record.error = Some(super::RecordError {
             code: refused.code().into(),
             graph_code: None,
-            message: refused.message(),
+            message: refused.to_string(),
         });
         // It never entered the queue: its history is the refusal alone.
         record.status = Status::Failed;

@@ -95,7 +95,7 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
             r.error = Some(RecordError {
                 code: refused.code().into(),
                 graph_code: None,
-                message: refused.message(),
+                message: refused.to_string(),
             });
             (Some(Status::Failed), ())
         });

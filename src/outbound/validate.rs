@@ -9,7 +9,8 @@
 use serde_json::Value;
 
 /// A content error: which field, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
 pub struct Invalid {
     pub field: String,
     pub message: String,

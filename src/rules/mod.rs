@@ -12,7 +12,9 @@ pub mod render;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
@@ -193,7 +195,7 @@ impl Ruleset {
                 *slot = Value::String(rendered);
             }
         }
-        validate(&s.kind, &object).map_err(|e| format!("{}: {}", e.field, e.message))?;
+        validate(&s.kind, &object).map_err(|e| e.to_string())?;
         Ok(Content {
             kind: s.kind.clone(),
             object,
@@ -222,7 +224,7 @@ impl Ruleset {
         });
         Some(self.templates.render(text, &ctx).and_then(|body| {
             let object = serde_json::json!({ "body": body });
-            validate("text", &object).map_err(|e| format!("{}: {}", e.field, e.message))?;
+            validate("text", &object).map_err(|e| e.to_string())?;
             Ok(Content {
                 kind: "text".into(),
                 object,
@@ -284,7 +286,7 @@ impl Rules {
     }
 
     pub fn status(&self) -> RulesStatus {
-        self.status.lock().expect("rules status lock").clone()
+        self.status.lock().clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -298,7 +300,7 @@ impl Rules {
             Ok(set) => {
                 let n = set.len();
                 self.current.store(Arc::new(set));
-                *self.status.lock().expect("rules status lock") = RulesStatus {
+                *self.status.lock() = RulesStatus {
                     rules: n,
                     loaded_at: now_ms(),
                     last_error: None,
@@ -313,7 +315,7 @@ impl Rules {
                     .collect::<Vec<_>>()
                     .join("\n");
                 tracing::error!(file = %self.path.display(), errors = %text, "rule file invalid; the previous rules stay in force");
-                self.status.lock().expect("rules status lock").last_error = Some(text);
+                self.status.lock().last_error = Some(text);
                 false
             }
         }

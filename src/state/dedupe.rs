@@ -1,8 +1,8 @@
 //! Bounded memory of inbound message ids already seen (Meta retries for up
 //! to 7 days): one inbound message → at most one run of the rules.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use dashmap::DashMap;
 
@@ -41,7 +41,7 @@ impl Dedupe {
                 e.insert(now);
             }
         }
-        let mut order = self.order.lock().expect("dedupe lock");
+        let mut order = self.order.lock();
         order.push_back((id.into(), now));
         while order.len() > self.capacity
             || order.front().is_some_and(|(_, at)| now - at > self.ttl_ms)
@@ -66,7 +66,7 @@ impl Dedupe {
 impl Dedupe {
     /// Every remembered id with the time it was seen, oldest first.
     pub fn entries(&self) -> Vec<(String, Millis)> {
-        let order = self.order.lock().expect("dedupe lock");
+        let order = self.order.lock();
         order
             .iter()
             .filter(|(id, at)| self.seen.get(id).is_some_and(|s| *s == *at))

@@ -14,8 +14,10 @@ pub mod restore;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
@@ -90,8 +92,8 @@ pub struct QueueStats {
 }
 
 impl AccountQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
-        self.inner.lock().expect("queue lock")
+    fn lock(&self) -> parking_lot::MutexGuard<'_, QueueInner> {
+        self.inner.lock()
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -327,7 +329,7 @@ impl State {
 
     /// Add an account; `None` when the router holds as many as it can.
     fn add_account(&self, settings: AccountSettings) -> Option<Arc<Account>> {
-        let mut inner = self.accounts.write().expect("accounts lock");
+        let mut inner = self.accounts.write();
         if let Some(&id) = inner.by_pnid.get(&settings.phone_number_id) {
             return Some(inner.list[id as usize].clone());
         }
@@ -384,20 +386,15 @@ impl State {
     }
 
     pub fn accounts(&self) -> Vec<Arc<Account>> {
-        self.accounts.read().expect("accounts lock").list.clone()
+        self.accounts.read().list.clone()
     }
 
     pub fn account(&self, id: u16) -> Option<Arc<Account>> {
-        self.accounts
-            .read()
-            .expect("accounts lock")
-            .list
-            .get(id as usize)
-            .cloned()
+        self.accounts.read().list.get(id as usize).cloned()
     }
 
     pub fn account_by_name(&self, name: &str) -> Option<Arc<Account>> {
-        let inner = self.accounts.read().expect("accounts lock");
+        let inner = self.accounts.read();
         inner
             .by_name
             .get(name)
@@ -405,7 +402,7 @@ impl State {
     }
 
     pub fn account_by_pnid(&self, pnid: &str) -> Option<Arc<Account>> {
-        let inner = self.accounts.read().expect("accounts lock");
+        let inner = self.accounts.read();
         inner
             .by_pnid
             .get(pnid)
@@ -414,7 +411,7 @@ impl State {
 
     /// The account used when a request names none.
     pub fn default_account(&self) -> Option<Arc<Account>> {
-        let inner = self.accounts.read().expect("accounts lock");
+        let inner = self.accounts.read();
         inner
             .list
             .iter()
@@ -695,7 +692,7 @@ impl State {
                 self.evict_records(account, cap - cap / 10);
             }
         }
-        self.order.lock().expect("order lock").insert(id.clone());
+        self.order.lock().insert(id.clone());
         self.update_conversation(account.id, &to, now, |c| {
             push_recent(&mut c.recent, conv_recent)
         });
@@ -728,7 +725,7 @@ impl State {
         let mut excess = held.saturating_sub(keep);
         let mut victims = Vec::new();
         {
-            let order = self.order.lock().expect("order lock");
+            let order = self.order.lock();
             for id in order.iter() {
                 if excess == 0 {
                     break;
@@ -761,7 +758,7 @@ impl State {
         {
             a.records.fetch_sub(1, Ordering::Relaxed);
         }
-        self.order.lock().expect("order lock").remove(id);
+        self.order.lock().remove(id);
         if let Some(w) = wamid {
             self.by_wamid.remove(w);
         }
@@ -848,7 +845,7 @@ impl State {
         cursor: Option<&str>,
         limit: usize,
     ) -> (Vec<OutboundRecord>, Option<String>) {
-        let order = self.order.lock().expect("order lock");
+        let order = self.order.lock();
         let range = match cursor {
             Some(c) => {
                 order.range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c)))

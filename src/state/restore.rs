@@ -135,7 +135,7 @@ impl State {
         let mut scheduled: Vec<(Millis, String, String)> = Vec::new();
         let mut interrupted = Vec::new();
         {
-            let mut order = self.order.lock().expect("order lock");
+            let mut order = self.order.lock();
             for r in self.records.iter() {
                 order.insert(r.id.clone());
                 if let Some(a) = self.account_by_name(&r.account) {

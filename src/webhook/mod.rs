@@ -3,7 +3,9 @@
 
 pub mod ingest;
 pub mod payload;
-pub mod verify;
+
+/// The header Meta signs notifications with (CLOUD_API.md §2).
+pub const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -20,7 +22,7 @@ pub async fn handshake(
             .map_err(|_| ApiError::new(ErrorCode::Forbidden, "verification failed"))?;
     let mode_ok = query.get("hub.mode").map(String::as_str) == Some("subscribe");
     let token_ok = query.get("hub.verify_token").is_some_and(|t| {
-        crate::api::auth::constant_time_eq(
+        crate::crypto::constant_time_eq(
             t.as_bytes(),
             shared.settings.meta.verify_token.expose().as_bytes(),
         )
@@ -60,9 +62,9 @@ pub async fn receive(
     let body = &body.bytes;
     let signature = req
         .headers()
-        .get(verify::SIGNATURE_HEADER)
+        .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok());
-    if !verify::verify(body, signature, &shared.settings.meta.app_secrets) {
+    if !crate::crypto::verify_any(body, signature, &shared.settings.meta.app_secrets) {
         shared.metrics.webhook("bad_signature");
         return Err(ApiError::new(
             ErrorCode::InvalidSignature,

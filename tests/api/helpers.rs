@@ -242,7 +242,7 @@ where
 }
 
 pub fn sign(body: &[u8], secret: &str) -> String {
-    wa_router::webhook::verify::sign(secret.as_bytes(), body)
+    wa_router::crypto::sign(secret.as_bytes(), body)
 }
 
 pub fn now_s() -> i64 {
