@@ -110,7 +110,7 @@ async fn send_rate(shared: &Shared, addr: &str, n: usize) -> f64 {
     loop {
         if ids.iter().all(|id| {
             shared
-                .state
+                .outbox
                 .record(id)
                 .is_some_and(|r| r.status == Status::Sent)
         }) {
@@ -219,7 +219,7 @@ fn main() {
         let app = App::build(settings).await.unwrap();
         let ready = started.elapsed();
         let shared = app.spawn();
-        let depth: usize = shared.state.accounts().iter().map(|a| a.queue.stats().depth).sum();
+        let depth: usize = shared.state.accounts().iter().map(|a| shared.outbox.queue(a).stats().depth).sum();
         println!("restart to ready: {:.2} s ({} queued restored, {} open windows)", ready.as_secs_f64(), depth, shared.state.open_windows(now_ms()));
     });
 }

@@ -15,6 +15,7 @@ use crate::config::Settings;
 use crate::domain::Located;
 use crate::error::{ApiError, ErrorCode};
 use crate::events::Events;
+use crate::outbound::Outbox;
 use crate::outbound::graph::GraphClient;
 use crate::rules::Rules;
 use crate::state::State;
@@ -25,7 +26,8 @@ use crate::{api, ops, outbound, webhook};
 /// Everything the handlers and workers share.
 pub struct Shared {
     pub settings: Arc<Settings>,
-    pub state: State,
+    pub state: Arc<State>,
+    pub outbox: Arc<Outbox>,
     pub rules: Arc<Rules>,
     pub metrics: Arc<Metrics>,
     pub graph: Arc<GraphClient>,
@@ -82,9 +84,11 @@ impl App {
         );
         let events =
             Arc::new(Events::new(&settings.targets, metrics.clone()).map_err(StartError::Other)?);
-        let (state, feeds) =
-            State::new(&settings.accounts, metrics.clone(), events.wants_statuses());
-        let mut new_accounts = feeds.new_accounts;
+        let (state, mut new_accounts) = State::new(&settings.accounts, metrics.clone());
+        let state = Arc::new(state);
+        let (outbox, status_changes) =
+            Outbox::new(state.clone(), metrics.clone(), events.wants_statuses());
+        let outbox = Arc::new(outbox);
         // Bind first: a second router on the same address stops here,
         // before it touches the data directory.
         let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
@@ -93,7 +97,7 @@ impl App {
         })?;
         // SPEC §9: replay the journal before anything is accepted.
         let restored = match &settings.data_dir {
-            Some(dir) => Some(open_storage(&state, &events, dir, settings.sandbox).await?),
+            Some(dir) => Some(open_storage(&state, &outbox, &events, dir, settings.sandbox).await?),
             None => None,
         };
         let (lanes, lane_receivers) = Lanes::new();
@@ -104,6 +108,7 @@ impl App {
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             state,
+            outbox,
             rules: rules.clone(),
             metrics,
             graph,
@@ -153,7 +158,7 @@ impl App {
                 }
             });
         }
-        if let Some(mut changes) = feeds.status_changes {
+        if let Some(mut changes) = status_changes {
             let events = events.clone();
             tokio::spawn(async move {
                 while let Some(record) = changes.recv().await {
@@ -220,7 +225,7 @@ impl App {
         if self.shared.state.journal().is_some() {
             // Everything accepted is on disk; leave a snapshot for a fast start.
             let synced = self.shared.state.sync().await;
-            match compact(&self.shared.state, &self.shared.events).await {
+            match compact(&self.shared.outbox, &self.shared.events).await {
                 Ok(n) => tracing::info!(synced, objects = n, "state saved"),
                 Err(e) => {
                     tracing::error!(error = %e, "could not write the final snapshot; the journal still holds everything")
@@ -254,6 +259,7 @@ fn api_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
 /// and write a fresh snapshot so the next start replays little.
 async fn open_storage(
     state: &State,
+    outbox: &Outbox,
     events: &Events,
     dir: &std::path::Path,
     sandbox: bool,
@@ -288,6 +294,9 @@ async fn open_storage(
             crate::journal::Op::EventDone { target, id } => {
                 queued_events.remove(&(target, id));
             }
+            op @ (crate::journal::Op::Record(_) | crate::journal::Op::ForgetRecord { .. }) => {
+                outbox.restore(op, sandbox)
+            }
             op => state.restore(op, sandbox),
         })
         .map_err(|e| {
@@ -299,22 +308,23 @@ async fn open_storage(
         crate::journal::Journal::open(dir, next).map_err(|e| StartError::Storage(e.to_string()))?;
     events.attach_journal(journal.clone());
     state.attach_journal(journal);
-    let restored = state.finish_restore(crate::domain::now_ms(), sandbox);
+    let restored = state.finish_restore(sandbox);
+    let restored_outbox = outbox.finish_restore(crate::domain::now_ms());
     let undelivered = queued_events.len();
     events.restore(queued_events.into_values().collect());
     // A fresh snapshot only when the logs grew large: replaying a snapshot
     // plus small logs is quicker than writing the snapshot again.
     if log_bytes > COMPACT_AT_BYTES {
-        compact(state, events).await.map_err(|e| {
+        compact(outbox, events).await.map_err(|e| {
             StartError::Storage(format!("{}: cannot write a snapshot: {e}", dir.display()))
         })?;
     }
     tracing::info!(
         ops,
-        records = restored.records,
+        records = restored_outbox.records,
         conversations = restored.conversations,
         pending_inbound = restored.pending.len(),
-        interrupted_sends = restored.interrupted,
+        interrupted_sends = restored_outbox.interrupted,
         undelivered_events = undelivered,
         ms = started.elapsed().as_millis() as u64,
         dir = %dir.display(),
@@ -329,7 +339,8 @@ const COMPACT_AT_BYTES: u64 = 64 * 1024 * 1024;
 /// Snapshot the whole state and drop the logs it covers. One compaction
 /// runs at a time; none after the journal failed (the newest log must stay
 /// the one that holds the last good records).
-pub async fn compact(state: &State, events: &Events) -> Result<usize, String> {
+pub async fn compact(outbox: &Outbox, events: &Events) -> Result<usize, String> {
+    let state = outbox.state();
     let journal = state.journal().ok_or("memory mode")?.clone();
     let _one_at_a_time = journal.compaction().await;
     if journal.has_failed() {
@@ -337,6 +348,7 @@ pub async fn compact(state: &State, events: &Events) -> Result<usize, String> {
     }
     let next = journal.rotate().await?;
     let mut ops = state.dump_ops();
+    ops.extend(outbox.dump_ops());
     ops.extend(events.dump_ops());
     let dir = journal.dir().ok_or("memory mode")?.to_path_buf();
     tokio::task::spawn_blocking(move || {
@@ -362,9 +374,9 @@ fn spawn_maintenance(
             }
             ticks += 1;
             if ticks.is_multiple_of(12) {
-                let (records, conversations) = shared
-                    .state
-                    .prune(crate::domain::now_ms(), shared.settings.retention);
+                let now = crate::domain::now_ms();
+                let records = shared.outbox.prune(now, shared.settings.retention);
+                let conversations = shared.state.prune(now, shared.settings.retention);
                 if records + conversations > 0 {
                     tracing::info!(records, conversations, "dropped data past retention");
                 }
@@ -373,7 +385,7 @@ fn spawn_maintenance(
                 .state
                 .journal()
                 .is_some_and(|j| !j.has_failed() && j.log_bytes() > COMPACT_AT_BYTES);
-            if big && let Err(e) = compact(&shared.state, &shared.events).await {
+            if big && let Err(e) = compact(&shared.outbox, &shared.events).await {
                 tracing::error!(error = %e, "compaction failed");
             }
         }

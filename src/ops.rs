@@ -72,7 +72,7 @@ pub async fn metrics(
         .accounts()
         .iter()
         .map(|a| {
-            let s = a.queue.stats();
+            let s = shared.outbox.queue(a).stats();
             (a.name().to_string(), s.depth, s.scheduled)
         })
         .collect();

@@ -65,7 +65,7 @@ pub async fn messages(
     }
     Ok(HttpResponse::Ok().json(RecentListOut {
         messages: shared
-            .state
+            .outbox
             .recent_messages(&account, &wa_id)
             .iter()
             .map(|(m, s)| RecentOut::new(m, *s))
@@ -83,7 +83,7 @@ pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpRespo
         .accounts()
         .iter()
         .map(|a| {
-            let stats = a.queue.stats();
+            let stats = shared.outbox.queue(a).stats();
             let pace_ms = a.settings.pace.as_millis() as i64;
             let next_send = if stats.depth > 0 {
                 Some(stats.last_send.map_or(now, |l| (l + pace_ms).max(now)))

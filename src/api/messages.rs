@@ -11,12 +11,12 @@ use super::{json_body, limit, query};
 use crate::app::Shared;
 use crate::domain::{Millis, now_ms, parse_phone, parse_rfc3339, rfc3339};
 use crate::error::{ApiError, ErrorCode};
+use crate::outbound::RecordFilter;
 use crate::outbound::Status;
 use crate::outbound::policy::NewMessage;
 use crate::outbound::validate::{TYPES, validate};
 use crate::outbound::{Content, enqueue};
 use crate::state::IdempotencyOutcome;
-use crate::state::RecordFilter;
 
 /// Router fields beside the message object (SPEC §7).
 const ROUTER_FIELDS: &[&str] = &[
@@ -349,7 +349,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     let context_id = match reply_to {
         Some(r) if r.starts_with("msg_") => {
             let record = shared
-                .state
+                .outbox
                 .record(&r)
                 .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
             Some(record.wamid.ok_or_else(|| {
@@ -377,7 +377,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         id: None,
     };
     let accepted =
-        enqueue(&shared.state, new, now).map_err(|(refused, _)| ApiError::from(refused))?;
+        enqueue(&shared.outbox, new, now).map_err(|(refused, _)| ApiError::from(refused))?;
     let out = accepted_out(accepted, account.name(), to, None);
     Ok(serde_json::to_value(out).unwrap_or_default())
 }
@@ -385,7 +385,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
 /// The record `id`, or 404.
 fn find_record(shared: &Shared, id: &str) -> Result<crate::outbound::OutboundRecord, ApiError> {
     shared
-        .state
+        .outbox
         .record(id)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))
 }
@@ -463,7 +463,7 @@ pub async fn list(
     filter.tag = q.get("tag").map(|t| t.trim().to_lowercase());
     let (page, next) =
         shared
-            .state
+            .outbox
             .list_records(&filter, q.get("cursor").map(String::as_str), limit);
     let messages = page.iter().map(RecordOut::from).collect();
     Ok(HttpResponse::Ok().json(MessageListOut {
@@ -482,7 +482,7 @@ pub async fn cancel(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    match shared.state.cancel(&id, now_ms()) {
+    match shared.outbox.cancel(&id, now_ms()) {
         Ok(record) => {
             super::durable(&shared).await?;
             Ok(HttpResponse::Ok().json(RecordOut::from(&record)))
@@ -542,7 +542,7 @@ pub async fn retry(
         id: None,
     };
     let accepted =
-        enqueue(&shared.state, new, now_ms()).map_err(|(refused, _)| ApiError::from(refused))?;
+        enqueue(&shared.outbox, new, now_ms()).map_err(|(refused, _)| ApiError::from(refused))?;
     super::durable(&shared).await?;
     Ok(HttpResponse::Accepted().json(accepted_out(accepted, account.name(), old.to, Some(id))))
 }

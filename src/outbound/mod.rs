@@ -6,15 +6,19 @@
 
 pub mod graph;
 pub mod policy;
+pub mod queue;
 pub mod record;
 pub mod retry;
 pub mod sender;
+pub mod store;
 pub mod validate;
 
 use serde_json::Value;
 
 pub use policy::{PolicyError, enqueue};
+pub use queue::{AccountQueue, QueueStats};
 pub use record::{OutboundRecord, RecordError, Status};
+pub use store::{Outbox, RecordFilter, StatusOutcome};
 
 /// A message's content in Meta's send shape: `type`, the object under that
 /// key, and the quoted message, if any.

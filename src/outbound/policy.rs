@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::store::Outbox;
 use super::{Content, OutboundRecord, Status};
 use crate::domain::{Millis, new_id};
 use crate::state::{Account, State};
@@ -113,13 +114,15 @@ pub struct Accepted {
 /// A refused message is kept as a failed record when `keep_refused`; its id
 /// comes back with the error.
 pub fn enqueue(
-    state: &State,
+    outbox: &Outbox,
     new: NewMessage,
     now: Millis,
 ) -> Result<Accepted, (PolicyError, Option<String>)> {
     let account = new.account.clone();
     let pace = account.settings.pace;
-    if let Some(existing) = new.id.as_deref().and_then(|id| state.record(id)) {
+    let state = outbox.state();
+    let queue = outbox.queue(&account);
+    if let Some(existing) = new.id.as_deref().and_then(|id| outbox.record(id)) {
         // Already accepted (rules run again after a crash): same answer, no second message.
         return Ok(Accepted {
             id: existing.id,
@@ -128,7 +131,7 @@ pub fn enqueue(
             send_after: existing.send_at.unwrap_or(existing.created_at),
         });
     }
-    if account.queue.len() >= account.settings.max_queue {
+    if queue.len() >= account.settings.max_queue {
         return Err((
             PolicyError::QueueFull {
                 retry_after: pace.max(Duration::from_secs(1)),
@@ -175,19 +178,16 @@ pub fn enqueue(
         // It never entered the queue: its history is the refusal alone.
         record.status = Status::Failed;
         record.history = vec![(Status::Failed, now)];
-        state.insert_record(&account, record, now);
+        outbox.insert_record(&account, record, now);
         return Err((refused, Some(id)));
     }
     let id = record.id.clone();
     // Estimate before inserting: once inserted, the sender may take the
     // message at once and its own send would count against it.
     let pace_ms = pace.as_millis() as Millis;
-    let ahead = account.queue.stats().depth as Millis;
-    let next_free = account
-        .queue
-        .last_send()
-        .map_or(now, |l| (l + pace_ms).max(now));
-    let position = state.insert_record(&account, record, now);
+    let ahead = queue.stats().depth as Millis;
+    let next_free = queue.last_send().map_or(now, |l| (l + pace_ms).max(now));
+    let position = outbox.insert_record(&account, record, now);
     let send_after = send_at.unwrap_or(next_free + pace_ms * ahead);
     Ok(Accepted {
         id,

@@ -31,24 +31,25 @@ pub enum ExecutionOutcome {
 /// Run the sender of `account` until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
     let pace_ms = account.settings.pace.as_millis() as Millis;
+    let queue = shared.outbox.queue(&account);
     loop {
         if *stop.borrow() {
             break;
         }
         let now = now_ms();
-        let next_due = account.queue.promote_due(now);
-        let Some(id) = account.queue.head() else {
+        let next_due = queue.promote_due(now);
+        let Some(id) = queue.head() else {
             let wait = next_due.map_or(Duration::from_secs(3600), |t| {
                 Duration::from_millis((t - now).max(1) as u64)
             });
             tokio::select! {
-                _ = account.queue.notify.notified() => {}
+                _ = queue.notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 changed = stop.changed() => if changed.is_err() { break },
             }
             continue;
         };
-        if let Some(last) = account.queue.last_send() {
+        if let Some(last) = queue.last_send() {
             let due = last + pace_ms;
             if now < due {
                 tokio::select! {
@@ -60,7 +61,7 @@ pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Re
         }
         match try_execute(&shared, &account, &id).await {
             ExecutionOutcome::Done | ExecutionOutcome::Refused | ExecutionOutcome::Skipped => {
-                shared.state.dequeue(&account, &id);
+                queue.remove(&id);
             }
             ExecutionOutcome::Retry(wait) => {
                 tokio::select! {
@@ -75,7 +76,7 @@ pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Re
 /// One attempt at sending message `id` of `account`.
 #[tracing::instrument(skip_all, fields(account = %account.name(), message_id = %id))]
 pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> ExecutionOutcome {
-    let state = &shared.state;
+    let state = &shared.outbox;
     let now = now_ms();
     let Some(record) = state.record(id) else {
         return ExecutionOutcome::Skipped;
@@ -84,7 +85,7 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
         return ExecutionOutcome::Skipped;
     }
     // SPEC §6: policy again at dispatch.
-    if let Err(refused) = check_record(state, account, &record, now) {
+    if let Err(refused) = check_record(state.state(), account, &record, now) {
         state.update_record(id, now, |r| {
             if r.status != Status::Queued {
                 return (None, ());
@@ -116,10 +117,10 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
     else {
         return ExecutionOutcome::Skipped;
     };
-    account.queue.mark_sent_now(now);
+    state.queue(account).mark_sent_now(now);
     // `sending` must be on disk before Meta is called: after a crash such a
     // message ends `interrupted` instead of being sent twice.
-    if !state.sync().await {
+    if !state.state().sync().await {
         state.update_record(id, now, |_| (Some(Status::Queued), ()));
         tracing::error!("journal unavailable; sending paused");
         return ExecutionOutcome::Retry(Duration::from_secs(1));
@@ -166,10 +167,7 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
                 ExecutionOutcome::Retry(wait)
             } else {
                 tracing::warn!(error = %error.message, attempts, "send failed");
-                if e.graph_code() == Some(131047) {
-                    // CLOUD_API.md §9.2: 131047 means the window is closed.
-                    state.close_window(account.id, &record.to, now);
-                }
+                // A 131047 also closes the window (in the outbox).
                 state.mark_failed(id, error, now);
                 ExecutionOutcome::Done
             }

@@ -1,13 +1,14 @@
-//! The router's state, and the one place that changes it: accounts,
+//! The conversation state, and the one place that changes it: accounts,
 //! conversations (window, name, rule state, vars, consent, handoff, recent
-//! messages), outbound records, the per-account queues and the inbound
-//! dedupe memory.
+//! messages), the inbound dedupe memory, API idempotency keys and inbound
+//! messages acknowledged but not yet routed. Outbound records and queues
+//! belong to [`crate::outbound::store`], which reads this state; this module
+//! knows nothing of sending.
 //!
-//! Every mutation is a method here, so a durable journal can later be put
-//! under this module without touching the edges or the rules. Invariants:
-//! a window is only ever extended (except by Meta's 131047); an outbound
-//! status never moves backwards; no DashMap guard is held across `.await`
-//! or while another map is locked.
+//! Every mutation is a method here and appends its journal op. Invariants:
+//! a window is only ever extended (except by Meta's 131047); consent only
+//! moves forward in time; no DashMap guard is held across `.await` or
+//! while another map is locked.
 
 pub mod dedupe;
 pub mod restore;
@@ -15,18 +16,17 @@ pub mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::config::AccountSettings;
 use crate::domain::Millis;
-use crate::inbound::{InboundMessage, StatusUpdate};
+use crate::inbound::InboundMessage;
 use crate::journal::{Journal, Op};
-use crate::outbound::{OutboundRecord, RecordError, Status};
 use crate::telemetry::Metrics;
 use dedupe::Dedupe;
 pub use window::{ConvKey, WINDOW_MS, Window, WindowStore};
@@ -35,12 +35,6 @@ pub use window::{ConvKey, WINDOW_MS, Window, WindowStore};
 pub const RECENT: usize = 50;
 const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
 const DEDUPE_CAPACITY: usize = 1_000_000;
-/// Statuses of wamids not (yet) known, kept in case the send answer is
-/// late: at most this many wamids, each for at most [`ORPHAN_TTL_MS`].
-const ORPHAN_CAPACITY: usize = 10_000;
-/// Statuses of messages this router did not send (other apps on the same
-/// number) would otherwise stay forever.
-pub const ORPHAN_TTL_MS: Millis = 10 * 60 * 1000;
 /// Accounts the router can hold (ids are `u16`).
 pub const MAX_ACCOUNTS: usize = u16::MAX as usize;
 /// Sandbox accounts registered from webhooks, at most: anyone holding the
@@ -52,9 +46,6 @@ pub const MAX_SANDBOX_ACCOUNTS: usize = 1_000;
 pub struct Account {
     pub id: u16,
     pub settings: AccountSettings,
-    pub queue: AccountQueue,
-    /// Outbound records of this account held in memory.
-    records: std::sync::atomic::AtomicUsize,
 }
 
 impl Account {
@@ -63,87 +54,6 @@ impl Account {
     }
     pub fn is_sandbox(&self) -> bool {
         self.settings.access_token.is_none()
-    }
-}
-
-/// The FIFO of one account: ready message ids, and scheduled ones by time.
-#[derive(Debug, Default)]
-pub struct AccountQueue {
-    inner: Mutex<QueueInner>,
-    /// Woken when something is queued.
-    pub notify: Notify,
-    /// Unix ms of the last send attempt (-1: none yet).
-    last_send: AtomicI64,
-}
-
-#[derive(Debug, Default)]
-struct QueueInner {
-    ready: VecDeque<String>,
-    scheduled: BTreeMap<(Millis, u64), String>,
-}
-
-/// A queue's numbers for `/v1/queues` and `/metrics`.
-#[derive(Debug, Clone)]
-pub struct QueueStats {
-    pub depth: usize,
-    pub scheduled: usize,
-    pub next_scheduled: Option<Millis>,
-    pub last_send: Option<Millis>,
-}
-
-impl AccountQueue {
-    fn lock(&self) -> parking_lot::MutexGuard<'_, QueueInner> {
-        self.inner.lock()
-    }
-
-    pub fn stats(&self) -> QueueStats {
-        let q = self.lock();
-        let last = self.last_send.load(Ordering::Relaxed);
-        QueueStats {
-            depth: q.ready.len(),
-            scheduled: q.scheduled.len(),
-            next_scheduled: q.scheduled.keys().next().map(|(t, _)| *t),
-            last_send: (last >= 0).then_some(last),
-        }
-    }
-
-    /// Queued + scheduled.
-    pub fn len(&self) -> usize {
-        let q = self.lock();
-        q.ready.len() + q.scheduled.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The message at the head of the ready queue.
-    pub fn head(&self) -> Option<String> {
-        self.lock().ready.front().cloned()
-    }
-
-    /// Move scheduled messages that are due into the ready queue, in
-    /// `send_at` order; returns when the next scheduled one is due.
-    pub fn promote_due(&self, now: Millis) -> Option<Millis> {
-        let mut q = self.lock();
-        while let Some((&(at, seq), _)) = q.scheduled.iter().next() {
-            if at > now {
-                return Some(at);
-            }
-            if let Some(id) = q.scheduled.remove(&(at, seq)) {
-                q.ready.push_back(id);
-            }
-        }
-        None
-    }
-
-    pub fn mark_sent_now(&self, now: Millis) {
-        self.last_send.store(now, Ordering::Relaxed);
-    }
-
-    pub fn last_send(&self) -> Option<Millis> {
-        let v = self.last_send.load(Ordering::Relaxed);
-        (v >= 0).then_some(v)
     }
 }
 
@@ -207,19 +117,6 @@ impl ConversationView {
     }
 }
 
-/// What applying a Meta status did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StatusOutcome {
-    Applied {
-        id: String,
-        status: Status,
-    },
-    /// Known message, but the status would move it backwards or repeats.
-    Ignored,
-    /// No message with that wamid (yet); kept in case the send answer is late.
-    Unknown,
-}
-
 #[derive(Default)]
 struct AccountsInner {
     list: Vec<Arc<Account>>,
@@ -232,83 +129,35 @@ pub struct State {
     accounts: RwLock<AccountsInner>,
     conversations: DashMap<ConvKey, Conversation>,
     windows: WindowStore,
-    records: DashMap<String, OutboundRecord>,
-    by_wamid: DashMap<String, String>,
-    /// wamid → (first seen, statuses) for statuses that came before their
-    /// send answer.
-    orphans: DashMap<String, (Millis, Vec<StatusUpdate>)>,
     pub dedupe: Dedupe,
-    seq: AtomicU64,
     idempotency: DashMap<String, Idempotent>,
     idempotency_inserts: AtomicU64,
     metrics: Arc<Metrics>,
     new_accounts: mpsc::UnboundedSender<Arc<Account>>,
-    /// Record ids in creation order (UUID v7 sorts by time), for listing.
-    order: Mutex<std::collections::BTreeSet<String>>,
-    /// Where status changes go for `message.status` events, if anywhere.
-    status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
     /// The durable journal (data_dir); unset in memory mode.
     journal: std::sync::OnceLock<Journal>,
     /// Acknowledged inbound messages whose rules have not run yet.
     pending: DashMap<String, (String, InboundMessage, bool)>,
 }
 
-/// Filters of `GET /v1/messages`.
-#[derive(Debug, Clone, Default)]
-pub struct RecordFilter {
-    pub account: Option<String>,
-    pub to: Option<String>,
-    pub status: Option<Status>,
-    pub tag: Option<String>,
-}
-
-impl RecordFilter {
-    fn matches(&self, r: &OutboundRecord) -> bool {
-        self.account.as_ref().is_none_or(|a| *a == r.account)
-            && self.to.as_ref().is_none_or(|t| *t == r.to)
-            && self.status.is_none_or(|s| s == r.status)
-            && self.tag.as_ref().is_none_or(|t| r.tags.contains(t))
-    }
-}
-
-/// Channels the state reports on, for the app to consume.
-pub struct StateFeeds {
-    /// Accounts registered (configured ones first, sandbox ones later).
-    pub new_accounts: mpsc::UnboundedReceiver<Arc<Account>>,
-    /// Outbound status changes (only when asked for).
-    pub status_changes: Option<mpsc::UnboundedReceiver<OutboundRecord>>,
-}
-
 impl State {
-    /// State with the configured accounts; accounts registered later (sandbox)
-    /// are announced on the returned channel so a sender can be started.
+    /// State with the configured accounts. Every account registered, these
+    /// and sandbox ones later, is announced on the returned channel so that
+    /// a sender can be started for it.
     pub fn new(
         accounts: &[AccountSettings],
         metrics: Arc<Metrics>,
-        report_statuses: bool,
-    ) -> (Self, StateFeeds) {
+    ) -> (Self, mpsc::UnboundedReceiver<Arc<Account>>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (status_tx, status_rx) = if report_statuses {
-            let (t, r) = mpsc::unbounded_channel();
-            (Some(t), Some(r))
-        } else {
-            (None, None)
-        };
         let state = State {
             accounts: RwLock::new(AccountsInner::default()),
             conversations: DashMap::new(),
             windows: WindowStore::new(),
-            records: DashMap::new(),
-            by_wamid: DashMap::new(),
-            orphans: DashMap::new(),
             dedupe: Dedupe::new(DEDUPE_CAPACITY, DEDUPE_TTL_MS),
-            seq: AtomicU64::new(0),
             idempotency: DashMap::new(),
             idempotency_inserts: AtomicU64::new(0),
             metrics,
             new_accounts: tx,
-            order: Mutex::new(Default::default()),
-            status_changes: status_tx,
             journal: std::sync::OnceLock::new(),
             pending: DashMap::new(),
         };
@@ -316,13 +165,7 @@ impl State {
         for a in accounts {
             state.add_account(a.clone());
         }
-        (
-            state,
-            StateFeeds {
-                new_accounts: rx,
-                status_changes: status_rx,
-            },
-        )
+        (state, rx)
     }
 
     // ------------------------------------------------------------ accounts
@@ -346,13 +189,7 @@ impl State {
         {
             return None;
         }
-        let account = Arc::new(Account {
-            id,
-            settings,
-            queue: AccountQueue::default(),
-            records: Default::default(),
-        });
-        account.queue.last_send.store(-1, Ordering::Relaxed);
+        let account = Arc::new(Account { id, settings });
         inner.by_name.insert(account.settings.name.clone(), id);
         inner
             .by_pnid
@@ -497,7 +334,7 @@ impl State {
     }
 
     /// Append an op to the journal, if there is one (the op is only built then).
-    fn log(&self, op: impl FnOnce() -> Op) {
+    pub(crate) fn log(&self, op: impl FnOnce() -> Op) {
         if let Some(j) = self.journal.get() {
             j.append(&op());
         }
@@ -659,220 +496,17 @@ impl State {
         })
     }
 
-    // ------------------------------------------------------------- records
-
-    /// Store a new record and, unless it is already final, queue it.
-    /// Returns its position in the ready queue (1 = next), or 0 when
-    /// scheduled or final.
-    pub fn insert_record(&self, account: &Account, record: OutboundRecord, now: Millis) -> usize {
-        let id = record.id.clone();
-        let status = record.status;
-        let send_at = record.send_at;
-        let conv_recent = Recent {
-            direction: Direction::Out,
-            id: id.clone(),
-            kind: record.content.kind.clone(),
-            text: record.content.summary(),
-            at: now,
-        };
-        let to = record.to.clone();
-        for (s, _) in &record.history {
-            self.metrics.outbound(s.as_str());
-        }
-        if status.is_final() {
-            self.report_status(&record);
-        }
-        self.log(|| Op::Record(Box::new(record.clone())));
-        if self.records.insert(id.clone(), record).is_none() {
-            let held = account.records.fetch_add(1, Ordering::Relaxed) + 1;
-            // Past the cap by a tenth: drop the oldest finished records
-            // down to 90 % of it (amortised: one scan per cap/5 inserts).
-            let cap = account.settings.max_records;
-            if held > cap + cap / 10 {
-                self.evict_records(account, cap - cap / 10);
-            }
-        }
-        self.order.lock().insert(id.clone());
-        self.update_conversation(account.id, &to, now, |c| {
-            push_recent(&mut c.recent, conv_recent)
-        });
-        let position = match status {
-            Status::Scheduled => {
-                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                account
-                    .queue
-                    .lock()
-                    .scheduled
-                    .insert((send_at.unwrap_or(now), seq), id);
-                0
-            }
-            Status::Queued => {
-                let mut q = account.queue.lock();
-                q.ready.push_back(id);
-                q.ready.len()
-            }
-            _ => 0,
-        };
-        if !status.is_final() {
-            account.queue.notify.notify_one();
-        }
-        position
+    /// Add an outbound message to the conversation's recent messages.
+    pub fn note_outbound(&self, account: u16, contact: &str, entry: Recent, now: Millis) {
+        self.update_conversation(account, contact, now, |c| push_recent(&mut c.recent, entry));
     }
 
-    /// Drop the oldest finished records of `account` until it holds `keep`.
-    fn evict_records(&self, account: &Account, keep: usize) {
-        let held = account.records.load(Ordering::Relaxed);
-        let mut excess = held.saturating_sub(keep);
-        let mut victims = Vec::new();
-        {
-            let order = self.order.lock();
-            for id in order.iter() {
-                if excess == 0 {
-                    break;
-                }
-                let Some(r) = self.records.get(id) else {
-                    continue;
-                };
-                if r.account == account.name() && r.status.is_settled() {
-                    victims.push((id.clone(), r.wamid.clone()));
-                    excess -= 1;
-                }
-            }
-        }
-        self.metrics.records_evicted(victims.len());
-        tracing::warn!(
-            account = account.name(),
-            dropped = victims.len(),
-            max_records = account.settings.max_records,
-            "account holds more records than max_records; the oldest finished ones were dropped"
-        );
-        for (id, wamid) in victims {
-            self.forget_record(&id, wamid.as_deref());
-        }
-    }
-
-    /// Remove one record with its indexes (journaled).
-    fn forget_record(&self, id: &str, wamid: Option<&str>) {
-        if let Some((_, r)) = self.records.remove(id)
-            && let Some(a) = self.account_by_name(&r.account)
-        {
-            a.records.fetch_sub(1, Ordering::Relaxed);
-        }
-        self.order.lock().remove(id);
-        if let Some(w) = wamid {
-            self.by_wamid.remove(w);
-        }
-        self.log(|| Op::ForgetRecord { id: id.to_string() });
-    }
-
-    pub fn record(&self, id: &str) -> Option<OutboundRecord> {
-        self.records.get(id).map(|r| r.clone())
-    }
-
-    pub fn record_id_by_wamid(&self, wamid: &str) -> Option<String> {
-        self.by_wamid.get(wamid).map(|r| r.clone())
-    }
-
-    /// Tags of the outbound message with this wamid (for `reply_to_tag`).
-    pub fn tags_of_wamid(&self, wamid: &str) -> Vec<String> {
-        let Some(id) = self.record_id_by_wamid(wamid) else {
-            return Vec::new();
-        };
-        self.records
-            .get(&id)
-            .map(|r| r.tags.clone())
+    /// The recent messages of a conversation, oldest first.
+    pub fn recent(&self, account: u16, contact: &str) -> Vec<Recent> {
+        self.conversations
+            .get(&ConvKey::new(account, contact))
+            .map(|c| c.recent.iter().cloned().collect())
             .unwrap_or_default()
-    }
-
-    pub fn record_count(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Change a record under its lock; `f` returns the status to move to
-    /// (recorded in history and metrics), or `None` to leave it.
-    pub fn update_record<R>(
-        &self,
-        id: &str,
-        now: Millis,
-        f: impl FnOnce(&mut OutboundRecord) -> (Option<Status>, R),
-    ) -> Option<R> {
-        let mut r = self.records.get_mut(id)?;
-        let (status, out) = f(&mut r);
-        if let Some(s) = status {
-            r.set_status(s, now);
-            self.metrics.outbound(s.as_str());
-            // `sending` and the re-queue after a transient failure are the
-            // sender's inner steps, not news for agents.
-            if !matches!(s, Status::Sending | Status::Queued | Status::Scheduled) {
-                self.report_status(&r);
-            }
-        }
-        // Logged under the record's lock, so the journal keeps the order of changes.
-        self.log(|| Op::Record(Box::new(r.clone())));
-        Some(out)
-    }
-
-    fn report_status(&self, r: &OutboundRecord) {
-        if let Some(tx) = &self.status_changes {
-            let _ = tx.send(r.clone());
-        }
-    }
-
-    /// Cancel a queued or scheduled message. `Err(None)`: no such message;
-    /// `Err(Some(status))`: it is past cancelling.
-    pub fn cancel(&self, id: &str, now: Millis) -> Result<OutboundRecord, Option<Status>> {
-        let outcome = self
-            .update_record(id, now, |r| {
-                if matches!(r.status, Status::Queued | Status::Scheduled) {
-                    (Some(Status::Cancelled), Ok(r.account.clone()))
-                } else {
-                    (None, Err(r.status))
-                }
-            })
-            .ok_or(None)?;
-        let account = outcome.map_err(Some)?;
-        if let Some(a) = self.account_by_name(&account) {
-            self.dequeue(&a, id);
-        }
-        self.record(id).ok_or(None)
-    }
-
-    /// Records newest first, after `cursor` (an id of a previous page).
-    /// Returns the page and the cursor of the next one.
-    pub fn list_records(
-        &self,
-        filter: &RecordFilter,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> (Vec<OutboundRecord>, Option<String>) {
-        let order = self.order.lock();
-        let range = match cursor {
-            Some(c) => {
-                order.range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c)))
-            }
-            None => order.range::<str, _>(..),
-        };
-        let mut page = Vec::new();
-        let mut more = false;
-        for id in range.rev() {
-            let Some(r) = self.records.get(id) else {
-                continue;
-            };
-            if !filter.matches(&r) {
-                continue;
-            }
-            if page.len() == limit {
-                more = true;
-                break;
-            }
-            page.push(r.clone());
-        }
-        let next = if more {
-            page.last().map(|r| r.id.clone())
-        } else {
-            None
-        };
-        (page, next)
     }
 
     /// Every conversation (of one account, or all), for listing.
@@ -908,145 +542,6 @@ impl State {
                 c.vars = v;
             }
         });
-    }
-
-    /// The send answered with `wamid`: mark sent and apply any statuses
-    /// that arrived before the answer.
-    pub fn mark_sent(&self, id: &str, wamid: &str, now: Millis) {
-        self.update_record(id, now, |r| {
-            r.wamid = Some(wamid.to_string());
-            r.error = None;
-            (Some(Status::Sent), ())
-        });
-        self.by_wamid.insert(wamid.to_string(), id.to_string());
-        // The wamid is indexed before the orphans are looked at: a status
-        // parked concurrently is either seen here or finds the index.
-        if let Some((_, (_, early))) = self.orphans.remove(wamid) {
-            for u in early {
-                self.apply_status(&u, now);
-            }
-        }
-    }
-
-    /// End a record `failed` with `error`.
-    pub fn mark_failed(&self, id: &str, error: RecordError, now: Millis) {
-        self.update_record(id, now, |r| {
-            r.error = Some(error);
-            (Some(Status::Failed), ())
-        });
-    }
-
-    /// Apply a delivery status from Meta (SPEC §3: never backwards).
-    pub fn apply_status(&self, u: &StatusUpdate, now: Millis) -> StatusOutcome {
-        let Some(next) = Status::parse(if u.status == "played" {
-            "read"
-        } else {
-            &u.status
-        }) else {
-            return StatusOutcome::Ignored;
-        };
-        let id = match self.record_id_by_wamid(&u.wamid) {
-            Some(id) => id,
-            None => match self.park_orphan(u, now) {
-                Some(id) => id,
-                None => return StatusOutcome::Unknown,
-            },
-        };
-        let at = if u.timestamp > 0 {
-            u.timestamp.min(now)
-        } else {
-            now
-        };
-        let applied = self.update_record(&id, at, |r| {
-            if !r.status.accepts_from_meta(next) {
-                return (None, None);
-            }
-            if next == Status::Failed {
-                let (code, title) = u.error.clone().unwrap_or((0, "failed".into()));
-                r.error = Some(RecordError {
-                    code: "graph_error".into(),
-                    graph_code: Some(code),
-                    message: title,
-                });
-            }
-            (Some(next), Some((r.account.clone(), r.to.clone())))
-        });
-        match applied.flatten() {
-            Some((account, to)) => {
-                if next == Status::Failed
-                    && u.error.as_ref().is_some_and(|(c, _)| *c == 131047)
-                    && let Some(a) = self.account_by_name(&account)
-                {
-                    self.close_window(a.id, &to, now);
-                }
-                StatusOutcome::Applied { id, status: next }
-            }
-            None => StatusOutcome::Ignored,
-        }
-    }
-
-    /// Keep a status whose wamid is unknown, unless the wamid became known
-    /// meanwhile (then its record id). Checked again under the orphan
-    /// entry's lock, which [`State::mark_sent`] takes after indexing the
-    /// wamid, so a status is never parked after its record was marked sent.
-    fn park_orphan(&self, u: &StatusUpdate, now: Millis) -> Option<String> {
-        if self.orphans.len() >= ORPHAN_CAPACITY {
-            self.orphans
-                .retain(|_, (since, _)| now - *since < ORPHAN_TTL_MS);
-        }
-        let full = self.orphans.len() >= ORPHAN_CAPACITY;
-        let entry = self.orphans.entry(u.wamid.clone());
-        if let Some(id) = self.record_id_by_wamid(&u.wamid) {
-            return Some(id);
-        }
-        match entry {
-            dashmap::mapref::entry::Entry::Occupied(mut e) => e.get_mut().1.push(u.clone()),
-            dashmap::mapref::entry::Entry::Vacant(e) if !full => {
-                e.insert((now, vec![u.clone()]));
-            }
-            dashmap::mapref::entry::Entry::Vacant(_) => {
-                self.metrics.webhook("status_unknown_dropped");
-            }
-        }
-        None
-    }
-
-    /// Remove `id` from its account's queue (sent, failed or cancelled).
-    pub fn dequeue(&self, account: &Account, id: &str) -> bool {
-        let mut q = account.queue.lock();
-        if let Some(pos) = q.ready.iter().position(|x| x == id) {
-            q.ready.remove(pos);
-            return true;
-        }
-        let key = q
-            .scheduled
-            .iter()
-            .find(|(_, v)| v.as_str() == id)
-            .map(|(k, _)| *k);
-        key.and_then(|k| q.scheduled.remove(&k)).is_some()
-    }
-
-    /// Outbound counts of the recent messages of a conversation, with the
-    /// current status of each outbound one.
-    pub fn recent_messages(
-        &self,
-        account: &Account,
-        contact: &str,
-    ) -> Vec<(Recent, Option<Status>)> {
-        let recent: Vec<Recent> = match self.conversations.get(&ConvKey::new(account.id, contact)) {
-            Some(c) => c.recent.iter().cloned().collect(),
-            None => return Vec::new(),
-        };
-        recent
-            .into_iter()
-            .map(|m| {
-                let status = match m.direction {
-                    Direction::In => None,
-                    Direction::Out => self.records.get(&m.id).map(|r| r.status),
-                };
-                (m, status)
-            })
-            .collect()
     }
 }
 

@@ -16,10 +16,11 @@ use super::payload::Notification;
 use crate::app::Shared;
 use crate::domain::now_ms;
 use crate::inbound::InboundMessage;
+use crate::outbound::StatusOutcome;
 use crate::outbound::policy::NewMessage;
 use crate::outbound::{Content, enqueue};
 use crate::rules::{ConsentKeyword, Facts};
-use crate::state::{Account, StatusOutcome};
+use crate::state::Account;
 
 /// Number of ordered lanes (worker tasks) for rule processing.
 pub const LANES: usize = 32;
@@ -113,7 +114,7 @@ pub fn accept(shared: &Shared, notification: Notification) -> Accepted {
         };
         let now = now_ms();
         for status in &batch.statuses {
-            match state.apply_status(status, now) {
+            match shared.outbox.apply_status(status, now) {
                 StatusOutcome::Applied { .. } => metrics.webhook("status_applied"),
                 StatusOutcome::Ignored => metrics.webhook("status_ignored"),
                 StatusOutcome::Unknown => metrics.webhook("status_unknown"),
@@ -211,7 +212,7 @@ pub fn process(shared: &Shared, job: Job) {
         return;
     }
     let reply_tags = match (&msg.context_id, rules.uses_reply_tags) {
-        (Some(ctx), true) => state.tags_of_wamid(ctx),
+        (Some(ctx), true) => shared.outbox.tags_of_wamid(ctx),
         _ => Vec::new(),
     };
     let facts = Facts {
@@ -291,7 +292,7 @@ fn send(
         bypass_consent,
         keep_refused: true,
     };
-    if let Err((refused, id)) = enqueue(&shared.state, new, now_ms()) {
+    if let Err((refused, id)) = enqueue(&shared.outbox, new, now_ms()) {
         tracing::info!(reason = refused.code(), message_id = ?id, "rule message refused by policy");
     }
 }

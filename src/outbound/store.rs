@@ -1,0 +1,798 @@
+//! The outbound store: every outbound record, the wamid index, statuses
+//! that came before their send answer, and one FIFO per account
+//! ([`AccountQueue`]). It owns the records' status machine (SPEC §6: never
+//! backwards; late failures apply) and reports status changes for
+//! `message.status` events. It reads the conversation state (accounts,
+//! windows, consent) and writes to it only the outbound side of a
+//! conversation's history and a window closed by Meta (131047).
+//!
+//! Invariants: a record is changed only under its DashMap entry, and its
+//! journal op is appended there, so the journal keeps the order of
+//! changes; no guard is held across `.await`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use super::queue::AccountQueue;
+use super::record::{OutboundRecord, RecordError, Status};
+use crate::domain::Millis;
+use crate::inbound::StatusUpdate;
+use crate::journal::Op;
+use crate::state::{Account, Direction, Recent, State};
+use crate::telemetry::Metrics;
+
+/// Statuses of wamids not (yet) known, kept in case the send answer is
+/// late: at most this many wamids, each for at most [`ORPHAN_TTL_MS`].
+const ORPHAN_CAPACITY: usize = 10_000;
+/// Statuses of messages this router did not send (other apps on the same
+/// number) would otherwise stay forever.
+pub const ORPHAN_TTL_MS: Millis = 10 * 60 * 1000;
+
+/// What applying a Meta status did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusOutcome {
+    Applied {
+        id: String,
+        status: Status,
+    },
+    /// Known message, but the status would move it backwards or repeats.
+    Ignored,
+    /// No message with that wamid (yet); kept in case the send answer is late.
+    Unknown,
+}
+
+/// Filters of `GET /v1/messages`.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub account: Option<String>,
+    pub to: Option<String>,
+    pub status: Option<Status>,
+    pub tag: Option<String>,
+}
+
+impl RecordFilter {
+    fn matches(&self, r: &OutboundRecord) -> bool {
+        self.account.as_ref().is_none_or(|a| *a == r.account)
+            && self.to.as_ref().is_none_or(|t| *t == r.to)
+            && self.status.is_none_or(|s| s == r.status)
+            && self.tag.as_ref().is_none_or(|t| r.tags.contains(t))
+    }
+}
+
+/// The outbound store (see the module documentation).
+pub struct Outbox {
+    state: Arc<State>,
+    records: DashMap<String, OutboundRecord>,
+    by_wamid: DashMap<String, String>,
+    /// wamid → (first seen, statuses) for statuses that came before their
+    /// send answer.
+    orphans: DashMap<String, (Millis, Vec<StatusUpdate>)>,
+    /// Record ids in creation order (UUID v7 sorts by time), for listing.
+    order: Mutex<BTreeSet<String>>,
+    /// One queue per account, by account id.
+    queues: RwLock<Vec<Arc<AccountQueue>>>,
+    seq: AtomicU64,
+    metrics: Arc<Metrics>,
+    /// Where status changes go for `message.status` events, if anywhere.
+    status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
+}
+
+impl Outbox {
+    /// An empty store over `state`; with `report_statuses`, status changes
+    /// come out of the returned channel.
+    pub fn new(
+        state: Arc<State>,
+        metrics: Arc<Metrics>,
+        report_statuses: bool,
+    ) -> (Self, Option<mpsc::UnboundedReceiver<OutboundRecord>>) {
+        let (tx, rx) = if report_statuses {
+            let (t, r) = mpsc::unbounded_channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        (
+            Outbox {
+                state,
+                records: DashMap::new(),
+                by_wamid: DashMap::new(),
+                orphans: DashMap::new(),
+                order: Mutex::default(),
+                queues: RwLock::default(),
+                seq: AtomicU64::new(0),
+                metrics,
+                status_changes: tx,
+            },
+            rx,
+        )
+    }
+
+    /// The conversation state this store reads.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// The queue of `account` (created on first use).
+    pub fn queue(&self, account: &Account) -> Arc<AccountQueue> {
+        let i = usize::from(account.id);
+        if let Some(q) = self.queues.read().get(i) {
+            return q.clone();
+        }
+        let mut queues = self.queues.write();
+        while queues.len() <= i {
+            queues.push(Arc::default());
+        }
+        queues[i].clone()
+    }
+
+    fn log(&self, op: impl FnOnce() -> Op) {
+        if let Some(j) = self.state.journal() {
+            j.append(&op());
+        }
+    }
+
+    /// Store a new record and, unless it is already final, queue it.
+    /// Returns its position in the ready queue (1 = next), or 0 when
+    /// scheduled or final.
+    pub fn insert_record(&self, account: &Account, record: OutboundRecord, now: Millis) -> usize {
+        let id = record.id.clone();
+        let status = record.status;
+        let send_at = record.send_at;
+        let conv_recent = Recent {
+            direction: Direction::Out,
+            id: id.clone(),
+            kind: record.content.kind.clone(),
+            text: record.content.summary(),
+            at: now,
+        };
+        let to = record.to.clone();
+        for (s, _) in &record.history {
+            self.metrics.outbound(s.as_str());
+        }
+        if status.is_final() {
+            self.report_status(&record);
+        }
+        self.log(|| Op::Record(Box::new(record.clone())));
+        let queue = self.queue(account);
+        if self.records.insert(id.clone(), record).is_none() {
+            let held = queue.records.fetch_add(1, Ordering::Relaxed) + 1;
+            // Past the cap by a tenth: drop the oldest finished records
+            // down to 90 % of it (amortised: one scan per cap/5 inserts).
+            let cap = account.settings.max_records;
+            if held > cap + cap / 10 {
+                self.evict_records(account, cap - cap / 10);
+            }
+        }
+        self.order.lock().insert(id.clone());
+        self.state.note_outbound(account.id, &to, conv_recent, now);
+        let position = match status {
+            Status::Scheduled => {
+                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                queue
+                    .lock()
+                    .scheduled
+                    .insert((send_at.unwrap_or(now), seq), id);
+                0
+            }
+            Status::Queued => {
+                let mut q = queue.lock();
+                q.ready.push_back(id);
+                q.ready.len()
+            }
+            _ => 0,
+        };
+        if !status.is_final() {
+            queue.notify.notify_one();
+        }
+        position
+    }
+
+    /// Drop the oldest finished records of `account` until it holds `keep`.
+    fn evict_records(&self, account: &Account, keep: usize) {
+        let held = self.queue(account).records.load(Ordering::Relaxed);
+        let mut excess = held.saturating_sub(keep);
+        let mut victims = Vec::new();
+        {
+            let order = self.order.lock();
+            for id in order.iter() {
+                if excess == 0 {
+                    break;
+                }
+                let Some(r) = self.records.get(id) else {
+                    continue;
+                };
+                if r.account == account.name() && r.status.is_settled() {
+                    victims.push((id.clone(), r.wamid.clone()));
+                    excess -= 1;
+                }
+            }
+        }
+        self.metrics.records_evicted(victims.len());
+        tracing::warn!(
+            account = account.name(),
+            dropped = victims.len(),
+            max_records = account.settings.max_records,
+            "account holds more records than max_records; the oldest finished ones were dropped"
+        );
+        for (id, wamid) in victims {
+            self.forget_record(&id, wamid.as_deref());
+        }
+    }
+
+    /// Remove one record with its indexes (journaled).
+    fn forget_record(&self, id: &str, wamid: Option<&str>) {
+        if let Some((_, r)) = self.records.remove(id)
+            && let Some(a) = self.state.account_by_name(&r.account)
+        {
+            self.queue(&a).records.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.order.lock().remove(id);
+        if let Some(w) = wamid {
+            self.by_wamid.remove(w);
+        }
+        self.log(|| Op::ForgetRecord { id: id.to_string() });
+    }
+
+    pub fn record(&self, id: &str) -> Option<OutboundRecord> {
+        self.records.get(id).map(|r| r.clone())
+    }
+
+    pub fn record_id_by_wamid(&self, wamid: &str) -> Option<String> {
+        self.by_wamid.get(wamid).map(|r| r.clone())
+    }
+
+    /// Tags of the outbound message with this wamid (for `reply_to_tag`).
+    pub fn tags_of_wamid(&self, wamid: &str) -> Vec<String> {
+        let Some(id) = self.record_id_by_wamid(wamid) else {
+            return Vec::new();
+        };
+        self.records
+            .get(&id)
+            .map(|r| r.tags.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Change a record under its lock; `f` returns the status to move to
+    /// (recorded in history and metrics), or `None` to leave it.
+    pub fn update_record<R>(
+        &self,
+        id: &str,
+        now: Millis,
+        f: impl FnOnce(&mut OutboundRecord) -> (Option<Status>, R),
+    ) -> Option<R> {
+        let mut r = self.records.get_mut(id)?;
+        let (status, out) = f(&mut r);
+        if let Some(s) = status {
+            r.set_status(s, now);
+            self.metrics.outbound(s.as_str());
+            // `sending` and the re-queue after a transient failure are the
+            // sender's inner steps, not news for agents.
+            if !matches!(s, Status::Sending | Status::Queued | Status::Scheduled) {
+                self.report_status(&r);
+            }
+        }
+        // Logged under the record's lock, so the journal keeps the order of changes.
+        self.log(|| Op::Record(Box::new(r.clone())));
+        Some(out)
+    }
+
+    fn report_status(&self, r: &OutboundRecord) {
+        if let Some(tx) = &self.status_changes {
+            let _ = tx.send(r.clone());
+        }
+    }
+
+    /// Cancel a queued or scheduled message. `Err(None)`: no such message;
+    /// `Err(Some(status))`: it is past cancelling.
+    pub fn cancel(&self, id: &str, now: Millis) -> Result<OutboundRecord, Option<Status>> {
+        let outcome = self
+            .update_record(id, now, |r| {
+                if matches!(r.status, Status::Queued | Status::Scheduled) {
+                    (Some(Status::Cancelled), Ok(r.account.clone()))
+                } else {
+                    (None, Err(r.status))
+                }
+            })
+            .ok_or(None)?;
+        let account = outcome.map_err(Some)?;
+        if let Some(a) = self.state.account_by_name(&account) {
+            self.queue(&a).remove(id);
+        }
+        self.record(id).ok_or(None)
+    }
+
+    /// Records newest first, after `cursor` (an id of a previous page).
+    /// Returns the page and the cursor of the next one.
+    pub fn list_records(
+        &self,
+        filter: &RecordFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> (Vec<OutboundRecord>, Option<String>) {
+        let order = self.order.lock();
+        let range = match cursor {
+            Some(c) => {
+                order.range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c)))
+            }
+            None => order.range::<str, _>(..),
+        };
+        let mut page = Vec::new();
+        let mut more = false;
+        for id in range.rev() {
+            let Some(r) = self.records.get(id) else {
+                continue;
+            };
+            if !filter.matches(&r) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push(r.clone());
+        }
+        let next = if more {
+            page.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        (page, next)
+    }
+
+    /// The send answered with `wamid`: mark sent and apply any statuses
+    /// that arrived before the answer.
+    pub fn mark_sent(&self, id: &str, wamid: &str, now: Millis) {
+        self.update_record(id, now, |r| {
+            r.wamid = Some(wamid.to_string());
+            r.error = None;
+            (Some(Status::Sent), ())
+        });
+        self.by_wamid.insert(wamid.to_string(), id.to_string());
+        // The wamid is indexed before the orphans are looked at: a status
+        // parked concurrently is either seen here or finds the index.
+        if let Some((_, (_, early))) = self.orphans.remove(wamid) {
+            for u in early {
+                self.apply_status(&u, now);
+            }
+        }
+    }
+
+    /// Graph error 131047 (CLOUD_API.md §9.2), from a send answer or a
+    /// `failed` status, means the window is closed: the one place that acts
+    /// on it.
+    fn window_closed_by_meta(&self, account: &str, to: &str, graph_code: Option<i64>, now: Millis) {
+        if graph_code == Some(131047)
+            && let Some(a) = self.state.account_by_name(account)
+        {
+            self.state.close_window(a.id, to, now);
+        }
+    }
+
+    /// End a record `failed` with `error` (a Graph error code 131047 also
+    /// closes the window).
+    pub fn mark_failed(&self, id: &str, error: RecordError, now: Millis) {
+        let graph_code = error.graph_code;
+        let target = self.update_record(id, now, |r| {
+            r.error = Some(error);
+            (Some(Status::Failed), (r.account.clone(), r.to.clone()))
+        });
+        if let Some((account, to)) = target {
+            self.window_closed_by_meta(&account, &to, graph_code, now);
+        }
+    }
+
+    /// Apply a delivery status from Meta (SPEC §3: never backwards).
+    pub fn apply_status(&self, u: &StatusUpdate, now: Millis) -> StatusOutcome {
+        let Some(next) = Status::parse(if u.status == "played" {
+            "read"
+        } else {
+            &u.status
+        }) else {
+            return StatusOutcome::Ignored;
+        };
+        let id = match self.record_id_by_wamid(&u.wamid) {
+            Some(id) => id,
+            None => match self.park_orphan(u, now) {
+                Some(id) => id,
+                None => return StatusOutcome::Unknown,
+            },
+        };
+        let at = if u.timestamp > 0 {
+            u.timestamp.min(now)
+        } else {
+            now
+        };
+        let applied = self.update_record(&id, at, |r| {
+            if !r.status.accepts_from_meta(next) {
+                return (None, None);
+            }
+            if next == Status::Failed {
+                let (code, title) = u.error.clone().unwrap_or((0, "failed".into()));
+                r.error = Some(RecordError {
+                    code: "graph_error".into(),
+                    graph_code: Some(code),
+                    message: title,
+                });
+            }
+            (Some(next), Some((r.account.clone(), r.to.clone())))
+        });
+        match applied.flatten() {
+            Some((account, to)) => {
+                if next == Status::Failed {
+                    self.window_closed_by_meta(
+                        &account,
+                        &to,
+                        u.error.as_ref().map(|(c, _)| *c),
+                        now,
+                    );
+                }
+                StatusOutcome::Applied { id, status: next }
+            }
+            None => StatusOutcome::Ignored,
+        }
+    }
+
+    /// Keep a status whose wamid is unknown, unless the wamid became known
+    /// meanwhile (then its record id). Checked again under the orphan
+    /// entry's lock, which [`State::mark_sent`] takes after indexing the
+    /// wamid, so a status is never parked after its record was marked sent.
+    fn park_orphan(&self, u: &StatusUpdate, now: Millis) -> Option<String> {
+        if self.orphans.len() >= ORPHAN_CAPACITY {
+            self.orphans
+                .retain(|_, (since, _)| now - *since < ORPHAN_TTL_MS);
+        }
+        let full = self.orphans.len() >= ORPHAN_CAPACITY;
+        let entry = self.orphans.entry(u.wamid.clone());
+        if let Some(id) = self.record_id_by_wamid(&u.wamid) {
+            return Some(id);
+        }
+        match entry {
+            dashmap::mapref::entry::Entry::Occupied(mut e) => e.get_mut().1.push(u.clone()),
+            dashmap::mapref::entry::Entry::Vacant(e) if !full => {
+                e.insert((now, vec![u.clone()]));
+            }
+            dashmap::mapref::entry::Entry::Vacant(_) => {
+                self.metrics.webhook("status_unknown_dropped");
+            }
+        }
+        None
+    }
+
+    /// Remove `id` from its account's queue (sent, failed or cancelled).
+    pub fn dequeue(&self, account: &Account, id: &str) -> bool {
+        self.queue(account).remove(id)
+    }
+
+    /// Outbound counts of the recent messages of a conversation, with the
+    /// current status of each outbound one.
+    pub fn recent_messages(
+        &self,
+        account: &Account,
+        contact: &str,
+    ) -> Vec<(Recent, Option<Status>)> {
+        let recent = self.state.recent(account.id, contact);
+        recent
+            .into_iter()
+            .map(|m| {
+                let status = match m.direction {
+                    Direction::In => None,
+                    Direction::Out => self.records.get(&m.id).map(|r| r.status),
+                };
+                (m, status)
+            })
+            .collect()
+    }
+}
+
+/// Error code of a message whose send was cut by a crash.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// What replaying the outbound side gave.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RestoredOutbox {
+    pub records: usize,
+    /// Messages that were being sent when the router stopped: Meta may or
+    /// may not have them; they end `failed` (`interrupted`), never resent.
+    pub interrupted: usize,
+}
+
+impl Outbox {
+    /// Apply one journaled outbound op (others are ignored). `sandbox`:
+    /// unknown accounts are registered again.
+    pub fn restore(&self, op: Op, sandbox: bool) {
+        match op {
+            Op::Record(record) => {
+                if self
+                    .state
+                    .restore_account(&record.account, sandbox)
+                    .is_some()
+                {
+                    self.records.insert(record.id.clone(), *record);
+                }
+            }
+            Op::ForgetRecord { id } => {
+                self.records.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    /// After the last op: rebuild indexes and queues (acceptance order,
+    /// SPEC §9) and settle interrupted sends.
+    pub fn finish_restore(&self, now: Millis) -> RestoredOutbox {
+        let mut queued: Vec<(Millis, String, String)> = Vec::new();
+        let mut scheduled: Vec<(Millis, String, String)> = Vec::new();
+        let mut interrupted = Vec::new();
+        {
+            let mut order = self.order.lock();
+            for r in self.records.iter() {
+                order.insert(r.id.clone());
+                if let Some(a) = self.state.account_by_name(&r.account) {
+                    self.queue(&a).records.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(w) = &r.wamid {
+                    self.by_wamid.insert(w.clone(), r.id.clone());
+                }
+                match r.status {
+                    Status::Queued => queued.push((r.created_at, r.id.clone(), r.account.clone())),
+                    Status::Scheduled => {
+                        scheduled.push((r.send_at.unwrap_or(now), r.id.clone(), r.account.clone()))
+                    }
+                    Status::Sending => interrupted.push(r.id.clone()),
+                    _ => {}
+                }
+            }
+        }
+        // Ids sort by creation within one millisecond.
+        queued.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        scheduled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, id, account) in queued {
+            if let Some(a) = self.state.account_by_name(&account) {
+                self.queue(&a).lock().ready.push_back(id);
+            }
+        }
+        for (at, id, account) in scheduled {
+            if let Some(a) = self.state.account_by_name(&account) {
+                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                self.queue(&a).lock().scheduled.insert((at, seq), id);
+            }
+        }
+        for id in &interrupted {
+            self.mark_failed(
+                id,
+                RecordError {
+                    code: INTERRUPTED.into(),
+                    graph_code: None,
+                    message: "the router stopped while this message was being sent; WhatsApp may or may not have received it, so it is not sent again (retry it if needed)".into(),
+                },
+                now,
+            );
+        }
+        for a in self.state.accounts() {
+            self.queue(&a).notify.notify_one();
+        }
+        RestoredOutbox {
+            records: self.records.len(),
+            interrupted: interrupted.len(),
+        }
+    }
+
+    /// Every record as ops, for a snapshot.
+    pub fn dump_ops(&self) -> Vec<Op> {
+        self.records
+            .iter()
+            .map(|r| Op::Record(Box::new(r.value().clone())))
+            .collect()
+    }
+
+    /// Drop records past `retention` that have left the queue (SPEC §9
+    /// bounded growth). Returns how many.
+    pub fn prune(&self, now: Millis, retention: std::time::Duration) -> usize {
+        let cutoff = now - retention.as_millis() as Millis;
+        let old: Vec<(String, Option<String>)> = self
+            .records
+            .iter()
+            .filter(|r| r.created_at < cutoff && r.status.is_settled())
+            .map(|r| (r.id.clone(), r.wamid.clone()))
+            .collect();
+        for (id, wamid) in &old {
+            self.forget_record(id, wamid.as_deref());
+        }
+        old.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AccountSettings;
+    use crate::outbound::Content;
+
+    fn outbox() -> Outbox {
+        let mut a = AccountSettings::sandbox("1");
+        a.name = "main".into();
+        let metrics = Arc::new(Metrics::new());
+        let state = Arc::new(State::new(&[a], metrics.clone()).0);
+        Outbox::new(state, metrics, false).0
+    }
+
+    fn record(id: &str, status: Status, created_at: Millis) -> OutboundRecord {
+        OutboundRecord {
+            id: id.into(),
+            account: "main".into(),
+            to: "16315551181".into(),
+            content: Content {
+                kind: "text".into(),
+                object: serde_json::json!({ "body": "x" }),
+                context_id: None,
+            },
+            status,
+            wamid: Some(format!("wamid.{id}")),
+            source: "api".into(),
+            tags: vec![],
+            metadata: None,
+            attempts: 1,
+            error: None,
+            history: vec![(status, created_at)],
+            created_at,
+            send_at: None,
+            expires_at: created_at + 1000,
+            bypass_consent: false,
+        }
+    }
+
+    #[test]
+    fn prune_drops_old_settled_records_only() {
+        let o = outbox();
+        let day = 86_400_000;
+        let now = 100 * day;
+        for (id, status, at) in [
+            ("old", Status::Read, now - 40 * day),
+            ("new", Status::Sent, now - day),
+            ("stuck", Status::Queued, now - 40 * day),
+        ] {
+            o.restore(Op::Record(Box::new(record(id, status, at))), false);
+        }
+        o.finish_restore(now);
+        assert_eq!(
+            o.prune(now, std::time::Duration::from_millis(30 * day as u64)),
+            1
+        );
+        assert!(
+            o.record("old").is_none() && o.record("new").is_some() && o.record("stuck").is_some()
+        );
+    }
+
+    #[test]
+    fn restore_rebuilds_queues_in_acceptance_order_and_settles_interrupted_sends() {
+        let o = outbox();
+        for (id, status, at) in [
+            ("b", Status::Queued, 20),
+            ("a", Status::Queued, 10),
+            ("c", Status::Sending, 5),
+        ] {
+            o.restore(Op::Record(Box::new(record(id, status, at))), false);
+        }
+        let restored = o.finish_restore(1000);
+        assert_eq!(restored.interrupted, 1);
+        let account = o.state().account_by_name("main").unwrap();
+        assert_eq!(o.queue(&account).head().as_deref(), Some("a"));
+        let c = o.record("c").unwrap();
+        assert_eq!(c.status, Status::Failed);
+        assert_eq!(c.error.unwrap().code, INTERRUPTED);
+    }
+
+    fn delivered(wamid: &str) -> StatusUpdate {
+        StatusUpdate {
+            wamid: wamid.into(),
+            status: "delivered".into(),
+            timestamp: 0,
+            recipient: None,
+            error: None,
+        }
+    }
+
+    /// Issue #7.11: statuses of messages other apps sent from the number
+    /// used to fill the early-status map for good.
+    #[test]
+    fn early_statuses_expire_and_make_room() {
+        let o = outbox();
+        let t0 = 1_000_000;
+        for i in 0..ORPHAN_CAPACITY {
+            o.apply_status(&delivered(&format!("wamid.other.{i}")), t0);
+        }
+        let later = t0 + ORPHAN_TTL_MS + 1;
+        o.restore(
+            Op::Record(Box::new(record("mine", Status::Sending, later))),
+            false,
+        );
+        assert_eq!(
+            o.apply_status(&delivered("wamid.mine"), later),
+            StatusOutcome::Unknown
+        );
+        o.mark_sent("mine", "wamid.mine", later);
+        assert_eq!(o.record("mine").unwrap().status, Status::Delivered);
+        assert!(
+            o.orphans.len() < ORPHAN_CAPACITY,
+            "expired entries were dropped"
+        );
+    }
+
+    /// Issue #7.11: a status that races with the send answer is applied.
+    #[test]
+    fn a_status_racing_the_send_answer_is_never_lost() {
+        let o = outbox();
+        let n = 10_000;
+        for i in 0..n {
+            o.restore(
+                Op::Record(Box::new(record(&format!("r{i}"), Status::Sending, 1))),
+                false,
+            );
+        }
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 0..n {
+                    go.wait();
+                    o.apply_status(&delivered(&format!("wamid.r{i}x")), 10);
+                }
+            });
+            scope.spawn(|| {
+                for i in 0..n {
+                    go.wait();
+                    o.mark_sent(&format!("r{i}"), &format!("wamid.r{i}x"), 10);
+                }
+            });
+        });
+        for i in 0..n {
+            assert_eq!(
+                o.record(&format!("r{i}")).unwrap().status,
+                Status::Delivered,
+                "record r{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_131047_failure_closes_the_window() {
+        let o = outbox();
+        let state = o.state().clone();
+        let account = state.account_by_name("main").unwrap();
+        let now = crate::domain::now_ms();
+        state.restore(
+            Op::Window {
+                account: "main".into(),
+                contact: "16315551181".into(),
+                window: crate::state::Window {
+                    last_inbound: now - 1000,
+                    expires: now + 1000,
+                },
+            },
+            false,
+        );
+        assert!(state.window_open(account.id, "16315551181", now));
+        o.restore(
+            Op::Record(Box::new(record("w", Status::Sending, now))),
+            false,
+        );
+        o.mark_failed(
+            "w",
+            RecordError {
+                code: "graph_error".into(),
+                graph_code: Some(131047),
+                message: "re-engagement".into(),
+            },
+            now,
+        );
+        assert!(!state.window_open(account.id, "16315551181", now));
+    }
+}
