@@ -510,14 +510,13 @@ impl Outbox {
     /// unknown accounts are registered again.
     pub fn restore(&self, op: Op, sandbox: bool) {
         match op {
-            Op::Record(record) => {
+            Op::Record(record)
                 if self
                     .state
                     .restore_account(&record.account, sandbox)
-                    .is_some()
-                {
-                    self.records.insert(record.id.clone(), *record);
-                }
+                    .is_some() =>
+            {
+                self.records.insert(record.id.clone(), *record);
             }
             Op::ForgetRecord { id } => {
                 self.records.remove(&id);
