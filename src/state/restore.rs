@@ -3,6 +3,7 @@
 //! journaled again. Outbound records are restored by
 //! [`crate::outbound::store`], events by [`crate::events`].
 
+use super::idempotency::Idempotent;
 use super::*;
 use crate::journal::Op;
 

@@ -1,0 +1,293 @@
+//! Conversations (SPEC §4): window, contact name, rule state and vars,
+//! consent, handoff and the last messages both ways.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{Account, ConvKey, State, Window};
+use crate::domain::Millis;
+use crate::inbound::InboundMessage;
+use crate::journal::Op;
+
+/// Messages kept per conversation (SPEC §4).
+pub const RECENT: usize = 50;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// One entry of a conversation's recent messages.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Recent {
+    pub direction: Direction,
+    /// wamid for inbound, router message id for outbound.
+    pub id: String,
+    pub kind: String,
+    pub text: Option<String>,
+    pub at: Millis,
+}
+
+/// Everything but the window of one conversation.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Conversation {
+    pub name: Option<String>,
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub handoff_until: Option<Millis>,
+    pub opted_out: bool,
+    /// When the last consent change was made (the keyword message's
+    /// timestamp, or the API request's time): older keywords, which Meta
+    /// may deliver late and out of order, do not undo it.
+    #[serde(default)]
+    pub consent_at: Option<Millis>,
+    pub recent: VecDeque<Recent>,
+    pub last_activity: Millis,
+}
+
+/// The conversation as an inbound message left it, for the rules.
+#[derive(Debug, Clone)]
+pub struct InboundView {
+    /// This message opened a window (none was open before it).
+    pub new_conversation: bool,
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub opted_out: bool,
+    pub handoff: bool,
+}
+
+/// A conversation for the API.
+#[derive(Debug, Clone)]
+pub struct ConversationView {
+    pub account: String,
+    pub wa_id: String,
+    pub window: Option<Window>,
+    pub conversation: Conversation,
+}
+
+impl ConversationView {
+    pub fn window_open(&self, now: Millis) -> bool {
+        self.window.is_some_and(|w| w.expires > now)
+    }
+}
+
+impl State {
+    /// Apply an inbound message: window, contact name, recent messages.
+    pub fn inbound(&self, account: &Account, msg: &InboundMessage, now: Millis) -> InboundView {
+        let key = ConvKey::new(account.id, &msg.from);
+        let mut new_conversation = false;
+        if msg.opens_window {
+            // SPEC §4: from Meta's timestamp, clamped to now, only extended.
+            new_conversation = self.windows.extend(key.clone(), msg.timestamp, now);
+            if let Some(window) = self.windows.get(&key) {
+                self.log(|| Op::Window {
+                    account: account.name().to_string(),
+                    contact: msg.from.clone(),
+                    window,
+                });
+            }
+        }
+        let mut c = self.conversations.entry(key).or_default();
+        if let Some(name) = &msg.contact_name {
+            c.name = Some(name.clone());
+        }
+        c.last_activity = now;
+        push_recent(
+            &mut c.recent,
+            Recent {
+                direction: Direction::In,
+                id: msg.wamid.clone(),
+                kind: msg.kind.as_str().to_string(),
+                text: msg.text.clone(),
+                at: msg.timestamp.min(now),
+            },
+        );
+        if c.handoff_until.is_some_and(|u| u <= now) {
+            c.handoff_until = None;
+        }
+        self.log(|| Op::Conversation {
+            account: account.name().to_string(),
+            contact: msg.from.clone(),
+            conversation: Box::new(c.clone()),
+        });
+        InboundView {
+            new_conversation,
+            state: c.state.clone(),
+            vars: c.vars.clone(),
+            opted_out: c.opted_out,
+            handoff: c.handoff_until.is_some(),
+        }
+    }
+
+    pub(super) fn update_conversation<R>(
+        &self,
+        account: u16,
+        contact: &str,
+        now: Millis,
+        f: impl FnOnce(&mut Conversation) -> R,
+    ) -> R {
+        let mut c = self
+            .conversations
+            .entry(ConvKey::new(account, contact))
+            .or_default();
+        c.last_activity = now;
+        let out = f(&mut c);
+        self.log(|| Op::Conversation {
+            account: self.account_name(account),
+            contact: contact.to_string(),
+            conversation: Box::new(c.clone()),
+        });
+        out
+    }
+
+    pub fn set_state(&self, account: u16, contact: &str, state: String, now: Millis) {
+        self.update_conversation(account, contact, now, |c| c.state = state);
+    }
+
+    pub fn set_vars(
+        &self,
+        account: u16,
+        contact: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+        now: Millis,
+    ) {
+        self.update_conversation(account, contact, now, |c| {
+            let mut merged = c.vars.clone();
+            merged.extend(vars);
+            let size = crate::domain::vars_bytes(&merged);
+            if size > crate::domain::MAX_VARS_BYTES {
+                tracing::error!(
+                    size,
+                    max = crate::domain::MAX_VARS_BYTES,
+                    "a rule's vars would exceed the per-conversation limit; not set"
+                );
+            } else {
+                c.vars = merged;
+            }
+        });
+    }
+
+    /// Record a consent change made at `at`; `false` (and nothing changed)
+    /// when a later change is already recorded. Compared in whole seconds,
+    /// the resolution of Meta's timestamps: within one second, the change
+    /// processed last wins.
+    pub fn set_opted_out(
+        &self,
+        account: u16,
+        contact: &str,
+        opted_out: bool,
+        at: Millis,
+        now: Millis,
+    ) -> bool {
+        self.update_conversation(account, contact, now, |c| {
+            if c.consent_at.is_some_and(|last| last / 1000 > at / 1000) {
+                return false;
+            }
+            c.opted_out = opted_out;
+            c.consent_at = Some(at);
+            true
+        })
+    }
+
+    /// Hand the conversation to humans until `until`, or give it back (`None`).
+    pub fn set_handoff(&self, account: u16, contact: &str, until: Option<Millis>, now: Millis) {
+        self.update_conversation(account, contact, now, |c| c.handoff_until = until);
+    }
+
+    pub fn is_opted_out(&self, account: u16, contact: &str) -> bool {
+        self.conversations
+            .get(&ConvKey::new(account, contact))
+            .is_some_and(|c| c.opted_out)
+    }
+
+    pub fn window(&self, account: u16, contact: &str) -> Option<Window> {
+        self.windows.get(&ConvKey::new(account, contact))
+    }
+
+    pub fn window_open(&self, account: u16, contact: &str, now: Millis) -> bool {
+        self.windows.is_open(&ConvKey::new(account, contact), now)
+    }
+
+    /// Meta said the window is closed (131047): believe it.
+    pub fn close_window(&self, account: u16, contact: &str, now: Millis) {
+        let key = ConvKey::new(account, contact);
+        self.windows.close(&key, now);
+        if let Some(window) = self.windows.get(&key) {
+            self.log(|| Op::Window {
+                account: self.account_name(account),
+                contact: contact.to_string(),
+                window,
+            });
+        }
+    }
+
+    pub fn open_windows(&self, now: Millis) -> usize {
+        self.windows.open_count(now)
+    }
+
+    pub fn conversation(&self, account: &Account, contact: &str) -> Option<ConversationView> {
+        let key = ConvKey::new(account.id, contact);
+        let conversation = self.conversations.get(&key).map(|c| c.clone())?;
+        Some(ConversationView {
+            account: account.name().to_string(),
+            wa_id: contact.to_string(),
+            window: self.window(account.id, contact),
+            conversation,
+        })
+    }
+
+    /// Add an outbound message to the conversation's recent messages.
+    pub fn note_outbound(&self, account: u16, contact: &str, entry: Recent, now: Millis) {
+        self.update_conversation(account, contact, now, |c| push_recent(&mut c.recent, entry));
+    }
+
+    /// The recent messages of a conversation, oldest first.
+    pub fn recent(&self, account: u16, contact: &str) -> Vec<Recent> {
+        self.conversations
+            .get(&ConvKey::new(account, contact))
+            .map(|c| c.recent.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every conversation (of one account, or all), for listing.
+    pub fn conversations(&self, account: Option<u16>) -> Vec<ConversationView> {
+        let keys: Vec<ConvKey> = self
+            .conversations
+            .iter()
+            .filter(|e| account.is_none_or(|a| a == e.key().account))
+            .map(|e| e.key().clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let a = self.account(k.account)?;
+                self.conversation(&a, &k.contact)
+            })
+            .collect()
+    }
+
+    /// Set the rule state and, if given, replace the vars (API `PUT state`).
+    pub fn put_state(
+        &self,
+        account: u16,
+        contact: &str,
+        state: Option<String>,
+        vars: Option<BTreeMap<String, String>>,
+        now: Millis,
+    ) {
+        self.update_conversation(account, contact, now, |c| {
+            if let Some(s) = state {
+                c.state = s;
+            }
+            if let Some(v) = vars {
+                c.vars = v;
+            }
+        });
+    }
+}
+
+fn push_recent(recent: &mut VecDeque<Recent>, entry: Recent) {
+    if recent.len() >= RECENT {
+        recent.pop_front();
+    }
+    recent.push_back(entry);
+}
