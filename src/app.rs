@@ -17,29 +17,23 @@ use crate::error::{ApiError, ErrorCode};
 use crate::events::Events;
 use crate::outbound::Outbox;
 use crate::outbound::graph::GraphClient;
+use crate::routing::Lanes;
 use crate::rules::Rules;
 use crate::state::State;
 use crate::telemetry::Metrics;
-use crate::webhook::ingest::{self, Lanes};
-use crate::{api, ops, outbound, webhook};
+use crate::{api, ops, outbound, routing, webhook};
 
-/// Everything the handlers and workers share.
+/// What the app keeps of what it built: the stores and queues (for
+/// upkeep, shutdown and tests). Edges and workers get their own narrow
+/// contexts ([`webhook::Ctx`], [`api::Ctx`], [`ops::Ctx`],
+/// [`routing::Router`], [`outbound::sender::Sender`]) and never this.
 pub struct Shared {
     pub settings: Arc<Settings>,
     pub state: Arc<State>,
     pub outbox: Arc<Outbox>,
-    pub rules: Arc<Rules>,
-    pub metrics: Arc<Metrics>,
-    pub graph: Arc<GraphClient>,
     pub events: Arc<Events>,
-    pub lanes: Lanes,
-    /// One GCRA limiter per API key (`[api] rate`/`burst`).
-    pub api_limits: Vec<governor::DefaultDirectRateLimiter>,
-    /// The runtime the workers run on (handlers run on actix's own threads).
-    pub runtime: tokio::runtime::Handle,
-    pub ready: AtomicBool,
-    /// Deadline and shared byte budget for reading request bodies.
-    pub bodies: crate::body::BodyLimits,
+    pub lanes: Arc<Lanes>,
+    pub ops: Arc<ops::Ctx>,
 }
 
 /// Why the app could not start.
@@ -101,41 +95,76 @@ impl App {
             None => None,
         };
         let (lanes, lane_receivers) = Lanes::new();
+        let lanes = Arc::new(lanes);
         let port = listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?
             .port();
+        let bodies = Arc::new(crate::body::BodyLimits::new(
+            settings.http.body_timeout,
+            settings.http.max_buffered,
+        ));
+        let webhook = Arc::new(webhook::Ctx {
+            meta: settings.meta.clone(),
+            sandbox: settings.sandbox,
+            bodies: bodies.clone(),
+            metrics: metrics.clone(),
+            state: state.clone(),
+            outbox: outbox.clone(),
+            lanes: lanes.clone(),
+        });
+        let api = Arc::new(api::Ctx {
+            keys: api::Ctx::limiters(&settings.api.keys, settings.api.rate, settings.api.burst),
+            bodies: bodies.clone(),
+            state: state.clone(),
+            outbox: outbox.clone(),
+            validity: settings.sender.validity,
+            handoff_ttl: settings.conversations.handoff_ttl,
+        });
+        let ops = Arc::new(ops::Ctx {
+            key: settings.ops_key.clone(),
+            sandbox: settings.sandbox,
+            ready: AtomicBool::new(false),
+            state: state.clone(),
+            outbox: outbox.clone(),
+            rules: rules.clone(),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            bodies,
+        });
+        let router = Arc::new(routing::Router {
+            state: state.clone(),
+            outbox: outbox.clone(),
+            rules: rules.clone(),
+            metrics,
+            events: events.clone(),
+            graph: graph.clone(),
+            lanes: lanes.clone(),
+            validity: settings.sender.validity,
+            handoff_ttl: settings.conversations.handoff_ttl,
+        });
+        let sender = Arc::new(outbound::sender::Sender {
+            outbox: outbox.clone(),
+            graph,
+            settings: settings.sender.clone(),
+        });
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             state,
             outbox,
-            rules: rules.clone(),
-            metrics,
-            graph,
             events: events.clone(),
-            lanes,
-            api_limits: settings
-                .api
-                .keys
-                .iter()
-                .map(|_| api_limiter(settings.api.rate, settings.api.burst))
-                .collect(),
-            runtime: tokio::runtime::Handle::current(),
-            ready: AtomicBool::new(false),
-            bodies: crate::body::BodyLimits::new(
-                settings.http.body_timeout,
-                settings.http.max_buffered,
-            ),
+            lanes: lanes.clone(),
+            ops: ops.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
 
         for receiver in lane_receivers {
-            tokio::spawn(ingest::run_lane(shared.clone(), receiver));
+            tokio::spawn(routing::run_lane(router.clone(), receiver));
         }
         if let Some(restored) = restored {
             // Acknowledged before the stop, rules not yet run: run them now.
             for (account, msg, new_conversation) in restored.pending {
-                shared.lanes.push(ingest::Job {
+                lanes.push(routing::Job {
                     account,
                     msg,
                     new_conversation,
@@ -146,12 +175,11 @@ impl App {
         {
             // One paced sender per account, including sandbox accounts that
             // appear later with their first webhook.
-            let shared = shared.clone();
             let stop_rx = stop_rx.clone();
             tokio::spawn(async move {
                 while let Some(account) = new_accounts.recv().await {
                     tokio::spawn(outbound::sender::run(
-                        shared.clone(),
+                        sender.clone(),
                         account,
                         stop_rx.clone(),
                     ));
@@ -169,13 +197,19 @@ impl App {
         events.spawn_workers(stop_rx.clone());
         crate::rules::reload::spawn(rules, stop_rx);
 
-        let data = web::Data::from(shared.clone());
+        let (webhook, api, ops_data) = (
+            web::Data::from(webhook),
+            web::Data::from(api),
+            web::Data::from(ops.clone()),
+        );
         let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .clamp(1, 8);
         let server = HttpServer::new(move || {
             ActixApp::new()
-                .app_data(data.clone())
+                .app_data(webhook.clone())
+                .app_data(api.clone())
+                .app_data(ops_data.clone())
                 .configure(routes)
                 .default_service(web::to(not_found))
         })
@@ -193,7 +227,7 @@ impl App {
         })?
         .run();
 
-        shared.ready.store(true, Ordering::Release);
+        ops.ready.store(true, Ordering::Release);
         Ok(App {
             port,
             server,
@@ -246,13 +280,6 @@ impl App {
         std::mem::forget(self.stop);
         shared
     }
-}
-
-fn api_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
-    use std::num::NonZeroU32;
-    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
 /// Open `data_dir`: replay the journal into `state`, attach the journal,

@@ -21,6 +21,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{ApiError, ErrorCode};
 
+/// Largest API request body (SPEC §7: over 1 MB → 413).
+pub const API_MAX_BODY: usize = 1024 * 1024;
+
 /// Shared limits for reading bodies.
 #[derive(Debug, Clone)]
 pub struct BodyLimits {

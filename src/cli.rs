@@ -13,7 +13,7 @@ use crate::config::{self, Overrides, Settings};
 use crate::domain::{now_ms, parse_phone};
 use crate::inbound::{InboundKind, InboundMessage, ReplyChoice};
 use crate::outbound::graph::send_body;
-use crate::rules::{ConsentKeyword, Facts, Ruleset};
+use crate::rules::{ConsentKeyword, Ruleset};
 use crate::telemetry::{self, LogFormat};
 
 /// wa-router: a self-hosted, webhook-first WhatsApp conversation router.
@@ -113,6 +113,12 @@ pub struct SimulateArgs {
     /// Whether a 24 h window was open before the message.
     #[arg(long, value_enum, default_value = "open")]
     window: WindowArg,
+    /// The conversation is handed off to a person (no rules run).
+    #[arg(long)]
+    handoff: bool,
+    /// The contact opted out before the message.
+    #[arg(long = "opted-out")]
+    opted_out: bool,
     /// The contact's profile name.
     #[arg(long, default_value = "")]
     name: String,
@@ -347,78 +353,114 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
     let out = simulate_message(
         &rules,
         &msg,
-        &account,
-        &args.state,
-        args.window == WindowArg::Open,
+        Simulated {
+            account: &account,
+            state: &args.state,
+            window_was_open: args.window == WindowArg::Open,
+            handed_off: args.handoff,
+            opted_out: args.opted_out,
+        },
     );
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     ExitCode::SUCCESS
 }
 
-/// What the rules do with one message, as JSON (no state, no network).
-pub fn simulate_message(
-    rules: &Ruleset,
-    msg: &InboundMessage,
-    account: &str,
-    state: &str,
-    window_was_open: bool,
-) -> Value {
-    let window_open = window_was_open || msg.opens_window;
-    let new_conversation = !window_was_open && msg.opens_window;
-    let mut messages = Vec::new();
-    let mut refused = Vec::new();
-    let mut errors = Vec::new();
-    let mut push =
-        |content: Result<crate::outbound::Content, String>, bypass_consent: bool| match content {
-            Ok(c) => {
-                let body = send_body(&msg.from, &c);
-                if !c.is_template() && !window_open {
-                    refused.push(json!({ "reason": "window_closed", "body": body }));
-                } else {
-                    let _ = bypass_consent;
-                    messages.push(body);
-                }
-            }
-            Err(e) => errors.push(Value::String(e)),
-        };
-    if let Some(keyword) = rules.consent_keyword(msg) {
-        if let Some(reply) = rules.consent_reply(keyword, msg, account) {
-            push(reply, true);
-        }
-        let consent = if keyword == ConsentKeyword::OptOut {
-            "opt_out"
-        } else {
-            "opt_in"
-        };
-        return json!({ "rule": null, "consent": consent, "messages": messages, "refused": refused, "errors": errors });
-    }
+/// The conversation `simulate` pretends the message arrives in.
+#[derive(Debug, Clone, Copy)]
+pub struct Simulated<'a> {
+    pub account: &'a str,
+    pub state: &'a str,
+    /// A 24 h window was open before the message.
+    pub window_was_open: bool,
+    /// A person has the conversation (no rules run).
+    pub handed_off: bool,
+    /// The contact opted out before the message.
+    pub opted_out: bool,
+}
+
+/// What the rules do with one message, as JSON (no state, no network):
+/// the same routing step ([`crate::rules::route::route`]) and send policy
+/// ([`crate::outbound::policy::check`]) as the router.
+pub fn simulate_message(rules: &Ruleset, msg: &InboundMessage, conv: Simulated<'_>) -> Value {
+    use crate::outbound::policy;
+    use crate::rules::route::{ConversationFacts, Outcome, route};
+    let window_open = conv.window_was_open || msg.opens_window;
+    let new_conversation = !conv.window_was_open && msg.opens_window;
     let vars = BTreeMap::new();
-    let facts = Facts {
-        account,
-        state,
-        new_conversation,
-        reply_tags: &[],
+    let decision = route(
+        rules,
+        msg,
+        ConversationFacts {
+            account: conv.account,
+            state: conv.state,
+            vars: &vars,
+            new_conversation,
+            handed_off: conv.handed_off,
+            reply_tags: &[],
+        },
+    );
+    let now = now_ms();
+    let mut opted_out = conv.opted_out;
+    let (mut messages, mut refused, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    let mut push = |content: Result<crate::outbound::Content, String>,
+                    opted_out: bool,
+                    bypass_consent: bool| match content {
+        Ok(c) => {
+            let body = send_body(&msg.from, &c);
+            let facts = policy::Facts {
+                now,
+                is_template: c.is_template(),
+                window_open,
+                opted_out,
+                bypass_consent,
+                expires_at: crate::domain::Millis::MAX,
+            };
+            match policy::check(facts) {
+                Ok(()) => messages.push(body),
+                Err(e) => refused.push(json!({ "reason": e.code(), "body": body })),
+            }
+        }
+        Err(e) => errors.push(Value::String(e)),
     };
-    let Some(hit) = rules.first_match(msg, facts) else {
-        return json!({ "rule": null, "messages": [], "refused": [], "errors": [] });
-    };
-    let plan = rules.plan(&hit, msg, account, state, &vars);
-    for content in plan.sends {
-        push(content, false);
+    let mut out = serde_json::Map::new();
+    if let Some(consent) = decision.consent {
+        opted_out = consent.keyword == ConsentKeyword::OptOut;
+        if let Some(reply) = consent.reply {
+            push(reply, opted_out, true);
+        }
+        let which = if opted_out { "opt_out" } else { "opt_in" };
+        out.insert("consent".into(), which.into());
     }
-    json!({
-        "rule": plan.rule,
-        "new_conversation": new_conversation,
-        "match": hit.captures.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
-        "set_state": plan.set_state,
-        "set": plan.set_vars.into_iter().map(|(k, v)| (k, Value::String(v))).collect::<serde_json::Map<_, _>>(),
-        "mark_read": plan.mark_read,
-        "forward": plan.forward,
-        "handoff": plan.handoff,
-        "messages": messages,
-        "refused": refused,
-        "errors": errors,
-    })
+    out.insert("rule".into(), Value::Null);
+    out.insert("new_conversation".into(), new_conversation.into());
+    match decision.outcome {
+        Outcome::HandedOff => {
+            out.insert("handed_off".into(), true.into());
+        }
+        Outcome::Consumed | Outcome::NoMatch => {}
+        Outcome::Rule(plan) => {
+            for content in plan.sends {
+                push(content, opted_out, false);
+            }
+            let strings = |pairs: Vec<(String, String)>| {
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect::<serde_json::Map<_, _>>()
+            };
+            out.insert("rule".into(), plan.rule.into());
+            out.insert("match".into(), strings(plan.captures).into());
+            out.insert("set_state".into(), json!(plan.set_state));
+            out.insert("set".into(), strings(plan.set_vars).into());
+            out.insert("mark_read".into(), plan.mark_read.into());
+            out.insert("forward".into(), json!(plan.forward));
+            out.insert("handoff".into(), plan.handoff.into());
+        }
+    }
+    out.insert("messages".into(), messages.into());
+    out.insert("refused".into(), refused.into());
+    out.insert("errors".into(), errors.into());
+    Value::Object(out)
 }
 
 fn sign(secret: &str, file: Option<&Path>) -> ExitCode {

@@ -664,13 +664,13 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             message: "[http] body_timeout and max_connections must be above 0".into(),
         });
     }
-    if http.max_buffered < max_body.max(crate::api::MAX_BODY) {
+    if http.max_buffered < max_body.max(crate::body::API_MAX_BODY) {
         return Err(ConfigError::Invalid {
             file: name,
             message: format!(
                 "[http] max_buffered ({} bytes) must be at least the largest body accepted ([meta] max_body, {} bytes)",
                 http.max_buffered,
-                max_body.max(crate::api::MAX_BODY)
+                max_body.max(crate::body::API_MAX_BODY)
             ),
         });
     }

@@ -11,6 +11,19 @@ use crate::domain::Secret;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The key a request presents, from its `X-API-Key` header or else its
+/// `Authorization: Bearer KEY` header (API keys and the ops key).
+pub fn presented_key<'a>(
+    x_api_key: Option<&'a str>,
+    authorization: Option<&'a str>,
+) -> Option<&'a str> {
+    if let Some(k) = x_api_key {
+        return Some(k.trim());
+    }
+    let (scheme, token) = authorization?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 fn mac(secret: &[u8]) -> HmacSha256 {
     // HMAC is defined for keys of any length; new_from_slice never fails.
     match HmacSha256::new_from_slice(secret) {
@@ -67,6 +80,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_comes_from_x_api_key_or_a_bearer_token() {
+        assert_eq!(presented_key(Some(" k1 "), Some("Bearer k2")), Some("k1"));
+        assert_eq!(presented_key(None, Some("bearer  k2 ")), Some("k2"));
+        assert_eq!(presented_key(None, Some("Basic k2")), None);
+        assert_eq!(presented_key(None, Some("k2")), None);
+        assert_eq!(presented_key(None, None), None);
+    }
 
     #[test]
     fn known_vector() {

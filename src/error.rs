@@ -9,9 +9,9 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::message::validate::Invalid;
 use crate::outbound::graph::GraphError;
 use crate::outbound::policy::PolicyError;
-use crate::outbound::validate::Invalid;
 
 /// The `error` object of the envelope.
 #[derive(Debug, Serialize, ToSchema)]

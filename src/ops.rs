@@ -1,21 +1,44 @@
 //! EDGE: operations endpoints (SPEC §10): `/healthz`, `/readyz`, `/metrics`.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
-use crate::app::Shared;
-use crate::domain::{now_ms, rfc3339};
+use crate::body::BodyLimits;
+use crate::domain::{Secret, now_ms, rfc3339};
 use crate::error::{ApiError, ErrorCode};
+use crate::events::Events;
+use crate::outbound::Outbox;
+use crate::rules::Rules;
+use crate::state::State;
+use crate::telemetry::Metrics;
+
+/// What the operations endpoints use.
+pub struct Ctx {
+    /// `[ops] key`.
+    pub key: Option<Secret>,
+    pub sandbox: bool,
+    /// Set by the app once state is loaded and the listener serves.
+    pub ready: AtomicBool,
+    pub state: Arc<State>,
+    pub outbox: Arc<Outbox>,
+    pub rules: Arc<Rules>,
+    pub metrics: Arc<Metrics>,
+    pub events: Arc<Events>,
+    pub bodies: Arc<BodyLimits>,
+}
 
 /// With `[ops] key` set, `/metrics` and `/healthz` (which name accounts,
 /// rules, targets and files) need it.
-fn ops_authorized(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
-    let Some(key) = &shared.settings.ops_key else {
+fn ops_authorized(req: &HttpRequest, ctx: &Ctx) -> Result<(), ApiError> {
+    let Some(key) = &ctx.key else {
         return Ok(());
     };
-    let given = crate::api::auth::presented(req).unwrap_or_default();
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let given = crate::crypto::presented_key(header("x-api-key"), header("authorization"))
+        .unwrap_or_default();
     if crate::crypto::constant_time_eq(given.as_bytes(), key.expose().as_bytes()) {
         Ok(())
     } else {
@@ -27,34 +50,31 @@ fn ops_authorized(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
 }
 
 /// `GET /healthz`: liveness, rule file state and mode.
-pub async fn healthz(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-) -> Result<HttpResponse, ApiError> {
-    ops_authorized(&req, &shared)?;
-    let status = shared.rules.status();
+pub async fn healthz(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
+    ops_authorized(&req, &ctx)?;
+    let status = ctx.rules.status();
     Ok(HttpResponse::Ok().json(json!({
         "status": "ok",
         "routes": {
             "rules": status.rules,
             "loaded_at": rfc3339(status.loaded_at),
             "last_error": status.last_error,
-            "file": shared.rules.path().display().to_string(),
+            "file": ctx.rules.path().display().to_string(),
         },
-        "mode": if shared.settings.sandbox { "sandbox" } else { "live" },
-        "accounts": shared.state.accounts().len(),
+        "mode": if ctx.sandbox { "sandbox" } else { "live" },
+        "accounts": ctx.state.accounts().len(),
     })))
 }
 
 /// `GET /readyz`: 200 once state is loaded.
-pub async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
-    if shared.state.storage_failed() {
+pub async fn readyz(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
+    if ctx.state.storage_failed() {
         return Err(ApiError::new(
             ErrorCode::StorageUnavailable,
             "storage failed: the router cannot record changes",
         ));
     }
-    if shared.ready.load(Ordering::Acquire) {
+    if ctx.ready.load(Ordering::Acquire) {
         Ok(HttpResponse::Ok().json(json!({ "status": "ready" })))
     } else {
         Err(ApiError::new(ErrorCode::NotReady, "state is still loading"))
@@ -62,25 +82,22 @@ pub async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError>
 }
 
 /// `GET /metrics`: Prometheus text.
-pub async fn metrics(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-) -> Result<HttpResponse, ApiError> {
-    ops_authorized(&req, &shared)?;
-    let queues: Vec<(String, usize, usize)> = shared
+pub async fn metrics(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
+    ops_authorized(&req, &ctx)?;
+    let queues: Vec<(String, usize, usize)> = ctx
         .state
         .accounts()
         .iter()
         .map(|a| {
-            let s = shared.outbox.queue(a).stats();
+            let s = ctx.outbox.queue(a).stats();
             (a.name().to_string(), s.depth, s.scheduled)
         })
         .collect();
-    let body = shared.metrics.render(&crate::telemetry::ScrapeGauges {
-        open_windows: shared.state.open_windows(now_ms()),
+    let body = ctx.metrics.render(&crate::telemetry::ScrapeGauges {
+        open_windows: ctx.state.open_windows(now_ms()),
         queues,
-        backlog: shared.events.backlog(),
-        body_buffered: shared.bodies.buffered(),
+        backlog: ctx.events.backlog(),
+        body_buffered: ctx.bodies.buffered(),
     });
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

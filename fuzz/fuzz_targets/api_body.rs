@@ -1,5 +1,5 @@
 //! The API body path: `api::messages::parse_send_request` on JSON objects,
-//! `outbound::validate::validate` for every message type
+//! `message::validate::validate` for every message type
 //! on arbitrary JSON, and the domain parsers (`parse_phone`,
 //! `parse_duration`, `parse_size`, `parse_rfc3339`) on the input text and
 //! on every string in the JSON. Nothing may panic.
@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use wa_router::domain::{parse_duration, parse_phone, parse_rfc3339, parse_size};
-use wa_router::outbound::validate::{TYPES, validate};
+use wa_router::message::validate::{TYPES, validate};
 
 fn parsers(text: &str) {
     if let Some(digits) = parse_phone(text) {

@@ -5,7 +5,7 @@ use std::future::{Ready, ready};
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 
-use crate::app::Shared;
+use crate::api::Ctx;
 use crate::error::{ApiError, ErrorCode};
 
 /// Proof that the request carried a configured API key; holds the key's
@@ -15,12 +15,8 @@ pub struct ApiKey(pub usize);
 
 /// The key a request presents (`X-API-Key` or `Authorization: Bearer`).
 pub fn presented(req: &HttpRequest) -> Option<&str> {
-    if let Some(k) = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(k.trim());
-    }
-    let auth = req.headers().get("authorization")?.to_str().ok()?;
-    let (scheme, token) = auth.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    crate::crypto::presented_key(header("x-api-key"), header("authorization"))
 }
 
 impl FromRequest for ApiKey {
@@ -34,7 +30,7 @@ impl FromRequest for ApiKey {
                 "missing or wrong API key: send X-API-Key or Authorization: Bearer",
             )
         };
-        let Some(shared) = req.app_data::<web::Data<Shared>>() else {
+        let Some(ctx) = req.app_data::<web::Data<Ctx>>() else {
             return ready(Err(ApiError::new(
                 ErrorCode::Internal,
                 "server state missing",
@@ -44,7 +40,7 @@ impl FromRequest for ApiKey {
             return ready(Err(unauthorized()));
         };
         let mut found = None;
-        for (i, k) in shared.settings.api.keys.iter().enumerate() {
+        for (i, (k, _)) in ctx.keys.iter().enumerate() {
             if crate::crypto::constant_time_eq(key.as_bytes(), k.expose().as_bytes())
                 && found.is_none()
             {
@@ -55,7 +51,7 @@ impl FromRequest for ApiKey {
             return ready(Err(unauthorized()));
         };
         // Per-key rate limit (SPEC §7): beyond rate/burst → 429 + Retry-After.
-        if let Some(limiter) = shared.api_limits.get(index)
+        if let Some((_, limiter)) = ctx.keys.get(index)
             && let Err(not_until) = limiter.check()
         {
             use governor::clock::{Clock, DefaultClock};

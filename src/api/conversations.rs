@@ -10,13 +10,13 @@ use super::dto::{
     RecentListOut, RecentOut, StateIn,
 };
 use super::{json_body, limit, optional_json_body, query};
-use crate::app::Shared;
+use crate::api::Ctx;
 use crate::domain::{Millis, format_duration, now_ms, parse_duration, parse_phone, rfc3339};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::{Account, ConversationView};
 
-fn account(shared: &Shared, name: &str) -> Result<std::sync::Arc<Account>, ApiError> {
-    shared.state.account_by_name(name).ok_or_else(|| {
+fn account(ctx: &Ctx, name: &str) -> Result<std::sync::Arc<Account>, ApiError> {
+    ctx.state.account_by_name(name).ok_or_else(|| {
         ApiError::new(
             ErrorCode::UnknownAccount,
             format!("no account named {name:?}"),
@@ -36,10 +36,10 @@ fn contact(raw: &str) -> String {
 pub async fn get(
     _key: ApiKey,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
-    let view = shared.state.conversation(&account, &wa_id).ok_or_else(|| {
+    let (account, wa_id) = conversation_path(&ctx, path.into_inner())?;
+    let view = ctx.state.conversation(&account, &wa_id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
             format!("no conversation with {wa_id} on {:?}", account.name()),
@@ -54,17 +54,17 @@ pub async fn get(
 pub async fn messages(
     _key: ApiKey,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
-    if shared.state.conversation(&account, &wa_id).is_none() {
+    let (account, wa_id) = conversation_path(&ctx, path.into_inner())?;
+    if ctx.state.conversation(&account, &wa_id).is_none() {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no conversation with {wa_id} on {:?}", account.name()),
         ));
     }
     Ok(HttpResponse::Ok().json(RecentListOut {
-        messages: shared
+        messages: ctx
             .outbox
             .recent_messages(&account, &wa_id)
             .iter()
@@ -76,14 +76,14 @@ pub async fn messages(
 /// `GET /v1/queues`: per account, depth, scheduled, next send time, pace.
 #[utoipa::path(get, path = "/v1/queues", tag = "queues",
     responses((status = 200, description = "Per account: depth, scheduled, next send time, pace", body = QueuesOut), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
-pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+pub async fn queues(_key: ApiKey, ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
     let now = now_ms();
-    let queues: Vec<_> = shared
+    let queues: Vec<_> = ctx
         .state
         .accounts()
         .iter()
         .map(|a| {
-            let stats = shared.outbox.queue(a).stats();
+            let stats = ctx.outbox.queue(a).stats();
             let pace_ms = a.settings.pace.as_millis() as i64;
             let next_send = if stats.depth > 0 {
                 Some(stats.last_send.map_or(now, |l| (l + pace_ms).max(now)))
@@ -107,16 +107,16 @@ pub async fn queues(_key: ApiKey, shared: web::Data<Shared>) -> Result<HttpRespo
 
 /// The account and contact of a `/v1/conversations/{account}/{wa_id}` path.
 fn conversation_path(
-    shared: &Shared,
+    ctx: &Ctx,
     (name, raw): (String, String),
 ) -> Result<(std::sync::Arc<Account>, String), ApiError> {
-    Ok((account(shared, &name)?, path_contact(&raw)?))
+    Ok((account(ctx, &name)?, path_contact(&raw)?))
 }
 
 /// The conversation as the API shows it, after a change.
-async fn answer(shared: &Shared, account: &Account, wa_id: &str) -> Result<HttpResponse, ApiError> {
-    super::durable(shared).await?;
-    let view = shared.state.conversation(account, wa_id).ok_or_else(|| {
+async fn answer(ctx: &Ctx, account: &Account, wa_id: &str) -> Result<HttpResponse, ApiError> {
+    super::durable(ctx).await?;
+    let view = ctx.state.conversation(account, wa_id).ok_or_else(|| {
         ApiError::new(ErrorCode::NotFound, format!("no conversation with {wa_id}"))
     })?;
     Ok(HttpResponse::Ok().json(ConversationOut::new(&view, now_ms())))
@@ -159,13 +159,13 @@ fn sort_key(v: &ConversationView, now: Millis) -> (bool, Millis, String, String)
 pub async fn list(
     _key: ApiKey,
     req: HttpRequest,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query(&req)?;
     let limit = limit(&q)?;
     let now = now_ms();
     let account_id = match q.get("account") {
-        Some(name) => Some(account(&shared, name)?.id),
+        Some(name) => Some(account(&ctx, name)?.id),
         None => None,
     };
     let open = match q.get("open").map(String::as_str) {
@@ -188,7 +188,7 @@ pub async fn list(
                 })?,
         ),
     };
-    let mut all: Vec<_> = shared
+    let mut all: Vec<_> = ctx
         .state
         .conversations(account_id)
         .into_iter()
@@ -223,9 +223,9 @@ pub async fn put_state(
     req: HttpRequest,
     payload: web::Payload,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
+    let (account, wa_id) = conversation_path(&ctx, path.into_inner())?;
     let body = json_body(&req, payload).await?;
     let obj = body.as_object().ok_or_else(|| {
         ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object")
@@ -287,10 +287,9 @@ pub async fn put_state(
     if state.is_none() && vars.is_none() {
         return Err(ApiError::invalid("state", "give state, vars or both"));
     }
-    shared
-        .state
+    ctx.state
         .put_state(account.id, &wa_id, state, vars, now_ms());
-    answer(&shared, &account, &wa_id).await
+    answer(&ctx, &account, &wa_id).await
 }
 
 /// `POST /v1/conversations/{account}/{wa_id}/handoff`: hand to humans,
@@ -302,15 +301,15 @@ pub async fn handoff(
     req: HttpRequest,
     payload: web::Payload,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
+    let (account, wa_id) = conversation_path(&ctx, path.into_inner())?;
     let ttl = match optional_json_body(&req, payload)
         .await?
         .as_ref()
         .and_then(|b| b.get("ttl"))
     {
-        None | Some(serde_json::Value::Null) => shared.settings.conversations.handoff_ttl,
+        None | Some(serde_json::Value::Null) => ctx.handoff_ttl,
         Some(serde_json::Value::String(s)) => {
             parse_duration(s).map_err(|e| ApiError::invalid("ttl", e))?
         }
@@ -333,13 +332,13 @@ pub async fn handoff(
         ));
     }
     let now = now_ms();
-    shared.state.set_handoff(
+    ctx.state.set_handoff(
         account.id,
         &wa_id,
         Some(now + ttl.as_millis() as Millis),
         now,
     );
-    answer(&shared, &account, &wa_id).await
+    answer(&ctx, &account, &wa_id).await
 }
 
 /// `DELETE /v1/conversations/{account}/{wa_id}/handoff`: back to the bot.
@@ -348,11 +347,11 @@ pub async fn handoff(
 pub async fn release(
     _key: ApiKey,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    let (account, wa_id) = conversation_path(&shared, path.into_inner())?;
-    shared.state.set_handoff(account.id, &wa_id, None, now_ms());
-    answer(&shared, &account, &wa_id).await
+    let (account, wa_id) = conversation_path(&ctx, path.into_inner())?;
+    ctx.state.set_handoff(account.id, &wa_id, None, now_ms());
+    answer(&ctx, &account, &wa_id).await
 }
 
 /// `POST /v1/conversations/{account}/{wa_id}/opt-out`.
@@ -361,9 +360,9 @@ pub async fn release(
 pub async fn opt_out(
     _key: ApiKey,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    set_consent(&shared, path.into_inner(), true).await
+    set_consent(&ctx, path.into_inner(), true).await
 }
 
 /// `DELETE /v1/conversations/{account}/{wa_id}/opt-out`: an opt-in.
@@ -372,21 +371,20 @@ pub async fn opt_out(
 pub async fn opt_in(
     _key: ApiKey,
     path: web::Path<(String, String)>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
-    set_consent(&shared, path.into_inner(), false).await
+    set_consent(&ctx, path.into_inner(), false).await
 }
 
 async fn set_consent(
-    shared: &Shared,
+    ctx: &Ctx,
     (name, raw): (String, String),
     opted_out: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let (account, wa_id) = conversation_path(shared, (name, raw))?;
+    let (account, wa_id) = conversation_path(ctx, (name, raw))?;
     // By the request's time: a late-delivered older keyword cannot undo it.
     let now = now_ms();
-    shared
-        .state
+    ctx.state
         .set_opted_out(account.id, &wa_id, opted_out, now, now);
-    answer(shared, &account, &wa_id).await
+    answer(ctx, &account, &wa_id).await
 }

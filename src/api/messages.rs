@@ -8,13 +8,13 @@ use serde_json::{Value, json};
 use super::auth::ApiKey;
 use super::dto::{AcceptedOut, ErrorEnvelope, MessageIn, MessageListOut, RecordOut};
 use super::{json_body, limit, query};
-use crate::app::Shared;
+use crate::api::Ctx;
 use crate::domain::{Millis, now_ms, parse_phone, parse_rfc3339, rfc3339};
 use crate::error::{ApiError, ErrorCode};
+use crate::message::validate::{TYPES, validate};
 use crate::outbound::RecordFilter;
 use crate::outbound::Status;
 use crate::outbound::policy::NewMessage;
-use crate::outbound::validate::{TYPES, validate};
 use crate::outbound::{Content, enqueue};
 use crate::state::IdempotencyOutcome;
 
@@ -64,7 +64,7 @@ pub async fn send(
     _key: ApiKey,
     req: HttpRequest,
     payload: web::Payload,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let body = json_body(&req, payload).await?;
     let header_key = req
@@ -72,15 +72,15 @@ pub async fn send(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let (status, answer) = send_message(&shared, body, header_key)?;
-    super::durable(&shared).await?;
+    let (status, answer) = send_message(&ctx, body, header_key)?;
+    super::durable(&ctx).await?;
     Ok(HttpResponse::build(status).json(answer))
 }
 
 /// Accept one send request; returns the HTTP status and body to answer
 /// (the original answer again for a repeated idempotency key).
 pub fn send_message(
-    shared: &Shared,
+    ctx: &Ctx,
     body: Value,
     header_key: Option<String>,
 ) -> Result<(actix_web::http::StatusCode, Value), ApiError> {
@@ -101,7 +101,7 @@ pub fn send_message(
         (h, b) => h.or(b),
     };
     let Some(key) = key else {
-        return accept(shared, map).map(|v| (actix_web::http::StatusCode::ACCEPTED, v));
+        return accept(ctx, map).map(|v| (actix_web::http::StatusCode::ACCEPTED, v));
     };
     if key.is_empty() || key.len() > 255 {
         return Err(ApiError::invalid(
@@ -112,9 +112,9 @@ pub fn send_message(
     let mut fingerprint_body = map.clone();
     fingerprint_body.remove("idempotency_key");
     let fingerprint = crate::state::fingerprint(&Value::Object(fingerprint_body));
-    match shared
+    match ctx
         .state
-        .idempotent(&key, fingerprint, now_ms(), || accept(shared, map))
+        .idempotent(&key, fingerprint, now_ms(), || accept(ctx, map))
     {
         IdempotencyOutcome::Done(v) | IdempotencyOutcome::Replayed(v) => {
             Ok((actix_web::http::StatusCode::ACCEPTED, v))
@@ -315,7 +315,7 @@ pub fn parse_send_request(
     })
 }
 
-fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
     let now = now_ms();
     let SendRequest {
         account,
@@ -328,16 +328,16 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         send_at,
         validity,
     } = parse_send_request(map, now)?;
-    let validity = validity.unwrap_or(shared.settings.sender.validity);
+    let validity = validity.unwrap_or(ctx.validity);
     let account = match account.as_deref() {
-        Some(name) => shared.state.account_by_name(name).ok_or_else(|| {
+        Some(name) => ctx.state.account_by_name(name).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::UnknownAccount,
                 format!("no account named {name:?}"),
             )
             .with_field("account")
         })?,
-        None => shared.state.default_account().ok_or_else(|| {
+        None => ctx.state.default_account().ok_or_else(|| {
             ApiError::new(
                 ErrorCode::UnknownAccount,
                 "no account is configured (sandbox: accounts appear with their first webhook)",
@@ -348,7 +348,7 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
     // A router id stands for the wamid Meta gave that message.
     let context_id = match reply_to {
         Some(r) if r.starts_with("msg_") => {
-            let record = shared
+            let record = ctx
                 .outbox
                 .record(&r)
                 .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
@@ -377,15 +377,14 @@ fn accept(shared: &Shared, map: &serde_json::Map<String, Value>) -> Result<Value
         id: None,
     };
     let accepted =
-        enqueue(&shared.outbox, new, now).map_err(|(refused, _)| ApiError::from(refused))?;
+        enqueue(&ctx.outbox, new, now).map_err(|(refused, _)| ApiError::from(refused))?;
     let out = accepted_out(accepted, account.name(), to, None);
     Ok(serde_json::to_value(out).unwrap_or_default())
 }
 
 /// The record `id`, or 404.
-fn find_record(shared: &Shared, id: &str) -> Result<crate::outbound::OutboundRecord, ApiError> {
-    shared
-        .outbox
+fn find_record(ctx: &Ctx, id: &str) -> Result<crate::outbound::OutboundRecord, ApiError> {
+    ctx.outbox
         .record(id)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))
 }
@@ -414,10 +413,10 @@ fn accepted_out(
 pub async fn get(
     _key: ApiKey,
     path: web::Path<String>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let record = find_record(&shared, &id)?;
+    let record = find_record(&ctx, &id)?;
     Ok(HttpResponse::Ok().json(RecordOut::from(&record)))
 }
 
@@ -430,13 +429,13 @@ pub async fn get(
 pub async fn list(
     _key: ApiKey,
     req: HttpRequest,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query(&req)?;
     let limit = limit(&q)?;
     let mut filter = RecordFilter::default();
     if let Some(a) = q.get("account") {
-        if shared.state.account_by_name(a).is_none() {
+        if ctx.state.account_by_name(a).is_none() {
             return Err(ApiError::new(
                 ErrorCode::UnknownAccount,
                 format!("no account named {a:?}"),
@@ -461,10 +460,9 @@ pub async fn list(
         );
     }
     filter.tag = q.get("tag").map(|t| t.trim().to_lowercase());
-    let (page, next) =
-        shared
-            .outbox
-            .list_records(&filter, q.get("cursor").map(String::as_str), limit);
+    let (page, next) = ctx
+        .outbox
+        .list_records(&filter, q.get("cursor").map(String::as_str), limit);
     let messages = page.iter().map(RecordOut::from).collect();
     Ok(HttpResponse::Ok().json(MessageListOut {
         messages,
@@ -479,12 +477,12 @@ pub async fn list(
 pub async fn cancel(
     _key: ApiKey,
     path: web::Path<String>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    match shared.outbox.cancel(&id, now_ms()) {
+    match ctx.outbox.cancel(&id, now_ms()) {
         Ok(record) => {
-            super::durable(&shared).await?;
+            super::durable(&ctx).await?;
             Ok(HttpResponse::Ok().json(RecordOut::from(&record)))
         }
         Err(None) => Err(ApiError::new(
@@ -509,10 +507,10 @@ pub async fn cancel(
 pub async fn retry(
     _key: ApiKey,
     path: web::Path<String>,
-    shared: web::Data<Shared>,
+    ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let old = find_record(&shared, &id)?;
+    let old = find_record(&ctx, &id)?;
     if !matches!(old.status, Status::Failed | Status::Expired) {
         return Err(ApiError::new(
             ErrorCode::NotRetryable,
@@ -522,7 +520,7 @@ pub async fn retry(
             ),
         ));
     }
-    let account = shared.state.account_by_name(&old.account).ok_or_else(|| {
+    let account = ctx.state.account_by_name(&old.account).ok_or_else(|| {
         ApiError::new(
             ErrorCode::UnknownAccount,
             format!("no account named {:?}", old.account),
@@ -536,13 +534,13 @@ pub async fn retry(
         tags: old.tags.clone(),
         metadata: old.metadata.clone(),
         send_at: None,
-        validity: shared.settings.sender.validity,
+        validity: ctx.validity,
         bypass_consent: false,
         keep_refused: false,
         id: None,
     };
     let accepted =
-        enqueue(&shared.outbox, new, now_ms()).map_err(|(refused, _)| ApiError::from(refused))?;
-    super::durable(&shared).await?;
+        enqueue(&ctx.outbox, new, now_ms()).map_err(|(refused, _)| ApiError::from(refused))?;
+    super::durable(&ctx).await?;
     Ok(HttpResponse::Accepted().json(accepted_out(accepted, account.name(), old.to, Some(id))))
 }

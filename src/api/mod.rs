@@ -7,12 +7,50 @@ pub mod dto;
 pub mod messages;
 pub mod openapi;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use actix_web::{HttpRequest, web};
 
+use crate::body::BodyLimits;
+use crate::domain::Secret;
 use crate::error::{ApiError, ErrorCode};
+use crate::outbound::Outbox;
+use crate::state::State;
 
-/// Largest API request body (SPEC §7: over 1 MB → 413).
-pub const MAX_BODY: usize = 1024 * 1024;
+/// What the agent API uses.
+pub struct Ctx {
+    /// `[api] keys`, each with its own GCRA limiter (`[api] rate`/`burst`).
+    pub keys: Vec<(Secret, governor::DefaultDirectRateLimiter)>,
+    pub bodies: Arc<BodyLimits>,
+    pub state: Arc<State>,
+    pub outbox: Arc<Outbox>,
+    /// `[sender] validity` of sends that name none.
+    pub validity: Duration,
+    /// `[conversations] handoff_ttl` of a handoff that names no `ttl`.
+    pub handoff_ttl: Duration,
+}
+
+impl Ctx {
+    /// One limiter per key: `rate` a second, bursts of `burst`.
+    pub fn limiters(
+        keys: &[Secret],
+        rate: u32,
+        burst: u32,
+    ) -> Vec<(Secret, governor::DefaultDirectRateLimiter)> {
+        use std::num::NonZeroU32;
+        let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        keys.iter()
+            .map(|k| {
+                let quota = governor::Quota::per_second(rate).allow_burst(burst);
+                (k.clone(), governor::RateLimiter::direct(quota))
+            })
+            .collect()
+    }
+}
+
+pub use crate::body::API_MAX_BODY as MAX_BODY;
 
 /// Read a JSON request body of at most [`MAX_BODY`] bytes, under the
 /// router's body deadline and budget ([`crate::body`]); `None` when empty.
@@ -20,10 +58,10 @@ pub async fn optional_json_body(
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Option<serde_json::Value>, ApiError> {
-    let Some(shared) = req.app_data::<web::Data<crate::app::Shared>>() else {
+    let Some(ctx) = req.app_data::<web::Data<Ctx>>() else {
         return Err(ApiError::new(ErrorCode::Internal, "server state missing"));
     };
-    let body = shared
+    let body = ctx
         .bodies
         .read(req, payload, MAX_BODY)
         .await
@@ -66,8 +104,8 @@ pub fn limit(q: &std::collections::HashMap<String, String>) -> Result<usize, Api
 }
 
 /// Wait until the change just made is on disk (SPEC §9); 503 if it cannot be.
-pub async fn durable(shared: &crate::app::Shared) -> Result<(), ApiError> {
-    if shared.state.sync().await {
+pub async fn durable(ctx: &Ctx) -> Result<(), ApiError> {
+    if ctx.state.sync().await {
         Ok(())
     } else {
         Err(ApiError::new(

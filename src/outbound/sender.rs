@@ -7,13 +7,23 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::graph::GraphClient;
 use super::graph::send_body;
 use super::policy::{PolicyError, check_record};
 use super::retry::{Class, classify, delay};
+use super::store::Outbox;
 use super::{RecordError, Status};
-use crate::app::Shared;
+use crate::config::SenderSettings;
 use crate::domain::{Millis, now_ms};
 use crate::state::Account;
+
+/// What the paced senders use.
+pub struct Sender {
+    pub outbox: Arc<Outbox>,
+    pub graph: Arc<GraphClient>,
+    /// `[sender]`: attempts, backoff.
+    pub settings: SenderSettings,
+}
 
 /// What one attempt at the head of the queue came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,9 +39,9 @@ pub enum ExecutionOutcome {
 }
 
 /// Run the sender of `account` until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
+pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
     let pace_ms = account.settings.pace.as_millis() as Millis;
-    let queue = shared.outbox.queue(&account);
+    let queue = sender.outbox.queue(&account);
     loop {
         if *stop.borrow() {
             break;
@@ -59,7 +69,7 @@ pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Re
                 continue;
             }
         }
-        match try_execute(&shared, &account, &id).await {
+        match try_execute(&sender, &account, &id).await {
             ExecutionOutcome::Done | ExecutionOutcome::Refused | ExecutionOutcome::Skipped => {
                 queue.remove(&id);
             }
@@ -75,8 +85,8 @@ pub async fn run(shared: Arc<Shared>, account: Arc<Account>, mut stop: watch::Re
 
 /// One attempt at sending message `id` of `account`.
 #[tracing::instrument(skip_all, fields(account = %account.name(), message_id = %id))]
-pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> ExecutionOutcome {
-    let state = &shared.outbox;
+pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> ExecutionOutcome {
+    let state = &sender.outbox;
     let now = now_ms();
     let Some(record) = state.record(id) else {
         return ExecutionOutcome::Skipped;
@@ -134,7 +144,7 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
         return ExecutionOutcome::Done;
     };
     let body = send_body(&record.to, &record.content);
-    match shared
+    match sender
         .graph
         .send(&account.settings.phone_number_id, token, &body)
         .await
@@ -151,11 +161,11 @@ pub async fn try_execute(shared: &Shared, account: &Account, id: &str) -> Execut
                 graph_code: e.graph_code(),
                 message: e.describe(),
             };
-            let max = shared.settings.sender.max_attempts;
+            let max = sender.settings.max_attempts;
             if classify(&e) == Class::Transient && attempts < max {
                 let wait = delay(
                     attempts,
-                    shared.settings.sender.backoff,
+                    sender.settings.backoff,
                     e.retry_after(),
                     fastrand::f64(),
                 );

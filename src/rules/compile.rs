@@ -12,7 +12,7 @@ use super::render::{Templates, Text, is_template};
 use super::{Consent, Rule, Ruleset, SendTemplate};
 use crate::domain::{Located, normalize_text, parse_phone};
 use crate::inbound::InboundKind;
-use crate::outbound::validate::validate;
+use crate::message::validate::validate;
 
 /// Compile the text of a rule file. `targets` are the event targets the
 /// configuration defines (`forward` may only name these).

@@ -9,6 +9,7 @@ pub mod matcher;
 pub mod model;
 pub mod reload;
 pub mod render;
+pub mod route;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +22,8 @@ use serde_json::Value;
 
 use crate::domain::{Located, Millis, now_ms};
 use crate::inbound::InboundMessage;
-use crate::outbound::Content;
-use crate::outbound::validate::validate;
+use crate::message::Content;
+use crate::message::validate::validate;
 pub use matcher::{Facts, Hit, Prepared};
 use render::{RenderInput, Templates, Text};
 
@@ -73,6 +74,8 @@ pub struct Ruleset {
 #[derive(Debug)]
 pub struct Plan {
     pub rule: String,
+    /// Named regex captures of the match (`{{ match.NAME }}`).
+    pub captures: Vec<(String, String)>,
     pub set_state: Option<String>,
     pub set_vars: Vec<(String, String)>,
     pub mark_read: bool,
@@ -173,6 +176,7 @@ impl Ruleset {
             .collect();
         Plan {
             rule: rule.name.clone(),
+            captures: hit.captures.clone(),
             set_state: new_state,
             set_vars,
             mark_read: rule.mark_read,

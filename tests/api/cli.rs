@@ -151,6 +151,33 @@ fn simulate_prints_the_rule_and_graph_bodies() {
 }
 
 #[test]
+fn simulate_applies_handoff_consent_and_window_like_the_router() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), crate::helpers::GREETING).unwrap();
+    let sim = |extra: &[&str]| {
+        let mut args = vec!["simulate", "--from", "16315551181"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&args, dir.path());
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).expect("JSON on stdout")
+    };
+    // Handed off: no rule runs, as in the router.
+    let v = sim(&["--text", "hi", "--handoff"]);
+    assert!(v["rule"].is_null(), "{v}");
+    assert_eq!(v["handed_off"], true);
+    assert_eq!(v["messages"], serde_json::json!([]));
+    // Opted out: the rule runs, its send is refused by policy.
+    let v = sim(&["--text", "hi", "--opted-out"]);
+    assert_eq!(v["rule"], "greet");
+    assert_eq!(v["refused"][0]["reason"], "opted_out", "{v}");
+    assert_eq!(v["messages"], serde_json::json!([]));
+    // A consent keyword consumes the message even while handed off.
+    let v = sim(&["--text", "STOP", "--handoff"]);
+    assert_eq!(v["consent"], "opt_out", "{v}");
+    assert!(v["rule"].is_null());
+}
+
+#[test]
 fn serve_refuses_a_bad_config_with_its_location() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routes.toml"), "").unwrap();
