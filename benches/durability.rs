@@ -16,9 +16,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use wa_router::app::{App, Shared};
 use wa_router::domain::now_ms;
-use wa_router::journal::{Op, install_snapshot};
+use wa_router::journal::install_snapshot;
+use wa_router::outbound::ops::OutboxOp;
 use wa_router::outbound::{Content, OutboundRecord, Status};
-use wa_router::state::{Conversation, Window};
+use wa_router::persist::{Owner, encode};
+use wa_router::state::Conversation;
+use wa_router::state::ops::{ConversationWire, StateOp, WindowWire};
 
 const SECRET: &str = "bench-secret";
 const ACCOUNT_COUNT: usize = 32;
@@ -141,28 +144,32 @@ fn restart_fixture(dir: &Path, conversations: usize, queued: usize) {
         let account = account(i);
         let contact = format!("44{:010}", i);
         [
-            Op::Window {
+            StateOp::Window {
                 account: account.clone(),
                 contact: contact.clone(),
-                window: Window {
+                window: WindowWire {
                     last_inbound: now,
                     expires: now + 86_400_000,
                 },
             },
-            Op::Conversation {
+            StateOp::Conversation {
                 account,
                 contact,
-                conversation: Box::new(Conversation {
-                    name: Some("Name".into()),
-                    state: "menu".into(),
-                    last_activity: now,
-                    ..Conversation::default()
-                }),
+                conversation: Box::new(ConversationWire::new(
+                    &Conversation {
+                        name: Some("Name".into()),
+                        state: "menu".into(),
+                        last_activity: now,
+                        ..Conversation::default()
+                    },
+                    true,
+                )),
             },
         ]
+        .map(|op| encode(Owner::State, &op))
     });
     let record_ops = (0..queued).map(move |i| {
-        Op::Record(Box::new(OutboundRecord {
+        let record = OutboundRecord {
             id: wa_router::domain::new_id("msg"),
             account: account(i),
             to: format!("44{:010}", i),
@@ -183,7 +190,8 @@ fn restart_fixture(dir: &Path, conversations: usize, queued: usize) {
             send_at: None,
             expires_at: now + 36 * 3_600_000,
             bypass_consent: false,
-        }))
+        };
+        encode(Owner::Outbox, &OutboxOp::Record(Box::new((&record).into())))
     });
     install_snapshot(&data, 0, conv_ops.chain(record_ops)).unwrap();
 }

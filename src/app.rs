@@ -17,6 +17,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::events::Events;
 use crate::outbound::Outbox;
 use crate::outbound::graph::GraphClient;
+use crate::persist::Owner;
 use crate::routing::Lanes;
 use crate::rules::Rules;
 use crate::state::State;
@@ -303,33 +304,18 @@ async fn open_storage(
     let lock = crate::journal::lock(dir).map_err(|e| StartError::Storage(e.to_string()))?;
     std::mem::forget(lock);
     crate::journal::remove_stale_snapshots(dir);
-    let mut queued_events = std::collections::BTreeMap::new();
     let log_bytes = crate::journal::log_bytes(dir);
-    let (ops, next) = {
-        let dir = dir.to_path_buf();
-        // Startup: nothing else runs yet, so replaying inline blocks no one.
-        let queued_events = &mut queued_events;
-        crate::journal::replay(&dir, |op| match op {
-            crate::journal::Op::Event {
-                target,
-                id,
-                body,
-                created,
-            } => {
-                queued_events.insert((target.clone(), id.clone()), (target, id, body, created));
-            }
-            crate::journal::Op::EventDone { target, id } => {
-                queued_events.remove(&(target, id));
-            }
-            op @ (crate::journal::Op::Record(_) | crate::journal::Op::ForgetRecord { .. }) => {
-                outbox.restore(op, sandbox)
-            }
-            op => state.restore(op, sandbox),
-        })
-        .map_err(|e| {
-            StartError::Storage(format!("{e} (move the file aside to start without it)"))
-        })?
-    };
+    // Startup: nothing else runs yet, so replaying inline blocks no one.
+    // Each record goes to the store that wrote it (crate::persist).
+    let (ops, next) = crate::journal::replay(dir, |payload| {
+        let (owner, json) = crate::persist::decode(payload)?;
+        match owner {
+            Owner::State => state.restore(json, sandbox),
+            Owner::Outbox => outbox.restore(json, sandbox),
+            Owner::Events => events.restore(json),
+        }
+    })
+    .map_err(|e| StartError::Storage(format!("{e} (move the file aside to start without it)")))?;
     // Attach the journal first: settling interrupted sends is journaled too.
     let journal =
         crate::journal::Journal::open(dir, next).map_err(|e| StartError::Storage(e.to_string()))?;
@@ -337,8 +323,7 @@ async fn open_storage(
     state.attach_journal(journal);
     let restored = state.finish_restore(sandbox);
     let restored_outbox = outbox.finish_restore(crate::domain::now_ms());
-    let undelivered = queued_events.len();
-    events.restore(queued_events.into_values().collect());
+    let undelivered = events.finish_restore();
     // A fresh snapshot only when the logs grew large: replaying a snapshot
     // plus small logs is quicker than writing the snapshot again.
     if log_bytes > COMPACT_AT_BYTES {

@@ -15,6 +15,7 @@ pub mod journal;
 pub mod message;
 pub mod ops;
 pub mod outbound;
+pub mod persist;
 pub mod routing;
 pub mod rules;
 pub mod state;

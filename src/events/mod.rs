@@ -18,12 +18,16 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
 
+pub mod ops;
+
 use crate::config::TargetSettings;
 use crate::domain::{Millis, derived_id, now_ms, rfc3339};
 use crate::inbound::InboundMessage;
 use crate::outbound::OutboundRecord;
+use crate::persist::{Owner, encode};
 use crate::state::ConversationView;
 use crate::telemetry::Metrics;
+use ops::EventOp;
 
 pub const SIGNATURE_HEADER: &str = "X-Router-Signature-256";
 pub const EVENT_ID_HEADER: &str = "X-Router-Event-Id";
@@ -95,7 +99,11 @@ pub struct Events {
     metrics: Arc<Metrics>,
     seq: AtomicU64,
     journal: std::sync::OnceLock<crate::journal::Journal>,
+    /// During replay: journaled events not yet delivered, by (target, id).
+    restoring: Mutex<Restoring>,
 }
+
+type Restoring = BTreeMap<(String, String), (String, String, String, Millis)>;
 
 /// Delay before the next attempt after `attempts` failed ones: 1 s doubling,
 /// up to 25 % jitter, capped at 10 minutes.
@@ -131,6 +139,7 @@ impl Events {
             metrics,
             seq: AtomicU64::new(0),
             journal: std::sync::OnceLock::new(),
+            restoring: Mutex::default(),
         })
     }
 
@@ -139,23 +148,46 @@ impl Events {
         let _ = self.journal.set(journal);
     }
 
-    fn log(&self, op: impl FnOnce() -> crate::journal::Op) {
+    fn log(&self, op: impl FnOnce() -> EventOp) {
         if let Some(j) = self.journal.get() {
-            j.append(&op());
+            j.append(&encode(Owner::Events, &op()));
         }
     }
 
     fn finished(&self, target: &Target, id: &str) {
         target.live.lock().remove(id);
-        self.log(|| crate::journal::Op::EventDone {
+        self.log(|| EventOp::EventDone {
             target: target.settings.name.clone(),
             id: id.to_string(),
         });
     }
 
-    /// Queue events found in the journal (not yet delivered before the stop).
-    pub fn restore(&self, events: Vec<(String, String, String, Millis)>) {
-        for (target, id, body, created) in events {
+    /// Apply one journaled record (the JSON of an [`EventOp`]).
+    pub fn restore(&self, json: &[u8]) -> Result<(), String> {
+        let op: EventOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let mut restoring = self.restoring.lock();
+        match op {
+            EventOp::Event {
+                target,
+                id,
+                body,
+                created,
+            } => {
+                restoring.insert((target.clone(), id.clone()), (target, id, body, created));
+            }
+            EventOp::EventDone { target, id } => {
+                restoring.remove(&(target, id));
+            }
+        }
+        Ok(())
+    }
+
+    /// After the last record: queue the events not delivered before the
+    /// stop. Returns how many.
+    pub fn finish_restore(&self) -> usize {
+        let events = std::mem::take(&mut *self.restoring.lock());
+        let n = events.len();
+        for (target, id, body, created) in events.into_values() {
             match self.targets.iter().find(|t| t.settings.name == target) {
                 Some(t) => self.enqueue(
                     t,
@@ -172,19 +204,23 @@ impl Events {
                 }
             }
         }
+        n
     }
 
     /// Every undelivered event, for a snapshot.
-    pub fn dump_ops(&self) -> Vec<crate::journal::Op> {
+    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
         let mut ops = Vec::new();
         for t in &self.targets {
             for p in t.live.lock().values() {
-                ops.push(crate::journal::Op::Event {
-                    target: t.settings.name.clone(),
-                    id: p.id.clone(),
-                    body: String::from_utf8_lossy(&p.body).into_owned(),
-                    created: p.created,
-                });
+                ops.push(encode(
+                    Owner::Events,
+                    &EventOp::Event {
+                        target: t.settings.name.clone(),
+                        id: p.id.clone(),
+                        body: String::from_utf8_lossy(&p.body).into_owned(),
+                        created: p.created,
+                    },
+                ));
             }
         }
         ops
@@ -196,7 +232,7 @@ impl Events {
     }
 
     fn push(&self, target: &Target, id: &str, body: Arc<Vec<u8>>, now: Millis) {
-        self.log(|| crate::journal::Op::Event {
+        self.log(|| EventOp::Event {
             target: target.settings.name.clone(),
             id: id.to_string(),
             body: String::from_utf8_lossy(&body).into_owned(),

@@ -1,10 +1,13 @@
 //! The durable journal under [`crate::state`] (SPEC §9).
 //!
 //! Format: append-only log files `wal-NNNNNNNN.log` in `data_dir`, each a
-//! sequence of frames `[len: u32 LE][crc32: u32 LE][JSON op]`, plus a
-//! `snapshot.log` in the same framing. Every op is an upsert of a whole
-//! object (a window, a conversation, an outbound record …), so replaying an
-//! op twice is harmless.
+//! sequence of frames `[len: u32 LE][crc32: u32 LE][payload]`, plus a
+//! `snapshot.log` in the same framing whose first frame names the first
+//! log it does not cover. The journal knows bytes only: what a payload
+//! means (and its format version) belongs to the stores that write it
+//! ([`crate::persist`]). Every record must be safe to replay twice (an
+//! upsert, or a delta that knows whether it was applied), because a
+//! snapshot may already hold what the log after it repeats.
 //!
 //! One writer thread owns the files. Callers append encoded frames through
 //! a channel and never block; [`Journal::sync`] is a barrier that resolves
@@ -30,8 +33,6 @@
 //! Files are created owner-only (0600; the directory 0700): they hold
 //! customer data.
 
-pub mod ops;
-
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -41,8 +42,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-
-pub use ops::Op;
 
 const SNAPSHOT: &str = "snapshot.log";
 /// Temporary snapshots are `snapshot.<unique>.tmp`, renamed when complete.
@@ -96,13 +95,12 @@ impl std::fmt::Debug for Journal {
     }
 }
 
-/// Encode one op as a frame.
-pub fn frame(op: &Op) -> Vec<u8> {
-    let payload = serde_json::to_vec(op).expect("ops serialize");
+/// Frame one payload.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 8);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
     out
 }
 
@@ -128,7 +126,20 @@ fn logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     Ok(found)
 }
 
-/// Read every frame of `path`. A torn tail (a crash or a failed write
+/// The first frame of a snapshot: the first log it does not cover. Its
+/// JSON form is the one of format 0, so every data_dir reads the same.
+fn snapshot_header(next_log: u64) -> Vec<u8> {
+    format!("{{\"SnapshotOf\":{{\"next_log\":{next_log}}}}}").into_bytes()
+}
+
+fn parse_snapshot_header(payload: &[u8]) -> Option<u64> {
+    let rest = payload.strip_prefix(b"{\"SnapshotOf\":{\"next_log\":")?;
+    let digits = rest.strip_suffix(b"}}")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Read every frame of `path`, handing each payload to `each` (an `Err`
+/// from it is an unreadable record: corruption). A torn tail (a crash or a failed write
 /// mid-frame: a partial frame, a last frame whose checksum fails, or a
 /// zero-filled rest of the file) is cut off and the file truncated there
 /// when `repair` (the newest log that holds data); without `repair` it is
@@ -137,7 +148,7 @@ fn logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 pub fn read_frames(
     path: &Path,
     repair: bool,
-    mut each: impl FnMut(Op),
+    mut each: impl FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<u64, JournalError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     let len = file.metadata().map_err(|e| io_error(path, e))?.len();
@@ -184,9 +195,7 @@ pub fn read_frames(
         if crc32fast::hash(&payload) != crc {
             return bad(offset, frame_end >= len, count, "checksum mismatch");
         }
-        let op: Op = serde_json::from_slice(&payload)
-            .map_err(|e| corrupt(offset, &format!("unreadable record: {e}")))?;
-        each(op);
+        each(&payload).map_err(|e| corrupt(offset, &format!("unreadable record: {e}")))?;
         count += 1;
         offset = frame_end;
     }
@@ -274,17 +283,23 @@ pub fn log_bytes(dir: &Path) -> u64 {
 }
 
 /// Replay `dir`: the snapshot, then every log after it, in order.
-/// Returns the number of ops applied and the next log sequence number.
-pub fn replay(dir: &Path, mut apply: impl FnMut(Op)) -> Result<(u64, u64), JournalError> {
+/// Returns the number of frames read and the next log sequence number.
+pub fn replay(
+    dir: &Path,
+    mut apply: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(u64, u64), JournalError> {
     let mut applied = 0;
     let mut from_seq = 0;
     let snapshot = dir.join(SNAPSHOT);
     if snapshot.exists() {
-        applied += read_frames(&snapshot, false, |op| {
-            if let Op::SnapshotOf { next_log } = op {
-                from_seq = next_log;
+        let mut first = true;
+        applied += read_frames(&snapshot, false, |payload| {
+            if std::mem::take(&mut first) {
+                from_seq = parse_snapshot_header(payload)
+                    .ok_or("a snapshot must start with its header")?;
+                Ok(())
             } else {
-                apply(op);
+                apply(payload)
             }
         })?;
     }
@@ -376,10 +391,10 @@ impl Journal {
         self.dir.as_deref()
     }
 
-    /// Append one op (never blocks).
-    pub fn append(&self, op: &Op) {
+    /// Append one record (never blocks).
+    pub fn append(&self, payload: &[u8]) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Cmd::Frame(frame(op)));
+            let _ = tx.send(Cmd::Frame(frame(payload)));
         }
     }
 
@@ -410,7 +425,7 @@ impl Journal {
     }
 }
 
-/// Write a snapshot of `ops` covering every log before `next_log`, then
+/// Write a snapshot of `records` covering every log before `next_log`, then
 /// delete those logs. Blocking: call from a blocking thread. The snapshot
 /// is written to a temporary file of its own (created new, never shared
 /// with another writer), fsynced, renamed over `snapshot.log`, and the
@@ -418,7 +433,7 @@ impl Journal {
 pub fn install_snapshot(
     dir: &Path,
     next_log: u64,
-    ops: impl Iterator<Item = Op>,
+    records: impl Iterator<Item = Vec<u8>>,
 ) -> Result<usize, JournalError> {
     static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
     let tmp = dir.join(format!(
@@ -426,7 +441,7 @@ pub fn install_snapshot(
         std::process::id(),
         TMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let written = write_snapshot(&tmp, next_log, ops).and_then(|n| {
+    let written = write_snapshot(&tmp, next_log, records).and_then(|n| {
         fs::rename(&tmp, dir.join(SNAPSHOT)).map_err(|e| io_error(&tmp, e))?;
         Ok(n)
     });
@@ -449,17 +464,18 @@ pub fn install_snapshot(
 fn write_snapshot(
     tmp: &Path,
     next_log: u64,
-    ops: impl Iterator<Item = Op>,
+    records: impl Iterator<Item = Vec<u8>>,
 ) -> Result<usize, JournalError> {
     let file = private(OpenOptions::new().write(true).create_new(true))
         .open(tmp)
         .map_err(|e| io_error(tmp, e))?;
     let mut out = io::BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&frame(&Op::SnapshotOf { next_log }))
+    out.write_all(&frame(&snapshot_header(next_log)))
         .map_err(|e| io_error(tmp, e))?;
     let mut n = 0;
-    for op in ops {
-        out.write_all(&frame(&op)).map_err(|e| io_error(tmp, e))?;
+    for record in records {
+        out.write_all(&frame(&record))
+            .map_err(|e| io_error(tmp, e))?;
         n += 1;
     }
     let file = out.into_inner().map_err(|e| io_error(tmp, e.error()))?;
@@ -640,11 +656,25 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn seen(n: u64) -> Op {
-        Op::Seen {
-            wamid: format!("wamid.{n}"),
-            at: n as i64,
+    fn seen(n: u64) -> Vec<u8> {
+        format!("record {n}").into_bytes()
+    }
+
+    fn collect(got: &mut Vec<Vec<u8>>) -> impl FnMut(&[u8]) -> Result<(), String> + '_ {
+        |p| {
+            got.push(p.to_vec());
+            Ok(())
         }
+    }
+
+    fn ignore(_: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
+    #[test]
+    fn the_snapshot_header_reads_back() {
+        assert_eq!(parse_snapshot_header(&snapshot_header(42)), Some(42));
+        assert_eq!(parse_snapshot_header(b"{\"Seen\":{}}"), None);
     }
 
     #[tokio::test]
@@ -656,9 +686,9 @@ mod tests {
         }
         assert!(j.sync().await);
         let mut got = Vec::new();
-        let (applied, next) = replay(dir.path(), |op| got.push(op)).unwrap();
+        let (applied, next) = replay(dir.path(), collect(&mut got)).unwrap();
         assert_eq!((applied, next), (100, 1));
-        assert_eq!(format!("{:?}", got[99]), format!("{:?}", seen(99)));
+        assert_eq!(got[99], seen(99));
     }
 
     #[tokio::test]
@@ -675,12 +705,12 @@ mod tests {
         let full = bytes.len();
         bytes.truncate(full - 3);
         fs::write(&path, &bytes).unwrap();
-        let (applied, _) = replay(dir.path(), |_| {}).unwrap();
+        let (applied, _) = replay(dir.path(), ignore).unwrap();
         assert_eq!(applied, 9, "the torn last record is dropped");
         let mut bytes = fs::read(&path).unwrap();
         bytes[20] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
-        let err = replay(dir.path(), |_| {}).unwrap_err().to_string();
+        let err = replay(dir.path(), ignore).unwrap_err().to_string();
         assert!(
             err.contains("wal-00000000.log") && err.contains("corrupt"),
             "{err}"
@@ -694,7 +724,7 @@ mod tests {
         let path = dir.path().join(SNAPSHOT);
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
-        let err = replay(dir.path(), |_| {}).unwrap_err().to_string();
+        let err = replay(dir.path(), ignore).unwrap_err().to_string();
         assert!(
             err.contains("snapshot.log") && err.contains("truncated"),
             "{err}"
@@ -727,11 +757,8 @@ mod tests {
         install_snapshot(dir.path(), next, (0..5).map(seen)).unwrap();
         assert!(!dir.path().join(log_name(0)).exists());
         let mut got = Vec::new();
-        replay(dir.path(), |op| got.push(op)).unwrap();
-        assert_eq!(
-            format!("{got:?}"),
-            format!("{:?}", (0..6).map(seen).collect::<Vec<_>>())
-        );
+        replay(dir.path(), collect(&mut got)).unwrap();
+        assert_eq!(got, (0..6).map(seen).collect::<Vec<_>>());
     }
 
     async fn log_of(dir: &Path, n: u64) -> PathBuf {
@@ -751,7 +778,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[0u8; 4096]).unwrap();
         drop(f);
-        let (applied, _) = replay(dir.path(), |_| {}).unwrap();
+        let (applied, _) = replay(dir.path(), ignore).unwrap();
         assert_eq!(applied, 5);
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
@@ -769,7 +796,7 @@ mod tests {
         tail.extend_from_slice(&frame(&seen(9)));
         bytes.extend_from_slice(&tail);
         fs::write(&path, &bytes).unwrap();
-        let err = replay(dir.path(), |_| {}).unwrap_err().to_string();
+        let err = replay(dir.path(), ignore).unwrap_err().to_string();
         assert!(err.contains("empty record"), "{err}");
     }
 
@@ -782,12 +809,12 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         // A rotation after the failed write left an empty newer log.
         fs::write(dir.path().join(log_name(1)), b"").unwrap();
-        let (applied, next) = replay(dir.path(), |_| {}).unwrap();
+        let (applied, next) = replay(dir.path(), ignore).unwrap();
         assert_eq!((applied, next), (3, 2));
         // An older log that is torn under a newer one holding data is not.
         fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
         fs::write(dir.path().join(log_name(1)), frame(&seen(7))).unwrap();
-        assert!(replay(dir.path(), |_| {}).is_err());
+        assert!(replay(dir.path(), ignore).is_err());
     }
 
     #[test]
@@ -807,7 +834,7 @@ mod tests {
                 w.join().unwrap();
             }
         });
-        let (applied, _) = replay(dir.path(), |_| {}).unwrap();
+        let (applied, _) = replay(dir.path(), ignore).unwrap();
         assert_eq!(applied, 201, "the marker and 200 ops");
         let left: Vec<_> = fs::read_dir(dir.path())
             .unwrap()

@@ -5,6 +5,7 @@
 //! one place.
 
 pub mod graph;
+pub mod ops;
 pub mod policy;
 pub mod queue;
 pub mod record;

@@ -18,11 +18,12 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
+use super::ops::{OutboxOp, RecordWire, UpdateWire};
 use super::queue::AccountQueue;
 use super::record::{OutboundRecord, RecordError, Status};
 use crate::domain::Millis;
 use crate::inbound::StatusUpdate;
-use crate::journal::Op;
+use crate::persist::{Owner, encode};
 use crate::state::{Account, Direction, Recent, State};
 use crate::telemetry::Metrics;
 
@@ -130,9 +131,9 @@ impl Outbox {
         queues[i].clone()
     }
 
-    fn log(&self, op: impl FnOnce() -> Op) {
+    fn log(&self, op: impl FnOnce() -> OutboxOp) {
         if let Some(j) = self.state.journal() {
-            j.append(&op());
+            j.append(&encode(Owner::Outbox, &op()));
         }
     }
 
@@ -157,7 +158,7 @@ impl Outbox {
         if status.is_final() {
             self.report_status(&record);
         }
-        self.log(|| Op::Record(Box::new(record.clone())));
+        self.log(|| OutboxOp::Record(Box::new(RecordWire::from(&record))));
         let queue = self.queue(account);
         if self.records.insert(id.clone(), record).is_none() {
             let held = queue.records.fetch_add(1, Ordering::Relaxed) + 1;
@@ -235,7 +236,7 @@ impl Outbox {
         if let Some(w) = wamid {
             self.by_wamid.remove(w);
         }
-        self.log(|| Op::ForgetRecord { id: id.to_string() });
+        self.log(|| OutboxOp::ForgetRecord { id: id.to_string() });
     }
 
     pub fn record(&self, id: &str) -> Option<OutboundRecord> {
@@ -280,8 +281,10 @@ impl Outbox {
                 self.report_status(&r);
             }
         }
-        // Logged under the record's lock, so the journal keeps the order of changes.
-        self.log(|| Op::Record(Box::new(r.clone())));
+        // Logged under the record's lock, so the journal keeps the order of
+        // changes; the changing fields only (content, tags and metadata
+        // never change).
+        self.log(|| OutboxOp::Update(Box::new(UpdateWire::from(&*r))));
         Some(out)
     }
 
@@ -506,22 +509,35 @@ pub struct RestoredOutbox {
 }
 
 impl Outbox {
-    /// Apply one journaled outbound op (others are ignored). `sandbox`:
-    /// unknown accounts are registered again.
-    pub fn restore(&self, op: Op, sandbox: bool) {
+    /// Apply one journaled record (the JSON of an [`OutboxOp`]).
+    /// `sandbox`: unknown accounts are registered again.
+    pub fn restore(&self, json: &[u8], sandbox: bool) -> Result<(), String> {
+        let op: OutboxOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        self.restore_op(op, sandbox);
+        Ok(())
+    }
+
+    fn restore_op(&self, op: OutboxOp, sandbox: bool) {
         match op {
-            Op::Record(record)
+            OutboxOp::Record(record)
                 if self
                     .state
                     .restore_account(&record.account, sandbox)
                     .is_some() =>
             {
-                self.records.insert(record.id.clone(), *record);
+                self.records
+                    .insert(record.id.clone(), OutboundRecord::from(*record));
             }
-            Op::ForgetRecord { id } => {
+            OutboxOp::Record(_) => {}
+            OutboxOp::Update(update) => {
+                // A record dropped later (retention) has no update to take.
+                if let Some(mut r) = self.records.get_mut(&update.id) {
+                    update.apply(&mut r);
+                }
+            }
+            OutboxOp::ForgetRecord { id } => {
                 self.records.remove(&id);
             }
-            _ => {}
         }
     }
 
@@ -585,11 +601,11 @@ impl Outbox {
         }
     }
 
-    /// Every record as ops, for a snapshot.
-    pub fn dump_ops(&self) -> Vec<Op> {
+    /// Every record as journal records, for a snapshot.
+    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
         self.records
             .iter()
-            .map(|r| Op::Record(Box::new(r.value().clone())))
+            .map(|r| encode(Owner::Outbox, &OutboxOp::Record(Box::new(r.value().into()))))
             .collect()
     }
 
@@ -659,7 +675,10 @@ mod tests {
             ("new", Status::Sent, now - day),
             ("stuck", Status::Queued, now - 40 * day),
         ] {
-            o.restore(Op::Record(Box::new(record(id, status, at))), false);
+            o.restore_op(
+                OutboxOp::Record(Box::new((&record(id, status, at)).into())),
+                false,
+            );
         }
         o.finish_restore(now);
         assert_eq!(
@@ -679,7 +698,10 @@ mod tests {
             ("a", Status::Queued, 10),
             ("c", Status::Sending, 5),
         ] {
-            o.restore(Op::Record(Box::new(record(id, status, at))), false);
+            o.restore_op(
+                OutboxOp::Record(Box::new((&record(id, status, at)).into())),
+                false,
+            );
         }
         let restored = o.finish_restore(1000);
         assert_eq!(restored.interrupted, 1);
@@ -710,8 +732,8 @@ mod tests {
             o.apply_status(&delivered(&format!("wamid.other.{i}")), t0);
         }
         let later = t0 + ORPHAN_TTL_MS + 1;
-        o.restore(
-            Op::Record(Box::new(record("mine", Status::Sending, later))),
+        o.restore_op(
+            OutboxOp::Record(Box::new((&record("mine", Status::Sending, later)).into())),
             false,
         );
         assert_eq!(
@@ -732,8 +754,10 @@ mod tests {
         let o = outbox();
         let n = 10_000;
         for i in 0..n {
-            o.restore(
-                Op::Record(Box::new(record(&format!("r{i}"), Status::Sending, 1))),
+            o.restore_op(
+                OutboxOp::Record(Box::new(
+                    (&record(&format!("r{i}"), Status::Sending, 1)).into(),
+                )),
                 false,
             );
         }
@@ -767,11 +791,11 @@ mod tests {
         let state = o.state().clone();
         let account = state.account_by_name("main").unwrap();
         let now = crate::domain::now_ms();
-        state.restore(
-            Op::Window {
+        state.restore_op(
+            crate::state::ops::StateOp::Window {
                 account: "main".into(),
                 contact: "16315551181".into(),
-                window: crate::state::Window {
+                window: crate::state::ops::WindowWire {
                     last_inbound: now - 1000,
                     expires: now + 1000,
                 },
@@ -779,8 +803,8 @@ mod tests {
             false,
         );
         assert!(state.window_open(account.id, "16315551181", now));
-        o.restore(
-            Op::Record(Box::new(record("w", Status::Sending, now))),
+        o.restore_op(
+            OutboxOp::Record(Box::new((&record("w", Status::Sending, now)).into())),
             false,
         );
         o.mark_failed(

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::State;
+use super::ops::StateOp;
 use crate::config::AccountSettings;
-use crate::journal::Op;
 
 /// Accounts the router can hold (ids are `u16`).
 pub const MAX_ACCOUNTS: usize = u16::MAX as usize;
@@ -83,7 +83,7 @@ impl State {
             return None;
         };
         tracing::info!(phone_number_id, "sandbox account registered from a webhook");
-        self.log(|| Op::Account {
+        self.log(|| StateOp::Account {
             name: account.name().to_string(),
             phone_number_id: phone_number_id.to_string(),
         });

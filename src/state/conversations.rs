@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::ops::{ConversationWire, RecentWire, StateOp};
 use super::{Account, ConvKey, State, Window};
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
-use crate::journal::Op;
 
 /// Messages kept per conversation (SPEC §4).
 pub const RECENT: usize = 50;
@@ -42,6 +42,9 @@ pub struct Conversation {
     #[serde(default)]
     pub consent_at: Option<Millis>,
     pub recent: VecDeque<Recent>,
+    /// Entries ever added to `recent` (journal deltas are numbered by it).
+    #[serde(default)]
+    pub recent_seq: u64,
     pub last_activity: Millis,
 }
 
@@ -80,10 +83,10 @@ impl State {
             // SPEC §4: from Meta's timestamp, clamped to now, only extended.
             new_conversation = self.windows.extend(key.clone(), msg.timestamp, now);
             if let Some(window) = self.windows.get(&key) {
-                self.log(|| Op::Window {
+                self.log(|| StateOp::Window {
                     account: account.name().to_string(),
                     contact: msg.from.clone(),
-                    window,
+                    window: window.into(),
                 });
             }
         }
@@ -92,24 +95,26 @@ impl State {
             c.name = Some(name.clone());
         }
         c.last_activity = now;
-        push_recent(
-            &mut c.recent,
-            Recent {
-                direction: Direction::In,
-                id: msg.wamid.clone(),
-                kind: msg.kind.as_str().to_string(),
-                text: msg.text.clone(),
-                at: msg.timestamp.min(now),
-            },
-        );
+        let entry = Recent {
+            direction: Direction::In,
+            id: msg.wamid.clone(),
+            kind: msg.kind.as_str().to_string(),
+            text: msg.text.clone(),
+            at: msg.timestamp.min(now),
+        };
+        // A delta: the new entry, not the whole history again.
+        self.log(|| StateOp::Recent {
+            account: account.name().to_string(),
+            contact: msg.from.clone(),
+            seq: c.recent_seq + 1,
+            entry: RecentWire::from(&entry),
+            name: msg.contact_name.clone(),
+            last_activity: now,
+        });
+        push_recent(&mut c, entry);
         if c.handoff_until.is_some_and(|u| u <= now) {
             c.handoff_until = None;
         }
-        self.log(|| Op::Conversation {
-            account: account.name().to_string(),
-            contact: msg.from.clone(),
-            conversation: Box::new(c.clone()),
-        });
         InboundView {
             new_conversation,
             state: c.state.clone(),
@@ -132,10 +137,11 @@ impl State {
             .or_default();
         c.last_activity = now;
         let out = f(&mut c);
-        self.log(|| Op::Conversation {
+        // The fields only: the history is journaled entry by entry.
+        self.log(|| StateOp::Conversation {
             account: self.account_name(account),
             contact: contact.to_string(),
-            conversation: Box::new(c.clone()),
+            conversation: Box::new(ConversationWire::new(&c, false)),
         });
         out
     }
@@ -213,10 +219,10 @@ impl State {
         let key = ConvKey::new(account, contact);
         self.windows.close(&key, now);
         if let Some(window) = self.windows.get(&key) {
-            self.log(|| Op::Window {
+            self.log(|| StateOp::Window {
                 account: self.account_name(account),
                 contact: contact.to_string(),
-                window,
+                window: window.into(),
             });
         }
     }
@@ -238,7 +244,20 @@ impl State {
 
     /// Add an outbound message to the conversation's recent messages.
     pub fn note_outbound(&self, account: u16, contact: &str, entry: Recent, now: Millis) {
-        self.update_conversation(account, contact, now, |c| push_recent(&mut c.recent, entry));
+        let mut c = self
+            .conversations
+            .entry(ConvKey::new(account, contact))
+            .or_default();
+        c.last_activity = now;
+        self.log(|| StateOp::Recent {
+            account: self.account_name(account),
+            contact: contact.to_string(),
+            seq: c.recent_seq + 1,
+            entry: RecentWire::from(&entry),
+            name: None,
+            last_activity: now,
+        });
+        push_recent(&mut c, entry);
     }
 
     /// The recent messages of a conversation, oldest first.
@@ -285,9 +304,11 @@ impl State {
     }
 }
 
-fn push_recent(recent: &mut VecDeque<Recent>, entry: Recent) {
-    if recent.len() >= RECENT {
-        recent.pop_front();
+/// Add `entry` to the history (the last [`RECENT`] are kept).
+pub(super) fn push_recent(c: &mut Conversation, entry: Recent) {
+    if c.recent.len() >= RECENT {
+        c.recent.pop_front();
     }
-    recent.push_back(entry);
+    c.recent.push_back(entry);
+    c.recent_seq += 1;
 }

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 
 use super::State;
+use super::ops::StateOp;
 use crate::domain::Millis;
-use crate::journal::Op;
 
 /// A stored answer to a request with an idempotency key.
 #[derive(Debug, Clone)]
@@ -63,7 +63,7 @@ impl State {
                         answer: answer.clone(),
                         at: now,
                     };
-                    self.log(|| Op::Idempotency {
+                    self.log(|| StateOp::Idempotency {
                         key: key.to_string(),
                         fingerprint: hex::encode(fp),
                         answer: answer.clone(),

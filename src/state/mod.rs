@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod conversations;
 pub mod dedupe;
 pub mod idempotency;
+pub mod ops;
 pub mod restore;
 pub mod window;
 
@@ -28,7 +29,8 @@ use tokio::sync::mpsc;
 use crate::config::AccountSettings;
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
-use crate::journal::{Journal, Op};
+use crate::journal::Journal;
+use crate::persist::{Owner, encode};
 use crate::telemetry::Metrics;
 use accounts::AccountsInner;
 pub use accounts::{Account, MAX_ACCOUNTS, MAX_SANDBOX_ACCOUNTS};
@@ -36,6 +38,7 @@ pub use conversations::{Conversation, ConversationView, Direction, InboundView, 
 use dedupe::Dedupe;
 use idempotency::Idempotent;
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotencyOutcome, fingerprint};
+use ops::{InboundWire, StateOp};
 pub use window::{ConvKey, WINDOW_MS, Window, WindowStore};
 
 const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
@@ -86,9 +89,9 @@ impl State {
     }
 
     /// Append an op to the journal, if there is one (the op is only built then).
-    pub(crate) fn log(&self, op: impl FnOnce() -> Op) {
+    fn log(&self, op: impl FnOnce() -> StateOp) {
         if let Some(j) = self.journal.get() {
-            j.append(&op());
+            j.append(&encode(Owner::State, &op()));
         }
     }
 
@@ -119,7 +122,7 @@ impl State {
     pub fn first_time(&self, wamid: &str, now: Millis) -> bool {
         let fresh = self.dedupe.first_time(wamid, now);
         if fresh {
-            self.log(|| Op::Seen {
+            self.log(|| StateOp::Seen {
                 wamid: wamid.to_string(),
                 at: now,
             });
@@ -136,9 +139,9 @@ impl State {
             msg.wamid.clone(),
             (account.name().to_string(), msg.clone(), new_conversation),
         );
-        self.log(|| Op::Pending {
+        self.log(|| StateOp::Pending {
             account: account.name().to_string(),
-            message: Box::new(msg.clone()),
+            message: Box::new(InboundWire::from(msg)),
             new_conversation,
         });
     }
@@ -146,7 +149,7 @@ impl State {
     /// The rules of `wamid` ran.
     pub fn mark_done(&self, wamid: &str) {
         if self.pending.remove(wamid).is_some() {
-            self.log(|| Op::Done {
+            self.log(|| StateOp::Done {
                 wamid: wamid.to_string(),
             });
         }

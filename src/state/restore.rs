@@ -3,9 +3,11 @@
 //! journaled again. Outbound records are restored by
 //! [`crate::outbound::store`], events by [`crate::events`].
 
+use super::conversations::push_recent;
 use super::idempotency::Idempotent;
+use super::ops::{ConversationWire, DirectionWire, InboundWire, StateOp};
 use super::*;
-use crate::journal::Op;
+use crate::persist::{Owner, encode};
 
 /// What replay hands back to the app.
 #[derive(Debug, Default)]
@@ -32,11 +34,17 @@ impl State {
         None
     }
 
-    /// Apply one journaled op. `sandbox`: unknown accounts are registered.
-    pub fn restore(&self, op: Op, sandbox: bool) {
+    /// Apply one journaled record (the JSON of a [`StateOp`]). `sandbox`:
+    /// unknown accounts are registered.
+    pub fn restore(&self, json: &[u8], sandbox: bool) -> Result<(), String> {
+        let op: StateOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        self.restore_op(op, sandbox);
+        Ok(())
+    }
+
+    pub(crate) fn restore_op(&self, op: StateOp, sandbox: bool) {
         match op {
-            Op::SnapshotOf { .. } => {}
-            Op::Account {
+            StateOp::Account {
                 name,
                 phone_number_id,
             } => {
@@ -48,29 +56,63 @@ impl State {
                     self.add_account(settings);
                 }
             }
-            Op::Seen { wamid, at } => {
+            StateOp::Seen { wamid, at } => {
                 self.dedupe.first_time(&wamid, at);
             }
-            Op::Window {
+            StateOp::Window {
                 account,
                 contact,
                 window,
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
-                    self.windows.restore(ConvKey::new(a.id, &contact), window);
+                    self.windows
+                        .restore(ConvKey::new(a.id, &contact), window.into());
                 }
             }
-            Op::Conversation {
+            StateOp::Conversation {
                 account,
                 contact,
                 conversation,
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
-                    self.conversations
-                        .insert(ConvKey::new(a.id, &contact), *conversation);
+                    let mut c = self
+                        .conversations
+                        .entry(ConvKey::new(a.id, &contact))
+                        .or_default();
+                    conversation.apply(&mut c);
                 }
             }
-            Op::Idempotency {
+            StateOp::Recent {
+                account,
+                contact,
+                seq,
+                entry,
+                name,
+                last_activity,
+            } => {
+                let Some(a) = self.restore_account(&account, sandbox) else {
+                    return;
+                };
+                let mut c = self
+                    .conversations
+                    .entry(ConvKey::new(a.id, &contact))
+                    .or_default();
+                // A snapshot taken after this entry was added holds it already.
+                if seq <= c.recent_seq {
+                    return;
+                }
+                let inbound = matches!(entry.direction, DirectionWire::In);
+                if name.is_some() {
+                    c.name = name;
+                }
+                c.last_activity = last_activity;
+                if inbound && c.handoff_until.is_some_and(|u| u <= last_activity) {
+                    c.handoff_until = None;
+                }
+                push_recent(&mut c, entry.into());
+                c.recent_seq = seq;
+            }
+            StateOp::Idempotency {
                 key,
                 fingerprint,
                 answer,
@@ -88,27 +130,25 @@ impl State {
                     );
                 }
             }
-            Op::Pending {
+            StateOp::Pending {
                 account,
                 message,
                 new_conversation,
             } => {
+                let message = InboundMessage::from(*message);
                 self.pending
-                    .insert(message.wamid.clone(), (account, *message, new_conversation));
+                    .insert(message.wamid.clone(), (account, message, new_conversation));
             }
-            Op::Done { wamid } => {
+            StateOp::Done { wamid } => {
                 self.pending.remove(&wamid);
             }
-            Op::Forget { account, contact } => {
+            StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
                     let key = ConvKey::new(a.id, &contact);
                     self.conversations.remove(&key);
                     self.windows.remove(&key);
                 }
             }
-            // Records belong to the outbox, events to the event queues; the
-            // app routes them there.
-            Op::Record(_) | Op::ForgetRecord { .. } | Op::Event { .. } | Op::EventDone { .. } => {}
         }
     }
 
@@ -128,36 +168,36 @@ impl State {
         out
     }
 
-    /// The whole state as ops, for a snapshot.
-    pub fn dump_ops(&self) -> Vec<Op> {
+    /// The whole state as journal records, for a snapshot.
+    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
         let mut ops = Vec::new();
         for a in self.accounts() {
             if a.is_sandbox() && a.settings.name == a.settings.phone_number_id {
-                ops.push(Op::Account {
+                ops.push(StateOp::Account {
                     name: a.name().to_string(),
                     phone_number_id: a.settings.phone_number_id.clone(),
                 });
             }
         }
         for (wamid, at) in self.dedupe.entries() {
-            ops.push(Op::Seen { wamid, at });
+            ops.push(StateOp::Seen { wamid, at });
         }
         for (key, window) in self.windows.entries() {
-            ops.push(Op::Window {
+            ops.push(StateOp::Window {
                 account: self.account_name(key.account),
                 contact: key.contact.to_string(),
-                window,
+                window: window.into(),
             });
         }
         for c in self.conversations.iter() {
-            ops.push(Op::Conversation {
+            ops.push(StateOp::Conversation {
                 account: self.account_name(c.key().account),
                 contact: c.key().contact.to_string(),
-                conversation: Box::new(c.value().clone()),
+                conversation: Box::new(ConversationWire::new(c.value(), true)),
             });
         }
         for i in self.idempotency.iter() {
-            ops.push(Op::Idempotency {
+            ops.push(StateOp::Idempotency {
                 key: i.key().clone(),
                 fingerprint: hex::encode(i.fingerprint),
                 answer: i.answer.clone(),
@@ -166,13 +206,13 @@ impl State {
         }
         for p in self.pending.iter() {
             let (account, message, new_conversation) = p.value().clone();
-            ops.push(Op::Pending {
+            ops.push(StateOp::Pending {
                 account,
-                message: Box::new(message),
+                message: Box::new(InboundWire::from(&message)),
                 new_conversation,
             });
         }
-        ops
+        ops.iter().map(|op| encode(Owner::State, op)).collect()
     }
 }
 
@@ -193,7 +233,7 @@ impl State {
         for key in &old_convs {
             self.conversations.remove(key);
             self.windows.remove(key);
-            self.log(|| Op::Forget {
+            self.log(|| StateOp::Forget {
                 account: self.account_name(key.account),
                 contact: key.contact.to_string(),
             });
@@ -213,6 +253,64 @@ mod tests {
     }
 
     #[test]
+    fn history_deltas_replayed_over_a_snapshot_that_holds_them_are_skipped() {
+        let s = state();
+        let account = s.account_by_name("main").unwrap();
+        let msg = |n: u64| InboundMessage {
+            wamid: format!("wamid.{n}"),
+            from: "1".into(),
+            contact_name: Some("Ana".into()),
+            timestamp: n as i64,
+            kind: crate::inbound::InboundKind::Text,
+            raw_type: "text".into(),
+            text: Some(format!("m{n}")),
+            reply: None,
+            context_id: None,
+            opens_window: true,
+            raw: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        };
+        // Live: three messages; capture the deltas the journal would get.
+        let live = state();
+        for n in 1..=3 {
+            live.inbound(&live.account_by_name("main").unwrap(), &msg(n), n as i64);
+        }
+        let snapshot = live.dump_ops();
+        // Replay: the snapshot (all three), then the log repeating 2 and 3
+        // and adding 4.
+        for record in &snapshot {
+            let (_, json) = crate::persist::decode(record).unwrap();
+            s.restore(json, false).unwrap();
+        }
+        for n in 2..=4u64 {
+            s.restore_op(
+                StateOp::Recent {
+                    account: "main".into(),
+                    contact: "1".into(),
+                    seq: n,
+                    entry: super::super::ops::RecentWire {
+                        direction: DirectionWire::In,
+                        id: format!("wamid.{n}"),
+                        kind: "text".into(),
+                        text: None,
+                        at: n as i64,
+                    },
+                    name: None,
+                    last_activity: n as i64,
+                },
+                false,
+            );
+        }
+        let ids: Vec<String> = s
+            .recent(account.id, "1")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["wamid.1", "wamid.2", "wamid.3", "wamid.4"]);
+        let c = s.conversation(&account, "1").unwrap().conversation;
+        assert_eq!((c.name.as_deref(), c.recent_seq), (Some("Ana"), 4));
+    }
+
+    #[test]
     fn prune_drops_idle_conversations_but_keeps_consent() {
         let s = state();
         let day = 86_400_000;
@@ -227,11 +325,11 @@ mod tests {
             ..Conversation::default()
         };
         for (contact, c) in [("1", idle), ("2", opted)] {
-            s.restore(
-                Op::Conversation {
+            s.restore_op(
+                StateOp::Conversation {
                     account: "main".into(),
                     contact: contact.into(),
-                    conversation: Box::new(c),
+                    conversation: Box::new(ConversationWire::new(&c, true)),
                 },
                 false,
             );

@@ -1,0 +1,242 @@
+//! What the outbox writes to the journal ([`crate::persist`] format 1,
+//! owner `o`), as wire types of their own. `Record` and `ForgetRecord`
+//! have the shapes of format 0 (statuses written `Queued`, `Sent` …);
+//! `Update` is new: a status change writes the record's changing fields,
+//! not its content, tags and metadata again.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Content, OutboundRecord, RecordError, Status};
+use crate::domain::Millis;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OutboxOp {
+    /// A whole record (new records, snapshots).
+    Record(Box<RecordWire>),
+    /// The changing fields of a record (an upsert of those fields).
+    Update(Box<UpdateWire>),
+    /// A record past retention or `max_records` was dropped.
+    ForgetRecord { id: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordWire {
+    pub id: String,
+    pub account: String,
+    pub to: String,
+    pub content: ContentWire,
+    pub status: StatusWire,
+    pub wamid: Option<String>,
+    pub source: String,
+    pub tags: Vec<String>,
+    pub metadata: Option<Value>,
+    pub attempts: u32,
+    pub error: Option<ErrorWire>,
+    pub history: Vec<(StatusWire, Millis)>,
+    pub created_at: Millis,
+    pub send_at: Option<Millis>,
+    pub expires_at: Millis,
+    pub bypass_consent: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpdateWire {
+    pub id: String,
+    pub status: StatusWire,
+    pub wamid: Option<String>,
+    pub attempts: u32,
+    pub error: Option<ErrorWire>,
+    pub history: Vec<(StatusWire, Millis)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContentWire {
+    pub kind: String,
+    pub object: Value,
+    pub context_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorWire {
+    pub code: String,
+    pub graph_code: Option<i64>,
+    pub message: String,
+}
+
+/// A status on disk: its SPEC name capitalised (`Queued`), as format 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StatusWire(pub Status);
+
+impl TryFrom<String> for StatusWire {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Status::parse(&s.to_ascii_lowercase())
+            .map(StatusWire)
+            .ok_or_else(|| format!("unknown status {s:?}"))
+    }
+}
+
+impl From<StatusWire> for String {
+    fn from(s: StatusWire) -> String {
+        let name = s.0.as_str();
+        let mut out = name[..1].to_ascii_uppercase();
+        out.push_str(&name[1..]);
+        out
+    }
+}
+
+fn error_wire(e: &RecordError) -> ErrorWire {
+    ErrorWire {
+        code: e.code.clone(),
+        graph_code: e.graph_code,
+        message: e.message.clone(),
+    }
+}
+
+fn error_of(e: ErrorWire) -> RecordError {
+    RecordError {
+        code: e.code,
+        graph_code: e.graph_code,
+        message: e.message,
+    }
+}
+
+fn history_wire(r: &OutboundRecord) -> Vec<(StatusWire, Millis)> {
+    r.history
+        .iter()
+        .map(|&(s, at)| (StatusWire(s), at))
+        .collect()
+}
+
+impl From<&OutboundRecord> for RecordWire {
+    fn from(r: &OutboundRecord) -> Self {
+        RecordWire {
+            id: r.id.clone(),
+            account: r.account.clone(),
+            to: r.to.clone(),
+            content: ContentWire {
+                kind: r.content.kind.clone(),
+                object: r.content.object.clone(),
+                context_id: r.content.context_id.clone(),
+            },
+            status: StatusWire(r.status),
+            wamid: r.wamid.clone(),
+            source: r.source.clone(),
+            tags: r.tags.clone(),
+            metadata: r.metadata.clone(),
+            attempts: r.attempts,
+            error: r.error.as_ref().map(error_wire),
+            history: history_wire(r),
+            created_at: r.created_at,
+            send_at: r.send_at,
+            expires_at: r.expires_at,
+            bypass_consent: r.bypass_consent,
+        }
+    }
+}
+
+impl From<RecordWire> for OutboundRecord {
+    fn from(r: RecordWire) -> Self {
+        OutboundRecord {
+            id: r.id,
+            account: r.account,
+            to: r.to,
+            content: Content {
+                kind: r.content.kind,
+                object: r.content.object,
+                context_id: r.content.context_id,
+            },
+            status: r.status.0,
+            wamid: r.wamid,
+            source: r.source,
+            tags: r.tags,
+            metadata: r.metadata,
+            attempts: r.attempts,
+            error: r.error.map(error_of),
+            history: r.history.into_iter().map(|(s, at)| (s.0, at)).collect(),
+            created_at: r.created_at,
+            send_at: r.send_at,
+            expires_at: r.expires_at,
+            bypass_consent: r.bypass_consent,
+        }
+    }
+}
+
+impl From<&OutboundRecord> for UpdateWire {
+    fn from(r: &OutboundRecord) -> Self {
+        UpdateWire {
+            id: r.id.clone(),
+            status: StatusWire(r.status),
+            wamid: r.wamid.clone(),
+            attempts: r.attempts,
+            error: r.error.as_ref().map(error_wire),
+            history: history_wire(r),
+        }
+    }
+}
+
+impl UpdateWire {
+    /// Apply onto the record it names.
+    pub fn apply(self, r: &mut OutboundRecord) {
+        r.status = self.status.0;
+        r.wamid = self.wamid;
+        r.attempts = self.attempts;
+        r.error = self.error.map(error_of);
+        r.history = self.history.into_iter().map(|(s, at)| (s.0, at)).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_written_as_format_zero_wrote_them() {
+        for s in Status::ALL {
+            let json = serde_json::to_string(&StatusWire(s)).unwrap();
+            let debug = format!("\"{s:?}\"");
+            assert_eq!(json, debug);
+            assert_eq!(serde_json::from_str::<StatusWire>(&json).unwrap().0, s);
+        }
+        assert!(serde_json::from_str::<StatusWire>("\"Lost\"").is_err());
+    }
+
+    #[test]
+    fn an_update_is_small_and_applies_the_changing_fields() {
+        let mut r = OutboundRecord {
+            id: "msg_1".into(),
+            account: "main".into(),
+            to: "1".into(),
+            content: Content {
+                kind: "text".into(),
+                object: serde_json::json!({ "body": "x".repeat(4000) }),
+                context_id: None,
+            },
+            status: Status::Queued,
+            wamid: None,
+            source: "api".into(),
+            tags: vec![],
+            metadata: None,
+            attempts: 0,
+            error: None,
+            history: vec![(Status::Queued, 1)],
+            created_at: 1,
+            send_at: None,
+            expires_at: 10,
+            bypass_consent: false,
+        };
+        let mut sent = r.clone();
+        sent.set_status(Status::Sent, 2);
+        sent.wamid = Some("wamid.1".into());
+        let update = UpdateWire::from(&sent);
+        assert!(serde_json::to_vec(&update).unwrap().len() < 200);
+        update.apply(&mut r);
+        assert_eq!(
+            (r.status, r.wamid.as_deref()),
+            (Status::Sent, Some("wamid.1"))
+        );
+        assert_eq!(r.history.len(), 2);
+    }
+}

@@ -1,0 +1,303 @@
+//! What the conversation state writes to the journal ([`crate::persist`]
+//! format 1, owner `s`), as wire types of their own: renaming a field of
+//! an in-memory struct does not change these. Variants and fields named
+//! here are the on-disk format; format 0 wrote the same shapes (without
+//! `Recent`, `recent_seq` and with `recent` always present).
+//!
+//! Each op is safe to replay twice: upserts replace; `Recent` carries the
+//! entry's sequence number and is skipped when the conversation already
+//! holds it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::conversations::{Conversation, Direction, Recent};
+use super::window::Window;
+use crate::domain::Millis;
+use crate::inbound::{InboundKind, InboundMessage, ReplyChoice};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StateOp {
+    /// A sandbox account registered from a webhook.
+    Account {
+        name: String,
+        phone_number_id: String,
+    },
+    /// An inbound message id seen (dedupe).
+    Seen { wamid: String, at: Millis },
+    Window {
+        account: String,
+        contact: String,
+        window: WindowWire,
+    },
+    /// A conversation's fields; its recent messages too when `recent` is
+    /// set (snapshots, format 0), else they stay as they are.
+    Conversation {
+        account: String,
+        contact: String,
+        conversation: Box<ConversationWire>,
+    },
+    /// One message added to a conversation's history (a delta: the other
+    /// 49 are not written again).
+    Recent {
+        account: String,
+        contact: String,
+        /// Number of entries ever added, this one included.
+        seq: u64,
+        entry: RecentWire,
+        /// The contact's profile name, when the message carried one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        last_activity: Millis,
+    },
+    Idempotency {
+        key: String,
+        fingerprint: String,
+        answer: Value,
+        at: Millis,
+    },
+    /// An acknowledged inbound message whose rules have not run yet.
+    Pending {
+        account: String,
+        message: Box<InboundWire>,
+        new_conversation: bool,
+    },
+    /// The rules of that message ran.
+    Done { wamid: String },
+    /// A conversation (and its window) past retention was dropped.
+    Forget { account: String, contact: String },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct WindowWire {
+    pub last_inbound: Millis,
+    pub expires: Millis,
+}
+
+impl From<Window> for WindowWire {
+    fn from(w: Window) -> Self {
+        WindowWire {
+            last_inbound: w.last_inbound,
+            expires: w.expires,
+        }
+    }
+}
+
+impl From<WindowWire> for Window {
+    fn from(w: WindowWire) -> Self {
+        Window {
+            last_inbound: w.last_inbound,
+            expires: w.expires,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationWire {
+    pub name: Option<String>,
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub handoff_until: Option<Millis>,
+    pub opted_out: bool,
+    #[serde(default)]
+    pub consent_at: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<VecDeque<RecentWire>>,
+    /// Entries ever added to `recent` (format 0: its length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent_seq: Option<u64>,
+    pub last_activity: Millis,
+}
+
+impl ConversationWire {
+    /// `c` on disk; its history only `with_recent`.
+    pub fn new(c: &Conversation, with_recent: bool) -> Self {
+        ConversationWire {
+            name: c.name.clone(),
+            state: c.state.clone(),
+            vars: c.vars.clone(),
+            handoff_until: c.handoff_until,
+            opted_out: c.opted_out,
+            consent_at: c.consent_at,
+            recent: with_recent.then(|| c.recent.iter().map(RecentWire::from).collect()),
+            recent_seq: with_recent.then_some(c.recent_seq),
+            last_activity: c.last_activity,
+        }
+    }
+
+    /// Apply onto `c` (the conversation as replay has it so far).
+    pub fn apply(self, c: &mut Conversation) {
+        c.name = self.name;
+        c.state = self.state;
+        c.vars = self.vars;
+        c.handoff_until = self.handoff_until;
+        c.opted_out = self.opted_out;
+        c.consent_at = self.consent_at;
+        c.last_activity = self.last_activity;
+        if let Some(recent) = self.recent {
+            c.recent_seq = self.recent_seq.unwrap_or(recent.len() as u64);
+            c.recent = recent.into_iter().map(Recent::from).collect();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecentWire {
+    pub direction: DirectionWire,
+    pub id: String,
+    pub kind: String,
+    pub text: Option<String>,
+    pub at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub enum DirectionWire {
+    In,
+    Out,
+}
+
+impl From<&Recent> for RecentWire {
+    fn from(r: &Recent) -> Self {
+        RecentWire {
+            direction: match r.direction {
+                Direction::In => DirectionWire::In,
+                Direction::Out => DirectionWire::Out,
+            },
+            id: r.id.clone(),
+            kind: r.kind.clone(),
+            text: r.text.clone(),
+            at: r.at,
+        }
+    }
+}
+
+impl From<RecentWire> for Recent {
+    fn from(r: RecentWire) -> Self {
+        Recent {
+            direction: match r.direction {
+                DirectionWire::In => Direction::In,
+                DirectionWire::Out => Direction::Out,
+            },
+            id: r.id,
+            kind: r.kind,
+            text: r.text,
+            at: r.at,
+        }
+    }
+}
+
+/// An inbound message on disk. `kind` is the rule name of its type
+/// (`text`, `button` …; format 0 wrote `Text`, `Button` …).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboundWire {
+    pub wamid: String,
+    pub from: String,
+    pub contact_name: Option<String>,
+    pub timestamp: Millis,
+    pub kind: String,
+    pub raw_type: String,
+    pub text: Option<String>,
+    pub reply: Option<ReplyWire>,
+    pub context_id: Option<String>,
+    pub opens_window: bool,
+    pub raw: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplyWire {
+    pub id: String,
+    pub title: String,
+}
+
+impl From<&InboundMessage> for InboundWire {
+    fn from(m: &InboundMessage) -> Self {
+        InboundWire {
+            wamid: m.wamid.clone(),
+            from: m.from.clone(),
+            contact_name: m.contact_name.clone(),
+            timestamp: m.timestamp,
+            kind: m.kind.as_str().to_string(),
+            raw_type: m.raw_type.clone(),
+            text: m.text.clone(),
+            reply: m.reply.as_ref().map(|r| ReplyWire {
+                id: r.id.clone(),
+                title: r.title.clone(),
+            }),
+            context_id: m.context_id.clone(),
+            opens_window: m.opens_window,
+            raw: m.raw.clone(),
+        }
+    }
+}
+
+impl From<InboundWire> for InboundMessage {
+    fn from(m: InboundWire) -> Self {
+        InboundMessage {
+            wamid: m.wamid,
+            from: m.from,
+            contact_name: m.contact_name,
+            timestamp: m.timestamp,
+            kind: InboundKind::parse(&m.kind.to_ascii_lowercase())
+                .unwrap_or(InboundKind::Unsupported),
+            raw_type: m.raw_type,
+            text: m.text,
+            reply: m.reply.map(|r| ReplyChoice {
+                id: r.id,
+                title: r.title,
+            }),
+            context_id: m.context_id,
+            opens_window: m.opens_window,
+            raw: m.raw,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_format_zero_conversation_and_message_read_back() {
+        let conv = r#"{"Conversation":{"account":"main","contact":"1","conversation":{"name":"Ana","state":"menu","vars":{},"handoff_until":null,"opted_out":false,"recent":[{"direction":"In","id":"wamid.1","kind":"text","text":"hi","at":5}],"last_activity":5}}}"#;
+        let StateOp::Conversation { conversation, .. } = serde_json::from_str(conv).unwrap() else {
+            panic!("a conversation")
+        };
+        let mut c = Conversation::default();
+        conversation.apply(&mut c);
+        assert_eq!((c.recent.len(), c.recent_seq), (1, 1));
+        assert_eq!(c.state, "menu");
+        let pending = r#"{"Pending":{"account":"main","message":{"wamid":"w","from":"1","contact_name":null,"timestamp":1,"kind":"Button","raw_type":"interactive","text":"Yes","reply":{"id":"yes","title":"Yes"},"context_id":null,"opens_window":true,"raw":{}},"new_conversation":true}}"#;
+        let StateOp::Pending { message, .. } = serde_json::from_str(pending).unwrap() else {
+            panic!("a pending message")
+        };
+        let m = InboundMessage::from(*message);
+        assert_eq!(m.kind, InboundKind::Button);
+        assert_eq!(m.reply.unwrap().id, "yes");
+    }
+
+    #[test]
+    fn field_updates_leave_the_history_alone() {
+        let mut c = Conversation::default();
+        c.recent.push_back(Recent {
+            direction: Direction::In,
+            id: "w".into(),
+            kind: "text".into(),
+            text: None,
+            at: 1,
+        });
+        c.recent_seq = 1;
+        let mut changed = c.clone();
+        changed.state = "done".into();
+        let wire = ConversationWire::new(&changed, false);
+        assert!(
+            serde_json::to_string(&wire)
+                .unwrap()
+                .find("recent")
+                .is_none()
+        );
+        wire.apply(&mut c);
+        assert_eq!((c.state.as_str(), c.recent.len()), ("done", 1));
+    }
+}
