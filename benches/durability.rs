@@ -170,11 +170,11 @@ fn restart_fixture(dir: &Path, conversations: usize, queued: usize) {
     });
     let record_ops = (0..queued).map(move |i| {
         let record = OutboundRecord {
-            id: wa_router::domain::new_id("msg"),
-            account: account(i),
-            to: format!("44{:010}", i),
+            id: wa_router::ids::MessageId::generate(),
+            account: account(i).into(),
+            to: format!("44{:010}", i).into(),
             content: Content {
-                kind: "template".into(),
+                kind: wa_router::message::MessageType::Template,
                 object: json!({ "name": "t", "language": { "code": "en" } }),
                 context_id: None,
             },

@@ -338,8 +338,8 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
             .unwrap_or_else(|| "sandbox".into())
     });
     let msg = InboundMessage {
-        wamid: format!("wamid.simulated.{}", uuid::Uuid::now_v7().simple()),
-        from: from.clone(),
+        wamid: format!("wamid.simulated.{}", uuid::Uuid::now_v7().simple()).into(),
+        from: from.clone().into(),
         contact_name: (!args.name.is_empty()).then(|| args.name.clone()),
         timestamp: now_ms(),
         kind,

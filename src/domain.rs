@@ -69,16 +69,6 @@ pub fn parse_phone(input: &str) -> Option<String> {
     Some(digits)
 }
 
-/// A new id with a visible prefix: `msg_…`, `evt_…` (UUID v7, so ids sort by
-/// creation time).
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
-
-/// An id like [`new_id`] but derived from `key`: the same key always gives
-/// the same id. Its time part is `ms`, so it still sorts by time. Used for
-/// rule replies, so that running the rules of one message again (after a
-/// crash) cannot create a second reply.
 /// Largest `metadata` of an API send (its JSON text), kept on the record
 /// for the whole retention and carried by every status event.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
@@ -90,6 +80,9 @@ pub fn vars_bytes<'a>(vars: impl IntoIterator<Item = (&'a String, &'a String)>) 
     vars.into_iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
+/// An id `PREFIX_<UUID v7>` derived from `key`: the same key always gives
+/// the same id, and its time part is `ms`, so ids still sort by time (rule
+/// replies, [`crate::ids::MessageId::derived`]; event ids).
 pub fn derived_id(prefix: &str, ms: Millis, key: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(key.as_bytes());

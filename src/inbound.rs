@@ -2,6 +2,7 @@
 //! rules. Built by `webhook::payload`; plain data, no I/O.
 
 use crate::domain::Millis;
+use crate::ids::{ContactId, Wamid};
 
 /// Inbound message types as rules name them (SPEC §5 `when.type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -83,9 +84,9 @@ pub struct ReplyChoice {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InboundMessage {
     /// wamid: Meta's id, the dedupe key.
-    pub wamid: String,
+    pub wamid: Wamid,
     /// The contact: `wa_id`, or Meta's `user_id` when no `wa_id` was given.
-    pub from: String,
+    pub from: ContactId,
     pub contact_name: Option<String>,
     /// Meta's timestamp (unix ms).
     pub timestamp: Millis,
@@ -96,7 +97,7 @@ pub struct InboundMessage {
     pub text: Option<String>,
     pub reply: Option<ReplyChoice>,
     /// `context.id`: the business message this one replies to.
-    pub context_id: Option<String>,
+    pub context_id: Option<Wamid>,
     /// Whether this message opens or refreshes the 24 h window
     /// (CLOUD_API.md §11: real user messages only).
     pub opens_window: bool,
@@ -107,10 +108,11 @@ pub struct InboundMessage {
 /// A delivery status of an outbound message.
 #[derive(Debug, Clone)]
 pub struct StatusUpdate {
-    pub wamid: String,
+    pub wamid: Wamid,
+    /// Meta's status name (`sent`, `delivered`, `read`, `failed`, …).
     pub status: String,
     pub timestamp: Millis,
-    pub recipient: Option<String>,
+    pub recipient: Option<ContactId>,
     /// First error of a `failed` status: (code, title).
     pub error: Option<(i64, String)>,
 }

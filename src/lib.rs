@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod ids;
 pub mod inbound;
 pub mod journal;
 pub mod message;

@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         let now = 1_795_000_000_000;
         match wa_router::api::messages::parse_send_request(map, now) {
             Ok(req) => {
-                assert!(validate(&req.kind, &req.object).is_ok(), "accepted an invalid object");
+                assert!(validate(req.kind.as_str(), &req.object).is_ok(), "accepted an invalid object");
                 assert!(req.tags.len() <= 10 && req.tags.iter().all(|t| *t == t.to_lowercase()));
             }
             Err(e) => {

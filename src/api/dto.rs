@@ -112,15 +112,16 @@ pub struct RecordOut {
 impl From<&OutboundRecord> for RecordOut {
     fn from(r: &OutboundRecord) -> Self {
         let mut content = serde_json::Map::new();
-        content.insert("type".into(), Value::String(r.content.kind.clone()));
-        content.insert(r.content.kind.clone(), r.content.object.clone());
+        let kind = r.content.kind.as_str();
+        content.insert("type".into(), kind.into());
+        content.insert(kind.into(), r.content.object.clone());
         RecordOut {
-            id: r.id.clone(),
-            account: r.account.clone(),
-            to: r.to.clone(),
-            kind: r.content.kind.clone(),
+            id: r.id.to_string(),
+            account: r.account.to_string(),
+            to: r.to.to_string(),
+            kind: kind.into(),
             status: r.status.as_str().into(),
-            wamid: r.wamid.clone(),
+            wamid: r.wamid.as_ref().map(ToString::to_string),
             source: r.source.clone(),
             tags: r.tags.clone(),
             metadata: r.metadata.clone(),
@@ -141,7 +142,7 @@ impl From<&OutboundRecord> for RecordOut {
             created_at: rfc3339(r.created_at),
             send_at: r.send_at.map(rfc3339),
             expires_at: rfc3339(r.expires_at),
-            reply_to: r.content.context_id.clone(),
+            reply_to: r.content.context_id.as_ref().map(ToString::to_string),
             content: Value::Object(content),
         }
     }

@@ -11,6 +11,8 @@ use super::{json_body, limit, query};
 use crate::api::Ctx;
 use crate::domain::{Millis, now_ms, parse_phone, parse_rfc3339, rfc3339};
 use crate::error::{ApiError, ErrorCode};
+use crate::ids::{ContactId, MessageId, Wamid};
+use crate::message::MessageType;
 use crate::message::validate::{TYPES, validate};
 use crate::outbound::RecordFilter;
 use crate::outbound::Status;
@@ -133,8 +135,8 @@ pub fn send_message(
 pub struct SendRequest {
     pub account: Option<String>,
     /// Digits only.
-    pub to: String,
-    pub kind: String,
+    pub to: ContactId,
+    pub kind: MessageType,
     pub object: Value,
     /// As given: a wamid or a router message id.
     pub reply_to: Option<String>,
@@ -157,12 +159,12 @@ pub fn parse_send_request(
             format!("type is required: one of {}", TYPES.join(", ")),
         )
     })?;
-    if !TYPES.contains(&kind) {
+    let Some(message_type) = MessageType::parse(kind) else {
         return Err(ApiError::invalid(
             "type",
             format!("unknown type {kind:?}: use one of {}", TYPES.join(", ")),
         ));
-    }
+    };
     if let Some(extra) = map
         .keys()
         .find(|k| k.as_str() != kind && !ROUTER_FIELDS.contains(&k.as_str()))
@@ -304,8 +306,8 @@ pub fn parse_send_request(
 
     Ok(SendRequest {
         account,
-        to,
-        kind: kind.to_string(),
+        to: ContactId::from(to),
+        kind: message_type,
         object,
         reply_to,
         tags,
@@ -347,16 +349,19 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
     };
     // A router id stands for the wamid Meta gave that message.
     let context_id = match reply_to {
-        Some(r) if r.starts_with("msg_") => {
-            let record = ctx
-                .outbox
-                .record(&r)
-                .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
-            Some(record.wamid.ok_or_else(|| {
-                ApiError::invalid("reply_to", format!("message {r:?} has not been sent yet"))
-            })?)
-        }
-        other => other,
+        Some(r) => match MessageId::parse(&r) {
+            Some(id) => {
+                let record = ctx
+                    .outbox
+                    .record(&id)
+                    .ok_or_else(|| ApiError::invalid("reply_to", format!("no message {r:?}")))?;
+                Some(record.wamid.ok_or_else(|| {
+                    ApiError::invalid("reply_to", format!("message {r:?} has not been sent yet"))
+                })?)
+            }
+            None => Some(Wamid::from(r)),
+        },
+        None => None,
     };
     let content = Content {
         kind,
@@ -393,14 +398,14 @@ fn find_record(ctx: &Ctx, id: &str) -> Result<crate::outbound::OutboundRecord, A
 fn accepted_out(
     accepted: crate::outbound::policy::Accepted,
     account: &str,
-    to: String,
+    to: ContactId,
     retry_of: Option<String>,
 ) -> AcceptedOut {
     AcceptedOut {
-        id: accepted.id,
+        id: accepted.id.into_string(),
         status: accepted.status.as_str().into(),
         account: account.into(),
-        to,
+        to: to.into_string(),
         queue_position: accepted.queue_position,
         send_after: rfc3339(accepted.send_after),
         retry_of,
@@ -466,7 +471,7 @@ pub async fn list(
     let messages = page.iter().map(RecordOut::from).collect();
     Ok(HttpResponse::Ok().json(MessageListOut {
         messages,
-        next_cursor: next,
+        next_cursor: next.map(MessageId::into_string),
     }))
 }
 

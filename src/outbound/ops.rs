@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{Content, OutboundRecord, RecordError, Status};
 use crate::domain::Millis;
+use crate::message::MessageType;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum OutboxOp {
@@ -52,7 +53,8 @@ pub struct UpdateWire {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContentWire {
-    pub kind: String,
+    /// Meta's type name (`text`, `template` …).
+    pub kind: MessageType,
     pub object: Value,
     pub context_id: Option<String>,
 }
@@ -113,16 +115,16 @@ fn history_wire(r: &OutboundRecord) -> Vec<(StatusWire, Millis)> {
 impl From<&OutboundRecord> for RecordWire {
     fn from(r: &OutboundRecord) -> Self {
         RecordWire {
-            id: r.id.clone(),
-            account: r.account.clone(),
-            to: r.to.clone(),
+            id: r.id.to_string(),
+            account: r.account.to_string(),
+            to: r.to.to_string(),
             content: ContentWire {
-                kind: r.content.kind.clone(),
+                kind: r.content.kind,
                 object: r.content.object.clone(),
-                context_id: r.content.context_id.clone(),
+                context_id: r.content.context_id.as_ref().map(ToString::to_string),
             },
             status: StatusWire(r.status),
-            wamid: r.wamid.clone(),
+            wamid: r.wamid.as_ref().map(ToString::to_string),
             source: r.source.clone(),
             tags: r.tags.clone(),
             metadata: r.metadata.clone(),
@@ -140,16 +142,16 @@ impl From<&OutboundRecord> for RecordWire {
 impl From<RecordWire> for OutboundRecord {
     fn from(r: RecordWire) -> Self {
         OutboundRecord {
-            id: r.id,
-            account: r.account,
-            to: r.to,
+            id: r.id.into(),
+            account: r.account.into(),
+            to: r.to.into(),
             content: Content {
                 kind: r.content.kind,
                 object: r.content.object,
-                context_id: r.content.context_id,
+                context_id: r.content.context_id.map(Into::into),
             },
             status: r.status.0,
-            wamid: r.wamid,
+            wamid: r.wamid.map(Into::into),
             source: r.source,
             tags: r.tags,
             metadata: r.metadata,
@@ -167,9 +169,9 @@ impl From<RecordWire> for OutboundRecord {
 impl From<&OutboundRecord> for UpdateWire {
     fn from(r: &OutboundRecord) -> Self {
         UpdateWire {
-            id: r.id.clone(),
+            id: r.id.to_string(),
             status: StatusWire(r.status),
-            wamid: r.wamid.clone(),
+            wamid: r.wamid.as_ref().map(ToString::to_string),
             attempts: r.attempts,
             error: r.error.as_ref().map(error_wire),
             history: history_wire(r),
@@ -181,7 +183,7 @@ impl UpdateWire {
     /// Apply onto the record it names.
     pub fn apply(self, r: &mut OutboundRecord) {
         r.status = self.status.0;
-        r.wamid = self.wamid;
+        r.wamid = self.wamid.map(Into::into);
         r.attempts = self.attempts;
         r.error = self.error.map(error_of);
         r.history = self.history.into_iter().map(|(s, at)| (s.0, at)).collect();
@@ -210,7 +212,7 @@ mod tests {
             account: "main".into(),
             to: "1".into(),
             content: Content {
-                kind: "text".into(),
+                kind: MessageType::Text,
                 object: serde_json::json!({ "body": "x".repeat(4000) }),
                 context_id: None,
             },

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use super::store::Outbox;
 use super::{Content, OutboundRecord, Status};
-use crate::domain::{Millis, new_id};
+use crate::domain::Millis;
+use crate::ids::{ContactId, MessageId};
 use crate::state::{Account, State};
 
 /// Why a message may not be sent (now).
@@ -82,8 +83,7 @@ pub fn check_record(
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub account: Arc<Account>,
-    /// Digits only.
-    pub to: String,
+    pub to: ContactId,
     pub content: Content,
     /// `api` or `rule:NAME`.
     pub source: String,
@@ -98,13 +98,13 @@ pub struct NewMessage {
     pub keep_refused: bool,
     /// A fixed id (rule replies: derived from the inbound message); a
     /// message with this id that already exists is not accepted twice.
-    pub id: Option<String>,
+    pub id: Option<MessageId>,
 }
 
 /// What accepting a message gave.
 #[derive(Debug, Clone)]
 pub struct Accepted {
-    pub id: String,
+    pub id: MessageId,
     pub status: Status,
     pub queue_position: usize,
     pub send_after: Millis,
@@ -117,7 +117,7 @@ pub fn enqueue(
     outbox: &Outbox,
     new: NewMessage,
     now: Millis,
-) -> Result<Accepted, (PolicyError, Option<String>)> {
+) -> Result<Accepted, (PolicyError, Option<MessageId>)> {
     let account = new.account.clone();
     let pace = account.settings.pace;
     let state = outbox.state();
@@ -148,8 +148,8 @@ pub fn enqueue(
         Status::Queued
     };
     let mut record = OutboundRecord {
-        id: new.id.clone().unwrap_or_else(|| new_id("msg")),
-        account: account.name().to_string(),
+        id: new.id.clone().unwrap_or_else(MessageId::generate),
+        account: account.name().into(),
         to: new.to,
         content: new.content,
         status,

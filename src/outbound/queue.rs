@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::domain::Millis;
+use crate::ids::MessageId;
 
 /// The FIFO of one account: ready message ids, and scheduled ones by time.
 #[derive(Debug)]
@@ -23,8 +24,8 @@ pub struct AccountQueue {
 
 #[derive(Debug, Default)]
 pub(crate) struct QueueInner {
-    pub(crate) ready: VecDeque<String>,
-    pub(crate) scheduled: BTreeMap<(Millis, u64), String>,
+    pub(crate) ready: VecDeque<MessageId>,
+    pub(crate) scheduled: BTreeMap<(Millis, u64), MessageId>,
 }
 
 /// A queue's numbers for `/v1/queues` and `/metrics`.
@@ -74,7 +75,7 @@ impl AccountQueue {
     }
 
     /// The message at the head of the ready queue.
-    pub fn head(&self) -> Option<String> {
+    pub fn head(&self) -> Option<MessageId> {
         self.lock().ready.front().cloned()
     }
 

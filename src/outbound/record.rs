@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::Content;
 use crate::domain::Millis;
+use crate::ids::{AccountName, ContactId, MessageId, Wamid};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Status {
@@ -99,12 +100,12 @@ pub struct RecordError {
 /// One outbound message and everything that happened to it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OutboundRecord {
-    pub id: String,
-    pub account: String,
-    pub to: String,
+    pub id: MessageId,
+    pub account: AccountName,
+    pub to: ContactId,
     pub content: Content,
     pub status: Status,
-    pub wamid: Option<String>,
+    pub wamid: Option<Wamid>,
     /// `api` or `rule:NAME`.
     pub source: String,
     pub tags: Vec<String>,

@@ -22,6 +22,7 @@ use super::ops::{OutboxOp, RecordWire, UpdateWire};
 use super::queue::AccountQueue;
 use super::record::{OutboundRecord, RecordError, Status};
 use crate::domain::Millis;
+use crate::ids::{AccountName, MessageId, Wamid};
 use crate::inbound::StatusUpdate;
 use crate::persist::{Owner, encode};
 use crate::state::{Account, Direction, Recent, State};
@@ -38,7 +39,7 @@ pub const ORPHAN_TTL_MS: Millis = 10 * 60 * 1000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatusOutcome {
     Applied {
-        id: String,
+        id: MessageId,
         status: Status,
     },
     /// Known message, but the status would move it backwards or repeats.
@@ -58,8 +59,8 @@ pub struct RecordFilter {
 
 impl RecordFilter {
     fn matches(&self, r: &OutboundRecord) -> bool {
-        self.account.as_ref().is_none_or(|a| *a == r.account)
-            && self.to.as_ref().is_none_or(|t| *t == r.to)
+        self.account.as_ref().is_none_or(|a| r.account == *a)
+            && self.to.as_ref().is_none_or(|t| r.to == *t)
             && self.status.is_none_or(|s| s == r.status)
             && self.tag.as_ref().is_none_or(|t| r.tags.contains(t))
     }
@@ -68,13 +69,13 @@ impl RecordFilter {
 /// The outbound store (see the module documentation).
 pub struct Outbox {
     state: Arc<State>,
-    records: DashMap<String, OutboundRecord>,
-    by_wamid: DashMap<String, String>,
+    records: DashMap<MessageId, OutboundRecord>,
+    by_wamid: DashMap<Wamid, MessageId>,
     /// wamid → (first seen, statuses) for statuses that came before their
     /// send answer.
-    orphans: DashMap<String, (Millis, Vec<StatusUpdate>)>,
+    orphans: DashMap<Wamid, (Millis, Vec<StatusUpdate>)>,
     /// Record ids in creation order (UUID v7 sorts by time), for listing.
-    order: Mutex<BTreeSet<String>>,
+    order: Mutex<BTreeSet<MessageId>>,
     /// One queue per account, by account id.
     queues: RwLock<Vec<Arc<AccountQueue>>>,
     seq: AtomicU64,
@@ -146,8 +147,8 @@ impl Outbox {
         let send_at = record.send_at;
         let conv_recent = Recent {
             direction: Direction::Out,
-            id: id.clone(),
-            kind: record.content.kind.clone(),
+            id: id.to_string(),
+            kind: record.content.kind.as_str().to_string(),
             text: record.content.summary(),
             at: now,
         };
@@ -243,7 +244,7 @@ impl Outbox {
         self.records.get(id).map(|r| r.clone())
     }
 
-    pub fn record_id_by_wamid(&self, wamid: &str) -> Option<String> {
+    pub fn record_id_by_wamid(&self, wamid: &str) -> Option<MessageId> {
         self.by_wamid.get(wamid).map(|r| r.clone())
     }
 
@@ -320,7 +321,7 @@ impl Outbox {
         filter: &RecordFilter,
         cursor: Option<&str>,
         limit: usize,
-    ) -> (Vec<OutboundRecord>, Option<String>) {
+    ) -> (Vec<OutboundRecord>, Option<MessageId>) {
         let order = self.order.lock();
         let range = match cursor {
             Some(c) => {
@@ -355,11 +356,11 @@ impl Outbox {
     /// that arrived before the answer.
     pub fn mark_sent(&self, id: &str, wamid: &str, now: Millis) {
         self.update_record(id, now, |r| {
-            r.wamid = Some(wamid.to_string());
+            r.wamid = Some(wamid.into());
             r.error = None;
             (Some(Status::Sent), ())
         });
-        self.by_wamid.insert(wamid.to_string(), id.to_string());
+        self.by_wamid.insert(wamid.into(), id.into());
         // The wamid is indexed before the orphans are looked at: a status
         // parked concurrently is either seen here or finds the index.
         if let Some((_, (_, early))) = self.orphans.remove(wamid) {
@@ -448,7 +449,7 @@ impl Outbox {
     /// meanwhile (then its record id). Checked again under the orphan
     /// entry's lock, which [`State::mark_sent`] takes after indexing the
     /// wamid, so a status is never parked after its record was marked sent.
-    fn park_orphan(&self, u: &StatusUpdate, now: Millis) -> Option<String> {
+    fn park_orphan(&self, u: &StatusUpdate, now: Millis) -> Option<MessageId> {
         if self.orphans.len() >= ORPHAN_CAPACITY {
             self.orphans
                 .retain(|_, (since, _)| now - *since < ORPHAN_TTL_MS);
@@ -488,7 +489,7 @@ impl Outbox {
             .map(|m| {
                 let status = match m.direction {
                     Direction::In => None,
-                    Direction::Out => self.records.get(&m.id).map(|r| r.status),
+                    Direction::Out => self.records.get(m.id.as_str()).map(|r| r.status),
                 };
                 (m, status)
             })
@@ -526,17 +527,17 @@ impl Outbox {
                     .is_some() =>
             {
                 self.records
-                    .insert(record.id.clone(), OutboundRecord::from(*record));
+                    .insert(record.id.clone().into(), OutboundRecord::from(*record));
             }
             OutboxOp::Record(_) => {}
             OutboxOp::Update(update) => {
                 // A record dropped later (retention) has no update to take.
-                if let Some(mut r) = self.records.get_mut(&update.id) {
+                if let Some(mut r) = self.records.get_mut(update.id.as_str()) {
                     update.apply(&mut r);
                 }
             }
             OutboxOp::ForgetRecord { id } => {
-                self.records.remove(&id);
+                self.records.remove(id.as_str());
             }
         }
     }
@@ -544,8 +545,8 @@ impl Outbox {
     /// After the last op: rebuild indexes and queues (acceptance order,
     /// SPEC §9) and settle interrupted sends.
     pub fn finish_restore(&self, now: Millis) -> RestoredOutbox {
-        let mut queued: Vec<(Millis, String, String)> = Vec::new();
-        let mut scheduled: Vec<(Millis, String, String)> = Vec::new();
+        let mut queued: Vec<(Millis, MessageId, AccountName)> = Vec::new();
+        let mut scheduled: Vec<(Millis, MessageId, AccountName)> = Vec::new();
         let mut interrupted = Vec::new();
         {
             let mut order = self.order.lock();
@@ -613,7 +614,7 @@ impl Outbox {
     /// bounded growth). Returns how many.
     pub fn prune(&self, now: Millis, retention: std::time::Duration) -> usize {
         let cutoff = now - retention.as_millis() as Millis;
-        let old: Vec<(String, Option<String>)> = self
+        let old: Vec<(MessageId, Option<Wamid>)> = self
             .records
             .iter()
             .filter(|r| r.created_at < cutoff && r.status.is_settled())
@@ -646,12 +647,12 @@ mod tests {
             account: "main".into(),
             to: "16315551181".into(),
             content: Content {
-                kind: "text".into(),
+                kind: crate::message::MessageType::Text,
                 object: serde_json::json!({ "body": "x" }),
                 context_id: None,
             },
             status,
-            wamid: Some(format!("wamid.{id}")),
+            wamid: Some(format!("wamid.{id}").into()),
             source: "api".into(),
             tags: vec![],
             metadata: None,

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::now_ms;
 use crate::events::Events;
+use crate::ids::MessageId;
 use crate::inbound::InboundMessage;
 use crate::outbound::graph::GraphClient;
 use crate::outbound::policy::NewMessage;
@@ -172,8 +173,7 @@ impl Router {
         source: &str,
         bypass_consent: bool,
     ) {
-        let id = crate::domain::derived_id(
-            "msg",
+        let id = MessageId::derived(
             msg.timestamp,
             &format!("{}|{}|{}", account.name(), msg.wamid, slot),
         );

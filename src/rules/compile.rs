@@ -12,6 +12,7 @@ use super::render::{Templates, Text, is_template};
 use super::{Consent, Rule, Ruleset, SendTemplate};
 use crate::domain::{Located, normalize_text, parse_phone};
 use crate::inbound::InboundKind;
+use crate::message::MessageType;
 use crate::message::validate::validate;
 
 /// Compile the text of a rule file. `targets` are the event targets the
@@ -343,7 +344,10 @@ impl Compiler<'_> {
                 ),
             );
         }
-        let kind = graph_type(&s.kind).to_string();
+        let Some(kind) = MessageType::parse(graph_type(&s.kind)) else {
+            self.error(at, format!("{what}: unknown message type"));
+            return None;
+        };
         // Validate with each template reduced to its static text plus one
         // character per expression: counts are exact, lengths a lower bound.
         let preview = map_strings(&object, &mut |s| {
@@ -353,7 +357,7 @@ impl Compiler<'_> {
                 s.to_string()
             }
         });
-        if let Err(invalid) = validate(&kind, &preview) {
+        if let Err(invalid) = validate(kind.as_str(), &preview) {
             self.error(
                 at,
                 format!("{what}: {}: {}", invalid.field, invalid.message),
@@ -617,7 +621,7 @@ buttons = [ { id = "sales", title = "Talk to sales" } ]
         )
         .unwrap();
         assert_eq!(rs.rules.len(), 1);
-        assert_eq!(rs.rules[0].sends[0].kind, "interactive");
+        assert_eq!(rs.rules[0].sends[0].kind, MessageType::Interactive);
         assert_eq!(rs.rules[0].sends[0].slots.len(), 1);
     }
 

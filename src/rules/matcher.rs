@@ -92,7 +92,7 @@ impl Condition {
             return false;
         }
         if let Some(from) = &self.from
-            && !from.contains(&m.from)
+            && !from.iter().any(|f| m.from == *f)
         {
             return false;
         }

@@ -22,8 +22,8 @@ use serde_json::Value;
 
 use crate::domain::{Located, Millis, now_ms};
 use crate::inbound::InboundMessage;
-use crate::message::Content;
 use crate::message::validate::validate;
+use crate::message::{Content, MessageType};
 pub use matcher::{Facts, Hit, Prepared};
 use render::{RenderInput, Templates, Text};
 
@@ -52,7 +52,7 @@ pub struct Rule {
 /// of its templated strings.
 #[derive(Debug)]
 pub struct SendTemplate {
-    pub kind: String,
+    pub kind: MessageType,
     pub object: Value,
     pub slots: Vec<(String, Text)>,
     pub quote: bool,
@@ -199,9 +199,9 @@ impl Ruleset {
                 *slot = Value::String(rendered);
             }
         }
-        validate(&s.kind, &object).map_err(|e| e.to_string())?;
+        validate(s.kind.as_str(), &object).map_err(|e| e.to_string())?;
         Ok(Content {
-            kind: s.kind.clone(),
+            kind: s.kind,
             object,
             context_id: s.quote.then(|| msg.wamid.clone()),
         })
@@ -230,7 +230,7 @@ impl Ruleset {
             let object = serde_json::json!({ "body": body });
             validate("text", &object).map_err(|e| e.to_string())?;
             Ok(Content {
-                kind: "text".into(),
+                kind: MessageType::Text,
                 object,
                 context_id: None,
             })

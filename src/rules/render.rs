@@ -95,9 +95,9 @@ pub fn context(input: &RenderInput<'_>) -> Value {
         "name",
         Value::from(m.contact_name.clone().unwrap_or_default()),
     );
-    contact.insert("wa_id", Value::from(m.from.clone()));
+    contact.insert("wa_id", Value::from(m.from.as_str()));
     let mut message = BTreeMap::new();
-    message.insert("id", Value::from(m.wamid.clone()));
+    message.insert("id", Value::from(m.wamid.as_str()));
     message.insert("type", Value::from(m.kind.as_str()));
     message.insert("text", Value::from(m.text.clone().unwrap_or_default()));
     let mut reply = BTreeMap::new();

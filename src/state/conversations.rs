@@ -85,7 +85,7 @@ impl State {
             if let Some(window) = self.windows.get(&key) {
                 self.log(|| StateOp::Window {
                     account: account.name().to_string(),
-                    contact: msg.from.clone(),
+                    contact: msg.from.to_string(),
                     window: window.into(),
                 });
             }
@@ -97,7 +97,7 @@ impl State {
         c.last_activity = now;
         let entry = Recent {
             direction: Direction::In,
-            id: msg.wamid.clone(),
+            id: msg.wamid.to_string(),
             kind: msg.kind.as_str().to_string(),
             text: msg.text.clone(),
             at: msg.timestamp.min(now),
@@ -105,7 +105,7 @@ impl State {
         // A delta: the new entry, not the whole history again.
         self.log(|| StateOp::Recent {
             account: account.name().to_string(),
-            contact: msg.from.clone(),
+            contact: msg.from.to_string(),
             seq: c.recent_seq + 1,
             entry: RecentWire::from(&entry),
             name: msg.contact_name.clone(),

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::config::AccountSettings;
 use crate::domain::Millis;
+use crate::ids::Wamid;
 use crate::inbound::InboundMessage;
 use crate::journal::Journal;
 use crate::persist::{Owner, encode};
@@ -57,7 +58,7 @@ pub struct State {
     /// The durable journal (data_dir); unset in memory mode.
     journal: std::sync::OnceLock<Journal>,
     /// Acknowledged inbound messages whose rules have not run yet.
-    pending: DashMap<String, (String, InboundMessage, bool)>,
+    pending: DashMap<Wamid, (String, InboundMessage, bool)>,
 }
 
 impl State {

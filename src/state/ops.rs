@@ -214,8 +214,8 @@ pub struct ReplyWire {
 impl From<&InboundMessage> for InboundWire {
     fn from(m: &InboundMessage) -> Self {
         InboundWire {
-            wamid: m.wamid.clone(),
-            from: m.from.clone(),
+            wamid: m.wamid.to_string(),
+            from: m.from.to_string(),
             contact_name: m.contact_name.clone(),
             timestamp: m.timestamp,
             kind: m.kind.as_str().to_string(),
@@ -225,7 +225,7 @@ impl From<&InboundMessage> for InboundWire {
                 id: r.id.clone(),
                 title: r.title.clone(),
             }),
-            context_id: m.context_id.clone(),
+            context_id: m.context_id.as_ref().map(ToString::to_string),
             opens_window: m.opens_window,
             raw: m.raw.clone(),
         }
@@ -235,8 +235,8 @@ impl From<&InboundMessage> for InboundWire {
 impl From<InboundWire> for InboundMessage {
     fn from(m: InboundWire) -> Self {
         InboundMessage {
-            wamid: m.wamid,
-            from: m.from,
+            wamid: m.wamid.into(),
+            from: m.from.into(),
             contact_name: m.contact_name,
             timestamp: m.timestamp,
             kind: InboundKind::parse(&m.kind.to_ascii_lowercase())
@@ -247,7 +247,7 @@ impl From<InboundWire> for InboundMessage {
                 id: r.id,
                 title: r.title,
             }),
-            context_id: m.context_id,
+            context_id: m.context_id.map(Into::into),
             opens_window: m.opens_window,
             raw: m.raw,
         }

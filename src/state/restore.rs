@@ -140,7 +140,7 @@ impl State {
                     .insert(message.wamid.clone(), (account, message, new_conversation));
             }
             StateOp::Done { wamid } => {
-                self.pending.remove(&wamid);
+                self.pending.remove(wamid.as_str());
             }
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
@@ -257,7 +257,7 @@ mod tests {
         let s = state();
         let account = s.account_by_name("main").unwrap();
         let msg = |n: u64| InboundMessage {
-            wamid: format!("wamid.{n}"),
+            wamid: format!("wamid.{n}").into(),
             from: "1".into(),
             contact_name: Some("Ana".into()),
             timestamp: n as i64,

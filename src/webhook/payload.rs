@@ -282,10 +282,10 @@ fn status(raw: &RawValue) -> Option<StatusUpdate> {
         )
     });
     Some(StatusUpdate {
-        wamid: s.id.filter(|i| !i.is_empty())?,
+        wamid: s.id.filter(|i| !i.is_empty())?.into(),
         status: s.status?,
         timestamp: timestamp_ms(&s.timestamp).unwrap_or(0),
-        recipient: s.recipient_id,
+        recipient: s.recipient_id.map(Into::into),
         error,
     })
 }
@@ -418,8 +418,8 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
         _ => true,
     };
     Some(InboundMessage {
-        wamid,
-        from,
+        wamid: wamid.into(),
+        from: from.into(),
         contact_name: contact
             .and_then(|c| c.profile.as_ref())
             .and_then(|p| p.name.clone()),
@@ -428,7 +428,7 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
         raw_type,
         text,
         reply,
-        context_id: m.context.and_then(|c| c.id),
+        context_id: m.context.and_then(|c| c.id).map(Into::into),
         opens_window,
         raw: raw.to_owned(),
     })
