@@ -116,3 +116,36 @@ pub struct StatusUpdate {
     /// First error of a `failed` status: (code, title).
     pub error: Option<(i64, String)>,
 }
+
+#[cfg(test)]
+impl InboundMessage {
+    /// A text message for tests.
+    pub fn test_text(wamid: &str, from: &str, body: &str, timestamp: Millis) -> Self {
+        InboundMessage {
+            wamid: wamid.into(),
+            from: from.into(),
+            contact_name: None,
+            timestamp,
+            kind: InboundKind::Text,
+            raw_type: "text".into(),
+            text: Some(body.into()),
+            reply: None,
+            context_id: None,
+            opens_window: true,
+            raw: serde_json::value::RawValue::from_string("{}".into()).expect("valid JSON"),
+        }
+    }
+
+    /// A button (`InboundKind::Button`) or list reply for tests.
+    pub fn test_reply(kind: InboundKind, id: &str, title: &str) -> Self {
+        InboundMessage {
+            kind,
+            raw_type: "interactive".into(),
+            reply: Some(ReplyChoice {
+                id: id.into(),
+                title: title.into(),
+            }),
+            ..Self::test_text("wamid.reply", "15550001111", title, 0)
+        }
+    }
+}

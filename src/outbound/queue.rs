@@ -118,3 +118,40 @@ impl AccountQueue {
         key.and_then(|k| q.scheduled.remove(&k)).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduled_messages_join_the_ready_queue_in_send_at_order_when_due() {
+        let q = AccountQueue::default();
+        {
+            let mut inner = q.lock();
+            inner.ready.push_back("msg_a".into());
+            inner.scheduled.insert((300, 0), "msg_late".into());
+            inner.scheduled.insert((200, 1), "msg_early".into());
+        }
+        assert_eq!(q.promote_due(100), Some(200), "nothing due yet");
+        assert_eq!(q.stats().depth, 1);
+        assert_eq!(q.promote_due(300), None);
+        let order: Vec<String> = q.lock().ready.iter().map(|id| id.to_string()).collect();
+        assert_eq!(order, ["msg_a", "msg_early", "msg_late"]);
+        assert_eq!(q.head().as_deref(), Some("msg_a"));
+    }
+
+    #[test]
+    fn remove_takes_a_message_from_either_queue() {
+        let q = AccountQueue::default();
+        q.lock().ready.push_back("msg_a".into());
+        q.lock().scheduled.insert((5, 0), "msg_s".into());
+        assert_eq!(q.len(), 2);
+        assert!(q.remove("msg_s"));
+        assert!(q.remove("msg_a"));
+        assert!(!q.remove("msg_a"));
+        assert!(q.is_empty());
+        assert_eq!(q.last_send(), None);
+        q.mark_sent_now(42);
+        assert_eq!(q.stats().last_send, Some(42));
+    }
+}

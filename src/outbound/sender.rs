@@ -184,3 +184,155 @@ pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> Execut
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AccountSettings;
+    use crate::domain::Secret;
+    use crate::inbound::InboundMessage;
+    use crate::message::{Content, MessageType};
+    use crate::outbound::policy::{NewMessage, enqueue};
+    use crate::state::State;
+    use crate::telemetry::Metrics;
+
+    /// A sender over one account; `token` makes it a live account whose
+    /// Graph API is at `graph` (nothing listens there in these tests).
+    fn setup(token: Option<&str>, graph: &str) -> (Sender, Arc<Account>) {
+        let mut a = AccountSettings::sandbox("1");
+        a.name = "main".into();
+        a.access_token = token.map(Secret::new);
+        let metrics = Arc::new(Metrics::new());
+        let state = Arc::new(State::new(&[a], metrics.clone()).0);
+        let account = state.account_by_name("main").unwrap();
+        let outbox = Arc::new(Outbox::new(state, metrics.clone(), false).0);
+        let graph = GraphClient::new(graph, "v21.0", Duration::from_secs(2), metrics).unwrap();
+        let settings = SenderSettings {
+            max_attempts: 3,
+            backoff: Duration::from_millis(100),
+            timeout: Duration::from_secs(2),
+            validity: Duration::from_secs(3600),
+        };
+        let sender = Sender {
+            outbox,
+            graph: Arc::new(graph),
+            settings,
+        };
+        (sender, account)
+    }
+
+    /// Open the window of contact "1" and queue a text to it.
+    fn queue_text(sender: &Sender, account: &Arc<Account>, validity: Duration) -> String {
+        let now = now_ms();
+        let state = sender.outbox.state();
+        state.inbound(
+            account,
+            &InboundMessage::test_text("w.in", "1", "hi", now),
+            now,
+        );
+        let new = NewMessage {
+            account: account.clone(),
+            to: "1".into(),
+            content: Content {
+                kind: MessageType::Text,
+                object: serde_json::json!({ "body": "hello" }),
+                context_id: None,
+            },
+            source: "api".into(),
+            tags: vec![],
+            metadata: None,
+            send_at: None,
+            validity,
+            bypass_consent: false,
+            keep_refused: false,
+            id: None,
+        };
+        enqueue(&sender.outbox, new, now).unwrap().id.into_string()
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_send_is_marked_sent_and_uses_the_pace_slot() {
+        let (sender, account) = setup(None, "http://127.0.0.1:9");
+        let id = queue_text(&sender, &account, Duration::from_secs(60));
+        assert_eq!(
+            try_execute(&sender, &account, &id).await,
+            ExecutionOutcome::Done
+        );
+        let r = sender.outbox.record(&id).unwrap();
+        assert_eq!(r.status, Status::Sent);
+        assert!(r.wamid.unwrap().starts_with("wamid.sandbox."));
+        assert!(sender.outbox.queue(&account).last_send().is_some());
+        // A second attempt at the same id does nothing.
+        assert_eq!(
+            try_execute(&sender, &account, &id).await,
+            ExecutionOutcome::Skipped
+        );
+    }
+
+    #[tokio::test]
+    async fn policy_is_checked_again_at_dispatch_without_calling_meta() {
+        let (sender, account) = setup(Some("token"), "http://127.0.0.1:9");
+        let id = queue_text(&sender, &account, Duration::from_secs(60));
+        sender
+            .outbox
+            .state()
+            .close_window(account.id, "1", now_ms());
+        assert_eq!(
+            try_execute(&sender, &account, &id).await,
+            ExecutionOutcome::Refused
+        );
+        let r = sender.outbox.record(&id).unwrap();
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.error.unwrap().code, "window_closed");
+        assert_eq!(r.attempts, 0, "Meta was not called");
+        assert!(
+            sender.outbox.queue(&account).last_send().is_none(),
+            "no pace used"
+        );
+
+        let expired = queue_text(&sender, &account, Duration::from_secs(60));
+        // Its validity ran out while it waited.
+        sender.outbox.update_record(&expired, now_ms(), |r| {
+            r.expires_at = 0;
+            (None, ())
+        });
+        assert_eq!(
+            try_execute(&sender, &account, &expired).await,
+            ExecutionOutcome::Refused
+        );
+        assert_eq!(
+            sender.outbox.record(&expired).unwrap().status,
+            Status::Expired
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_message_is_skipped() {
+        let (sender, account) = setup(None, "http://127.0.0.1:9");
+        let id = queue_text(&sender, &account, Duration::from_secs(60));
+        sender.outbox.cancel(&id, now_ms()).unwrap();
+        assert_eq!(
+            try_execute(&sender, &account, &id).await,
+            ExecutionOutcome::Skipped
+        );
+        assert_eq!(sender.outbox.record(&id).unwrap().status, Status::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_graph_api_is_retried_with_the_message_queued_again() {
+        // Port 9 (discard) on loopback: connection refused, a transient error.
+        let (sender, account) = setup(Some("token"), "http://127.0.0.1:9");
+        let id = queue_text(&sender, &account, Duration::from_secs(60));
+        let ExecutionOutcome::Retry(wait) = try_execute(&sender, &account, &id).await else {
+            panic!("a transient failure is retried");
+        };
+        assert!(wait >= Duration::from_millis(100), "{wait:?}");
+        let r = sender.outbox.record(&id).unwrap();
+        assert_eq!((r.status, r.attempts), (Status::Queued, 1));
+        assert_eq!(r.error.unwrap().code, "graph_error");
+        assert_eq!(
+            sender.outbox.queue(&account).head().as_deref(),
+            Some(id.as_str())
+        );
+    }
+}

@@ -630,15 +630,10 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::AccountSettings;
     use crate::outbound::Content;
 
     fn outbox() -> Outbox {
-        let mut a = AccountSettings::sandbox("1");
-        a.name = "main".into();
-        let metrics = Arc::new(Metrics::new());
-        let state = Arc::new(State::new(&[a], metrics.clone()).0);
-        Outbox::new(state, metrics, false).0
+        Outbox::new(Arc::new(State::for_test()), Arc::new(Metrics::new()), false).0
     }
 
     fn record(id: &str, status: Status, created_at: Millis) -> OutboundRecord {

@@ -258,3 +258,134 @@ impl Matcher {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::InboundKind;
+    use crate::rules::Ruleset;
+
+    fn rules(src: &str) -> Ruleset {
+        crate::rules::compile::compile("t.toml", src, &[]).expect("compiles")
+    }
+
+    fn facts<'a>(state: &'a str, new_conversation: bool, tags: &'a [String]) -> Facts<'a> {
+        Facts {
+            account: "main",
+            state,
+            new_conversation,
+            reply_tags: tags,
+        }
+    }
+
+    fn rule_of(rs: &Ruleset, msg: &InboundMessage, f: Facts<'_>) -> Option<String> {
+        rs.first_match(msg, f)
+            .map(|h| rs.rules[h.rule].name.clone())
+    }
+
+    const FILE: &str = r#"
+[[rule]]
+name = "order"
+when = { regex = '^order (?P<number>\d+)$' }
+
+[[rule]]
+name = "menu-in-state"
+when = { text = "menu", state = "ordering" }
+
+[[rule]]
+name = "menu"
+when = { text = ["menu", "hi there"] }
+
+[[rule]]
+name = "coffee"
+when = { list = "coffee_*" }
+
+[[rule]]
+name = "yes"
+when = { button = "yes" }
+
+[[rule]]
+name = "welcome"
+when = { new_conversation = true }
+
+[[rule]]
+name = "survey-answer"
+when = { reply_to_tag = "survey" }
+
+[[rule]]
+name = "fallback"
+when = { type = "text" }
+"#;
+
+    #[test]
+    fn text_is_compared_normalized_and_file_order_wins_across_indexes() {
+        let rs = rules(FILE);
+        let msg = |t: &str| InboundMessage::test_text("w", "1", t, 0);
+        assert_eq!(
+            rule_of(&rs, &msg("  MENU "), facts("", false, &[])).as_deref(),
+            Some("menu")
+        );
+        assert_eq!(
+            rule_of(&rs, &msg("Hi   there"), facts("", false, &[])).as_deref(),
+            Some("menu")
+        );
+        // An indexed rule that comes first in the file beats a later one.
+        assert_eq!(
+            rule_of(&rs, &msg("menu"), facts("ordering", false, &[])).as_deref(),
+            Some("menu-in-state")
+        );
+        assert_eq!(
+            rule_of(&rs, &msg("menus"), facts("", false, &[])).as_deref(),
+            Some("fallback")
+        );
+    }
+
+    #[test]
+    fn regex_captures_named_groups() {
+        let rs = rules(FILE);
+        let hit = rs
+            .first_match(
+                &InboundMessage::test_text("w", "1", "order 48213", 0),
+                facts("", false, &[]),
+            )
+            .expect("a match");
+        assert_eq!(rs.rules[hit.rule].name, "order");
+        assert_eq!(
+            hit.captures,
+            vec![("number".to_string(), "48213".to_string())]
+        );
+    }
+
+    #[test]
+    fn button_and_list_ids_match_by_kind_exact_or_prefix() {
+        let rs = rules(FILE);
+        let f = || facts("", false, &[]);
+        let list = InboundMessage::test_reply(InboundKind::List, "coffee_latte", "Latte");
+        assert_eq!(rule_of(&rs, &list, f()).as_deref(), Some("coffee"));
+        let button = InboundMessage::test_reply(InboundKind::Button, "yes", "Yes");
+        assert_eq!(rule_of(&rs, &button, f()).as_deref(), Some("yes"));
+        // A list reply with the button's id is not a button answer.
+        let wrong = InboundMessage::test_reply(InboundKind::List, "yes", "Yes");
+        assert_eq!(rule_of(&rs, &wrong, f()), None);
+    }
+
+    #[test]
+    fn conversation_facts_take_part() {
+        let rs = rules(FILE);
+        let image = InboundMessage {
+            kind: InboundKind::Image,
+            text: None,
+            ..InboundMessage::test_text("w", "1", "", 0)
+        };
+        assert_eq!(rule_of(&rs, &image, facts("", false, &[])), None);
+        assert_eq!(
+            rule_of(&rs, &image, facts("", true, &[])).as_deref(),
+            Some("welcome")
+        );
+        let tags = vec!["survey".to_string()];
+        assert_eq!(
+            rule_of(&rs, &image, facts("", false, &tags)).as_deref(),
+            Some("survey-answer")
+        );
+    }
+}

@@ -127,3 +127,53 @@ pub fn context(input: &RenderInput<'_>) -> Value {
     root.insert("account", Value::from(account));
     Value::from(root)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::InboundKind;
+
+    fn render(source: &str, input: &RenderInput<'_>) -> Result<String, String> {
+        let mut t = Templates::default();
+        let text = t.add(source)?;
+        t.render(&text, &context(input))
+    }
+
+    #[test]
+    fn every_name_of_the_spec_renders_and_missing_ones_are_empty() {
+        let msg = InboundMessage {
+            contact_name: Some("Ana".into()),
+            ..InboundMessage::test_reply(InboundKind::Button, "yes", "Yes please")
+        };
+        let vars = BTreeMap::from([("city".to_string(), "Lisbon".to_string())]);
+        let captures = [("n".to_string(), "42".to_string())];
+        let input = RenderInput {
+            message: &msg,
+            account: "main",
+            captures: &captures,
+            state: "menu",
+            vars: &vars,
+        };
+        let out = render(
+            "{{ contact.name }}|{{ contact.wa_id }}|{{ message.id }}|{{ message.type }}|{{ message.text }}|{{ reply.id }}|{{ reply.title }}|{{ match.n }}|{{ state }}|{{ vars.city }}|{{ account.name }}",
+            &input,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "Ana|15550001111|wamid.reply|button|Yes please|yes|Yes please|42|menu|Lisbon|main"
+        );
+        assert_eq!(
+            render("[{{ vars.nope }}{{ match.x }}]", &input).unwrap(),
+            "[]"
+        );
+    }
+
+    #[test]
+    fn literals_skip_the_engine_and_syntax_errors_are_reported() {
+        let mut t = Templates::default();
+        assert!(matches!(t.add("plain {text}").unwrap(), Text::Literal(_)));
+        let err = t.add("{{ unclosed").unwrap_err();
+        assert!(err.starts_with("template error"), "{err}");
+    }
+}

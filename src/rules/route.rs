@@ -87,26 +87,14 @@ pub fn route(rules: &Ruleset, msg: &InboundMessage, conv: ConversationFacts<'_>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound::{InboundKind, InboundMessage};
+    use crate::inbound::InboundMessage;
 
     fn rules(src: &str) -> Ruleset {
         super::super::compile::compile("t.toml", src, &[]).expect("compiles")
     }
 
     fn text(body: &str) -> InboundMessage {
-        InboundMessage {
-            wamid: "wamid.1".into(),
-            from: "15550001111".into(),
-            contact_name: None,
-            timestamp: 0,
-            kind: InboundKind::Text,
-            raw_type: "text".into(),
-            text: Some(body.into()),
-            reply: None,
-            context_id: None,
-            opens_window: true,
-            raw: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-        }
+        InboundMessage::test_text("wamid.1", "15550001111", body, 0)
     }
 
     fn facts<'a>(vars: &'a BTreeMap<String, String>, handed_off: bool) -> ConversationFacts<'a> {

@@ -312,3 +312,109 @@ pub(super) fn push_recent(c: &mut Conversation, entry: Recent) {
     c.recent.push_back(entry);
     c.recent_seq += 1;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::InboundKind;
+
+    const HOUR: Millis = 3_600_000;
+
+    fn setup() -> (State, std::sync::Arc<Account>) {
+        let s = State::for_test();
+        let a = s.account_by_name("main").expect("the test account");
+        (s, a)
+    }
+
+    #[test]
+    fn the_first_message_opens_a_window_and_later_ones_only_extend_it() {
+        let (s, a) = setup();
+        let now = 100 * HOUR;
+        let first = s.inbound(&a, &InboundMessage::test_text("w1", "1", "hi", now), now);
+        assert!(first.new_conversation);
+        assert!(s.window_open(a.id, "1", now + 23 * HOUR));
+        assert!(!s.window_open(a.id, "1", now + 25 * HOUR));
+        let later = now + HOUR;
+        let second = s.inbound(
+            &a,
+            &InboundMessage::test_text("w2", "1", "again", later),
+            later,
+        );
+        assert!(!second.new_conversation);
+        assert!(s.window_open(a.id, "1", now + 24 * HOUR + 30 * 60_000));
+        // A retried old message does not move the window back.
+        s.inbound(
+            &a,
+            &InboundMessage::test_text("w0", "1", "old", now - 2 * HOUR),
+            later,
+        );
+        assert!(s.window_open(a.id, "1", now + 24 * HOUR + 30 * 60_000));
+    }
+
+    #[test]
+    fn reactions_do_not_open_a_window_but_are_in_the_history() {
+        let (s, a) = setup();
+        let reaction = InboundMessage {
+            kind: InboundKind::Reaction,
+            opens_window: false,
+            ..InboundMessage::test_text("w1", "2", "👍", 1000)
+        };
+        let view = s.inbound(&a, &reaction, 1000);
+        assert!(!view.new_conversation);
+        assert!(!s.window_open(a.id, "2", 1000));
+        assert_eq!(s.recent(a.id, "2").len(), 1);
+    }
+
+    #[test]
+    fn history_keeps_the_last_fifty_and_counts_every_entry() {
+        let (s, a) = setup();
+        for n in 0..60 {
+            let msg = InboundMessage::test_text(&format!("w{n}"), "3", "x", n);
+            s.inbound(&a, &msg, n);
+        }
+        let recent = s.recent(a.id, "3");
+        assert_eq!(recent.len(), RECENT);
+        assert_eq!(recent.first().map(|r| r.id.as_str()), Some("w10"));
+        let c = s.conversation(&a, "3").unwrap().conversation;
+        assert_eq!(c.recent_seq, 60);
+    }
+
+    #[test]
+    fn consent_follows_the_time_of_the_keyword_not_arrival() {
+        let (s, a) = setup();
+        let now = 10 * HOUR;
+        assert!(s.set_opted_out(a.id, "4", false, now - HOUR, now));
+        assert!(s.set_opted_out(a.id, "4", true, now - 60_000, now));
+        // Meta retries an older START after the STOP: it changes nothing.
+        assert!(!s.set_opted_out(a.id, "4", false, now - 2 * HOUR, now));
+        assert!(s.is_opted_out(a.id, "4"));
+    }
+
+    #[test]
+    fn an_expired_handoff_ends_with_the_next_message() {
+        let (s, a) = setup();
+        s.set_handoff(a.id, "5", Some(2000), 1000);
+        assert!(
+            s.inbound(&a, &InboundMessage::test_text("w1", "5", "x", 1500), 1500)
+                .handoff
+        );
+        assert!(
+            !s.inbound(&a, &InboundMessage::test_text("w2", "5", "x", 2500), 2500)
+                .handoff
+        );
+    }
+
+    #[test]
+    fn vars_over_the_limit_are_not_set() {
+        let (s, a) = setup();
+        s.set_vars(a.id, "6", [("a".to_string(), "1".to_string())], 1);
+        let big = "x".repeat(crate::domain::MAX_VARS_BYTES);
+        s.set_vars(a.id, "6", [("b".to_string(), big)], 2);
+        let vars = s.conversation(&a, "6").unwrap().conversation.vars;
+        assert_eq!(
+            vars.len(),
+            1,
+            "the whole update is refused, the old vars stay"
+        );
+    }
+}

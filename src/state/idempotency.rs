@@ -89,3 +89,42 @@ impl State {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn same_key_same_body_replays_another_body_conflicts_and_failures_are_not_kept() {
+        let s = State::for_test();
+        let body = json!({ "to": "1", "text": "hi" });
+        let fp = fingerprint(&body);
+        let run = |n: u32| move || Ok::<_, ()>(json!({ "id": n }));
+        assert!(
+            matches!(s.idempotent("k", fp, 0, run(1)), IdempotencyOutcome::Done(v) if v["id"] == 1)
+        );
+        assert!(
+            matches!(s.idempotent("k", fp, 5, run(2)), IdempotencyOutcome::Replayed(v) if v["id"] == 1)
+        );
+        let other = fingerprint(&json!({ "to": "2" }));
+        assert!(matches!(
+            s.idempotent("k", other, 5, run(3)),
+            IdempotencyOutcome::Conflict
+        ));
+        // After the TTL the key is free again.
+        assert!(matches!(
+            s.idempotent("k", other, IDEMPOTENCY_TTL_MS + 1, run(4)),
+            IdempotencyOutcome::Done(_)
+        ));
+        // A failed request stores nothing: the same key may be used again.
+        assert!(matches!(
+            s.idempotent("f", fp, 0, || Err::<serde_json::Value, _>("no")),
+            IdempotencyOutcome::Failed("no")
+        ));
+        assert!(matches!(
+            s.idempotent("f", fp, 0, run(5)),
+            IdempotencyOutcome::Done(_)
+        ));
+    }
+}

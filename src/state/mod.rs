@@ -156,3 +156,14 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+impl State {
+    /// Memory-only state with one sandbox account named "main"
+    /// (phone_number_id "1").
+    pub(crate) fn for_test() -> Self {
+        let mut a = AccountSettings::sandbox("1");
+        a.name = "main".into();
+        State::new(&[a], Arc::new(Metrics::new())).0
+    }
+}

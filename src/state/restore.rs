@@ -247,9 +247,7 @@ mod tests {
     use super::*;
 
     fn state() -> State {
-        let mut a = AccountSettings::sandbox("1");
-        a.name = "main".into();
-        State::new(&[a], Arc::new(crate::telemetry::Metrics::new())).0
+        State::for_test()
     }
 
     #[test]
@@ -257,17 +255,8 @@ mod tests {
         let s = state();
         let account = s.account_by_name("main").unwrap();
         let msg = |n: u64| InboundMessage {
-            wamid: format!("wamid.{n}").into(),
-            from: "1".into(),
             contact_name: Some("Ana".into()),
-            timestamp: n as i64,
-            kind: crate::inbound::InboundKind::Text,
-            raw_type: "text".into(),
-            text: Some(format!("m{n}")),
-            reply: None,
-            context_id: None,
-            opens_window: true,
-            raw: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            ..InboundMessage::test_text(&format!("wamid.{n}"), "1", &format!("m{n}"), n as i64)
         };
         // Live: three messages; capture the deltas the journal would get.
         let live = state();
