@@ -71,15 +71,7 @@ async fn slow_body(
 }
 
 async fn metric(app: &TestApp, line_start: &str) -> f64 {
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -96,38 +88,17 @@ async fn slow_and_stalled_webhook_bodies_are_cut_off() {
         ..Options::default()
     })
     .await;
-    let trickles: Vec<_> = (0..20)
-        .map(|_| {
-            let addr = app.addr.clone();
-            tokio::spawn(async move {
-                slow_body(
-                    &addr,
-                    "/webhook",
-                    3_000_000,
-                    10,
-                    true,
-                    Duration::from_secs(15),
-                )
-                .await
-            })
+    // 20 clients trickling 10 bytes a time, 20 sending a first part and
+    // then nothing.
+    let spawn = |sent: usize, trickle: bool| {
+        let addr = app.addr.clone();
+        tokio::spawn(async move {
+            let limit = Duration::from_secs(15);
+            slow_body(&addr, "/webhook", 3_000_000, sent, trickle, limit).await
         })
-        .collect();
-    let stalled: Vec<_> = (0..20)
-        .map(|_| {
-            let addr = app.addr.clone();
-            tokio::spawn(async move {
-                slow_body(
-                    &addr,
-                    "/webhook",
-                    3_000_000,
-                    100_000,
-                    false,
-                    Duration::from_secs(15),
-                )
-                .await
-            })
-        })
-        .collect();
+    };
+    let trickles: Vec<_> = (0..20).map(|_| spawn(10, true)).collect();
+    let stalled: Vec<_> = (0..20).map(|_| spawn(100_000, false)).collect();
     // Meanwhile a real webhook is answered.
     app.say(ANA, "hi").await;
     for t in trickles.into_iter().chain(stalled) {
@@ -366,15 +337,7 @@ async fn sandbox_accounts_are_capped() {
         .collect();
     app.deliver(&serde_json::json!({ "object": "whatsapp_business_account", "entry": entries }))
         .await;
-    let health: serde_json::Value = app
-        .http
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: serde_json::Value = app.healthz().await;
     assert_eq!(
         health["accounts"],
         max + 1,

@@ -143,15 +143,7 @@ async fn a_failing_target_is_retried_with_the_same_event_id() {
             .all(|d| d.event_id == tries[0].event_id && d.raw == tries[0].raw),
         "same event, same id"
     );
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("wa_router_event_deliveries_total{result=\"retry\"} 2"),
         "{metrics}"
@@ -232,15 +224,7 @@ async fn events_for_a_target_that_refuses_connections_wait_in_a_visible_backlog(
     app.say(ANA, "sales").await;
     app.wait_events("agents", "message.received", 1).await;
     let metrics = wait_for(10, "the dead target's backlog", || async {
-        let m = app
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = app.metrics_text().await;
         (m.contains("wa_router_event_backlog{target=\"dead\"} 1") && m.contains("result=\"retry\""))
             .then_some(m)
     })

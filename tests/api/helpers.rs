@@ -331,6 +331,18 @@ impl TestApp {
         format!("{}{}", self.addr, path)
     }
 
+    /// `GET /metrics` as text (no ops key configured in tests).
+    pub async fn metrics_text(&self) -> String {
+        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
+    /// `GET /healthz` as JSON.
+    pub async fn healthz(&self) -> Value {
+        let resp = self.http.get(self.url("/healthz")).send().await.unwrap();
+        resp.json().await.unwrap()
+    }
+
     /// POST /webhook with `body` signed with the app secret.
     pub async fn post_webhook(&self, body: &[u8]) -> reqwest::Response {
         self.post_webhook_signed(body, Some(sign(body, APP_SECRET)))

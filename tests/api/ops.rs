@@ -7,15 +7,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn healthz_reports_rules_and_mode_and_readyz_is_200() {
     let app = spawn_app(GREETING).await;
-    let health: Value = app
-        .http
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = app.healthz().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["routes"]["rules"], 1);
     assert!(health["routes"]["last_error"].is_null());
