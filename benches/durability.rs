@@ -34,7 +34,7 @@ fn account(i: usize) -> String {
 fn config(dir: &Path, data_dir: &str) -> wa_router::config::Settings {
     std::fs::write(dir.join("routes.toml"), "").unwrap();
     let mut text = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data_dir}\"\n[meta]\napp_secret = \"{SECRET}\"\n[api]\nkeys = [\"k\"]\nrate = 1000000\nburst = 1000000\n"
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data_dir}\"\n[meta]\napp_secret = \"{SECRET}\"\nverify_token = \"bench\"\n[api]\nkeys = [\"k\"]\nrate = 1000000\nburst = 1000000\n"
     );
     for pnid in (0..ACCOUNT_COUNT).map(account) {
         text.push_str(&format!("[[accounts]]\nname = \"{pnid}\"\nphone_number_id = \"{pnid}\"\npace = \"0ms\"\nmax_queue = 1000000\n"));
