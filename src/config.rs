@@ -68,7 +68,13 @@ pub struct AccountSettings {
     pub phone_number_id: String,
     /// Absent: a sandbox account that sends nothing over the network.
     pub access_token: Option<Secret>,
+    /// Minimum interval between two send starts.
     pub pace: Duration,
+    /// Sends started per second at most (Meta's throughput: 80 by default,
+    /// 1000 for upgraded numbers).
+    pub rate: u32,
+    /// Sends awaiting Meta's answer at once, at most.
+    pub max_in_flight: usize,
     pub max_queue: usize,
     /// Finished outbound records kept; past it the oldest finished ones
     /// are dropped before `retention`.
@@ -121,8 +127,18 @@ pub struct TargetSettings {
 pub const DEFAULT_PACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_QUEUE: usize = 10_000;
 pub const DEFAULT_MAX_RECORDS: usize = 200_000;
+/// Meta's default throughput per business number (messages/s).
+pub const DEFAULT_RATE: u32 = 80;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 impl AccountSettings {
+    /// The least time between two send starts: `pace`, or `1/rate` if
+    /// that is longer.
+    pub fn spacing(&self) -> Duration {
+        let per_rate = Duration::from_secs(1) / self.rate.max(1);
+        self.pace.max(per_rate)
+    }
+
     /// A sandbox account registered from a webhook's `phone_number_id`.
     pub fn sandbox(phone_number_id: &str) -> Self {
         AccountSettings {
@@ -130,6 +146,8 @@ impl AccountSettings {
             phone_number_id: phone_number_id.to_string(),
             access_token: None,
             pace: DEFAULT_PACE,
+            rate: DEFAULT_RATE,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_queue: DEFAULT_MAX_QUEUE,
             max_records: DEFAULT_MAX_RECORDS,
             default: false,
@@ -218,6 +236,8 @@ struct AccountIn {
     phone_number_id: EnvString,
     access_token: Option<Spanned<EnvString>>,
     pace: Option<Dur>,
+    rate: Option<Spanned<u32>>,
+    max_in_flight: Option<Spanned<usize>>,
     max_queue: Option<usize>,
     max_records: Option<usize>,
     #[serde(default)]
@@ -430,10 +450,34 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 .as_ref()
                 .map(|t| Secret::new(t.get_ref().0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
+            rate: a.rate.as_ref().map_or(DEFAULT_RATE, |r| *r.get_ref()),
+            max_in_flight: a
+                .max_in_flight
+                .as_ref()
+                .map_or(DEFAULT_MAX_IN_FLIGHT, |m| *m.get_ref()),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             max_records: a.max_records.unwrap_or(DEFAULT_MAX_RECORDS),
             default: a.default,
         };
+        for (value, span, key) in [
+            (
+                a.rate.as_ref().map(|r| u64::from(*r.get_ref())),
+                a.rate.as_ref().map(|r| r.span()),
+                "rate",
+            ),
+            (
+                a.max_in_flight.as_ref().map(|m| *m.get_ref() as u64),
+                a.max_in_flight.as_ref().map(|m| m.span()),
+                "max_in_flight",
+            ),
+        ] {
+            if let (Some(0), Some(span)) = (value, span) {
+                return Err(at(
+                    span,
+                    format!("account {:?}: {key} must be at least 1", account.name),
+                ));
+            }
+        }
         if account.name.is_empty() || account.name.contains('/') {
             return Err(at(
                 spanned.span(),

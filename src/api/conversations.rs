@@ -85,8 +85,11 @@ pub async fn queues(_key: ApiKey, ctx: web::Data<Ctx>) -> Result<HttpResponse, A
         .map(|a| {
             let stats = ctx.outbox.queue(a).stats();
             let pace_ms = a.settings.pace.as_millis() as i64;
-            let next_send = if stats.depth > 0 {
-                Some(stats.last_send.map_or(now, |l| (l + pace_ms).max(now)))
+            let spacing = a.settings.spacing().as_millis() as i64;
+            let paused_until = stats.paused_until.filter(|t| *t > now);
+            let next_send = if stats.depth > stats.in_flight {
+                let free = stats.last_send.map_or(now, |l| (l + spacing).max(now));
+                Some(free.max(paused_until.unwrap_or(0)))
             } else {
                 stats.next_scheduled
             };
@@ -97,6 +100,10 @@ pub async fn queues(_key: ApiKey, ctx: web::Data<Ctx>) -> Result<HttpResponse, A
                 next_send_at: next_send.map(rfc3339),
                 pace: format_duration(a.settings.pace),
                 pace_ms,
+                rate: a.settings.rate,
+                in_flight: stats.in_flight,
+                max_in_flight: a.settings.max_in_flight,
+                paused_until: paused_until.map(rfc3339),
                 max_queue: a.settings.max_queue,
                 sandbox: a.is_sandbox(),
             }

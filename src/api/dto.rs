@@ -290,6 +290,13 @@ pub struct QueueOut {
     pub next_send_at: Option<String>,
     pub pace: String,
     pub pace_ms: i64,
+    /// Sends started per second at most.
+    pub rate: u32,
+    /// Sends awaiting Meta's answer now, and at most.
+    pub in_flight: usize,
+    pub max_in_flight: usize,
+    /// While Meta's rate limit pauses the account: until when.
+    pub paused_until: Option<String>,
     pub max_queue: usize,
     pub sandbox: bool,
 }

@@ -184,11 +184,17 @@ pub fn enqueue(
     let id = record.id.clone();
     // Estimate before inserting: once inserted, the sender may take the
     // message at once and its own send would count against it.
-    let pace_ms = pace.as_millis() as Millis;
-    let ahead = queue.stats().depth as Millis;
-    let next_free = queue.last_send().map_or(now, |l| (l + pace_ms).max(now));
+    // A lower bound: one send start per spacing (pace, rate), after an
+    // account pause; a contact's earlier messages may hold it longer.
+    let spacing = account.settings.spacing().as_millis() as Millis;
+    let stats = queue.stats();
+    let ahead = stats.depth.saturating_sub(stats.in_flight) as Millis;
+    let next_free = queue
+        .last_send()
+        .map_or(now, |l| (l + spacing).max(now))
+        .max(stats.paused_until.unwrap_or(0));
     let position = outbox.insert_record(&account, record, now);
-    let send_after = send_at.unwrap_or(next_free + pace_ms * ahead);
+    let send_after = send_at.unwrap_or(next_free + spacing * ahead);
     Ok(Accepted {
         id,
         status,

@@ -54,6 +54,31 @@ pub fn classify(e: &GraphError) -> Class {
     }
 }
 
+/// Graph codes by which Meta asks the whole number (or app) to slow down:
+/// rate limits of the app (4), the WABA (80007) and the number's
+/// throughput (130429). The pair rate limit (131056) slows one contact only.
+const ACCOUNT_RATE_CODES: &[i64] = &[4, 80007, 130429];
+const PAIR_RATE_CODE: i64 = 131056;
+
+/// Whether a transient failure should pause every send of the account,
+/// not only the failed message's contact: Meta's rate limits, a 429, or a
+/// `Retry-After` (except for the pair rate limit).
+pub fn pauses_account(e: &GraphError) -> bool {
+    match e {
+        GraphError::Status {
+            http,
+            code,
+            retry_after,
+            ..
+        } => match code {
+            Some(PAIR_RATE_CODE) => false,
+            Some(c) if ACCOUNT_RATE_CODES.contains(c) => true,
+            _ => *http == 429 || retry_after.is_some(),
+        },
+        _ => false,
+    }
+}
+
 /// The longest wait between attempts (SPEC §2: capped at 5 minutes).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The longest `Retry-After` honoured.
@@ -85,6 +110,28 @@ mod tests {
             retry_after: None,
             transient_hint: false,
         }
+    }
+
+    #[test]
+    fn rate_limits_pause_the_account_and_the_pair_limit_only_the_contact() {
+        assert!(pauses_account(&status(400, Some(130429))));
+        assert!(pauses_account(&status(429, None)));
+        assert!(pauses_account(&status(400, Some(80007))));
+        assert!(!pauses_account(&status(400, Some(131056))));
+        assert!(!pauses_account(&status(429, Some(131056))));
+        assert!(!pauses_account(&status(503, None)));
+        let with_retry_after = GraphError::Status {
+            http: 503,
+            code: None,
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(2)),
+            transient_hint: false,
+        };
+        assert!(pauses_account(&with_retry_after));
+        let transport = GraphError::Transport {
+            message: "refused".into(),
+        };
+        assert!(!pauses_account(&transport));
     }
 
     #[test]

@@ -1,6 +1,11 @@
-//! The paced sender: one task per account drains that account's FIFO,
-//! at least `pace` between two sends, retrying the head of the queue on
-//! transient errors so that order holds (SPEC §6).
+//! The paced, pipelined sender: one task per account starts sends on the
+//! account's schedule — at least `pace` apart and at most `rate` a second —
+//! without waiting for earlier answers, up to `max_in_flight` at once. The
+//! queue ([`super::queue`]) keeps order: per contact strictly one message
+//! after the other (the next starts after the previous one's answer), across
+//! contacts in acceptance order. A transient failure is retried first of
+//! its contact after backoff; Meta's rate limits (429, 130429, `Retry-After`)
+//! pause the whole account, the pair rate limit (131056) only the contact.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +15,10 @@ use tokio::sync::watch;
 use super::graph::GraphClient;
 use super::graph::send_body;
 use super::policy::{PolicyError, check_record};
-use super::retry::{Class, classify, delay};
+use super::queue::{AccountQueue, Finished};
+use super::retry::{Class, classify, delay, pauses_account};
 use super::store::Outbox;
-use super::{RecordError, Status};
+use super::{OutboundRecord, RecordError, Status};
 use crate::config::SenderSettings;
 use crate::domain::{Millis, now_ms};
 use crate::state::Account;
@@ -25,22 +31,43 @@ pub struct Sender {
     pub settings: SenderSettings,
 }
 
-/// What one attempt at the head of the queue came to.
+/// What one attempt at a message came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecutionOutcome {
     /// Sent, or ended for good: take it off the queue.
     Done,
     /// Ended by policy without calling Meta (no pace used).
     Refused,
-    /// Transient failure: try the same message again after this delay.
-    Retry(Duration),
+    /// Transient failure: try the same message again after `wait`, before
+    /// the contact's later ones; `account`: Meta asked the whole number to
+    /// slow down.
+    Retry { wait: Duration, account: bool },
     /// Nothing to send (cancelled, unknown).
     Skipped,
 }
 
+impl ExecutionOutcome {
+    fn finished(&self, now: Millis) -> Finished {
+        match self {
+            ExecutionOutcome::Retry { wait, account } => Finished::Retry {
+                until: now + wait.as_millis() as Millis,
+                account: *account,
+            },
+            _ => Finished::Done,
+        }
+    }
+}
+
+/// A message ready to go: policy passed and `sending` recorded.
+pub struct Prepared {
+    record: OutboundRecord,
+    attempts: u32,
+}
+
 /// Run the sender of `account` until `stop` turns true.
 pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
-    let pace_ms = account.settings.pace.as_millis() as Millis;
+    let spacing = account.settings.spacing().as_millis() as Millis;
+    let max_in_flight = account.settings.max_in_flight.max(1);
     let queue = sender.outbox.queue(&account);
     loop {
         if *stop.borrow() {
@@ -48,55 +75,80 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
         }
         let now = now_ms();
         let next_due = queue.promote_due(now);
-        let Some(id) = queue.head() else {
-            let wait = next_due.map_or(Duration::from_secs(3600), |t| {
-                Duration::from_millis((t - now).max(1) as u64)
-            });
-            tokio::select! {
-                _ = queue.notify.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                changed = stop.changed() => if changed.is_err() { break },
+        // Not before the account's pause ends and the schedule allows.
+        let not_before = queue
+            .paused_until(now)
+            .or_else(|| queue.last_send().map(|l| l + spacing).filter(|t| *t > now));
+        if let Some(t) = not_before {
+            if !sleep_until(t - now, None, &mut stop).await {
+                break;
+            }
+            continue;
+        }
+        let started = if queue.in_flight() < max_in_flight {
+            queue.take()
+        } else {
+            None
+        };
+        let Some((id, contact)) = started else {
+            // Nothing may start: wait for news (a new message, an answer)
+            // or the next scheduled message or contact wait.
+            let wait = next_due.map_or(3_600_000, |t| (t - now).max(1));
+            if !sleep_until(wait, Some(&queue), &mut stop).await {
+                break;
             }
             continue;
         };
-        if let Some(last) = queue.last_send() {
-            let due = last + pace_ms;
-            if now < due {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis((due - now) as u64)) => {}
-                    changed = stop.changed() => if changed.is_err() { break },
-                }
-                continue;
-            }
-        }
-        match try_execute(&sender, &account, &id).await {
-            ExecutionOutcome::Done | ExecutionOutcome::Refused | ExecutionOutcome::Skipped => {
-                queue.remove(&id);
-            }
-            ExecutionOutcome::Retry(wait) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    changed = stop.changed() => if changed.is_err() { break },
-                }
+        match prepare(&sender, &account, &id, now) {
+            Err(outcome) => queue.finish(&contact, &id, outcome.finished(now)),
+            Ok(prepared) => {
+                queue.mark_sent_now(now);
+                let (sender, account, queue) = (sender.clone(), account.clone(), queue.clone());
+                tokio::spawn(async move {
+                    let outcome = execute(&sender, &account, prepared).await;
+                    queue.finish(&contact, &id, outcome.finished(now_ms()));
+                    queue.notify.notify_one();
+                });
             }
         }
     }
 }
 
-/// One attempt at sending message `id` of `account`.
-#[tracing::instrument(skip_all, fields(account = %account.name(), message_id = %id))]
-pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> ExecutionOutcome {
-    let state = &sender.outbox;
-    let now = now_ms();
-    let Some(record) = state.record(id) else {
-        return ExecutionOutcome::Skipped;
+/// Sleep `ms`, or until `queue` is notified; `false` when told to stop.
+async fn sleep_until(
+    ms: Millis,
+    queue: Option<&AccountQueue>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let sleep = tokio::time::sleep(Duration::from_millis(ms.max(0) as u64));
+    let notified = async {
+        match queue {
+            Some(q) => q.notify.notified().await,
+            None => std::future::pending().await,
+        }
     };
-    if record.status != Status::Queued {
-        return ExecutionOutcome::Skipped;
+    tokio::select! {
+        _ = sleep => true,
+        _ = notified => true,
+        changed = stop.changed() => changed.is_ok() && !*stop.borrow(),
     }
-    // SPEC §6: policy again at dispatch.
-    if let Err(refused) = check_record(state.state(), account, &record, now) {
-        state.update_record(id, now, |r| {
+}
+
+/// Make message `id` ready to send now: policy again (SPEC §6), then
+/// `sending`. `Err`: it is not sent (refused, expired, cancelled).
+pub fn prepare(
+    sender: &Sender,
+    account: &Account,
+    id: &str,
+    now: Millis,
+) -> Result<Prepared, ExecutionOutcome> {
+    let outbox = &sender.outbox;
+    let record = outbox
+        .record(id)
+        .filter(|r| r.status == Status::Queued)
+        .ok_or(ExecutionOutcome::Skipped)?;
+    if let Err(refused) = check_record(outbox.state(), account, &record, now) {
+        outbox.update_record(id, now, |r| {
             if r.status != Status::Queued {
                 return (None, ());
             }
@@ -110,12 +162,12 @@ pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> Execut
             });
             (Some(Status::Failed), ())
         });
-        tracing::info!(reason = refused.code(), "message not sent");
-        return ExecutionOutcome::Refused;
+        tracing::info!(account = %account.name(), message_id = %id, reason = refused.code(), "message not sent");
+        return Err(ExecutionOutcome::Refused);
     }
     // Only a message still queued may start sending (it may have been
     // cancelled since it was read).
-    let Some(attempts) = state
+    let attempts = outbox
         .update_record(id, now, |r| {
             if r.status != Status::Queued {
                 return (None, None);
@@ -124,22 +176,30 @@ pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> Execut
             (Some(Status::Sending), Some(r.attempts))
         })
         .flatten()
-    else {
-        return ExecutionOutcome::Skipped;
-    };
-    state.queue(account).mark_sent_now(now);
+        .ok_or(ExecutionOutcome::Skipped)?;
+    Ok(Prepared { record, attempts })
+}
+
+/// Send a prepared message and record what came of it.
+#[tracing::instrument(skip_all, fields(account = %account.name(), message_id = %prepared.record.id))]
+pub async fn execute(sender: &Sender, account: &Account, prepared: Prepared) -> ExecutionOutcome {
+    let Prepared { record, attempts } = prepared;
+    let outbox = &sender.outbox;
+    let id = record.id.as_str();
     // `sending` must be on disk before Meta is called: after a crash such a
     // message ends `interrupted` instead of being sent twice.
-    if !state.state().sync().await {
-        state.update_record(id, now, |_| (Some(Status::Queued), ()));
+    if !outbox.state().sync().await {
+        outbox.update_record(id, now_ms(), |_| (Some(Status::Queued), ()));
         tracing::error!("journal unavailable; sending paused");
-        return ExecutionOutcome::Retry(Duration::from_secs(1));
+        return ExecutionOutcome::Retry {
+            wait: Duration::from_secs(1),
+            account: true,
+        };
     }
-
     let Some(token) = &account.settings.access_token else {
         // Sandbox: the same queue, pacing and states, no network (SPEC §2).
         let wamid = format!("wamid.sandbox.{}", uuid::Uuid::now_v7().simple());
-        state.mark_sent(id, &wamid, now_ms());
+        outbox.mark_sent(id, &wamid, now_ms());
         tracing::info!(%wamid, "sandbox message sent");
         return ExecutionOutcome::Done;
     };
@@ -150,7 +210,7 @@ pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> Execut
         .await
     {
         Ok(wamid) => {
-            state.mark_sent(id, &wamid, now_ms());
+            outbox.mark_sent(id, &wamid, now_ms());
             tracing::info!(%wamid, attempts, "message sent");
             ExecutionOutcome::Done
         }
@@ -161,26 +221,39 @@ pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> Execut
                 graph_code: e.graph_code(),
                 message: e.describe(),
             };
-            let max = sender.settings.max_attempts;
-            if classify(&e) == Class::Transient && attempts < max {
+            if classify(&e) == Class::Transient && attempts < sender.settings.max_attempts {
                 let wait = delay(
                     attempts,
                     sender.settings.backoff,
                     e.retry_after(),
                     fastrand::f64(),
                 );
-                tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, "transient send failure");
-                state.update_record(id, now, |r| {
+                let account = pauses_account(&e);
+                tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, account_wide = account, "transient send failure");
+                outbox.update_record(id, now, |r| {
                     r.error = Some(error);
                     (Some(Status::Queued), ())
                 });
-                ExecutionOutcome::Retry(wait)
+                ExecutionOutcome::Retry { wait, account }
             } else {
                 tracing::warn!(error = %error.message, attempts, "send failed");
                 // A 131047 also closes the window (in the outbox).
-                state.mark_failed(id, error, now);
+                outbox.mark_failed(id, error, now);
                 ExecutionOutcome::Done
             }
+        }
+    }
+}
+
+/// One attempt at message `id` of `account`, start to end (no pipelining):
+/// prepare, take the pace slot, send.
+pub async fn try_execute(sender: &Sender, account: &Account, id: &str) -> ExecutionOutcome {
+    let now = now_ms();
+    match prepare(sender, account, id, now) {
+        Err(outcome) => outcome,
+        Ok(prepared) => {
+            sender.outbox.queue(account).mark_sent_now(now);
+            execute(sender, account, prepared).await
         }
     }
 }
@@ -323,7 +396,11 @@ mod tests {
         // Port 9 (discard) on loopback: connection refused, a transient error.
         let (sender, account) = setup(Some("token"), "http://127.0.0.1:9");
         let id = queue_text(&sender, &account, Duration::from_secs(60));
-        let ExecutionOutcome::Retry(wait) = try_execute(&sender, &account, &id).await else {
+        let ExecutionOutcome::Retry {
+            wait,
+            account: false,
+        } = try_execute(&sender, &account, &id).await
+        else {
             panic!("a transient failure is retried");
         };
         assert!(wait >= Duration::from_millis(100), "{wait:?}");
@@ -331,7 +408,7 @@ mod tests {
         assert_eq!((r.status, r.attempts), (Status::Queued, 1));
         assert_eq!(r.error.unwrap().code, "graph_error");
         assert_eq!(
-            sender.outbox.queue(&account).head().as_deref(),
+            sender.outbox.queue(&account).peek().as_deref(),
             Some(id.as_str())
         );
     }

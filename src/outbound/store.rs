@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
@@ -22,7 +22,7 @@ use super::ops::{OutboxOp, RecordWire, UpdateWire};
 use super::queue::AccountQueue;
 use super::record::{OutboundRecord, RecordError, Status};
 use crate::domain::Millis;
-use crate::ids::{AccountName, MessageId, Wamid};
+use crate::ids::{AccountName, ContactId, MessageId, Wamid};
 use crate::inbound::StatusUpdate;
 use crate::persist::{Owner, encode};
 use crate::state::{Account, Direction, Recent, State};
@@ -78,7 +78,6 @@ pub struct Outbox {
     order: Mutex<BTreeSet<MessageId>>,
     /// One queue per account, by account id.
     queues: RwLock<Vec<Arc<AccountQueue>>>,
-    seq: AtomicU64,
     metrics: Arc<Metrics>,
     /// Where status changes go for `message.status` events, if anywhere.
     status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
@@ -106,7 +105,6 @@ impl Outbox {
                 orphans: DashMap::new(),
                 order: Mutex::default(),
                 queues: RwLock::default(),
-                seq: AtomicU64::new(0),
                 metrics,
                 status_changes: tx,
             },
@@ -174,18 +172,10 @@ impl Outbox {
         self.state.note_outbound(account.id, &to, conv_recent, now);
         let position = match status {
             Status::Scheduled => {
-                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                queue
-                    .lock()
-                    .scheduled
-                    .insert((send_at.unwrap_or(now), seq), id);
+                queue.schedule(send_at.unwrap_or(now), to, id);
                 0
             }
-            Status::Queued => {
-                let mut q = queue.lock();
-                q.ready.push_back(id);
-                q.ready.len()
-            }
+            Status::Queued => queue.push(to, id),
             _ => 0,
         };
         if !status.is_final() {
@@ -301,15 +291,18 @@ impl Outbox {
         let outcome = self
             .update_record(id, now, |r| {
                 if matches!(r.status, Status::Queued | Status::Scheduled) {
-                    (Some(Status::Cancelled), Ok(r.account.clone()))
+                    (
+                        Some(Status::Cancelled),
+                        Ok((r.account.clone(), r.to.clone())),
+                    )
                 } else {
                     (None, Err(r.status))
                 }
             })
             .ok_or(None)?;
-        let account = outcome.map_err(Some)?;
+        let (account, to) = outcome.map_err(Some)?;
         if let Some(a) = self.state.account_by_name(&account) {
-            self.queue(&a).remove(id);
+            self.queue(&a).remove(&to, id);
         }
         self.record(id).ok_or(None)
     }
@@ -471,11 +464,6 @@ impl Outbox {
         None
     }
 
-    /// Remove `id` from its account's queue (sent, failed or cancelled).
-    pub fn dequeue(&self, account: &Account, id: &str) -> bool {
-        self.queue(account).remove(id)
-    }
-
     /// Outbound counts of the recent messages of a conversation, with the
     /// current status of each outbound one.
     pub fn recent_messages(
@@ -545,8 +533,9 @@ impl Outbox {
     /// After the last op: rebuild indexes and queues (acceptance order,
     /// SPEC §9) and settle interrupted sends.
     pub fn finish_restore(&self, now: Millis) -> RestoredOutbox {
-        let mut queued: Vec<(Millis, MessageId, AccountName)> = Vec::new();
-        let mut scheduled: Vec<(Millis, MessageId, AccountName)> = Vec::new();
+        type Waiting = Vec<(Millis, MessageId, AccountName, ContactId)>;
+        let mut queued: Waiting = Vec::new();
+        let mut scheduled: Waiting = Vec::new();
         let mut interrupted = Vec::new();
         {
             let mut order = self.order.lock();
@@ -559,10 +548,15 @@ impl Outbox {
                     self.by_wamid.insert(w.clone(), r.id.clone());
                 }
                 match r.status {
-                    Status::Queued => queued.push((r.created_at, r.id.clone(), r.account.clone())),
-                    Status::Scheduled => {
-                        scheduled.push((r.send_at.unwrap_or(now), r.id.clone(), r.account.clone()))
+                    Status::Queued => {
+                        queued.push((r.created_at, r.id.clone(), r.account.clone(), r.to.clone()))
                     }
+                    Status::Scheduled => scheduled.push((
+                        r.send_at.unwrap_or(now),
+                        r.id.clone(),
+                        r.account.clone(),
+                        r.to.clone(),
+                    )),
                     Status::Sending => interrupted.push(r.id.clone()),
                     _ => {}
                 }
@@ -571,15 +565,14 @@ impl Outbox {
         // Ids sort by creation within one millisecond.
         queued.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         scheduled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (_, id, account) in queued {
+        for (_, id, account, to) in queued {
             if let Some(a) = self.state.account_by_name(&account) {
-                self.queue(&a).lock().ready.push_back(id);
+                self.queue(&a).push(to, id);
             }
         }
-        for (at, id, account) in scheduled {
+        for (at, id, account, to) in scheduled {
             if let Some(a) = self.state.account_by_name(&account) {
-                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                self.queue(&a).lock().scheduled.insert((at, seq), id);
+                self.queue(&a).schedule(at, to, id);
             }
         }
         for id in &interrupted {
@@ -702,7 +695,7 @@ mod tests {
         let restored = o.finish_restore(1000);
         assert_eq!(restored.interrupted, 1);
         let account = o.state().account_by_name("main").unwrap();
-        assert_eq!(o.queue(&account).head().as_deref(), Some("a"));
+        assert_eq!(o.queue(&account).peek().as_deref(), Some("a"));
         let c = o.record("c").unwrap();
         assert_eq!(c.status, Status::Failed);
         assert_eq!(c.error.unwrap().code, INTERRUPTED);

@@ -38,6 +38,7 @@ name = "main"
 phone_number_id = "{PNID}"
 access_token = "{TOKEN}"
 pace = "{pace}"
+rate = 1000
 [api]
 keys = ["{API_KEY}"]
 rate = 1000
@@ -222,6 +223,101 @@ async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
     let mut sorted = order.clone();
     sorted.sort();
     assert_eq!(order, sorted, "queues resume in acceptance order");
+}
+
+/// #9: with several sends in flight at a SIGKILL, each message still ends
+/// sent once or recorded failed (`interrupted`), never sent twice; those
+/// that waited behind their contact's first message are sent after the
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_with_sends_in_flight_sends_each_at_most_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    // Meta answers after 1.5 s (the timeout is 2 s): the first sends are
+    // still in flight at the kill.
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v25\.0/\d+/messages$"))
+        .respond_with(DelayedOk(
+            GraphOk::new(AtomicUsize::new(0), arrivals.clone()),
+            std::time::Duration::from_millis(1500),
+        ))
+        .mount(&graph)
+        .await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "0ms", "").await;
+    let to = |i: usize| format!("+1631555{i:04}");
+    let mut queued = Vec::new();
+    // Four contacts' first messages go out at once; each contact's second
+    // waits for the first's answer.
+    for round in 0..2 {
+        for c in 0..4 {
+            let name = format!("c{c}_{round}");
+            let body = json!({ "to": to(c), "type": "template", "template": { "name": name, "language": { "code": "en" } } });
+            let (status, rec) = r
+                .api(reqwest::Method::POST, "/v1/messages", Some(body))
+                .await;
+            assert_eq!(status, 202, "{rec}");
+            queued.push((rec["id"].as_str().unwrap().to_string(), name));
+        }
+    }
+    wait_for(10, "four sends in flight", || async {
+        (arrivals.lock().unwrap().len() >= 4).then_some(())
+    })
+    .await;
+    r.kill();
+    let in_flight: Vec<String> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b["template"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(in_flight.len(), 4, "pipelined: {in_flight:?}");
+    assert!(
+        in_flight.iter().all(|n| n.ends_with("_0")),
+        "one per contact: {in_flight:?}"
+    );
+    let r = Router::start(dir.path(), &graph.uri(), "0ms", "").await;
+    let finals = wait_for(30, "every message to end", || async {
+        let mut out = Vec::new();
+        for (id, name) in &queued {
+            let (status, rec) = r
+                .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
+                .await;
+            assert_eq!(status, 200, "message {id} was lost");
+            if rec["status"] != "sent" && rec["status"] != "failed" {
+                return None;
+            }
+            out.push((name.clone(), rec));
+        }
+        Some(out)
+    })
+    .await;
+    let sent: Vec<String> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b["template"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for (name, rec) in finals {
+        let times = sent.iter().filter(|n| **n == name).count();
+        if in_flight.contains(&name) {
+            assert_eq!(rec["status"], "failed", "{rec}");
+            assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+            assert_eq!(times, 1, "{name} must not be sent again");
+        } else {
+            assert_eq!(rec["status"], "sent", "{rec}");
+            assert_eq!(times, 1, "{name} sent {times} times");
+        }
+    }
+}
+
+/// A Graph answer after a delay.
+struct DelayedOk(GraphOk, std::time::Duration);
+
+impl wiremock::Respond for DelayedOk {
+    fn respond(&self, req: &wiremock::Request) -> wiremock::ResponseTemplate {
+        self.0.respond(req).set_delay(self.1)
+    }
 }
 
 const BOOK: &str = r#"

@@ -10,6 +10,7 @@ mod helpers;
 mod messages_api;
 mod openapi;
 mod ops;
+mod pipeline;
 mod rules;
 mod security;
 mod sender;
