@@ -113,6 +113,7 @@ impl App {
             state: state.clone(),
             outbox: outbox.clone(),
             lanes: lanes.clone(),
+            max_backlog: settings.http.max_backlog,
         });
         let api = Arc::new(api::Ctx {
             keys: api::Ctx::limiters(&settings.api.keys, settings.api.rate, settings.api.burst),

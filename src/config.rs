@@ -106,6 +106,11 @@ pub struct HttpSettings {
     pub max_buffered: usize,
     /// Open connections, all workers together.
     pub max_connections: usize,
+    /// Work the router may run behind before webhooks wait for it:
+    /// acknowledged messages whose rules have not run, plus sends that are
+    /// due now but not started (per account at most a tenth of a second of
+    /// its `rate`).
+    pub max_backlog: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +135,8 @@ pub const DEFAULT_MAX_RECORDS: usize = 200_000;
 /// Meta's default throughput per business number (messages/s).
 pub const DEFAULT_RATE: u32 = 80;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// `[http] max_backlog`.
+pub const DEFAULT_MAX_BACKLOG: usize = 2000;
 
 impl AccountSettings {
     /// The least time between two send starts: `pace`, or `1/rate` if
@@ -208,6 +215,7 @@ struct HttpIn {
     body_timeout: Option<Dur>,
     max_buffered: Option<Size>,
     max_connections: Option<usize>,
+    max_backlog: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -701,6 +709,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             .map_or(Duration::from_secs(10), |d| d.0),
         max_buffered: http_in.max_buffered.map_or(64 * 1024 * 1024, |s| s.0),
         max_connections: http_in.max_connections.unwrap_or(10_000),
+        max_backlog: http_in.max_backlog.unwrap_or(DEFAULT_MAX_BACKLOG).max(1),
     };
     if http.body_timeout.is_zero() || http.max_connections == 0 {
         return Err(ConfigError::Invalid {

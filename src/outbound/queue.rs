@@ -167,6 +167,16 @@ impl AccountQueue {
         self.inner.lock().in_flight
     }
 
+    /// Contacts whose next message may start now (0 while the account is
+    /// paused): work that is due, not work that waits for its schedule.
+    pub fn due(&self, now: Millis) -> usize {
+        let q = self.inner.lock();
+        if q.paused_until > now {
+            return 0;
+        }
+        q.ready.len()
+    }
+
     /// The message [`take`](Self::take) would start next, if any.
     pub fn peek(&self) -> Option<MessageId> {
         let q = self.inner.lock();

@@ -285,6 +285,20 @@ impl Outbox {
         }
     }
 
+    /// Sends that are due but not started, over all accounts; per account
+    /// at most what its `rate` starts in a tenth of a second, so a queue
+    /// that waits for its pace or rate does not count.
+    pub fn due_backlog(&self, now: Millis) -> usize {
+        self.state
+            .accounts()
+            .iter()
+            .map(|a| {
+                let per_tenth = (a.settings.rate as usize).div_ceil(10);
+                self.queue(a).due(now).min(per_tenth)
+            })
+            .sum()
+    }
+
     /// Cancel a queued or scheduled message. `Err(None)`: no such message;
     /// `Err(Some(status))`: it is past cancelling.
     pub fn cancel(&self, id: &str, now: Millis) -> Result<OutboundRecord, Option<Status>> {

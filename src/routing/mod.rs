@@ -63,10 +63,8 @@ impl Router {
         let now = now_ms();
         let name = account.name();
 
-        let conv = state
-            .conversation(&account, &msg.from)
-            .map(|c| c.conversation)
-            .unwrap_or_default();
+        // Not the whole conversation: its history is not needed here.
+        let conv = state.routing_facts(account.id, &msg.from);
         let reply_tags = match (&msg.context_id, rules.uses_reply_tags) {
             (Some(ctx), true) => self.outbox.tags_of_wamid(ctx),
             _ => Vec::new(),

@@ -59,6 +59,14 @@ pub struct InboundView {
     pub handoff: bool,
 }
 
+/// The part of a conversation the routing step reads.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingFacts {
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub handoff_until: Option<Millis>,
+}
+
 /// A conversation for the API.
 #[derive(Debug, Clone)]
 pub struct ConversationView {
@@ -229,6 +237,19 @@ impl State {
 
     pub fn open_windows(&self, now: Millis) -> usize {
         self.windows.open_count(now)
+    }
+
+    /// What routing reads of a conversation (not its history): state,
+    /// vars and handoff, or defaults for a conversation not known yet.
+    pub fn routing_facts(&self, account: u16, contact: &str) -> RoutingFacts {
+        self.conversations
+            .get(&ConvKey::new(account, contact))
+            .map(|c| RoutingFacts {
+                state: c.state.clone(),
+                vars: c.vars.clone(),
+                handoff_until: c.handoff_until,
+            })
+            .unwrap_or_default()
     }
 
     pub fn conversation(&self, account: &Account, contact: &str) -> Option<ConversationView> {

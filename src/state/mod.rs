@@ -35,7 +35,9 @@ use crate::persist::{Owner, encode};
 use crate::telemetry::Metrics;
 use accounts::AccountsInner;
 pub use accounts::{Account, MAX_ACCOUNTS, MAX_SANDBOX_ACCOUNTS};
-pub use conversations::{Conversation, ConversationView, Direction, InboundView, RECENT, Recent};
+pub use conversations::{
+    Conversation, ConversationView, Direction, InboundView, RECENT, Recent, RoutingFacts,
+};
 use dedupe::Dedupe;
 use idempotency::Idempotent;
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotencyOutcome, fingerprint};

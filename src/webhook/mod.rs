@@ -29,6 +29,33 @@ pub struct Ctx {
     pub state: Arc<State>,
     pub outbox: Arc<Outbox>,
     pub lanes: Arc<Lanes>,
+    /// `[http] max_backlog`.
+    pub max_backlog: usize,
+}
+
+/// Longest a webhook waits for the router to catch up before it is taken
+/// anyway (nothing is refused for being busy: Meta would only retry).
+const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Ctx {
+    /// Work acknowledged or due and not done yet (see `[http] max_backlog`).
+    fn backlog(&self) -> usize {
+        self.lanes.pending() + self.outbox.due_backlog(crate::domain::now_ms())
+    }
+
+    /// Wait while the router runs more than `max_backlog` behind, so that
+    /// acknowledging never outruns routing and sending: the answer to Meta
+    /// slows down instead (up to [`BACKLOG_WAIT`]).
+    async fn keep_up(&self) {
+        if self.backlog() <= self.max_backlog {
+            return;
+        }
+        self.metrics.webhook("backlog_wait");
+        let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
+        while self.backlog() > self.max_backlog && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
 }
 
 /// `GET /webhook`: the subscription handshake.
@@ -89,6 +116,7 @@ pub async fn receive(
         ApiError::new(ErrorCode::InvalidNotification, e.to_string())
     })?;
     let malformed = notification.malformed;
+    ctx.keep_up().await;
     let accepted = ingest::accept(&ctx, notification);
     // SPEC §9: a 200 means the effect is recorded; if it cannot be, Meta retries.
     if !ctx.state.sync().await {

@@ -298,3 +298,36 @@ async fn queues_report_rate_and_sends_in_flight() {
     );
     assert_eq!(q["depth"], 5, "in flight ones count until answered: {q}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_wait_while_the_router_is_behind_and_nothing_is_lost() {
+    let app = spawn_with(Options {
+        routes: GREETING.into(),
+        pace: "0ms",
+        account_extra: "rate = 1000\nmax_in_flight = 1\n".into(),
+        extra: "[http]\nmax_backlog = 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    // Meta answers after 800 ms, one send at a time: replies fall behind.
+    let _log = scripted(&app, |s| ok(s).set_delay(Duration::from_millis(800))).await;
+    let mut waits = Vec::new();
+    for i in 0..4 {
+        let started = Instant::now();
+        app.say(&contact(i), "hi").await;
+        app.rules_idle().await;
+        waits.push(started.elapsed());
+    }
+    // The fourth finds two replies due and not started (more than
+    // max_backlog): its ack waits until a send is done.
+    assert!(waits[3] >= Duration::from_millis(500), "no wait: {waits:?}");
+    assert!(
+        waits[0] < Duration::from_millis(500),
+        "the first waited: {waits:?}"
+    );
+    for i in 0..4 {
+        app.wait_texts(&contact(i), 1).await;
+    }
+    let metrics = app.metrics_text().await;
+    assert!(metrics.contains("result=\"backlog_wait\""), "{metrics}");
+}

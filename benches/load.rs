@@ -1,0 +1,590 @@
+//! The load harness of `bench/run` (issue #9): one case per run, on
+//! loopback only, bounded in time, stopping only what it started.
+//!
+//! It starts a mock Graph API (counts and timestamps every send, can add
+//! latency, jitter and 429/500 faults), the router under test as a child
+//! process (wa-router in memory or durable mode, or any command given with
+//! `--peer-cmd`, e.g. the pywa app), pre-generates distinct signed webhooks
+//! of the reference bot scenario (`hi` → buttons, button `sales` → text,
+//! list reply → text, other text → echo) and drives them closed-loop (N
+//! connections) or at an offered rate. It prints one CSV line:
+//! acks/s, ack p50/p99, Graph requests/s during the load, reply lag after
+//! the load, replies lost, per-contact order violations, peak RSS and CPU
+//! ms per reply.
+//!
+//! `cargo bench --bench load -- --help` lists the options.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+const SECRET: &str = "bench-secret";
+const PNID: &str = "100000000000001";
+const CONTACTS: usize = 10_000;
+
+pub const ROUTES: &str = r#"
+[[rule]]
+name = "hi"
+when = { text = "hi" }
+[[rule.send]]
+type = "buttons"
+body = "Hi {{ contact.name }}! What do you need?"
+buttons = [ { id = "sales", title = "Sales" }, { id = "support", title = "Support" } ]
+
+[[rule]]
+name = "sales"
+when = { button = "sales" }
+[[rule.send]]
+type = "text"
+body = "Sales will write to you shortly."
+
+[[rule]]
+name = "list"
+when = { type = "list" }
+[[rule.send]]
+type = "text"
+body = "You picked {{ reply.title }}."
+
+[[rule]]
+name = "echo"
+when = { type = "text" }
+[[rule.send]]
+type = "text"
+body = "{{ message.text }}"
+"#;
+
+#[derive(Debug, Clone)]
+struct Args {
+    target: String,
+    peer_cmd: Option<String>,
+    peer_port: u16,
+    connections: usize,
+    rate: Option<u64>,
+    seconds: u64,
+    latency_ms: u64,
+    jitter_ms: u64,
+    fault_429: f64,
+    fault_500: f64,
+    router_rate: u32,
+    max_in_flight: usize,
+    messages: usize,
+    label: String,
+    wait_s: u64,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        target: "memory".into(),
+        peer_cmd: None,
+        peer_port: 0,
+        connections: 64,
+        rate: None,
+        seconds: 10,
+        latency_ms: 0,
+        jitter_ms: 0,
+        fault_429: 0.0,
+        fault_500: 0.0,
+        router_rate: 1_000_000,
+        max_in_flight: 1024,
+        messages: 400_000,
+        label: String::new(),
+        wait_s: 120,
+    };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|x| x != "--bench")
+        .collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--target" => a.target = v,
+            "--peer-cmd" => a.peer_cmd = Some(v),
+            "--peer-port" => a.peer_port = v.parse().expect("--peer-port N"),
+            "--connections" => a.connections = v.parse().expect("--connections N"),
+            "--rate" => a.rate = Some(v.parse().expect("--rate N (msg/s)")),
+            "--seconds" => a.seconds = v.parse().expect("--seconds N"),
+            "--latency-ms" => a.latency_ms = v.parse().expect("--latency-ms N"),
+            "--jitter-ms" => a.jitter_ms = v.parse().expect("--jitter-ms N"),
+            "--fault-429" => a.fault_429 = v.parse().expect("--fault-429 F"),
+            "--fault-500" => a.fault_500 = v.parse().expect("--fault-500 F"),
+            "--router-rate" => a.router_rate = v.parse().expect("--router-rate N"),
+            "--max-in-flight" => a.max_in_flight = v.parse().expect("--max-in-flight N"),
+            "--messages" => a.messages = v.parse().expect("--messages N"),
+            "--label" => a.label = v,
+            "--wait" => a.wait_s = v.parse().expect("--wait N"),
+            "--help" | "-h" => {
+                println!(
+                    "options: --target memory|durable|peer [--peer-cmd CMD --peer-port N] \
+                     --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
+                     --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
+                     --messages N, --label TEXT, --wait SECONDS"
+                );
+                std::process::exit(0);
+            }
+            other => panic!("unknown option {other}"),
+        }
+        i += 2;
+    }
+    a
+}
+
+/// What the mock Graph API saw.
+#[derive(Default)]
+struct Seen {
+    /// Successful sends: (time, contact, reply-of sequence number).
+    sends: Mutex<Vec<(Instant, String, u64)>>,
+    requests: AtomicUsize,
+}
+
+struct Mock {
+    seen: Arc<Seen>,
+    latency: Duration,
+    jitter_ms: u64,
+    fault_429: f64,
+    fault_500: f64,
+    counter: AtomicUsize,
+}
+
+async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if v.get("status").is_some() {
+        return HttpResponse::Ok().json(json!({ "success": true }));
+    }
+    mock.seen.requests.fetch_add(1, Ordering::Relaxed);
+    let mut wait = mock.latency;
+    if mock.jitter_ms > 0 {
+        wait += Duration::from_millis(fastrand::u64(0..=mock.jitter_ms));
+    }
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    let roll = fastrand::f64();
+    if roll < mock.fault_429 {
+        return HttpResponse::TooManyRequests()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({ "error": { "message": "(#130429) rate limit", "code": 130429 } }));
+    }
+    if roll < mock.fault_429 + mock.fault_500 {
+        return HttpResponse::InternalServerError()
+            .json(json!({ "error": { "message": "(#1) unknown", "code": 1 } }));
+    }
+    let to = v["to"].as_str().unwrap_or("").to_string();
+    let seq = reply_seq(&v);
+    mock.seen.sends.lock().push((Instant::now(), to, seq));
+    let n = mock.counter.fetch_add(1, Ordering::Relaxed);
+    HttpResponse::Ok().json(json!({
+        "messaging_product": "whatsapp",
+        "contacts": [{ "input": v["to"], "wa_id": v["to"] }],
+        "messages": [{ "id": format!("wamid.bench.out.{n}") }]
+    }))
+}
+
+/// The sequence number of the inbound message a reply answers: echo
+/// replies carry it in their text (`m<seq>`); others count as 0.
+fn reply_seq(v: &Value) -> u64 {
+    v["text"]["body"]
+        .as_str()
+        .and_then(|t| t.strip_prefix('m'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Inbound message number `i`: a quarter each of `hi`, button `sales`,
+/// list replies and echo texts, over [`CONTACTS`] contacts.
+fn webhook(i: usize, ts: i64) -> Vec<u8> {
+    let from = format!("4477{:08}", i % CONTACTS);
+    let id = format!("wamid.bench.in.{i}");
+    let msg = match i % 4 {
+        0 => {
+            json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "text", "text": { "body": "hi" } })
+        }
+        1 => json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "interactive",
+                     "interactive": { "type": "button_reply", "button_reply": { "id": "sales", "title": "Sales" } } }),
+        2 => json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "interactive",
+                     "interactive": { "type": "list_reply", "list_reply": { "id": "latte", "title": "Latte" } } }),
+        _ => {
+            json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "text", "text": { "body": format!("m{i}") } })
+        }
+    };
+    serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550000000", "phone_number_id": PNID },
+            "contacts": [{ "profile": { "name": "Bench" }, "wa_id": from }],
+            "messages": [msg]
+        } }] }]
+    }))
+    .expect("JSON")
+}
+
+struct Target {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // Only what this run started.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn router_bin() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::env::var_os("WA_ROUTER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| here.join("target/release/wa-router"))
+}
+
+async fn start_router(args: &Args, graph_url: &str) -> Target {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = if args.target == "durable" { "data" } else { "" };
+    std::fs::write(dir.path().join("routes.toml"), ROUTES).expect("routes");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nroutes = \"routes.toml\"\ndata_dir = \"{data_dir}\"\n\
+         [meta]\napp_secret = \"{SECRET}\"\nverify_token = \"bench\"\ngraph_url = \"{graph_url}\"\n\
+         [[accounts]]\nname = \"main\"\nphone_number_id = \"{PNID}\"\naccess_token = \"bench-token\"\n\
+         pace = \"0s\"\nrate = {}\nmax_in_flight = {}\nmax_queue = 10000000\nmax_records = 10000000\n\
+         [api]\nkeys = [\"bench-key\"]\n[sender]\ntimeout = \"10s\"\n",
+        args.router_rate, args.max_in_flight
+    );
+    std::fs::write(dir.path().join("wa-router.toml"), config).expect("config");
+    let log = dir.path().join("router.log");
+    let mut child = Command::new(router_bin())
+        .args(["serve", "-c"])
+        .arg(dir.path().join("wa-router.toml"))
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn,wa_router::cli=info")
+        .env("WA_ROUTER_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", router_bin().display()));
+    let re = regex::Regex::new(r#"wa-router listening.*?port(?:=|":)(\d+)"#).expect("regex");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(p) = re.captures(&text).and_then(|c| c[1].parse().ok()) {
+            break p;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the router did not start:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Target {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+/// A peer (e.g. the pywa app): `cmd` runs with GRAPH_URL, APP_SECRET and
+/// PORT in its environment and must answer webhooks on that port.
+async fn start_peer(cmd: &str, port: u16, graph_url: &str) -> Target {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let child = Command::new("bash")
+        .args(["-c", &format!("exec {cmd}")])
+        .env("GRAPH_URL", graph_url)
+        .env("APP_SECRET", SECRET)
+        .env("PHONE_ID", PNID)
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("peer.log")).expect("log"))
+        .spawn()
+        .expect("peer command");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(format!("http://127.0.0.1:{port}/webhook?hub.mode=subscribe&hub.verify_token=bench&hub.challenge=1"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the peer did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Target {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+/// (peak RSS in MB, CPU ms used) of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime, stime, cutime, cstime are fields 14–17 (here 11–14).
+    let cpu_ticks = ticks(11) + ticks(12) + ticks(13) + ticks(14);
+    (hwm_kb / 1024.0, cpu_ticks * 10.0)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+fn main() {
+    let args = parse_args();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let seen = Arc::new(Seen::default());
+    let mock = web::Data::new(Mock {
+        seen: seen.clone(),
+        latency: Duration::from_millis(args.latency_ms),
+        jitter_ms: args.jitter_ms,
+        fault_429: args.fault_429,
+        fault_500: args.fault_500,
+        counter: AtomicUsize::new(0),
+    });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(mock.clone())
+            .app_data(web::PayloadConfig::new(1 << 20))
+            .default_service(web::to(graph))
+    })
+    .workers(1)
+    .max_connection_rate(100_000)
+    .bind(("127.0.0.1", 0))
+    .expect("bind the mock");
+    let graph_port = server.addrs()[0].port();
+    let server = server.run();
+    let server_handle = server.handle();
+    tokio::spawn(server);
+    let graph_url = format!("http://127.0.0.1:{graph_port}");
+
+    let target = match (args.target.as_str(), &args.peer_cmd) {
+        ("peer", Some(cmd)) => start_peer(cmd, args.peer_port, &graph_url).await,
+        ("memory" | "durable", _) => start_router(&args, &graph_url).await,
+        _ => panic!("--target memory|durable, or peer with --peer-cmd"),
+    };
+    let pid = target.child.id();
+    let url = format!("http://127.0.0.1:{}/webhook", target.port);
+
+    // Bodies: distinct messages, signed up front.
+    let ts = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()) as i64;
+    let bodies: Arc<Vec<(Vec<u8>, String)>> = Arc::new(
+        (0..args.messages)
+            .map(|i| {
+                let b = webhook(i, ts);
+                let sig = wa_router::crypto::sign(SECRET.as_bytes(), &b);
+                (b, sig)
+            })
+            .collect(),
+    );
+    let (_, cpu_before) = proc_usage(pid);
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let post = {
+        let (http, url, bodies, next, acked, failed, latencies) = (
+            http.clone(),
+            url.clone(),
+            bodies.clone(),
+            next.clone(),
+            acked.clone(),
+            failed.clone(),
+            latencies.clone(),
+        );
+        move || {
+            let (http, url, bodies, next, acked, failed, latencies) = (
+                http.clone(),
+                url.clone(),
+                bodies.clone(),
+                next.clone(),
+                acked.clone(),
+                failed.clone(),
+                latencies.clone(),
+            );
+            async move {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((body, sig)) = bodies.get(i) else {
+                    return false;
+                };
+                let t = Instant::now();
+                let ok = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("X-Hub-Signature-256", sig)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if ok {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    latencies.lock().push(t.elapsed().as_micros() as u32);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+        }
+    };
+    let mut tasks = Vec::new();
+    match args.rate {
+        None => {
+            for _ in 0..args.connections {
+                let (post, stop) = (post.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        if !post().await {
+                            break;
+                        }
+                    }
+                }));
+            }
+        }
+        Some(rate) => {
+            let post = post.clone();
+            tasks.push(tokio::spawn(async move {
+                let gap = Duration::from_secs_f64(1.0 / rate as f64);
+                let mut tick = tokio::time::interval(gap);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut inflight = Vec::new();
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    inflight.push(tokio::spawn(post()));
+                }
+                for t in inflight {
+                    let _ = t.await;
+                }
+            }));
+        }
+    }
+    let mut peak_rss = 0.0f64;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak_rss = peak_rss.max(proc_usage(pid).0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    let load_end = Instant::now();
+    let acks = acked.load(Ordering::Relaxed);
+    let during = seen
+        .sends
+        .lock()
+        .iter()
+        .filter(|(t, _, _)| *t <= load_end)
+        .count();
+    // Wait for the replies still trailing (one per acknowledged message).
+    let wait_deadline = load_end + Duration::from_secs(args.wait_s);
+    let mut last_progress = Instant::now();
+    let mut last_count = 0;
+    loop {
+        let n = seen.sends.lock().len();
+        if n >= acks || Instant::now() > wait_deadline {
+            break;
+        }
+        if n != last_count {
+            last_count = n;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sends = seen.sends.lock().clone();
+    let replies = sends.len();
+    let lag = sends.last().map_or(0.0, |(t, _, _)| {
+        t.saturating_duration_since(load_end).as_secs_f64()
+    });
+    let (rss_end, cpu_after) = proc_usage(pid);
+    peak_rss = peak_rss.max(rss_end);
+    // Per-contact order of echo replies (their sequence is in the text).
+    let mut last: std::collections::HashMap<&str, u64> = Default::default();
+    let mut out_of_order = 0;
+    for (_, to, seq) in &sends {
+        if *seq == 0 {
+            continue;
+        }
+        let prev = last.entry(to.as_str()).or_insert(0);
+        if *seq < *prev {
+            out_of_order += 1;
+        }
+        *prev = (*prev).max(*seq);
+    }
+    let mut lat = latencies.lock().clone();
+    lat.sort_unstable();
+    let cpu_per_reply = if replies > 0 {
+        (cpu_after - cpu_before) / replies as f64
+    } else {
+        0.0
+    };
+    let label = if args.label.is_empty() {
+        args.target.clone()
+    } else {
+        args.label.clone()
+    };
+    println!(
+        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts"
+    );
+    println!(
+        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{}",
+        args.target,
+        if args.rate.is_some() {
+            0
+        } else {
+            args.connections
+        },
+        args.rate.unwrap_or(0),
+        args.latency_ms,
+        acks as f64 / load_secs,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        during as f64 / load_secs,
+        lag,
+        acks.saturating_sub(replies),
+        peak_rss,
+        cpu_per_reply,
+        seen.requests.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    drop(target);
+    server_handle.stop(false).await;
+}
