@@ -175,13 +175,19 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
         return HttpResponse::InternalServerError()
             .json(json!({ "error": { "message": "(#1) unknown", "code": 1 } }));
     }
-    let to = v["to"].as_str().unwrap_or("").to_string();
+    // pywa 4 addresses a contact by its user id (`recipient`).
+    let to = v["to"]
+        .as_str()
+        .or_else(|| v["recipient"].as_str())
+        .unwrap_or("")
+        .to_string();
     let seq = reply_seq(&v);
+    let contacts = json!([{ "input": to, "wa_id": to, "user_id": to }]);
     mock.seen.sends.lock().push((Instant::now(), to, seq));
     let n = mock.counter.fetch_add(1, Ordering::Relaxed);
     HttpResponse::Ok().json(json!({
         "messaging_product": "whatsapp",
-        "contacts": [{ "input": v["to"], "wa_id": v["to"] }],
+        "contacts": contacts,
         "messages": [{ "id": format!("wamid.bench.out.{n}") }]
     }))
 }
@@ -205,9 +211,13 @@ fn webhook(i: usize, ts: i64) -> Vec<u8> {
         0 => {
             json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "text", "text": { "body": "hi" } })
         }
+        // Button and list answers reply to the business message that
+        // offered them (`context`), as Meta sends them.
         1 => json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "interactive",
+                     "context": { "from": "15550000000", "id": format!("wamid.bench.offer.{i}") },
                      "interactive": { "type": "button_reply", "button_reply": { "id": "sales", "title": "Sales" } } }),
         2 => json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "interactive",
+                     "context": { "from": "15550000000", "id": format!("wamid.bench.offer.{i}") },
                      "interactive": { "type": "list_reply", "list_reply": { "id": "latte", "title": "Latte" } } }),
         _ => {
             json!({ "from": from, "id": id, "timestamp": ts.to_string(), "type": "text", "text": { "body": format!("m{i}") } })
@@ -218,7 +228,9 @@ fn webhook(i: usize, ts: i64) -> Vec<u8> {
         "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
             "messaging_product": "whatsapp",
             "metadata": { "display_phone_number": "15550000000", "phone_number_id": PNID },
-            "contacts": [{ "profile": { "name": "Bench" }, "wa_id": from }],
+            // As Meta sends it since 2026: with the business-scoped user id
+            // (pywa 4 requires it).
+            "contacts": [{ "profile": { "name": "Bench" }, "wa_id": from, "user_id": format!("US.{from}") }],
             "messages": [msg]
         } }] }]
     }))
@@ -322,23 +334,58 @@ async fn start_peer(cmd: &str, port: u16, graph_url: &str) -> Target {
     }
 }
 
-/// (peak RSS in MB, CPU ms used) of a process, from /proc.
+/// `pid` and its descendants (uvicorn workers), from /proc.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| {
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let rest = stat.rsplit_once(')')?.1;
+                    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        all.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    all
+}
+
+/// (resident MB now, CPU ms used) of a process and its descendants.
 fn proc_usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime, stime, cutime, cstime are fields 14–17 (here 11–14).
-    let cpu_ticks = ticks(11) + ticks(12) + ticks(13) + ticks(14);
-    (hwm_kb / 1024.0, cpu_ticks * 10.0)
+    let mut rss_kb = 0.0;
+    let mut cpu_ticks = 0.0;
+    for p in process_tree(pid) {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        rss_kb += status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 (here 11 and 12).
+        cpu_ticks += ticks(11) + ticks(12);
+    }
+    // Clock ticks are 10 ms on Linux (USER_HZ 100).
+    (rss_kb / 1024.0, cpu_ticks * 10.0)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -488,8 +535,11 @@ async fn run(args: Args) {
                     tick.tick().await;
                     inflight.push(tokio::spawn(post()));
                 }
+                // Requests still unanswered 30 s after the load count as
+                // failed (a peer that cannot keep up).
+                let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
                 for t in inflight {
-                    let _ = t.await;
+                    let _ = tokio::time::timeout_at(give_up, t).await;
                 }
             }));
         }
@@ -516,7 +566,12 @@ async fn run(args: Args) {
     let wait_deadline = load_end + Duration::from_secs(args.wait_s);
     let mut last_progress = Instant::now();
     let mut last_count = 0;
+    let mut sampled = Instant::now();
     loop {
+        if sampled.elapsed() > Duration::from_millis(250) {
+            peak_rss = peak_rss.max(proc_usage(pid).0);
+            sampled = Instant::now();
+        }
         let n = seen.sends.lock().len();
         if n >= acks || Instant::now() > wait_deadline {
             break;
@@ -583,7 +638,10 @@ async fn run(args: Args) {
         peak_rss,
         cpu_per_reply,
         seen.requests.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
+        // Refused, failed or never answered.
+        next.load(Ordering::Relaxed)
+            .min(args.messages)
+            .saturating_sub(acks),
     );
     drop(target);
     server_handle.stop(false).await;

@@ -66,7 +66,8 @@ pub struct Prepared {
 
 /// Run the sender of `account` until `stop` turns true.
 pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
-    let spacing = account.settings.spacing().as_millis() as Millis;
+    let pace = account.settings.pace.as_millis() as Millis;
+    let mut rate = RateSlots::new(account.settings.rate);
     let max_in_flight = account.settings.max_in_flight.max(1);
     let queue = sender.outbox.queue(&account);
     loop {
@@ -75,10 +76,12 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
         }
         let now = now_ms();
         let next_due = queue.promote_due(now);
-        // Not before the account's pause ends and the schedule allows.
+        // Not before the account's pause ends and the schedule allows:
+        // `pace` after the last start, and a free `rate` slot.
         let not_before = queue
             .paused_until(now)
-            .or_else(|| queue.last_send().map(|l| l + spacing).filter(|t| *t > now));
+            .or_else(|| queue.last_send().map(|l| l + pace).filter(|t| *t > now))
+            .or_else(|| rate.next(now));
         if let Some(t) = not_before {
             if !sleep_until(t - now, None, &mut stop).await {
                 break;
@@ -103,6 +106,7 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
             Err(outcome) => queue.finish(&contact, &id, outcome.finished(now)),
             Ok(prepared) => {
                 queue.mark_sent_now(now);
+                rate.take(now);
                 let (sender, account, queue) = (sender.clone(), account.clone(), queue.clone());
                 tokio::spawn(async move {
                     let outcome = execute(&sender, &account, prepared).await;
@@ -111,6 +115,52 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
                 });
             }
         }
+    }
+}
+
+/// The `rate` schedule as a token bucket: a start takes a token, tokens
+/// come back at `rate` a second, and the bucket holds at most a tenth of a
+/// second of them (at least one). Timers wake a millisecond or two late;
+/// sleeping `1/rate` after each start would halve a rate of 1,000/s, while
+/// the bucket lets a late wake-up start what the rate allowed meanwhile.
+/// At low rates (below 10/s) it holds one token: starts are strictly
+/// `1/rate` apart.
+struct RateSlots {
+    per_ms: f64,
+    capacity: f64,
+    tokens: f64,
+    at: f64,
+}
+
+impl RateSlots {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        RateSlots {
+            per_ms: rate / 1000.0,
+            capacity: (rate / 10.0).max(1.0),
+            tokens: 1.0,
+            at: 0.0,
+        }
+    }
+
+    fn refill(&mut self, now: Millis) {
+        let now = now as f64;
+        if now > self.at {
+            self.tokens = (self.tokens + (now - self.at) * self.per_ms).min(self.capacity);
+            self.at = now;
+        }
+    }
+
+    /// When the next start is allowed, if not now.
+    fn next(&mut self, now: Millis) -> Option<Millis> {
+        self.refill(now);
+        (self.tokens < 1.0).then(|| now + ((1.0 - self.tokens) / self.per_ms).ceil() as Millis)
+    }
+
+    /// A start now takes a token.
+    fn take(&mut self, now: Millis) {
+        self.refill(now);
+        self.tokens -= 1.0;
     }
 }
 
@@ -321,6 +371,31 @@ mod tests {
             id: None,
         };
         enqueue(&sender.outbox, new, now).unwrap().id.into_string()
+    }
+
+    #[test]
+    fn rate_slots_hold_the_rate_and_catch_up_late_wakeups_within_a_tenth_of_a_second() {
+        let mut r = RateSlots::new(1000);
+        r.take(0);
+        let mut starts = 1;
+        // Woken every 2 ms (a late timer): still 1,000 starts a second.
+        for now in (0..1000).step_by(2) {
+            while r.next(now).is_none() {
+                r.take(now);
+                starts += 1;
+            }
+        }
+        assert!((999..=1001).contains(&starts), "{starts}");
+        // After a long pause, at most a tenth of a second of slots at once.
+        let mut burst = 0;
+        while r.next(5000).is_none() {
+            r.take(5000);
+            burst += 1;
+        }
+        assert!((100..=101).contains(&burst), "{burst}");
+        let mut slow = RateSlots::new(4);
+        slow.take(0);
+        assert_eq!(slow.next(0), Some(250));
     }
 
     #[tokio::test]
