@@ -244,9 +244,31 @@ struct Target {
 }
 
 impl Drop for Target {
+    /// Stop what this run started, and only that: SIGTERM (uvicorn then
+    /// stops its workers), and after 5 s SIGKILL to the whole process tree.
     fn drop(&mut self) {
-        // Only what this run started.
-        let _ = self.child.kill();
+        let pid = self.child.id();
+        let tree = process_tree(pid);
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let alive = tree
+                .iter()
+                .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            if matches!(self.child.try_wait(), Ok(Some(_))) && !alive {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in tree {
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.child.wait();
     }
 }
