@@ -167,8 +167,9 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
     }
     let roll = fastrand::f64();
     if roll < mock.fault_429 {
+        // Meta's throughput limit, as the Cloud API answers it (no
+        // Retry-After header).
         return HttpResponse::TooManyRequests()
-            .insert_header(("Retry-After", "1"))
             .json(json!({ "error": { "message": "(#130429) rate limit", "code": 130429 } }));
     }
     if roll < mock.fault_429 + mock.fault_500 {

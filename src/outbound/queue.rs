@@ -46,6 +46,8 @@ struct QueueInner {
     next_seq: u64,
     /// No send starts before this (account-wide backoff).
     paused_until: Millis,
+    /// Rate limits answered since the sender last looked.
+    slow_downs: usize,
 }
 
 #[derive(Debug, Default)]
@@ -64,8 +66,13 @@ pub enum Finished {
     /// Sent, or ended for good (or not sendable): off the queue.
     Done,
     /// To be tried again, first of its contact, not before `until`; with
-    /// `account`, no send of the account starts before then either.
-    Retry { until: Millis, account: bool },
+    /// `pause`, no send of the account starts before then either; with
+    /// `slow_down`, the account's sender halves its rate.
+    Retry {
+        until: Millis,
+        pause: bool,
+        slow_down: bool,
+    },
 }
 
 /// A queue's numbers for `/v1/queues` and `/metrics`.
@@ -263,13 +270,26 @@ impl AccountQueue {
         if removed {
             q.queued -= 1;
         }
-        if let Finished::Retry { until, account } = how {
+        if let Finished::Retry {
+            until,
+            pause,
+            slow_down,
+        } = how
+        {
             q.waiting.insert((until, contact.clone()));
-            if account {
+            if pause {
                 q.paused_until = q.paused_until.max(until);
+            }
+            if slow_down {
+                q.slow_downs += 1;
             }
         }
         q.settle(contact);
+    }
+
+    /// Rate limits answered since the last call (the sender slows down).
+    pub fn take_slow_downs(&self) -> usize {
+        std::mem::take(&mut self.inner.lock().slow_downs)
     }
 
     pub fn mark_sent_now(&self, now: Millis) {
@@ -360,9 +380,12 @@ mod tests {
             "a1",
             Finished::Retry {
                 until: 100,
-                account: false,
+                pause: false,
+                slow_down: true,
             },
         );
+        assert_eq!(q.take_slow_downs(), 1);
+        assert_eq!(q.take_slow_downs(), 0);
         // Only a waits: b goes on.
         assert_eq!(take(&q).as_deref(), Some("b1"));
         assert_eq!(take(&q), None);
@@ -381,7 +404,8 @@ mod tests {
             "a1",
             Finished::Retry {
                 until: 100,
-                account: true,
+                pause: true,
+                slow_down: false,
             },
         );
         assert_eq!(q.paused_until(50), Some(100));

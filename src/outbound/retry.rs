@@ -60,10 +60,23 @@ pub fn classify(e: &GraphError) -> Class {
 const ACCOUNT_RATE_CODES: &[i64] = &[4, 80007, 130429];
 const PAIR_RATE_CODE: i64 = 131056;
 
-/// Whether a transient failure should pause every send of the account,
-/// not only the failed message's contact: Meta's rate limits, a 429, or a
-/// `Retry-After` (except for the pair rate limit).
-pub fn pauses_account(e: &GraphError) -> bool {
+/// What a transient failure asks of the whole account (the failed message
+/// itself always waits, first of its contact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountLimit {
+    /// Nothing: only that contact waits (server errors, timeouts, the pair
+    /// rate limit 131056).
+    None,
+    /// Meta named a wait (`Retry-After`): no send of the account starts
+    /// before it ends.
+    Pause,
+    /// Meta's rate limit without a wait (HTTP 429, codes 4, 80007,
+    /// 130429): the account's rate halves, then grows back.
+    SlowDown,
+}
+
+/// How a transient failure limits the account (see [`AccountLimit`]).
+pub fn account_limit(e: &GraphError) -> AccountLimit {
     match e {
         GraphError::Status {
             http,
@@ -71,11 +84,13 @@ pub fn pauses_account(e: &GraphError) -> bool {
             retry_after,
             ..
         } => match code {
-            Some(PAIR_RATE_CODE) => false,
-            Some(c) if ACCOUNT_RATE_CODES.contains(c) => true,
-            _ => *http == 429 || retry_after.is_some(),
+            Some(PAIR_RATE_CODE) => AccountLimit::None,
+            _ if retry_after.is_some() => AccountLimit::Pause,
+            Some(c) if ACCOUNT_RATE_CODES.contains(c) => AccountLimit::SlowDown,
+            _ if *http == 429 => AccountLimit::SlowDown,
+            _ => AccountLimit::None,
         },
-        _ => false,
+        _ => AccountLimit::None,
     }
 }
 
@@ -113,13 +128,14 @@ mod tests {
     }
 
     #[test]
-    fn rate_limits_pause_the_account_and_the_pair_limit_only_the_contact() {
-        assert!(pauses_account(&status(400, Some(130429))));
-        assert!(pauses_account(&status(429, None)));
-        assert!(pauses_account(&status(400, Some(80007))));
-        assert!(!pauses_account(&status(400, Some(131056))));
-        assert!(!pauses_account(&status(429, Some(131056))));
-        assert!(!pauses_account(&status(503, None)));
+    fn rate_limits_slow_the_account_a_named_wait_pauses_it_and_the_pair_limit_only_the_contact() {
+        use AccountLimit as L;
+        assert_eq!(account_limit(&status(400, Some(130429))), L::SlowDown);
+        assert_eq!(account_limit(&status(429, None)), L::SlowDown);
+        assert_eq!(account_limit(&status(400, Some(80007))), L::SlowDown);
+        assert_eq!(account_limit(&status(400, Some(131056))), L::None);
+        assert_eq!(account_limit(&status(429, Some(131056))), L::None);
+        assert_eq!(account_limit(&status(503, None)), L::None);
         let with_retry_after = GraphError::Status {
             http: 503,
             code: None,
@@ -127,11 +143,11 @@ mod tests {
             retry_after: Some(Duration::from_secs(2)),
             transient_hint: false,
         };
-        assert!(pauses_account(&with_retry_after));
+        assert_eq!(account_limit(&with_retry_after), L::Pause);
         let transport = GraphError::Transport {
             message: "refused".into(),
         };
-        assert!(!pauses_account(&transport));
+        assert_eq!(account_limit(&transport), L::None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::graph::GraphClient;
 use super::graph::send_body;
 use super::policy::{PolicyError, check_record};
 use super::queue::{AccountQueue, Finished};
-use super::retry::{Class, classify, delay, pauses_account};
+use super::retry::{AccountLimit, Class, account_limit, classify, delay};
 use super::store::Outbox;
 use super::{OutboundRecord, RecordError, Status};
 use crate::config::SenderSettings;
@@ -39,9 +39,12 @@ pub enum ExecutionOutcome {
     /// Ended by policy without calling Meta (no pace used).
     Refused,
     /// Transient failure: try the same message again after `wait`, before
-    /// the contact's later ones; `account`: Meta asked the whole number to
-    /// slow down.
-    Retry { wait: Duration, account: bool },
+    /// the contact's later ones; `account`: what Meta asked of the whole
+    /// number.
+    Retry {
+        wait: Duration,
+        account: AccountLimit,
+    },
     /// Nothing to send (cancelled, unknown).
     Skipped,
 }
@@ -51,7 +54,8 @@ impl ExecutionOutcome {
         match self {
             ExecutionOutcome::Retry { wait, account } => Finished::Retry {
                 until: now + wait.as_millis() as Millis,
-                account: *account,
+                pause: *account == AccountLimit::Pause,
+                slow_down: *account == AccountLimit::SlowDown,
             },
             _ => Finished::Done,
         }
@@ -76,6 +80,9 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
         }
         let now = now_ms();
         let next_due = queue.promote_due(now);
+        if queue.take_slow_downs() > 0 {
+            rate.slow_down(now);
+        }
         // Not before the account's pause ends and the schedule allows:
         // `pace` after the last start, and a free `rate` slot.
         let not_before = queue
@@ -124,12 +131,16 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
 /// sleeping `1/rate` after each start would halve a rate of 1,000/s, while
 /// the bucket lets a late wake-up start what the rate allowed meanwhile.
 /// At low rates (below 10/s) it holds one token: starts are strictly
-/// `1/rate` apart.
+/// `1/rate` apart. Meta's rate limit halves the rate (at most once a
+/// second, down to 1/s); it then grows back by a twentieth of `rate` every
+/// 100 ms.
 struct RateSlots {
     per_ms: f64,
+    full_per_ms: f64,
     capacity: f64,
     tokens: f64,
     at: f64,
+    slowed_at: f64,
 }
 
 impl RateSlots {
@@ -137,17 +148,32 @@ impl RateSlots {
         let rate = f64::from(rate.max(1));
         RateSlots {
             per_ms: rate / 1000.0,
+            full_per_ms: rate / 1000.0,
             capacity: (rate / 10.0).max(1.0),
             tokens: 1.0,
             at: 0.0,
+            slowed_at: f64::MIN,
         }
     }
 
     fn refill(&mut self, now: Millis) {
         let now = now as f64;
         if now > self.at {
-            self.tokens = (self.tokens + (now - self.at) * self.per_ms).min(self.capacity);
+            let elapsed = now - self.at;
+            self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
+            self.per_ms =
+                (self.per_ms + self.full_per_ms * 0.05 * elapsed / 100.0).min(self.full_per_ms);
             self.at = now;
+        }
+    }
+
+    /// Meta said the number sends too fast.
+    fn slow_down(&mut self, now: Millis) {
+        self.refill(now);
+        if (now as f64) - self.slowed_at >= 1000.0 {
+            self.per_ms = (self.per_ms / 2.0).max(0.001);
+            self.tokens = self.tokens.min(1.0);
+            self.slowed_at = now as f64;
         }
     }
 
@@ -243,7 +269,7 @@ pub async fn execute(sender: &Sender, account: &Account, prepared: Prepared) -> 
         tracing::error!("journal unavailable; sending paused");
         return ExecutionOutcome::Retry {
             wait: Duration::from_secs(1),
-            account: true,
+            account: AccountLimit::Pause,
         };
     }
     let Some(token) = &account.settings.access_token else {
@@ -278,8 +304,8 @@ pub async fn execute(sender: &Sender, account: &Account, prepared: Prepared) -> 
                     e.retry_after(),
                     fastrand::f64(),
                 );
-                let account = pauses_account(&e);
-                tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, account_wide = account, "transient send failure");
+                let account = account_limit(&e);
+                tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, account = ?account, "transient send failure");
                 outbox.update_record(id, now, |r| {
                     r.error = Some(error);
                     (Some(Status::Queued), ())
@@ -398,6 +424,18 @@ mod tests {
         assert_eq!(slow.next(0), Some(250));
     }
 
+    #[test]
+    fn a_rate_limit_halves_the_rate_which_then_grows_back() {
+        let mut r = RateSlots::new(1000);
+        r.slow_down(1000);
+        r.slow_down(1100); // within a second: counted once
+        assert!((r.per_ms - 0.5).abs() < 0.06, "{}", r.per_ms);
+        r.slow_down(2000);
+        assert!(r.per_ms < 0.6, "{}", r.per_ms);
+        r.refill(5000);
+        assert_eq!(r.per_ms, 1.0, "back to the full rate");
+    }
+
     #[tokio::test]
     async fn a_sandbox_send_is_marked_sent_and_uses_the_pace_slot() {
         let (sender, account) = setup(None, "http://127.0.0.1:9");
@@ -473,7 +511,7 @@ mod tests {
         let id = queue_text(&sender, &account, Duration::from_secs(60));
         let ExecutionOutcome::Retry {
             wait,
-            account: false,
+            account: AccountLimit::None,
         } = try_execute(&sender, &account, &id).await
         else {
             panic!("a transient failure is retried");
