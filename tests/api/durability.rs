@@ -162,6 +162,36 @@ async fn graph_mock() -> (MockServer, Arrivals) {
     (graph, arrivals)
 }
 
+/// Every message of `ids` once it ended `sent` or `failed` (each must
+/// still exist), waiting at most `secs`.
+async fn settled(r: &Router, ids: &[String], secs: u64) -> Vec<Value> {
+    wait_for(secs, "every message to end", || async {
+        let mut out = Vec::new();
+        for id in ids {
+            let (status, rec) = r
+                .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
+                .await;
+            assert_eq!(status, 200, "message {id} was lost");
+            if rec["status"] != "sent" && rec["status"] != "failed" {
+                return None;
+            }
+            out.push(rec);
+        }
+        Some(out)
+    })
+    .await
+}
+
+/// Template names the mock Graph API received, in order.
+fn template_names(arrivals: &Arrivals) -> Vec<String> {
+    arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b["template"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn template(name: &str) -> Value {
     json!({ "to": format!("+{ANA}"), "type": "template", "template": { "name": name, "language": { "code": "en" } } })
 }
@@ -185,28 +215,8 @@ async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
     }
     r.kill();
     let r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
-    let finals = wait_for(20, "every message to end", || async {
-        let mut out = Vec::new();
-        for id in &ids {
-            let (status, rec) = r
-                .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
-                .await;
-            assert_eq!(status, 200, "message {id} was lost");
-            if rec["status"] == "sent" || rec["status"] == "failed" {
-                out.push(rec);
-            } else {
-                return None;
-            }
-        }
-        Some(out)
-    })
-    .await;
-    let sent: Vec<String> = arrivals
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, b)| b["template"]["name"].as_str().unwrap().to_string())
-        .collect();
+    let finals = settled(&r, &ids, 20).await;
+    let sent = template_names(&arrivals);
     for (i, rec) in finals.iter().enumerate() {
         let name = format!("t{i}");
         let times = sent.iter().filter(|n| **n == name).count();
@@ -277,30 +287,12 @@ async fn a_sigkill_with_sends_in_flight_sends_each_at_most_once() {
         "one per contact: {in_flight:?}"
     );
     let r = Router::start(dir.path(), &graph.uri(), "0ms", "").await;
-    let finals = wait_for(30, "every message to end", || async {
-        let mut out = Vec::new();
-        for (id, name) in &queued {
-            let (status, rec) = r
-                .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
-                .await;
-            assert_eq!(status, 200, "message {id} was lost");
-            if rec["status"] != "sent" && rec["status"] != "failed" {
-                return None;
-            }
-            out.push((name.clone(), rec));
-        }
-        Some(out)
-    })
-    .await;
-    let sent: Vec<String> = arrivals
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, b)| b["template"]["name"].as_str().unwrap().to_string())
-        .collect();
-    for (name, rec) in finals {
-        let times = sent.iter().filter(|n| **n == name).count();
-        if in_flight.contains(&name) {
+    let ids: Vec<String> = queued.iter().map(|(id, _)| id.clone()).collect();
+    let finals = settled(&r, &ids, 30).await;
+    let sent = template_names(&arrivals);
+    for ((_, name), rec) in queued.iter().zip(finals) {
+        let times = sent.iter().filter(|n| *n == name).count();
+        if in_flight.contains(name) {
             assert_eq!(rec["status"], "failed", "{rec}");
             assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
             assert_eq!(times, 1, "{name} must not be sent again");
