@@ -256,9 +256,15 @@ impl Events {
             .live
             .lock()
             .insert(pending.id.clone(), pending.clone());
+        self.insert_bounded(target, (now, seq), pending);
+    }
+
+    /// Queue `pending` at `key` (due time, sequence), keeping the backlog
+    /// within its count and byte bounds: the oldest go first. New events and
+    /// retries both come through here.
+    fn insert_bounded(&self, target: &Target, key: (Millis, u64), pending: Pending) {
         let mut q = target.queue.lock();
         let mut dropped = Vec::new();
-        // Bounded by count and by bytes: the oldest go first.
         while q.due.len() >= MAX_BACKLOG
             || (!q.due.is_empty()
                 && q.bytes + pending.body.len() > target.settings.max_backlog_bytes)
@@ -266,7 +272,7 @@ impl Events {
             let Some(k) = q.first_key() else { break };
             dropped.extend(q.remove(&k));
         }
-        q.insert((now, seq), pending);
+        q.insert(key, pending);
         drop(q);
         for old in dropped {
             self.metrics.event_delivery("dropped");
@@ -418,8 +424,7 @@ async fn attempt(events: &Events, target: &Target, mut event: Pending) {
             let next = now + retry_delay_ms(event.attempts, fastrand::f64());
             tracing::warn!(target = %target.settings.name, event_id = %event.id, %reason, attempts = event.attempts, "event delivery failed; will retry");
             let seq = events.seq.fetch_add(1, Ordering::Relaxed);
-            target.queue.lock().insert((next, seq), event);
-            target.notify.notify_one();
+            events.insert_bounded(target, (next, seq), event);
         }
     }
 }

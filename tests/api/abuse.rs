@@ -315,6 +315,18 @@ async fn a_dead_targets_backlog_is_capped_in_bytes() {
     .await;
     let bytes = metric(&app, "wa_router_event_backlog_bytes{target=\"agents\"}").await;
     assert!(bytes <= 8192.0, "backlog holds {bytes} bytes");
+    // Failed attempts come back for a retry: the bound holds for them too.
+    wait_for(10, "retried events", || async {
+        (metric(&app, "wa_router_event_deliveries_total{result=\"retry\"}").await >= 2.0)
+            .then_some(())
+    })
+    .await;
+    for i in 40..60 {
+        app.say(ANA, &format!("message number {i} {}", "y".repeat(500)))
+            .await;
+        let bytes = metric(&app, "wa_router_event_backlog_bytes{target=\"agents\"}").await;
+        assert!(bytes <= 8192.0, "backlog holds {bytes} bytes after retries");
+    }
 }
 
 /// #7.8: phone number ids made up by whoever holds the sandbox app secret
