@@ -419,6 +419,43 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
+/// The load generator's shared state: pre-signed bodies, handed out once
+/// each, and what came back.
+struct Load {
+    http: reqwest::Client,
+    url: String,
+    bodies: Vec<(web::Bytes, String)>,
+    next: AtomicUsize,
+    acked: AtomicUsize,
+    /// Ack latencies (µs) of the webhooks answered 200.
+    latencies: Mutex<Vec<u32>>,
+}
+
+impl Load {
+    /// Post the next body; `false` when none is left.
+    async fn post(self: Arc<Self>) -> bool {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some((body, sig)) = self.bodies.get(i) else {
+            return false;
+        };
+        let t = Instant::now();
+        let ok = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("X-Hub-Signature-256", sig)
+            .body(body.clone())
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            self.acked.fetch_add(1, Ordering::Relaxed);
+            self.latencies.lock().push(t.elapsed().as_micros() as u32);
+        }
+        true
+    }
+}
+
 fn main() {
     let args = parse_args();
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -468,79 +505,36 @@ async fn run(args: Args) {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs()) as i64;
-    let bodies: Arc<Vec<(Vec<u8>, String)>> = Arc::new(
-        (0..args.messages)
-            .map(|i| {
-                let b = webhook(i, ts);
-                let sig = wa_router::crypto::sign(SECRET.as_bytes(), &b);
-                (b, sig)
-            })
-            .collect(),
-    );
+    let bodies: Vec<(web::Bytes, String)> = (0..args.messages)
+        .map(|i| {
+            let b = webhook(i, ts);
+            let sig = wa_router::crypto::sign(SECRET.as_bytes(), &b);
+            (web::Bytes::from(b), sig)
+        })
+        .collect();
     let (_, cpu_before) = proc_usage(pid);
-    let next = Arc::new(AtomicUsize::new(0));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let latencies = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .build()
-        .expect("client");
+    let load = Arc::new(Load {
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()
+            .expect("client"),
+        url: url.clone(),
+        bodies,
+        next: AtomicUsize::new(0),
+        acked: AtomicUsize::new(0),
+        latencies: Mutex::new(Vec::new()),
+    });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
-    let post = {
-        let (http, url, bodies, next, acked, failed, latencies) = (
-            http.clone(),
-            url.clone(),
-            bodies.clone(),
-            next.clone(),
-            acked.clone(),
-            failed.clone(),
-            latencies.clone(),
-        );
-        move || {
-            let (http, url, bodies, next, acked, failed, latencies) = (
-                http.clone(),
-                url.clone(),
-                bodies.clone(),
-                next.clone(),
-                acked.clone(),
-                failed.clone(),
-                latencies.clone(),
-            );
-            async move {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((body, sig)) = bodies.get(i) else {
-                    return false;
-                };
-                let t = Instant::now();
-                let ok = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("X-Hub-Signature-256", sig)
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200);
-                if ok {
-                    acked.fetch_add(1, Ordering::Relaxed);
-                    latencies.lock().push(t.elapsed().as_micros() as u32);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                true
-            }
-        }
-    };
     let mut tasks = Vec::new();
     match args.rate {
         None => {
             for _ in 0..args.connections {
-                let (post, stop) = (post.clone(), stop.clone());
+                let (load, stop) = (load.clone(), stop.clone());
                 tasks.push(tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        if !post().await {
+                        if !load.clone().post().await {
                             break;
                         }
                     }
@@ -548,7 +542,7 @@ async fn run(args: Args) {
             }
         }
         Some(rate) => {
-            let post = post.clone();
+            let load = load.clone();
             tasks.push(tokio::spawn(async move {
                 let gap = Duration::from_secs_f64(1.0 / rate as f64);
                 let mut tick = tokio::time::interval(gap);
@@ -556,7 +550,7 @@ async fn run(args: Args) {
                 let mut inflight = Vec::new();
                 while Instant::now() < deadline {
                     tick.tick().await;
-                    inflight.push(tokio::spawn(post()));
+                    inflight.push(tokio::spawn(load.clone().post()));
                 }
                 // Requests still unanswered 30 s after the load count as
                 // failed (a peer that cannot keep up).
@@ -578,7 +572,7 @@ async fn run(args: Args) {
     }
     let load_secs = started.elapsed().as_secs_f64();
     let load_end = Instant::now();
-    let acks = acked.load(Ordering::Relaxed);
+    let acks = load.acked.load(Ordering::Relaxed);
     let during = seen
         .sends
         .lock()
@@ -627,7 +621,7 @@ async fn run(args: Args) {
         }
         *prev = (*prev).max(*seq);
     }
-    let mut lat = latencies.lock().clone();
+    let mut lat = load.latencies.lock().clone();
     lat.sort_unstable();
     let cpu_per_reply = if replies > 0 {
         (cpu_after - cpu_before) / replies as f64
@@ -662,7 +656,8 @@ async fn run(args: Args) {
         cpu_per_reply,
         seen.requests.load(Ordering::Relaxed),
         // Refused, failed or never answered.
-        next.load(Ordering::Relaxed)
+        load.next
+            .load(Ordering::Relaxed)
             .min(args.messages)
             .saturating_sub(acks),
     );
