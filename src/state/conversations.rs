@@ -53,9 +53,7 @@ pub struct Conversation {
 pub struct InboundView {
     /// This message opened a window (none was open before it).
     pub new_conversation: bool,
-    pub state: String,
-    pub vars: BTreeMap<String, String>,
-    pub opted_out: bool,
+    /// The conversation is handed off (an expired handoff just ended).
     pub handoff: bool,
 }
 
@@ -123,11 +121,10 @@ impl State {
         if c.handoff_until.is_some_and(|u| u <= now) {
             c.handoff_until = None;
         }
+        // Routing reads state and vars when the message's turn comes
+        // (`routing_facts`): not cloned here for every inbound message.
         InboundView {
             new_conversation,
-            state: c.state.clone(),
-            vars: c.vars.clone(),
-            opted_out: c.opted_out,
             handoff: c.handoff_until.is_some(),
         }
     }
