@@ -79,17 +79,27 @@ impl App {
         );
         let events =
             Arc::new(Events::new(&settings.targets, metrics.clone()).map_err(StartError::Other)?);
-        let (state, mut new_accounts) = State::new(&settings.accounts, metrics.clone());
-        let state = Arc::new(state);
-        let (outbox, status_changes) =
-            Outbox::new(state.clone(), metrics.clone(), events.wants_statuses());
-        let outbox = Arc::new(outbox);
         // Bind first: a second router on the same address stops here,
         // before it touches the data directory.
         let listener = TcpListener::bind(&settings.listen).map_err(|e| StartError::Listen {
             addr: settings.listen.clone(),
             reason: e.to_string(),
         })?;
+        if let Some(dir) = &settings.data_dir {
+            lock_data_dir(dir)?;
+        }
+        let archive = Arc::new(
+            crate::archive::Archive::open(settings.data_dir.as_deref())
+                .map_err(|e| StartError::Storage(format!("cannot open the archive: {e}")))?,
+        );
+        let (state, mut new_accounts) =
+            State::new(&settings.accounts, metrics.clone(), archive.clone());
+        let state = Arc::new(state);
+        state.start_archiving();
+        let (outbox, status_changes) =
+            Outbox::new(state.clone(), metrics.clone(), events.wants_statuses());
+        let outbox = Arc::new(outbox);
+        outbox.start_archiving();
         // SPEC §9: replay the journal before anything is accepted.
         let restored = match &settings.data_dir {
             Some(dir) => Some(open_storage(&state, &outbox, &events, dir, settings.sandbox).await?),
@@ -284,6 +294,21 @@ impl App {
     }
 }
 
+/// Create `data_dir` and take its lock: one router per data_dir, a second
+/// one must not replay and compact under a running one. The lock is held
+/// until the process ends.
+fn lock_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    crate::journal::create_private_dir(dir).map_err(|e| {
+        StartError::Storage(format!(
+            "{}: cannot create the data directory: {e}",
+            dir.display()
+        ))
+    })?;
+    let lock = crate::journal::lock(dir).map_err(|e| StartError::Storage(e.to_string()))?;
+    std::mem::forget(lock);
+    Ok(())
+}
+
 /// Open `data_dir`: replay the journal into `state`, attach the journal,
 /// and write a fresh snapshot so the next start replays little.
 async fn open_storage(
@@ -294,16 +319,6 @@ async fn open_storage(
     sandbox: bool,
 ) -> Result<crate::state::restore::Restored, StartError> {
     let started = std::time::Instant::now();
-    crate::journal::create_private_dir(dir).map_err(|e| {
-        StartError::Storage(format!(
-            "{}: cannot create the data directory: {e}",
-            dir.display()
-        ))
-    })?;
-    // One router per data_dir: a second one must not replay and compact
-    // under a running one. The lock is held until the process ends.
-    let lock = crate::journal::lock(dir).map_err(|e| StartError::Storage(e.to_string()))?;
-    std::mem::forget(lock);
     crate::journal::remove_stale_snapshots(dir);
     let log_bytes = crate::journal::log_bytes(dir);
     // Startup: nothing else runs yet, so replaying inline blocks no one.
@@ -363,6 +378,9 @@ pub async fn compact(outbox: &Outbox, events: &Events) -> Result<usize, String> 
     let mut ops = state.dump_ops();
     ops.extend(outbox.dump_ops());
     ops.extend(events.dump_ops());
+    // What left memory for the archive before the dump is in no snapshot:
+    // it must be durable there before the logs that hold it go.
+    state.archive().sync().await?;
     let dir = journal.dir().ok_or("memory mode")?.to_path_buf();
     tokio::task::spawn_blocking(move || {
         crate::journal::install_snapshot(&dir, next, ops.into_iter())
@@ -390,8 +408,13 @@ fn spawn_maintenance(
                 let now = crate::domain::now_ms();
                 let records = shared.outbox.prune(now, shared.settings.retention);
                 let conversations = shared.state.prune(now, shared.settings.retention);
-                if records + conversations > 0 {
-                    tracing::info!(records, conversations, "dropped data past retention");
+                let archived = shared
+                    .state
+                    .archive()
+                    .prune(now - shared.settings.retention.as_millis() as i64)
+                    .await;
+                if records + conversations + archived > 0 {
+                    tracing::info!(records, conversations, archived, "dropped data past retention");
                 }
             }
             let big = shared

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod app;
+pub mod archive;
 pub mod body;
 pub mod cli;
 pub mod config;

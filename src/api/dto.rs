@@ -216,7 +216,7 @@ impl ConversationOut {
             },
             opted_out: c.opted_out,
             last_activity_at: rfc3339(c.last_activity),
-            messages: c.recent.len(),
+            messages: (c.recent_seq as usize).min(crate::state::RECENT),
         }
     }
 }

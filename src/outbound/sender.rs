@@ -352,7 +352,8 @@ mod tests {
         a.name = "main".into();
         a.access_token = token.map(Secret::new);
         let metrics = Arc::new(Metrics::new());
-        let state = Arc::new(State::new(&[a], metrics.clone()).0);
+        let archive = Arc::new(crate::archive::Archive::open(None).unwrap());
+        let state = Arc::new(State::new(&[a], metrics.clone(), archive).0);
         let account = state.account_by_name("main").unwrap();
         let outbox = Arc::new(Outbox::new(state, metrics.clone(), false).0);
         let graph = GraphClient::new(graph, "v21.0", Duration::from_secs(2), metrics).unwrap();

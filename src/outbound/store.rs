@@ -19,6 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
 use super::ops::{OutboxOp, RecordWire, UpdateWire};
+use crate::archive::{Archive, RecordQuery, RecordRow};
 use super::queue::AccountQueue;
 use super::record::{OutboundRecord, RecordError, Status};
 use crate::domain::Millis;
@@ -81,6 +82,8 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
     /// Where status changes go for `message.status` events, if anywhere.
     status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
+    /// Where settled records go; they leave memory once it has them.
+    archive: Arc<Archive>,
 }
 
 impl Outbox {
@@ -99,7 +102,6 @@ impl Outbox {
         };
         (
             Outbox {
-                state,
                 records: DashMap::new(),
                 by_wamid: DashMap::new(),
                 orphans: DashMap::new(),
@@ -107,9 +109,133 @@ impl Outbox {
                 queues: RwLock::default(),
                 metrics,
                 status_changes: tx,
+                archive: state.archive().clone(),
+                state,
             },
             rx,
         )
+    }
+
+    /// Drop a record from memory once the archive committed it, unless it
+    /// changed (or went back to the queue) meanwhile. Call once, on the
+    /// shared outbox, before anything is stored.
+    pub fn start_archiving(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.archive.on_records_committed(move |rows| {
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            for (id, version) in rows {
+                me.evict_archived(id, *version);
+            }
+        });
+    }
+
+    fn evict_archived(&self, id: &str, version: u32) {
+        let Some((_, r)) = self.records.remove_if(id, |_, r| {
+            r.status.is_settled() && r.history.len() as u32 == version
+        }) else {
+            return;
+        };
+        self.order.lock().remove(id);
+        if let Some(w) = &r.wamid {
+            self.by_wamid.remove_if(w.as_str(), |_, v| v.as_str() == id);
+        }
+        if let Some(a) = self.state.account_by_name(&r.account) {
+            self.queue(&a).records.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hand a settled record to the archive.
+    fn archive_record(&self, r: &OutboundRecord) {
+        if !r.status.is_settled() {
+            return;
+        }
+        let body = match serde_json::to_vec(&RecordWire::from(r)) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        self.archive.put_record(RecordRow {
+            id: r.id.to_string(),
+            account: r.account.to_string(),
+            to: r.to.to_string(),
+            status: r.status.as_str(),
+            wamid: r.wamid.as_ref().map(ToString::to_string),
+            created_at: r.created_at,
+            tags: r.tags.clone(),
+            body,
+            version: r.history.len() as u32,
+        });
+    }
+
+    fn decode(body: &[u8]) -> Option<OutboundRecord> {
+        match serde_json::from_slice::<RecordWire>(body) {
+            Ok(w) => Some(w.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "unreadable record in the archive");
+                None
+            }
+        }
+    }
+
+    /// Bring an archived record back into memory (to change it). Whether
+    /// it is in memory now.
+    fn reload(&self, id: &str) -> bool {
+        if self.records.contains_key(id) {
+            return true;
+        }
+        let Some(r) = self.archive.record(id).and_then(|b| Self::decode(&b)) else {
+            return false;
+        };
+        let wamid = r.wamid.clone();
+        let account = r.account.clone();
+        let inserted = match self.records.entry(id.into()) {
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                e.insert(r);
+                true
+            }
+            dashmap::mapref::entry::Entry::Occupied(_) => false,
+        };
+        // The order lock is never taken under a record's (list_records
+        // takes them the other way round).
+        if inserted {
+            self.order.lock().insert(id.into());
+            if let Some(a) = self.state.account_by_name(&account) {
+                self.queue(&a).records.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(w) = wamid {
+            self.by_wamid.insert(w, id.into());
+        }
+        true
+    }
+
+    /// Change a record wherever it is (memory or archive); see
+    /// [`Outbox::update_record`]. A record brought back from the archive
+    /// is handed to it again afterwards, changed or not.
+    fn update_anywhere<R>(
+        &self,
+        id: &str,
+        now: Millis,
+        f: impl Fn(&mut OutboundRecord) -> (Option<Status>, R),
+    ) -> Option<R> {
+        if let Some(out) = self.update_record(id, now, &f) {
+            return Some(out);
+        }
+        // Not in memory: archived (or evicted by the archive's hook while
+        // we looked; then it is archived too).
+        for _ in 0..3 {
+            if !self.reload(id) {
+                return None;
+            }
+            if let Some(out) = self.update_record(id, now, &f) {
+                if let Some(r) = self.records.get(id) {
+                    self.archive_record(&r);
+                }
+                return Some(out);
+            }
+        }
+        None
     }
 
     /// The conversation state this store reads.
@@ -169,6 +295,11 @@ impl Outbox {
             }
         }
         self.order.lock().insert(id.clone());
+        if status.is_settled()
+            && let Some(r) = self.records.get(&id)
+        {
+            self.archive_record(&r);
+        }
         self.state.note_outbound(account.id, &to, conv_recent, now);
         let position = match status {
             Status::Scheduled => {
@@ -230,25 +361,44 @@ impl Outbox {
         self.log(|| OutboxOp::ForgetRecord { id: id.to_string() });
     }
 
+    /// A record, from memory or the archive.
     pub fn record(&self, id: &str) -> Option<OutboundRecord> {
-        self.records.get(id).map(|r| r.clone())
+        if let Some(r) = self.records.get(id) {
+            return Some(r.clone());
+        }
+        let archived = self.archive.record(id).and_then(|b| Self::decode(&b));
+        // Evicted between the two looks: it is in memory again or archived.
+        archived.or_else(|| self.records.get(id).map(|r| r.clone()))
+    }
+
+    /// The record sent as `wamid`, from memory or the archive.
+    fn record_by_wamid(&self, wamid: &str) -> Option<OutboundRecord> {
+        if let Some(id) = self.by_wamid.get(wamid).map(|r| r.clone())
+            && let Some(r) = self.record(&id)
+        {
+            return Some(r);
+        }
+        self.archive
+            .record_by_wamid(wamid)
+            .and_then(|b| Self::decode(&b))
     }
 
     pub fn record_id_by_wamid(&self, wamid: &str) -> Option<MessageId> {
-        self.by_wamid.get(wamid).map(|r| r.clone())
+        if let Some(id) = self.by_wamid.get(wamid) {
+            return Some(id.clone());
+        }
+        self.record_by_wamid(wamid).map(|r| r.id)
     }
 
     /// Tags of the outbound message with this wamid (for `reply_to_tag`).
     pub fn tags_of_wamid(&self, wamid: &str) -> Vec<String> {
-        let Some(id) = self.record_id_by_wamid(wamid) else {
-            return Vec::new();
-        };
-        self.records
-            .get(&id)
-            .map(|r| r.tags.clone())
+        self.record_by_wamid(wamid)
+            .map(|r| r.tags)
             .unwrap_or_default()
     }
 
+    /// Records in memory: the queued, scheduled and in-flight ones, and
+    /// settled ones not yet archived.
     pub fn record_count(&self) -> usize {
         self.records.len()
     }
@@ -276,6 +426,9 @@ impl Outbox {
         // changes; the changing fields only (content, tags and metadata
         // never change).
         self.log(|| OutboxOp::Update(Box::new(UpdateWire::from(&*r))));
+        if status.is_some() {
+            self.archive_record(&r);
+        }
         Some(out)
     }
 
@@ -303,7 +456,7 @@ impl Outbox {
     /// `Err(Some(status))`: it is past cancelling.
     pub fn cancel(&self, id: &str, now: Millis) -> Result<OutboundRecord, Option<Status>> {
         let outcome = self
-            .update_record(id, now, |r| {
+            .update_anywhere(id, now, |r| {
                 if matches!(r.status, Status::Queued | Status::Scheduled) {
                     (
                         Some(Status::Cancelled),
@@ -321,36 +474,54 @@ impl Outbox {
         self.record(id).ok_or(None)
     }
 
-    /// Records newest first, after `cursor` (an id of a previous page).
-    /// Returns the page and the cursor of the next one.
+    /// Records newest first, after `cursor` (an id of a previous page),
+    /// from memory and the archive. Returns the page and the cursor of the
+    /// next one.
     pub fn list_records(
         &self,
         filter: &RecordFilter,
         cursor: Option<&str>,
         limit: usize,
     ) -> (Vec<OutboundRecord>, Option<MessageId>) {
-        let order = self.order.lock();
-        let range = match cursor {
-            Some(c) => {
-                order.range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c)))
-            }
-            None => order.range::<str, _>(..),
-        };
-        let mut page = Vec::new();
-        let mut more = false;
-        for id in range.rev() {
-            let Some(r) = self.records.get(id) else {
-                continue;
+        // One more than a page from each side tells whether more follow.
+        let mut merged: std::collections::BTreeMap<MessageId, OutboundRecord> =
+            std::collections::BTreeMap::new();
+        {
+            let order = self.order.lock();
+            let range = match cursor {
+                Some(c) => order
+                    .range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c))),
+                None => order.range::<str, _>(..),
             };
-            if !filter.matches(&r) {
-                continue;
+            for id in range.rev() {
+                let Some(r) = self.records.get(id) else {
+                    continue;
+                };
+                if filter.matches(&r) {
+                    merged.insert(id.clone(), r.clone());
+                    if merged.len() > limit {
+                        break;
+                    }
+                }
             }
-            if page.len() == limit {
-                more = true;
-                break;
-            }
-            page.push(r.clone());
         }
+        let archived = self.archive.records(&RecordQuery {
+            account: filter.account.as_deref(),
+            to: filter.to.as_deref(),
+            status: filter.status.map(Status::as_str),
+            tag: filter.tag.as_deref(),
+            before: cursor,
+            limit: limit + 1,
+        });
+        for r in archived.iter().filter_map(|b| Self::decode(b)) {
+            // Memory is newer; an archived copy may lag a status behind.
+            if !self.records.contains_key(&r.id) {
+                merged.entry(r.id.clone()).or_insert(r);
+            }
+        }
+        let mut page: Vec<OutboundRecord> = merged.into_values().rev().collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
         let next = if more {
             page.last().map(|r| r.id.clone())
         } else {
@@ -422,7 +593,7 @@ impl Outbox {
         } else {
             now
         };
-        let applied = self.update_record(&id, at, |r| {
+        let applied = self.update_anywhere(&id, at, |r| {
             if !r.status.accepts_from_meta(next) {
                 return (None, None);
             }
@@ -491,7 +662,7 @@ impl Outbox {
             .map(|m| {
                 let status = match m.direction {
                     Direction::In => None,
-                    Direction::Out => self.records.get(m.id.as_str()).map(|r| r.status),
+                    Direction::Out => self.record(&m.id).map(|r| r.status),
                 };
                 (m, status)
             })
@@ -533,7 +704,17 @@ impl Outbox {
             }
             OutboxOp::Record(_) => {}
             OutboxOp::Update(update) => {
-                // A record dropped later (retention) has no update to take.
+                // An archived record comes back to take it (and is archived
+                // again after the replay); one dropped later (retention)
+                // has no update to take.
+                if !self.records.contains_key(update.id.as_str())
+                    && let Some(r) = self
+                        .archive
+                        .record(&update.id)
+                        .and_then(|b| Self::decode(&b))
+                {
+                    self.records.insert(r.id.clone(), r);
+                }
                 if let Some(mut r) = self.records.get_mut(update.id.as_str()) {
                     update.apply(&mut r);
                 }
@@ -572,7 +753,7 @@ impl Outbox {
                         r.to.clone(),
                     )),
                     Status::Sending => interrupted.push(r.id.clone()),
-                    _ => {}
+                    _ => self.archive_record(&r),
                 }
             }
         }

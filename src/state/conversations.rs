@@ -2,9 +2,11 @@
 //! consent, handoff and the last messages both ways.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use super::ops::{ConversationWire, RecentWire, StateOp};
 use super::{Account, ConvKey, State, Window};
+use crate::archive::HistoryRow;
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
 
@@ -117,6 +119,7 @@ impl State {
             name: msg.contact_name.clone(),
             last_activity: now,
         });
+        self.archive_recent(account.name(), &msg.from, c.recent_seq + 1, &entry);
         push_recent(&mut c, entry);
         if c.handoff_until.is_some_and(|u| u <= now) {
             c.handoff_until = None;
@@ -275,15 +278,82 @@ impl State {
             name: None,
             last_activity: now,
         });
+        self.archive_recent(&self.account_name(account), contact, c.recent_seq + 1, &entry);
         push_recent(&mut c, entry);
     }
 
-    /// The recent messages of a conversation, oldest first.
+    /// The last [`RECENT`] messages of a conversation, oldest first: the
+    /// ones not yet archived from memory, the others from the archive.
     pub fn recent(&self, account: u16, contact: &str) -> Vec<Recent> {
-        self.conversations
+        // Memory first: an entry leaves it only after the archive has it.
+        let (memory, last_seq) = self
+            .conversations
             .get(&ConvKey::new(account, contact))
-            .map(|c| c.recent.iter().cloned().collect())
-            .unwrap_or_default()
+            .map(|c| (c.recent.iter().cloned().collect::<Vec<_>>(), c.recent_seq))
+            .unwrap_or_default();
+        let first_in_memory = last_seq + 1 - memory.len() as u64;
+        let mut all: BTreeMap<u64, Recent> = BTreeMap::new();
+        if first_in_memory > 1 {
+            for (seq, body) in self
+                .archive
+                .history(&self.account_name(account), contact, RECENT)
+            {
+                if seq < first_in_memory
+                    && let Ok(w) = serde_json::from_slice::<RecentWire>(&body)
+                {
+                    all.insert(seq, w.into());
+                }
+            }
+        }
+        for (i, entry) in memory.into_iter().enumerate() {
+            all.insert(first_in_memory + i as u64, entry);
+        }
+        let skip = all.len().saturating_sub(RECENT);
+        all.into_values().skip(skip).collect()
+    }
+
+    /// Hand a history entry to the archive.
+    fn archive_recent(&self, account: &str, contact: &str, seq: u64, entry: &Recent) {
+        let Ok(body) = serde_json::to_vec(&RecentWire::from(entry)) else {
+            return;
+        };
+        self.archive.put_history(HistoryRow {
+            account: account.to_string(),
+            contact: contact.to_string(),
+            seq,
+            at: entry.at,
+            body,
+        });
+    }
+
+    /// Every history entry in memory to the archive (after a replay).
+    pub(super) fn archive_all_recent(&self) {
+        for c in self.conversations.iter() {
+            let account = self.account_name(c.key().account);
+            let first = c.recent_seq + 1 - c.recent.len() as u64;
+            for (i, entry) in c.recent.iter().enumerate() {
+                self.archive_recent(&account, &c.key().contact, first + i as u64, entry);
+            }
+        }
+    }
+
+    /// Drop history entries from memory once the archive committed them.
+    /// Call once, on the shared state, before anything is stored.
+    pub fn start_archiving(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.archive.on_history_committed(move |rows| {
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            for (account, contact, seq) in rows {
+                let Some(a) = me.account_by_name(account) else {
+                    continue;
+                };
+                if let Some(mut c) = me.conversations.get_mut(&ConvKey::new(a.id, contact)) {
+                    trim_archived(&mut c, *seq);
+                }
+            }
+        });
     }
 
     /// Every conversation (of one account, or all), for listing.
@@ -319,6 +389,17 @@ impl State {
                 c.vars = v;
             }
         });
+    }
+}
+
+/// Forget the in-memory entries up to `seq` (archived).
+fn trim_archived(c: &mut Conversation, seq: u64) {
+    let first = c.recent_seq + 1 - c.recent.len() as u64;
+    let n = (seq + 1).saturating_sub(first).min(c.recent.len() as u64) as usize;
+    c.recent.drain(..n);
+    if c.recent.is_empty() {
+        // Give the buffer back: a million idle conversations hold none.
+        c.recent = VecDeque::new();
     }
 }
 

@@ -30,6 +30,7 @@ use crate::config::AccountSettings;
 use crate::domain::Millis;
 use crate::ids::Wamid;
 use crate::inbound::InboundMessage;
+use crate::archive::Archive;
 use crate::journal::Journal;
 use crate::persist::{Owner, encode};
 use crate::telemetry::Metrics;
@@ -61,6 +62,8 @@ pub struct State {
     journal: std::sync::OnceLock<Journal>,
     /// Acknowledged inbound messages whose rules have not run yet.
     pending: DashMap<Wamid, (String, InboundMessage, bool)>,
+    /// Where history and settled records go (crate::archive).
+    archive: Arc<Archive>,
 }
 
 impl State {
@@ -70,6 +73,7 @@ impl State {
     pub fn new(
         accounts: &[AccountSettings],
         metrics: Arc<Metrics>,
+        archive: Arc<Archive>,
     ) -> (Self, mpsc::UnboundedReceiver<Arc<Account>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = State {
@@ -83,6 +87,7 @@ impl State {
             new_accounts: tx,
             journal: std::sync::OnceLock::new(),
             pending: DashMap::new(),
+            archive,
         };
         // The configuration holds at most MAX_ACCOUNTS (checked on load).
         for a in accounts {
@@ -101,6 +106,11 @@ impl State {
     /// Put the journal under this state (after replay).
     pub fn attach_journal(&self, journal: Journal) {
         let _ = self.journal.set(journal);
+    }
+
+    /// The archive of history and settled records.
+    pub fn archive(&self) -> &Arc<Archive> {
+        &self.archive
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -166,6 +176,7 @@ impl State {
     pub(crate) fn for_test() -> Self {
         let mut a = AccountSettings::sandbox("1");
         a.name = "main".into();
-        State::new(&[a], Arc::new(Metrics::new())).0
+        let archive = Arc::new(Archive::open(None).expect("a temporary archive"));
+        State::new(&[a], Arc::new(Metrics::new()), archive).0
     }
 }
