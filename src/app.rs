@@ -413,6 +413,9 @@ fn spawn_maintenance(
                     .archive()
                     .prune(now - shared.settings.retention.as_millis() as i64)
                     .await;
+                if archived > 0 {
+                    shared.outbox.recount_held();
+                }
                 if records + conversations + archived > 0 {
                     tracing::info!(records, conversations, archived, "dropped data past retention");
                 }

@@ -81,6 +81,8 @@ enum Cmd {
     Record(RecordRow),
     History(HistoryRow),
     Prune(i64, tokio::sync::oneshot::Sender<usize>),
+    /// Delete the oldest `n` records of an account (`max_records`).
+    Evict(String, usize),
     Sync(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
@@ -149,6 +151,11 @@ impl Archive {
                 (t.join(FILE), Some(t))
             }
         };
+        // Owner-only like the journal; SQLite gives its -wal and -shm
+        // files the mode of the database file.
+        crate::journal::private(std::fs::OpenOptions::new().create(true).append(true))
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let err = |e: rusqlite::Error| format!("{}: {e}", path.display());
         let write = open_conn(&path).map_err(err)?;
         write.execute_batch(SCHEMA).map_err(err)?;
@@ -237,6 +244,24 @@ impl Archive {
             return 0;
         }
         rx.await.unwrap_or(0)
+    }
+
+    /// Delete the oldest `n` records of `account` (soon: the writer does
+    /// it in its next batch).
+    pub fn evict_oldest(&self, account: &str, n: usize) {
+        self.send(Cmd::Evict(account.to_string(), n));
+    }
+
+    /// Records per account.
+    pub fn counts_by_account(&self) -> Vec<(String, u64)> {
+        let conn = self.read.lock();
+        let result = conn
+            .prepare("SELECT account, count(*) FROM records GROUP BY account")
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            });
+        result.unwrap_or_default()
     }
 
     /// The body of record `id`.
@@ -464,6 +489,14 @@ fn commit(
                     *pruned += txn
                         .execute("DELETE FROM history WHERE at < ?1", [cutoff])
                         .map_err(e)?;
+                }
+                Cmd::Evict(account, n) => {
+                    txn.execute(
+                        "DELETE FROM records WHERE id IN \
+                         (SELECT id FROM records WHERE account = ?1 ORDER BY id LIMIT ?2)",
+                        rusqlite::params![account, *n as i64],
+                    )
+                    .map_err(e)?;
                 }
                 Cmd::Sync(_) => {}
             }

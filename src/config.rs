@@ -131,7 +131,7 @@ pub struct TargetSettings {
 
 pub const DEFAULT_PACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_QUEUE: usize = 10_000;
-pub const DEFAULT_MAX_RECORDS: usize = 200_000;
+pub const DEFAULT_MAX_RECORDS: usize = 5_000_000;
 /// Meta's default throughput per business number (messages/s).
 pub const DEFAULT_RATE: u32 = 80;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;

@@ -517,7 +517,7 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Files of the journal are owner-only (0600) when created.
-fn private(options: &mut OpenOptions) -> &mut OpenOptions {
+pub fn private(options: &mut OpenOptions) -> &mut OpenOptions {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

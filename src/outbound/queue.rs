@@ -27,7 +27,7 @@ pub struct AccountQueue {
     pub notify: Notify,
     /// Unix ms of the last send start (-1: none yet).
     last_send: AtomicI64,
-    /// Outbound records of this account held in memory (`max_records`).
+    /// Outbound records of this account held, in memory and archived (`max_records`).
     pub(crate) records: AtomicUsize,
 }
 

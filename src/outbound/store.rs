@@ -141,9 +141,6 @@ impl Outbox {
         if let Some(w) = &r.wamid {
             self.by_wamid.remove_if(w.as_str(), |_, v| v.as_str() == id);
         }
-        if let Some(a) = self.state.account_by_name(&r.account) {
-            self.queue(&a).records.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 
     /// Hand a settled record to the archive.
@@ -188,7 +185,6 @@ impl Outbox {
             return false;
         };
         let wamid = r.wamid.clone();
-        let account = r.account.clone();
         let inserted = match self.records.entry(id.into()) {
             dashmap::mapref::entry::Entry::Vacant(e) => {
                 e.insert(r);
@@ -200,9 +196,6 @@ impl Outbox {
         // takes them the other way round).
         if inserted {
             self.order.lock().insert(id.into());
-            if let Some(a) = self.state.account_by_name(&account) {
-                self.queue(&a).records.fetch_add(1, Ordering::Relaxed);
-            }
         }
         if let Some(w) = wamid {
             self.by_wamid.insert(w, id.into());
@@ -315,36 +308,22 @@ impl Outbox {
         position
     }
 
-    /// Drop the oldest finished records of `account` until it holds `keep`.
+    /// Drop the oldest finished records of `account` until it holds `keep`:
+    /// the archive deletes them (they are the oldest; the queue and the
+    /// in-flight records are in memory and newer).
     fn evict_records(&self, account: &Account, keep: usize) {
-        let held = self.queue(account).records.load(Ordering::Relaxed);
-        let mut excess = held.saturating_sub(keep);
-        let mut victims = Vec::new();
-        {
-            let order = self.order.lock();
-            for id in order.iter() {
-                if excess == 0 {
-                    break;
-                }
-                let Some(r) = self.records.get(id) else {
-                    continue;
-                };
-                if r.account == account.name() && r.status.is_settled() {
-                    victims.push((id.clone(), r.wamid.clone()));
-                    excess -= 1;
-                }
-            }
-        }
-        self.metrics.records_evicted(victims.len());
+        let queue = self.queue(account);
+        let held = queue.records.load(Ordering::Relaxed);
+        let excess = held.saturating_sub(keep);
+        self.archive.evict_oldest(account.name(), excess);
+        queue.records.fetch_sub(excess, Ordering::Relaxed);
+        self.metrics.records_evicted(excess);
         tracing::warn!(
             account = account.name(),
-            dropped = victims.len(),
+            dropped = excess,
             max_records = account.settings.max_records,
             "account holds more records than max_records; the oldest finished ones were dropped"
         );
-        for (id, wamid) in victims {
-            self.forget_record(&id, wamid.as_deref());
-        }
     }
 
     /// Remove one record with its indexes (journaled).
@@ -732,6 +711,15 @@ impl Outbox {
         let mut queued: Waiting = Vec::new();
         let mut scheduled: Waiting = Vec::new();
         let mut interrupted = Vec::new();
+        // Records held per account (max_records): the archive's and those
+        // in memory (a settled one may be counted twice: a soft cap).
+        for (account, n) in self.archive.counts_by_account() {
+            if let Some(a) = self.state.account_by_name(&account) {
+                self.queue(&a)
+                    .records
+                    .fetch_add(n as usize, Ordering::Relaxed);
+            }
+        }
         {
             let mut order = self.order.lock();
             for r in self.records.iter() {
@@ -787,6 +775,26 @@ impl Outbox {
         RestoredOutbox {
             records: self.records.len(),
             interrupted: interrupted.len(),
+        }
+    }
+
+    /// Count the records held per account again (after the archive
+    /// dropped what is past retention): archived plus in memory.
+    pub fn recount_held(&self) {
+        let mut held: std::collections::HashMap<String, usize> = self
+            .archive
+            .counts_by_account()
+            .into_iter()
+            .map(|(a, n)| (a, n as usize))
+            .collect();
+        for r in self.records.iter() {
+            if !r.status.is_settled() {
+                *held.entry(r.account.to_string()).or_default() += 1;
+            }
+        }
+        for a in self.state.accounts() {
+            let n = held.get(a.name()).copied().unwrap_or(0);
+            self.queue(&a).records.store(n, Ordering::Relaxed);
         }
     }
 
