@@ -417,7 +417,12 @@ fn spawn_maintenance(
                     shared.outbox.recount_held();
                 }
                 if records + conversations + archived > 0 {
-                    tracing::info!(records, conversations, archived, "dropped data past retention");
+                    tracing::info!(
+                        records,
+                        conversations,
+                        archived,
+                        "dropped data past retention"
+                    );
                 }
             }
             let big = shared

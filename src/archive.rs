@@ -234,7 +234,8 @@ impl Archive {
         if !self.send(Cmd::Sync(tx)) {
             return Err("the archive is closed".into());
         }
-        rx.await.map_err(|_| "the archive writer stopped".to_string())?
+        rx.await
+            .map_err(|_| "the archive writer stopped".to_string())?
     }
 
     /// Delete what was created before `cutoff` (ms); returns how many rows.
@@ -258,8 +259,10 @@ impl Archive {
         let result = conn
             .prepare("SELECT account, count(*) FROM records GROUP BY account")
             .and_then(|mut s| {
-                s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                s.query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
             });
         result.unwrap_or_default()
     }
@@ -478,7 +481,11 @@ fn commit(
                 Cmd::History(h) => {
                     put_history
                         .execute(rusqlite::params![
-                            h.account, h.contact, h.seq as i64, h.at, h.body
+                            h.account,
+                            h.contact,
+                            h.seq as i64,
+                            h.at,
+                            h.body
                         ])
                         .map_err(e)?;
                 }
@@ -504,7 +511,8 @@ fn commit(
     }
     txn.commit().map_err(e)?;
     if durable {
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(e)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
     }
     Ok(())
 }

@@ -98,6 +98,8 @@ pub async fn metrics(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpRespon
         queues,
         backlog: ctx.events.backlog(),
         body_buffered: ctx.bodies.buffered(),
+        records_in_memory: ctx.outbox.record_count(),
+        archive_backlog: ctx.state.archive().backlog(),
     });
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -70,6 +70,10 @@ pub struct ScrapeGauges {
     /// (target, events, bytes)
     pub backlog: Vec<(String, usize, usize)>,
     pub body_buffered: usize,
+    /// Outbound records in memory (live and not yet archived).
+    pub records_in_memory: usize,
+    /// Rows handed to the archive and not yet committed.
+    pub archive_backlog: u64,
 }
 
 /// The `wa_router_*` metric families (SPEC §10).
@@ -87,6 +91,8 @@ pub struct Metrics {
     event_backlog: Family<TargetLabel, Gauge>,
     event_backlog_bytes: Family<TargetLabel, Gauge>,
     body_buffered: Gauge,
+    records_in_memory: Gauge,
+    archive_backlog: Gauge,
     records_evicted: Counter,
 }
 
@@ -118,6 +124,8 @@ impl Metrics {
             event_backlog: Family::default(),
             event_backlog_bytes: Family::default(),
             body_buffered: Gauge::default(),
+            records_in_memory: Gauge::default(),
+            archive_backlog: Gauge::default(),
             records_evicted: Counter::default(),
         };
         r.register(
@@ -174,6 +182,16 @@ impl Metrics {
             "request_body_buffered_bytes",
             "Request body bytes buffered right now (all requests; [http] max_buffered)",
             m.body_buffered.clone(),
+        );
+        r.register(
+            "records_in_memory",
+            "Outbound records in memory: queued, scheduled, in flight, and settled ones not yet archived",
+            m.records_in_memory.clone(),
+        );
+        r.register(
+            "archive_backlog",
+            "History entries and settled records handed to the archive and not yet committed",
+            m.archive_backlog.clone(),
         );
         r.register(
             "records_evicted",
@@ -239,6 +257,8 @@ impl Metrics {
     pub fn render(&self, g: &ScrapeGauges) -> String {
         self.open_windows.set(g.open_windows as i64);
         self.body_buffered.set(g.body_buffered as i64);
+        self.records_in_memory.set(g.records_in_memory as i64);
+        self.archive_backlog.set(g.archive_backlog as i64);
         for (target, n, bytes) in &g.backlog {
             let label = TargetLabel {
                 target: target.clone(),

@@ -19,9 +19,9 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
 use super::ops::{OutboxOp, RecordWire, UpdateWire};
-use crate::archive::{Archive, RecordQuery, RecordRow};
 use super::queue::AccountQueue;
 use super::record::{OutboundRecord, RecordError, Status};
+use crate::archive::{Archive, RecordQuery, RecordRow};
 use crate::domain::Millis;
 use crate::ids::{AccountName, ContactId, MessageId, Wamid};
 use crate::inbound::StatusUpdate;

@@ -278,7 +278,12 @@ impl State {
             name: None,
             last_activity: now,
         });
-        self.archive_recent(&self.account_name(account), contact, c.recent_seq + 1, &entry);
+        self.archive_recent(
+            &self.account_name(account),
+            contact,
+            c.recent_seq + 1,
+            &entry,
+        );
         push_recent(&mut c, entry);
     }
 

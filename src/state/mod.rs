@@ -26,11 +26,11 @@ use parking_lot::RwLock;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
+use crate::archive::Archive;
 use crate::config::AccountSettings;
 use crate::domain::Millis;
 use crate::ids::Wamid;
 use crate::inbound::InboundMessage;
-use crate::archive::Archive;
 use crate::journal::Journal;
 use crate::persist::{Owner, encode};
 use crate::telemetry::Metrics;

@@ -988,3 +988,128 @@ async fn a_data_dir_from_the_previous_format_still_starts() {
     let (status, _) = get("/v1/conversations/999000111/16315551183".into()).await;
     assert_eq!(status, 200, "the sandbox account registered from a webhook");
 }
+
+/// Issue #9.3: settled records and the history leave memory for the
+/// archive, and every read still answers for them — before and after a
+/// SIGKILL, including a status that came for an archived record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_messages_leave_memory_and_still_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "0s", "").await;
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        200
+    );
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (status, body) = r
+            .api(
+                reqwest::Method::POST,
+                "/v1/messages",
+                Some(template(&format!("t{i}"))),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    settled(&r, &ids, 20).await;
+    let gauge = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    wait_for(20, "the records to leave memory", || async {
+        let text = r
+            .http
+            .get(r.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let held = gauge(&text, "wa_router_records_in_memory")?;
+        let backlog = gauge(&text, "wa_router_archive_backlog")?;
+        (held == 0.0 && backlog == 0.0).then_some(())
+    })
+    .await;
+    // Delivered, for a record that is archived by now.
+    let (_, first) = r
+        .api(
+            reqwest::Method::GET,
+            &format!("/v1/messages/{}", ids[0]),
+            None,
+        )
+        .await;
+    let wamid = first["wamid"].as_str().unwrap().to_string();
+    assert_eq!(
+        r.webhook(&notification(
+            vec![],
+            vec![status(&wamid, "delivered", ANA)]
+        ))
+        .await,
+        200
+    );
+    for round in ["before the crash", "after the crash"] {
+        let (_, one) = r
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/messages/{}", ids[0]),
+                None,
+            )
+            .await;
+        assert_eq!(one["status"], "delivered", "{round}: {one}");
+        // Every record, newest first, over pages of 7.
+        let mut listed = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let (status, page) = r
+                .api(
+                    reqwest::Method::GET,
+                    &format!("/v1/messages?account=main&limit=7{cursor}"),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{round}: {page}");
+            for m in page["messages"].as_array().unwrap() {
+                listed.push(m["id"].as_str().unwrap().to_string());
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        let mut newest_first = ids.clone();
+        newest_first.reverse();
+        assert_eq!(listed, newest_first, "{round}");
+        let (status, sent) = r
+            .api(
+                reqwest::Method::GET,
+                "/v1/messages?status=sent&limit=100",
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(sent["messages"].as_array().unwrap().len(), 19, "{round}");
+        // The history: the inbound "hi" and the 20 sends, with statuses.
+        let (status, history) = r
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/conversations/main/{ANA}/messages"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{round}: {history}");
+        let history = history["messages"].as_array().unwrap().clone();
+        assert_eq!(history.len(), 21, "{round}");
+        assert_eq!(history[0]["direction"], "in", "{round}");
+        assert_eq!(history[1]["status"], "delivered", "{round}");
+        assert_eq!(history[20]["status"], "sent", "{round}");
+        if round == "before the crash" {
+            r.kill();
+            r = Router::spawn(dir.path()).await;
+        }
+    }
+}
