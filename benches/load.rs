@@ -76,6 +76,7 @@ struct Args {
     messages: usize,
     label: String,
     wait_s: u64,
+    contacts: usize,
 }
 
 fn parse_args() -> Args {
@@ -95,6 +96,7 @@ fn parse_args() -> Args {
         messages: 400_000,
         label: String::new(),
         wait_s: 120,
+        contacts: CONTACTS,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -119,12 +121,13 @@ fn parse_args() -> Args {
             "--messages" => a.messages = v.parse().expect("--messages N"),
             "--label" => a.label = v,
             "--wait" => a.wait_s = v.parse().expect("--wait N"),
+            "--contacts" => a.contacts = v.parse().expect("--contacts N"),
             "--help" | "-h" => {
                 println!(
                     "options: --target memory|durable|peer [--peer-cmd CMD --peer-port N] \
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
-                     --messages N, --label TEXT, --wait SECONDS"
+                     --messages N, --label TEXT, --wait SECONDS, --contacts N"
                 );
                 std::process::exit(0);
             }
@@ -204,9 +207,10 @@ fn reply_seq(v: &Value) -> u64 {
 }
 
 /// Inbound message number `i`: a quarter each of `hi`, button `sales`,
-/// list replies and echo texts, over [`CONTACTS`] contacts.
-fn webhook(i: usize, ts: i64) -> Vec<u8> {
-    let from = format!("4477{:08}", i % CONTACTS);
+/// list replies and echo texts, over `contacts` contacts (default
+/// [`CONTACTS`]).
+fn webhook(i: usize, ts: i64, contacts: usize) -> Vec<u8> {
+    let from = format!("4477{:08}", i % contacts.max(1));
     let id = format!("wamid.bench.in.{i}");
     let msg = match i % 4 {
         0 => {
@@ -507,7 +511,7 @@ async fn run(args: Args) {
         .as_secs()) as i64;
     let bodies: Vec<(web::Bytes, String)> = (0..args.messages)
         .map(|i| {
-            let b = webhook(i, ts);
+            let b = webhook(i, ts, args.contacts);
             let sig = wa_router::crypto::sign(SECRET.as_bytes(), &b);
             (web::Bytes::from(b), sig)
         })
@@ -608,6 +612,10 @@ async fn run(args: Args) {
     });
     let (rss_end, cpu_after) = proc_usage(pid);
     peak_rss = peak_rss.max(rss_end);
+    // Steady state: what the process holds once the work is done (the
+    // router archives what finished in the background).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_idle = proc_usage(pid).0;
     // Per-contact order of echo replies (their sequence is in the text).
     let mut last: std::collections::HashMap<&str, u64> = Default::default();
     let mut out_of_order = 0;
@@ -634,10 +642,10 @@ async fn run(args: Args) {
         args.label.clone()
     };
     println!(
-        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts"
+        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb"
     );
     println!(
-        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{}",
+        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0}",
         args.target,
         if args.rate.is_some() {
             0

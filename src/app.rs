@@ -313,8 +313,8 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 /// and write a fresh snapshot so the next start replays little.
 async fn open_storage(
     state: &State,
-    outbox: &Outbox,
-    events: &Events,
+    outbox: &Arc<Outbox>,
+    events: &Arc<Events>,
     dir: &std::path::Path,
     sandbox: bool,
 ) -> Result<crate::state::restore::Restored, StartError> {
@@ -367,23 +367,31 @@ const COMPACT_AT_BYTES: u64 = 64 * 1024 * 1024;
 /// Snapshot the whole state and drop the logs it covers. One compaction
 /// runs at a time; none after the journal failed (the newest log must stay
 /// the one that holds the last good records).
-pub async fn compact(outbox: &Outbox, events: &Events) -> Result<usize, String> {
-    let state = outbox.state();
+pub async fn compact(outbox: &Arc<Outbox>, events: &Arc<Events>) -> Result<usize, String> {
+    let state = outbox.state().clone();
     let journal = state.journal().ok_or("memory mode")?.clone();
     let _one_at_a_time = journal.compaction().await;
     if journal.has_failed() {
         return Err("the journal failed; no snapshot until restart".into());
     }
     let next = journal.rotate().await?;
-    let mut ops = state.dump_ops();
-    ops.extend(outbox.dump_ops());
-    ops.extend(events.dump_ops());
-    // What left memory for the archive before the dump is in no snapshot:
-    // it must be durable there before the logs that hold it go.
-    state.archive().sync().await?;
     let dir = journal.dir().ok_or("memory mode")?.to_path_buf();
+    let (outbox, events) = (outbox.clone(), events.clone());
+    // Written as it is read: a million conversations are never all
+    // encoded in memory at once.
     tokio::task::spawn_blocking(move || {
-        crate::journal::install_snapshot(&dir, next, ops.into_iter())
+        crate::journal::install_snapshot_with(
+            &dir,
+            next,
+            |emit| {
+                state.dump(emit);
+                outbox.dump(emit);
+                events.dump(emit);
+            },
+            // What left memory for the archive is in no snapshot: it must
+            // be durable there before the logs that hold it go.
+            || state.archive().sync_blocking(),
+        )
     })
     .await
     .map_err(|e| e.to_string())?

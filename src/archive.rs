@@ -238,6 +238,16 @@ impl Archive {
             .map_err(|_| "the archive writer stopped".to_string())?
     }
 
+    /// [`Archive::sync`] from a blocking thread.
+    pub fn sync_blocking(&self) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send(Cmd::Sync(tx)) {
+            return Err("the archive is closed".into());
+        }
+        rx.blocking_recv()
+            .map_err(|_| "the archive writer stopped".to_string())?
+    }
+
     /// Delete what was created before `cutoff` (ms); returns how many rows.
     pub async fn prune(&self, cutoff: i64) -> usize {
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -208,11 +208,10 @@ impl Events {
     }
 
     /// Every undelivered event, for a snapshot.
-    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
-        let mut ops = Vec::new();
+    pub fn dump(&self, emit: &mut dyn FnMut(&[u8])) {
         for t in &self.targets {
             for p in t.live.lock().values() {
-                ops.push(encode(
+                emit(&encode(
                     Owner::Events,
                     &EventOp::Event {
                         target: t.settings.name.clone(),
@@ -223,7 +222,6 @@ impl Events {
                 ));
             }
         }
-        ops
     }
 
     /// Whether any target wants status events.

@@ -435,13 +435,36 @@ pub fn install_snapshot(
     next_log: u64,
     records: impl Iterator<Item = Vec<u8>>,
 ) -> Result<usize, JournalError> {
+    install_snapshot_with(
+        dir,
+        next_log,
+        |emit| {
+            for r in records {
+                emit(&r);
+            }
+        },
+        || Ok(()),
+    )
+}
+
+/// [`install_snapshot`] with the records written as `dump` produces them
+/// (nothing collected first), and `before_rename` run once they are all
+/// on disk and before the snapshot replaces the old one: its error stops
+/// the install (the logs stay).
+pub fn install_snapshot_with(
+    dir: &Path,
+    next_log: u64,
+    dump: impl FnOnce(&mut dyn FnMut(&[u8])),
+    before_rename: impl FnOnce() -> Result<(), String>,
+) -> Result<usize, JournalError> {
     static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
     let tmp = dir.join(format!(
         "{SNAPSHOT_TMP_PREFIX}{}.{}{SNAPSHOT_TMP_SUFFIX}",
         std::process::id(),
         TMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let written = write_snapshot(&tmp, next_log, records).and_then(|n| {
+    let written = write_snapshot(&tmp, next_log, dump).and_then(|n| {
+        before_rename().map_err(|e| io_error(&tmp, io::Error::other(e)))?;
         fs::rename(&tmp, dir.join(SNAPSHOT)).map_err(|e| io_error(&tmp, e))?;
         Ok(n)
     });
@@ -464,7 +487,7 @@ pub fn install_snapshot(
 fn write_snapshot(
     tmp: &Path,
     next_log: u64,
-    records: impl Iterator<Item = Vec<u8>>,
+    dump: impl FnOnce(&mut dyn FnMut(&[u8])),
 ) -> Result<usize, JournalError> {
     let file = private(OpenOptions::new().write(true).create_new(true))
         .open(tmp)
@@ -473,10 +496,17 @@ fn write_snapshot(
     out.write_all(&frame(&snapshot_header(next_log)))
         .map_err(|e| io_error(tmp, e))?;
     let mut n = 0;
-    for record in records {
-        out.write_all(&frame(&record))
-            .map_err(|e| io_error(tmp, e))?;
-        n += 1;
+    let mut failed = None;
+    dump(&mut |record| {
+        if failed.is_none() {
+            match out.write_all(&frame(record)) {
+                Ok(()) => n += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+    });
+    if let Some(e) = failed {
+        return Err(io_error(tmp, e));
     }
     let file = out.into_inner().map_err(|e| io_error(tmp, e.error()))?;
     file.sync_all().map_err(|e| io_error(tmp, e))?;

@@ -798,12 +798,15 @@ impl Outbox {
         }
     }
 
-    /// Every record as journal records, for a snapshot.
-    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
-        self.records
-            .iter()
-            .map(|r| encode(Owner::Outbox, &OutboxOp::Record(Box::new(r.value().into()))))
-            .collect()
+    /// Every record in memory as journal records, for a snapshot, one at
+    /// a time.
+    pub fn dump(&self, emit: &mut dyn FnMut(&[u8])) {
+        for r in self.records.iter() {
+            emit(&encode(
+                Owner::Outbox,
+                &OutboxOp::Record(Box::new(r.value().into())),
+            ));
+        }
     }
 
     /// Drop records past `retention` that have left the queue (SPEC §9

@@ -1,57 +1,103 @@
 //! Bounded memory of inbound message ids already seen (Meta retries for up
 //! to 7 days): one inbound message → at most one run of the rules.
+//!
+//! An id is kept as the first 128 bits of its SHA-256 with the second it
+//! was seen: 20 bytes an entry instead of the id's ~60 characters plus two
+//! copies of the bookkeeping, so a million ids fit in some 35 MB. Two
+//! different wamids share a digest with a chance of about 2^-128 per
+//! pair: never, in practice.
 
-use parking_lot::Mutex;
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
+use sha2::{Digest as _, Sha256};
 
 use crate::domain::Millis;
 
-/// Ids seen within `ttl`, at most `capacity` of them (oldest forgotten first).
+/// The digest an id is remembered by.
+pub type Digest = [u8; 16];
+
+pub fn digest(id: &str) -> Digest {
+    let full = Sha256::digest(id.as_bytes());
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// Ids seen within `ttl`, at most `capacity` of them (the oldest are
+/// forgotten first, a tenth at a time).
 pub struct Dedupe {
-    seen: DashMap<Box<str>, Millis>,
-    order: Mutex<VecDeque<(Box<str>, Millis)>>,
+    /// digest → seconds (since the Unix epoch) it was seen.
+    seen: DashMap<Digest, u32>,
     capacity: usize,
     ttl_ms: Millis,
+    inserts: AtomicUsize,
+}
+
+fn secs(ms: Millis) -> u32 {
+    (ms.max(0) / 1000).min(u32::MAX as Millis) as u32
 }
 
 impl Dedupe {
     pub fn new(capacity: usize, ttl_ms: Millis) -> Self {
         Dedupe {
             seen: DashMap::new(),
-            order: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             ttl_ms,
+            inserts: AtomicUsize::new(0),
         }
     }
 
     /// Record `id` as seen at `now`; false if it was seen before (and not
     /// yet forgotten).
     pub fn first_time(&self, id: &str, now: Millis) -> bool {
+        self.first_time_digest(digest(id), now)
+    }
+
+    /// [`Dedupe::first_time`] for an id already digested.
+    pub fn first_time_digest(&self, d: Digest, now: Millis) -> bool {
         use dashmap::mapref::entry::Entry;
-        match self.seen.entry(id.into()) {
+        let at = secs(now);
+        let ttl = secs(self.ttl_ms);
+        match self.seen.entry(d) {
             Entry::Occupied(mut e) => {
-                if now - *e.get() <= self.ttl_ms {
+                if at.saturating_sub(*e.get()) <= ttl {
                     return false;
                 }
-                e.insert(now);
+                e.insert(at);
             }
             Entry::Vacant(e) => {
-                e.insert(now);
+                e.insert(at);
             }
         }
-        let mut order = self.order.lock();
-        order.push_back((id.into(), now));
-        while order.len() > self.capacity
-            || order.front().is_some_and(|(_, at)| now - at > self.ttl_ms)
-        {
-            let Some((old, at)) = order.pop_front() else {
-                break;
-            };
-            self.seen.remove_if(&old, |_, seen_at| *seen_at == at);
+        // Forget expired ids now and then (amortised: one scan per tenth
+        // of the capacity), and the oldest whenever the map is full.
+        let n = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of((self.capacity / 10).max(1)) || self.seen.len() > self.capacity {
+            self.forget_old(at);
         }
         true
+    }
+
+    fn forget_old(&self, now: u32) {
+        let ttl = secs(self.ttl_ms);
+        self.seen.retain(|_, at| now.saturating_sub(*at) <= ttl);
+        // Still full: drop the oldest tenth or more, by age.
+        let mut keep_within = ttl;
+        while self.seen.len() > self.capacity - self.capacity / 10 && keep_within > 0 {
+            keep_within = keep_within * 9 / 10;
+            self.seen
+                .retain(|_, at| now.saturating_sub(*at) <= keep_within);
+        }
+        // All seen within the same second: drop any, not one by one later.
+        let target = self.capacity - self.capacity / 10;
+        let mut excess = self.seen.len().saturating_sub(target);
+        if excess > 0 {
+            self.seen.retain(|_, _| {
+                excess = excess.saturating_sub(1);
+                excess == 0
+            });
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -61,16 +107,12 @@ impl Dedupe {
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
-}
 
-impl Dedupe {
-    /// Every remembered id with the time it was seen, oldest first.
-    pub fn entries(&self) -> Vec<(String, Millis)> {
-        let order = self.order.lock();
-        order
+    /// Every remembered digest with the time (ms) it was seen.
+    pub fn entries(&self) -> Vec<(Digest, Millis)> {
+        self.seen
             .iter()
-            .filter(|(id, at)| self.seen.get(id).is_some_and(|s| *s == *at))
-            .map(|(id, at)| (id.to_string(), *at))
+            .map(|e| (*e.key(), Millis::from(*e.value()) * 1000))
             .collect()
     }
 }
@@ -79,23 +121,32 @@ impl Dedupe {
 mod tests {
     use super::*;
 
+    const S: Millis = 1000;
+
     #[test]
     fn an_id_is_new_once() {
-        let d = Dedupe::new(10, 1000);
+        let d = Dedupe::new(10, 1000 * S);
         assert!(d.first_time("a", 0));
-        assert!(!d.first_time("a", 10));
-        assert!(d.first_time("b", 10));
+        assert!(!d.first_time("a", 10 * S));
+        assert!(d.first_time("b", 10 * S));
+        assert!(!d.first_time_digest(digest("b"), 11 * S));
     }
 
     #[test]
     fn memory_is_bounded_by_capacity_and_age() {
-        let d = Dedupe::new(3, 1000);
-        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            assert!(d.first_time(id, i as Millis));
+        let d = Dedupe::new(10, 1000 * S);
+        for i in 0..25 {
+            assert!(d.first_time(&format!("id{i}"), i * S));
+            assert!(d.len() <= 10, "{} ids held", d.len());
         }
-        assert_eq!(d.len(), 3);
-        assert!(d.first_time("a", 5), "the oldest id was forgotten");
-        assert!(d.first_time("z", 5000));
-        assert_eq!(d.len(), 1, "ids older than the ttl are dropped");
+        assert!(d.first_time("id0", 26 * S), "the oldest id was forgotten");
+        assert!(!d.first_time("id24", 26 * S), "the newest is kept");
+        assert!(d.first_time("z", 5000 * S));
+        assert!(d.first_time("q", 5000 * S));
+        assert!(
+            d.len() <= 3,
+            "ids older than the ttl are dropped ({})",
+            d.len()
+        );
     }
 }

@@ -27,6 +27,9 @@ pub enum StateOp {
     },
     /// An inbound message id seen (dedupe).
     Seen { wamid: String, at: Millis },
+    /// The same in a snapshot: the id's digest (hex), which is all the
+    /// dedupe memory keeps (`state::dedupe`).
+    SeenDigest { digest: String, at: Millis },
     Window {
         account: String,
         contact: String,

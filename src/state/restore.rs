@@ -56,6 +56,12 @@ impl State {
                     self.add_account(settings);
                 }
             }
+            StateOp::SeenDigest { digest, at } => {
+                let mut d = [0u8; 16];
+                if hex::decode_to_slice(&digest, &mut d).is_ok() {
+                    self.dedupe.first_time_digest(d, at);
+                }
+            }
             StateOp::Seen { wamid, at } => {
                 self.dedupe.first_time(&wamid, at);
             }
@@ -171,36 +177,40 @@ impl State {
         out
     }
 
-    /// The whole state as journal records, for a snapshot.
-    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
-        let mut ops = Vec::new();
+    /// The whole state as journal records, for a snapshot, one at a time
+    /// (a snapshot of a million conversations is never all in memory).
+    pub fn dump(&self, emit: &mut dyn FnMut(&[u8])) {
+        let mut put = |op: StateOp| emit(&encode(Owner::State, &op));
         for a in self.accounts() {
             if a.is_sandbox() && a.settings.name == a.settings.phone_number_id {
-                ops.push(StateOp::Account {
+                put(StateOp::Account {
                     name: a.name().to_string(),
                     phone_number_id: a.settings.phone_number_id.clone(),
                 });
             }
         }
-        for (wamid, at) in self.dedupe.entries() {
-            ops.push(StateOp::Seen { wamid, at });
+        for (digest, at) in self.dedupe.entries() {
+            put(StateOp::SeenDigest {
+                digest: hex::encode(digest),
+                at,
+            });
         }
         for (key, window) in self.windows.entries() {
-            ops.push(StateOp::Window {
+            put(StateOp::Window {
                 account: self.account_name(key.account),
                 contact: key.contact.to_string(),
                 window: window.into(),
             });
         }
         for c in self.conversations.iter() {
-            ops.push(StateOp::Conversation {
+            put(StateOp::Conversation {
                 account: self.account_name(c.key().account),
                 contact: c.key().contact.to_string(),
                 conversation: Box::new(ConversationWire::new(c.value(), true)),
             });
         }
         for i in self.idempotency.iter() {
-            ops.push(StateOp::Idempotency {
+            put(StateOp::Idempotency {
                 key: i.key().clone(),
                 fingerprint: hex::encode(i.fingerprint),
                 answer: i.answer.clone(),
@@ -209,13 +219,20 @@ impl State {
         }
         for p in self.pending.iter() {
             let (account, message, new_conversation) = p.value().clone();
-            ops.push(StateOp::Pending {
+            put(StateOp::Pending {
                 account,
                 message: Box::new(InboundWire::from(&message)),
                 new_conversation,
             });
         }
-        ops.iter().map(|op| encode(Owner::State, op)).collect()
+    }
+
+    /// [`State::dump`] collected (tests).
+    #[cfg(test)]
+    pub fn dump_ops(&self) -> Vec<Vec<u8>> {
+        let mut ops = Vec::new();
+        self.dump(&mut |b| ops.push(b.to_vec()));
+        ops
     }
 }
 
