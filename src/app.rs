@@ -416,11 +416,17 @@ fn spawn_maintenance(
                 let now = crate::domain::now_ms();
                 let records = shared.outbox.prune(now, shared.settings.retention);
                 let conversations = shared.state.prune(now, shared.settings.retention);
-                let archived = shared
-                    .state
-                    .archive()
-                    .prune(now - shared.settings.retention.as_millis() as i64)
-                    .await;
+                // The archive scans its history to prune it: once an hour
+                // (and in the first minute).
+                let mut archived = 0;
+                if ticks % 720 == 12 {
+                    let cutoff = now - shared.settings.retention.as_millis() as i64;
+                    archived = shared
+                        .state
+                        .archive()
+                        .prune(&crate::ids::MessageId::time_floor(cutoff), cutoff)
+                        .await;
+                }
                 if archived > 0 {
                     shared.outbox.recount_held();
                 }

@@ -126,6 +126,12 @@ impl MessageId {
         MessageId(crate::domain::derived_id("msg", ms, key))
     }
 
+    /// The smallest id of a message created at `ms` or later: ids of
+    /// older messages sort below it.
+    pub fn time_floor(ms: Millis) -> String {
+        format!("{}{:012x}", Self::PREFIX, ms.max(0))
+    }
+
     /// `s` if it has the form of a router message id (an API caller may
     /// name a message by it or by its wamid).
     pub fn parse(s: &str) -> Option<Self> {

@@ -259,7 +259,7 @@ impl State {
             account: account.name().to_string(),
             wa_id: contact.to_string(),
             window: self.window(account.id, contact),
-            conversation,
+            conversation: *conversation,
         })
     }
 

@@ -51,7 +51,7 @@ const DEDUPE_CAPACITY: usize = 1_000_000;
 /// All state, behind one API.
 pub struct State {
     accounts: RwLock<AccountsInner>,
-    conversations: DashMap<ConvKey, Conversation>,
+    conversations: DashMap<ConvKey, Box<Conversation>>,
     windows: WindowStore,
     pub dedupe: Dedupe,
     idempotency: DashMap<String, Idempotent>,

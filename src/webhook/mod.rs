@@ -37,22 +37,35 @@ pub struct Ctx {
 /// anyway (nothing is refused for being busy: Meta would only retry).
 const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A message leaves about three rows for the archive (its history entry,
+/// the reply's, the reply's record); this bounds the archive's backlog to
+/// some 5 × `max_backlog` messages.
+const ARCHIVE_ROWS_PER_BACKLOG: usize = 16;
+
 impl Ctx {
     /// Work acknowledged or due and not done yet (see `[http] max_backlog`).
     fn backlog(&self) -> usize {
         self.lanes.pending() + self.outbox.due_backlog(crate::domain::now_ms())
     }
 
+    /// Behind: more than `max_backlog` acknowledged or due and not done, or
+    /// the archive more than [`ARCHIVE_ROWS_PER_BACKLOG`] times that many
+    /// rows behind (finished work waits in memory until it is archived).
+    fn behind(&self) -> bool {
+        self.backlog() > self.max_backlog
+            || self.state.archive().backlog() > (self.max_backlog * ARCHIVE_ROWS_PER_BACKLOG) as u64
+    }
+
     /// Wait while the router runs more than `max_backlog` behind, so that
     /// acknowledging never outruns routing and sending: the answer to Meta
     /// slows down instead (up to [`BACKLOG_WAIT`]).
     async fn keep_up(&self) {
-        if self.backlog() <= self.max_backlog {
+        if !self.behind() {
             return;
         }
         self.metrics.webhook("backlog_wait");
         let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
-        while self.backlog() > self.max_backlog && tokio::time::Instant::now() < deadline {
+        while self.behind() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
