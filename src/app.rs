@@ -173,6 +173,12 @@ impl App {
         for receiver in lane_receivers {
             tokio::spawn(routing::run_lane(router.clone(), receiver));
         }
+        if restored.is_some() {
+            // History the replay put back in memory leaves it again, after
+            // the start rather than before it.
+            let state = shared.state.clone();
+            tokio::task::spawn_blocking(move || state.archive_all_recent());
+        }
         if let Some(restored) = restored {
             // Acknowledged before the stop, rules not yet run: run them now.
             for (account, msg, new_conversation) in restored.pending {

@@ -33,6 +33,8 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 pub const FILE: &str = "archive.sqlite3";
 /// Rows committed in one transaction at most.
 const BATCH: usize = 8192;
+/// Rows waiting for the writer past which API sends wait (up to 5 s).
+pub const API_MAX_BACKLOG_ROWS: u64 = 32_768;
 /// How long the writer gathers rows before it commits them.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -233,6 +235,20 @@ impl Archive {
     /// Rows handed over and not yet committed.
     pub fn backlog(&self) -> u64 {
         self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Wait, at most `limit`, while more than `max_rows` rows wait for the
+    /// writer: what adds finished work slows down to what the archive
+    /// takes, instead of piling it up in memory. Whether it waited.
+    pub async fn keep_up(&self, max_rows: u64, limit: std::time::Duration) -> bool {
+        if self.backlog() <= max_rows {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.backlog() > max_rows && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        true
     }
 
     /// Whether a commit failed (rows then stay in memory).

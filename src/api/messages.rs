@@ -74,6 +74,14 @@ pub async fn send(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // A flood of sends waits for the archive rather than filling memory.
+    ctx.state
+        .archive()
+        .keep_up(
+            crate::archive::API_MAX_BACKLOG_ROWS,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
     let (status, answer) = send_message(&ctx, body, header_key)?;
     super::durable(&ctx).await?;
     Ok(HttpResponse::build(status).json(answer))

@@ -331,8 +331,10 @@ impl State {
         });
     }
 
-    /// Every history entry in memory to the archive (after a replay).
-    pub(super) fn archive_all_recent(&self) {
+    /// Every history entry in memory to the archive: after a replay (it
+    /// may have them already; rows are replaced). The app runs it in the
+    /// background once the router is ready.
+    pub fn archive_all_recent(&self) {
         for c in self.conversations.iter() {
             let account = self.account_name(c.key().account);
             let first = c.recent_seq + 1 - c.recent.len() as u64;

@@ -160,9 +160,6 @@ impl State {
 
     /// After the last op: hand back the pending inbound messages.
     pub fn finish_restore(&self, sandbox: bool) -> Restored {
-        // What the replay put back in memory goes to the archive again
-        // (it may have it already: rows are replaced).
-        self.archive_all_recent();
         let mut out = Restored {
             conversations: self.conversations.len(),
             ..Restored::default()
