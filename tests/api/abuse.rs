@@ -71,12 +71,7 @@ async fn slow_body(
 }
 
 async fn metric(app: &TestApp, line_start: &str) -> f64 {
-    let text = app.metrics_text().await;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_value(&app.metrics_text().await, line_start).unwrap_or(0.0)
 }
 
 /// #7.2: slow and stalled bodies are cut off at `body_timeout`, and the

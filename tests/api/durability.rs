@@ -192,17 +192,10 @@ fn template_names(arrivals: &Arrivals) -> Vec<String> {
         .collect()
 }
 
-fn template(name: &str) -> Value {
-    json!({ "to": format!("+{ANA}"), "type": "template", "template": { "name": name, "language": { "code": "en" } } })
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let (graph, arrivals) = graph_mock().await;
-    let mut r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
+/// Templates `t0` … to ANA through the API: their ids, each accepted.
+async fn accept_templates(r: &Router, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
-    for i in 0..8 {
+    for i in 0..n {
         let (status, body) = r
             .api(
                 reqwest::Method::POST,
@@ -213,6 +206,19 @@ async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
         assert_eq!(status, 202, "{body}");
         ids.push(body["id"].as_str().unwrap().to_string());
     }
+    ids
+}
+
+fn template(name: &str) -> Value {
+    json!({ "to": format!("+{ANA}"), "type": "template", "template": { "name": name, "language": { "code": "en" } } })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, arrivals) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
+    let ids = accept_templates(&r, 8).await;
     r.kill();
     let r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
     let finals = settled(&r, &ids, 20).await;
@@ -1002,24 +1008,8 @@ async fn finished_messages_leave_memory_and_still_answer() {
             .await,
         200
     );
-    let mut ids = Vec::new();
-    for i in 0..20 {
-        let (status, body) = r
-            .api(
-                reqwest::Method::POST,
-                "/v1/messages",
-                Some(template(&format!("t{i}"))),
-            )
-            .await;
-        assert_eq!(status, 202, "{body}");
-        ids.push(body["id"].as_str().unwrap().to_string());
-    }
+    let ids = accept_templates(&r, 20).await;
     settled(&r, &ids, 20).await;
-    let gauge = |text: &str, name: &str| -> Option<f64> {
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    };
     wait_for(20, "the records to leave memory", || async {
         let text = r
             .http
@@ -1030,8 +1020,8 @@ async fn finished_messages_leave_memory_and_still_answer() {
             .text()
             .await
             .ok()?;
-        let held = gauge(&text, "wa_router_records_in_memory")?;
-        let backlog = gauge(&text, "wa_router_archive_backlog")?;
+        let held = metric_value(&text, "wa_router_records_in_memory")?;
+        let backlog = metric_value(&text, "wa_router_archive_backlog")?;
         (held == 0.0 && backlog == 0.0).then_some(())
     })
     .await;

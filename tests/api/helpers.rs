@@ -322,6 +322,17 @@ pub fn notification(messages: Vec<Value>, statuses: Vec<Value>) -> Value {
     json!({ "object": "whatsapp_business_account", "entry": [{ "id": "310298475561023", "changes": [{ "field": "messages", "value": value }] }] })
 }
 
+/// The value of the Prometheus line that starts with `line_start` (a
+/// metric name, with its labels if any) followed by a space.
+pub fn metric_value(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(line_start)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 pub fn status(wamid: &str, status: &str, to: &str) -> Value {
     json!({ "id": wamid, "status": status, "timestamp": now_s().to_string(), "recipient_id": to })
 }
