@@ -27,6 +27,8 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 // Indexes are few on purpose: each costs the writer on every row. Listing
 // walks the primary key (ids sort by time) newest first and filters;
 // `recipient` is the one selective filter, `wamid` serves late statuses.
+// History rows are appended (rowid) and found through a narrow index, so
+// the pages a batch dirties at random are index pages, not whole rows.
 // Pruning scans (once an hour).
 
 /// The archive's file name in `data_dir`.
@@ -123,13 +125,14 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_recipient ON records(recipient, id);
 CREATE TABLE IF NOT EXISTS history (
+    n INTEGER PRIMARY KEY,
     account TEXT NOT NULL,
     contact TEXT NOT NULL,
     seq INTEGER NOT NULL,
     at INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (account, contact, seq)
-) WITHOUT ROWID;
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS history_conversation ON history(account, contact, seq);
 ";
 
 fn open_conn(path: &Path, durable: bool) -> rusqlite::Result<Connection> {

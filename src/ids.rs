@@ -132,6 +132,12 @@ impl MessageId {
         format!("{}{:012x}", Self::PREFIX, ms.max(0))
     }
 
+    /// The creation time (unix ms) in the id, if it has one.
+    pub fn time_ms(&self) -> Option<Millis> {
+        let hex = self.0.strip_prefix(Self::PREFIX)?.get(..12)?;
+        Millis::from_str_radix(hex, 16).ok()
+    }
+
     /// `s` if it has the form of a router message id (an API caller may
     /// name a message by it or by its wamid).
     pub fn parse(s: &str) -> Option<Self> {
@@ -153,6 +159,11 @@ mod tests {
         assert_eq!(MessageId::parse("msg_"), None);
         assert_eq!(MessageId::derived(5, "k"), MessageId::derived(5, "k"));
         assert_ne!(MessageId::derived(5, "k"), MessageId::derived(5, "l"));
+        assert_eq!(
+            MessageId::derived(1_700_000_000_123, "k").time_ms(),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(MessageId::time_floor(77), "msg_00000000004d");
     }
 
     #[test]

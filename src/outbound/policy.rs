@@ -122,7 +122,7 @@ pub fn enqueue(
     let pace = account.settings.pace;
     let state = outbox.state();
     let queue = outbox.queue(&account);
-    if let Some(existing) = new.id.as_deref().and_then(|id| outbox.record(id)) {
+    if let Some(existing) = new.id.as_ref().and_then(|id| outbox.existing_reply(id)) {
         // Already accepted (rules run again after a crash): same answer, no second message.
         return Ok(Accepted {
             id: existing.id,

@@ -84,6 +84,8 @@ pub struct Outbox {
     status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
     /// Where settled records go; they leave memory once it has them.
     archive: Arc<Archive>,
+    /// When this process started (unix ms).
+    started_at: Millis,
 }
 
 impl Outbox {
@@ -110,6 +112,7 @@ impl Outbox {
                 metrics,
                 status_changes: tx,
                 archive: state.archive().clone(),
+                started_at: crate::domain::now_ms(),
                 state,
             },
             rx,
@@ -348,6 +351,20 @@ impl Outbox {
         let archived = self.archive.record(id).and_then(|b| Self::decode(&b));
         // Evicted between the two looks: it is in memory again or archived.
         archived.or_else(|| self.records.get(id).map(|r| r.clone()))
+    }
+
+    /// The record with a derived id (a rule reply), if it was made
+    /// already: rules run again for a message acknowledged before a crash.
+    /// Within one process a message's rules run once (dedupe), so only a
+    /// message timestamped before this process started (plus a minute of
+    /// clock skew) can have replies made earlier, perhaps archived since:
+    /// only then is the archive asked, not for every rule reply.
+    pub fn existing_reply(&self, id: &MessageId) -> Option<OutboundRecord> {
+        if let Some(r) = self.records.get(id.as_str()) {
+            return Some(r.clone());
+        }
+        let maybe_earlier = id.time_ms().is_none_or(|t| t < self.started_at + 60_000);
+        if maybe_earlier { self.record(id) } else { None }
     }
 
     /// The record sent as `wamid`, from memory or the archive.
