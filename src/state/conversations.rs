@@ -48,6 +48,10 @@ pub struct Conversation {
     #[serde(default)]
     pub recent_seq: u64,
     pub last_activity: Millis,
+    /// The 24 h window, kept in the conversation's entry (one key and one
+    /// lookup for both; journaled as its own op).
+    #[serde(skip)]
+    pub window: Option<Window>,
 }
 
 /// The conversation as an inbound message left it, for the rules.
@@ -87,10 +91,11 @@ impl State {
     pub fn inbound(&self, account: &Account, msg: &InboundMessage, now: Millis) -> InboundView {
         let key = ConvKey::new(account.id, &msg.from);
         let mut new_conversation = false;
+        let mut c = self.conversations.entry(key).or_default();
         if msg.opens_window {
             // SPEC §4: from Meta's timestamp, clamped to now, only extended.
-            new_conversation = self.windows.extend(key.clone(), msg.timestamp, now);
-            if let Some(window) = self.windows.get(&key) {
+            new_conversation = Window::extend(&mut c.window, msg.timestamp, now);
+            if let Some(window) = c.window {
                 self.log(|| StateOp::Window {
                     account: account.name().to_string(),
                     contact: msg.from.to_string(),
@@ -98,7 +103,6 @@ impl State {
                 });
             }
         }
-        let mut c = self.conversations.entry(key).or_default();
         if let Some(name) = &msg.contact_name {
             c.name = Some(name.clone());
         }
@@ -215,18 +219,24 @@ impl State {
     }
 
     pub fn window(&self, account: u16, contact: &str) -> Option<Window> {
-        self.windows.get(&ConvKey::new(account, contact))
+        self.conversations
+            .get(&ConvKey::new(account, contact))
+            .and_then(|c| c.window)
     }
 
     pub fn window_open(&self, account: u16, contact: &str, now: Millis) -> bool {
-        self.windows.is_open(&ConvKey::new(account, contact), now)
+        self.window(account, contact)
+            .is_some_and(|w| w.is_open(now))
     }
 
     /// Meta said the window is closed (131047): believe it.
     pub fn close_window(&self, account: u16, contact: &str, now: Millis) {
-        let key = ConvKey::new(account, contact);
-        self.windows.close(&key, now);
-        if let Some(window) = self.windows.get(&key) {
+        let Some(mut c) = self.conversations.get_mut(&ConvKey::new(account, contact)) else {
+            return;
+        };
+        if let Some(w) = c.window.as_mut() {
+            w.close(now);
+            let window = *w;
             self.log(|| StateOp::Window {
                 account: self.account_name(account),
                 contact: contact.to_string(),
@@ -236,7 +246,10 @@ impl State {
     }
 
     pub fn open_windows(&self, now: Millis) -> usize {
-        self.windows.open_count(now)
+        self.conversations
+            .iter()
+            .filter(|c| c.window.is_some_and(|w| w.is_open(now)))
+            .count()
     }
 
     /// What routing reads of a conversation (not its history): state,
@@ -258,7 +271,7 @@ impl State {
         Some(ConversationView {
             account: account.name().to_string(),
             wa_id: contact.to_string(),
-            window: self.window(account.id, contact),
+            window: conversation.window,
             conversation: *conversation,
         })
     }

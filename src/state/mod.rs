@@ -52,7 +52,6 @@ const DEDUPE_CAPACITY: usize = 1_000_000;
 pub struct State {
     accounts: RwLock<AccountsInner>,
     conversations: DashMap<ConvKey, Box<Conversation>>,
-    windows: WindowStore,
     pub dedupe: Dedupe,
     idempotency: DashMap<String, Idempotent>,
     idempotency_inserts: AtomicU64,
@@ -79,7 +78,6 @@ impl State {
         let state = State {
             accounts: RwLock::new(AccountsInner::default()),
             conversations: DashMap::new(),
-            windows: WindowStore::new(),
             dedupe: Dedupe::new(DEDUPE_CAPACITY, DEDUPE_TTL_MS),
             idempotency: DashMap::new(),
             idempotency_inserts: AtomicU64::new(0),

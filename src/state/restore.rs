@@ -71,8 +71,10 @@ impl State {
                 window,
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
-                    self.windows
-                        .restore(ConvKey::new(a.id, &contact), window.into());
+                    self.conversations
+                        .entry(ConvKey::new(a.id, &contact))
+                        .or_default()
+                        .window = Some(window.into());
                 }
             }
             StateOp::Conversation {
@@ -152,7 +154,6 @@ impl State {
                 if let Some(a) = self.account_by_name(&account) {
                     let key = ConvKey::new(a.id, &contact);
                     self.conversations.remove(&key);
-                    self.windows.remove(&key);
                 }
             }
         }
@@ -192,14 +193,14 @@ impl State {
                 at,
             });
         }
-        for (key, window) in self.windows.entries() {
-            put(StateOp::Window {
-                account: self.account_name(key.account),
-                contact: key.contact.to_string(),
-                window: window.into(),
-            });
-        }
         for c in self.conversations.iter() {
+            if let Some(window) = c.window {
+                put(StateOp::Window {
+                    account: self.account_name(c.key().account),
+                    contact: c.key().contact.to_string(),
+                    window: window.into(),
+                });
+            }
             put(StateOp::Conversation {
                 account: self.account_name(c.key().account),
                 contact: c.key().contact.to_string(),
@@ -243,13 +244,14 @@ impl State {
             .conversations
             .iter()
             .filter(|c| {
-                c.last_activity < cutoff && !c.opted_out && !self.windows.is_open(c.key(), now)
+                c.last_activity < cutoff
+                    && !c.opted_out
+                    && !c.window.is_some_and(|w| w.is_open(now))
             })
             .map(|c| c.key().clone())
             .collect();
         for key in &old_convs {
             self.conversations.remove(key);
-            self.windows.remove(key);
             self.log(|| StateOp::Forget {
                 account: self.account_name(key.account),
                 contact: key.contact.to_string(),

@@ -34,7 +34,38 @@ pub struct Window {
     pub expires: Millis,
 }
 
-/// All windows.
+impl Window {
+    /// An inbound message at Meta's time `at` on the window `w` (none
+    /// yet: `None`): clamp to `now`, extend only. Returns whether this
+    /// message opened a window (none was open before it).
+    pub fn extend(w: &mut Option<Window>, at: Millis, now: Millis) -> bool {
+        let at = at.min(now);
+        let expires = at + WINDOW_MS;
+        let was_open = w.is_some_and(|w| w.expires > now);
+        if w.is_none_or(|w| expires > w.expires) {
+            *w = Some(Window {
+                last_inbound: at,
+                expires,
+            });
+        }
+        !was_open && w.is_some_and(|w| w.expires > now)
+    }
+
+    pub fn is_open(&self, now: Millis) -> bool {
+        self.expires > now
+    }
+
+    /// Meta said the window is closed (131047): believe it.
+    pub fn close(&mut self, now: Millis) {
+        if self.expires > now {
+            self.expires = now;
+        }
+    }
+}
+
+/// Windows by conversation on their own (the router keeps each window in
+/// its conversation's entry; this map serves the micro-benchmarks and
+/// tests of the window rules).
 #[derive(Debug, Default)]
 pub struct WindowStore {
     map: DashMap<ConvKey, Window>,
@@ -48,20 +79,16 @@ impl WindowStore {
     /// An inbound message at Meta's time `at`: clamp to `now`, extend only.
     /// Returns whether this message opened a window (none was open before).
     pub fn extend(&self, key: ConvKey, at: Millis, now: Millis) -> bool {
-        let at = at.min(now);
-        let expires = at + WINDOW_MS;
         let mut w = self.map.entry(key).or_insert(Window {
             last_inbound: 0,
             expires: 0,
         });
-        let was_open = w.expires > now;
-        if expires > w.expires {
-            *w = Window {
-                last_inbound: at,
-                expires,
-            };
+        let mut window = Some(*w);
+        let opened = Window::extend(&mut window, at, now);
+        if let Some(new) = window {
+            *w = new;
         }
-        !was_open && w.expires > now
+        opened
     }
 
     pub fn get(&self, key: &ConvKey) -> Option<Window> {
@@ -69,15 +96,13 @@ impl WindowStore {
     }
 
     pub fn is_open(&self, key: &ConvKey, now: Millis) -> bool {
-        self.map.get(key).is_some_and(|w| w.expires > now)
+        self.map.get(key).is_some_and(|w| w.is_open(now))
     }
 
     /// Meta said the window is closed (131047): believe it.
     pub fn close(&self, key: &ConvKey, now: Millis) {
-        if let Some(mut w) = self.map.get_mut(key)
-            && w.expires > now
-        {
-            w.expires = now;
+        if let Some(mut w) = self.map.get_mut(key) {
+            w.close(now);
         }
     }
 
