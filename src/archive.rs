@@ -157,6 +157,7 @@ impl Archive {
         let (path, temp) = match dir {
             Some(d) => (d.join(FILE), None),
             None => {
+                remove_orphaned_temp_dirs();
                 let t = std::env::temp_dir().join(format!(
                     "wa-router-{}-{:016x}",
                     std::process::id(),
@@ -409,6 +410,32 @@ impl Archive {
     }
 }
 
+/// Memory mode's temporary archives of routers that are gone (killed
+/// before they could remove theirs): `wa-router-PID-…` whose PID no longer
+/// runs (Linux: no `/proc/PID`).
+fn remove_orphaned_temp_dirs() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("wa-router-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && e.path().join(FILE).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Drop for Archive {
     fn drop(&mut self) {
         self.close();
@@ -655,6 +682,12 @@ mod tests {
         assert!(dir.join(FILE).exists());
         drop(a);
         assert!(!dir.exists());
+        // One left by a router that was killed is removed by the next.
+        let orphan = std::env::temp_dir().join("wa-router-999999999-0");
+        std::fs::create_dir_all(&orphan).unwrap();
+        std::fs::write(orphan.join(FILE), b"").unwrap();
+        let _next = Archive::open(None).unwrap();
+        assert!(!orphan.exists());
     }
 
     #[tokio::test]

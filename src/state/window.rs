@@ -1,5 +1,6 @@
-//! The 24-hour customer-service windows (SPEC §4, CLOUD_API.md §11): one
-//! small entry per conversation, read before every send.
+//! The 24-hour customer-service windows (SPEC §4, CLOUD_API.md §11): the
+//! rules of one window ([`Window::extend`], [`Window::close`]), read before
+//! every send. The router keeps each window in its conversation's entry.
 //!
 //! Invariant: a window is only ever extended by inbound messages; only
 //! Meta's word (131047) closes it early.
