@@ -130,6 +130,12 @@ impl Router {
         )
     }
 
+    /// `GET /metrics` as text (`None` while it does not answer).
+    async fn metrics_text(&self) -> Option<String> {
+        let resp = self.http.get(self.url("/metrics")).send().await.ok()?;
+        resp.text().await.ok()
+    }
+
     async fn webhook(&self, n: &Value) -> u16 {
         let body = serde_json::to_vec(n).unwrap();
         let resp = self
@@ -517,15 +523,7 @@ async fn undelivered_events_survive_a_restart_with_their_ids() {
         200
     );
     wait_for(10, "a failed delivery", || async {
-        let m = r
-            .http
-            .get(r.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = r.metrics_text().await?;
         m.contains("result=\"retry\"").then_some(())
     })
     .await;
@@ -1011,15 +1009,7 @@ async fn finished_messages_leave_memory_and_still_answer() {
     let ids = accept_templates(&r, 20).await;
     settled(&r, &ids, 20).await;
     wait_for(20, "the records to leave memory", || async {
-        let text = r
-            .http
-            .get(r.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = r.metrics_text().await?;
         let held = metric_value(&text, "wa_router_records_in_memory")?;
         let backlog = metric_value(&text, "wa_router_archive_backlog")?;
         (held == 0.0 && backlog == 0.0).then_some(())
