@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -143,6 +143,9 @@ fn parse_args() -> Args {
 struct Seen {
     /// Successful sends: (time, contact, reply-of sequence number).
     sends: Mutex<Vec<(Instant, String, u64)>>,
+    /// Echo replies as they reached the mock, before its latency: (time,
+    /// the message number they answer), for inbound → Graph latency.
+    arrivals: Mutex<Vec<(Instant, u64)>>,
     requests: AtomicUsize,
 }
 
@@ -161,6 +164,7 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
         return HttpResponse::Ok().json(json!({ "success": true }));
     }
     mock.seen.requests.fetch_add(1, Ordering::Relaxed);
+    let arrived = Instant::now();
     let mut wait = mock.latency;
     if mock.jitter_ms > 0 {
         wait += Duration::from_millis(fastrand::u64(0..=mock.jitter_ms));
@@ -188,6 +192,9 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
     let seq = reply_seq(&v);
     let contacts = json!([{ "input": to, "wa_id": to, "user_id": to }]);
     mock.seen.sends.lock().push((Instant::now(), to, seq));
+    if seq > 0 {
+        mock.seen.arrivals.lock().push((arrived, seq));
+    }
     let n = mock.counter.fetch_add(1, Ordering::Relaxed);
     HttpResponse::Ok().json(json!({
         "messaging_product": "whatsapp",
@@ -433,6 +440,9 @@ struct Load {
     acked: AtomicUsize,
     /// Ack latencies (µs) of the webhooks answered 200.
     latencies: Mutex<Vec<u32>>,
+    /// When each message was posted (µs after `epoch`).
+    posted: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 impl Load {
@@ -443,6 +453,10 @@ impl Load {
             return false;
         };
         let t = Instant::now();
+        self.posted[i].store(
+            t.duration_since(self.epoch).as_micros() as u64,
+            Ordering::Relaxed,
+        );
         let ok = self
             .http
             .post(&self.url)
@@ -528,6 +542,8 @@ async fn run(args: Args) {
         next: AtomicUsize::new(0),
         acked: AtomicUsize::new(0),
         latencies: Mutex::new(Vec::new()),
+        posted: (0..args.messages).map(|_| AtomicU64::new(0)).collect(),
+        epoch: Instant::now(),
     });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
@@ -631,6 +647,19 @@ async fn run(args: Args) {
     }
     let mut lat = load.latencies.lock().clone();
     lat.sort_unstable();
+    // Inbound → Graph: from posting a message to its echo reply reaching
+    // the mock (the mock's own latency not included), in µs.
+    let mut e2e: Vec<u32> = seen
+        .arrivals
+        .lock()
+        .iter()
+        .filter_map(|(at, seq)| {
+            let posted = load.epoch
+                + Duration::from_micros(load.posted.get(*seq as usize)?.load(Ordering::Relaxed));
+            Some(at.saturating_duration_since(posted).as_micros() as u32)
+        })
+        .collect();
+    e2e.sort_unstable();
     let cpu_per_reply = if replies > 0 {
         (cpu_after - cpu_before) / replies as f64
     } else {
@@ -642,10 +671,10 @@ async fn run(args: Args) {
         args.label.clone()
     };
     println!(
-        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb"
+        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms"
     );
     println!(
-        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0}",
+        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2}",
         args.target,
         if args.rate.is_some() {
             0
@@ -668,6 +697,8 @@ async fn run(args: Args) {
             .load(Ordering::Relaxed)
             .min(args.messages)
             .saturating_sub(acks),
+        percentile(&e2e, 0.5),
+        percentile(&e2e, 0.99),
     );
     drop(target);
     server_handle.stop(false).await;
