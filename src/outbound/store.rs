@@ -997,6 +997,48 @@ mod tests {
         }
     }
 
+    /// A settled record leaves memory once the archive committed it and is
+    /// still found: by id, by wamid, and as an earlier process's rule reply.
+    #[tokio::test]
+    async fn archived_records_leave_memory_and_are_still_found() {
+        let o = Arc::new(outbox());
+        o.start_archiving();
+        let hour_ago = o.started_at - 3_600_000;
+        let earlier = MessageId::derived(hour_ago, "main|wamid.in.1|0");
+        o.restore_op(
+            OutboxOp::Record(Box::new(
+                (&record(earlier.as_str(), Status::Sent, hour_ago)).into(),
+            )),
+            false,
+        );
+        o.archive_record(&o.record(earlier.as_str()).unwrap());
+        o.archive.sync().await.unwrap();
+        assert!(!o.records.contains_key(earlier.as_str()), "left memory");
+        assert_eq!(o.record(earlier.as_str()).unwrap().status, Status::Sent);
+        assert_eq!(
+            o.record_id_by_wamid(&format!("wamid.{earlier}")),
+            Some(earlier.clone())
+        );
+        assert!(o.existing_reply(&earlier).is_some());
+        // A reply id of this process's time is looked for in memory only.
+        let now_id = MessageId::derived(o.started_at + 120_000, "main|wamid.in.2|0");
+        assert!(o.existing_reply(&now_id).is_none());
+        // A late status brings it back, applies, and it is archived again.
+        assert!(matches!(
+            o.apply_status(&delivered(&format!("wamid.{earlier}")), hour_ago + 1),
+            StatusOutcome::Applied { .. }
+        ));
+        o.archive.sync().await.unwrap();
+        assert_eq!(
+            o.record(earlier.as_str()).unwrap().status,
+            Status::Delivered
+        );
+        assert!(
+            !o.records.contains_key(earlier.as_str()),
+            "left memory again"
+        );
+    }
+
     #[test]
     fn a_131047_failure_closes_the_window() {
         let o = outbox();
