@@ -26,7 +26,9 @@ const PERMANENT_CODES: &[i64] = &[
 ];
 
 /// Classify by Graph code first (CLOUD_API.md: branch on `code`, not the
-/// HTTP status); unknown codes fall back to HTTP: 429 and 5xx are transient.
+/// HTTP status); unknown codes fall back to HTTP: 408 (the server gave up
+/// waiting for the request, so did not act on it), 429 and 5xx are
+/// transient.
 pub fn classify(e: &GraphError) -> Class {
     match e {
         GraphError::Transport { .. } => Class::Transient,
@@ -45,7 +47,7 @@ pub fn classify(e: &GraphError) -> Class {
                     return Class::Permanent;
                 }
             }
-            if *transient_hint || *http == 429 || *http >= 500 {
+            if *transient_hint || *http == 408 || *http == 429 || *http >= 500 {
                 Class::Transient
             } else {
                 Class::Permanent
@@ -155,6 +157,7 @@ mod tests {
         let table = [
             (status(429, None), Class::Transient),
             (status(500, None), Class::Transient),
+            (status(408, None), Class::Transient),
             (status(503, Some(133004)), Class::Transient),
             (status(400, Some(130429)), Class::Transient),
             (status(400, Some(131056)), Class::Transient),
