@@ -245,14 +245,7 @@ impl Archive {
     /// writer: what adds finished work slows down to what the archive
     /// takes, instead of piling it up in memory. Whether it waited.
     pub async fn keep_up(&self, max_rows: u64, limit: std::time::Duration) -> bool {
-        if self.backlog() <= max_rows {
-            return false;
-        }
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.backlog() > max_rows && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        true
+        crate::domain::wait_while(limit, || self.backlog() > max_rows).await
     }
 
     /// Whether a commit failed (rows then stay in memory).

@@ -92,6 +92,20 @@ pub fn derived_id(prefix: &str, ms: Millis, key: &str) -> String {
     format!("{prefix}_{}", id.simple())
 }
 
+/// Wait, at most `limit`, while `busy()` holds (polled every 2 ms): how
+/// intake slows down to what the router behind it can take. Whether it
+/// had to wait at all.
+pub async fn wait_while(limit: Duration, busy: impl Fn() -> bool) -> bool {
+    if !busy() {
+        return false;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    while busy() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    true
+}
+
 /// Parse a duration such as `"200ms"`, `"10s"`, `"5m"`, `"36h"`, `"7d"`.
 /// Several parts may be joined (`"1h30m"`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

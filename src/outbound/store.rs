@@ -703,14 +703,7 @@ impl Outbox {
                 // An archived record comes back to take it (and is archived
                 // again after the replay); one dropped later (retention)
                 // has no update to take.
-                if !self.records.contains_key(update.id.as_str())
-                    && let Some(r) = self
-                        .archive
-                        .record(&update.id)
-                        .and_then(|b| Self::decode(&b))
-                {
-                    self.records.insert(r.id.clone(), r);
-                }
+                self.reload(&update.id);
                 if let Some(mut r) = self.records.get_mut(update.id.as_str()) {
                     update.apply(&mut r);
                 }

@@ -60,13 +60,8 @@ impl Ctx {
     /// acknowledging never outruns routing and sending: the answer to Meta
     /// slows down instead (up to [`BACKLOG_WAIT`]).
     async fn keep_up(&self) {
-        if !self.behind() {
-            return;
-        }
-        self.metrics.webhook("backlog_wait");
-        let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
-        while self.behind() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        if crate::domain::wait_while(BACKLOG_WAIT, || self.behind()).await {
+            self.metrics.webhook("backlog_wait");
         }
     }
 }
