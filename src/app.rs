@@ -186,6 +186,7 @@ impl App {
                     account,
                     msg,
                     new_conversation,
+                    replayed: true,
                 });
             }
         }

@@ -387,6 +387,7 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
         validity,
         bypass_consent: false,
         keep_refused: false,
+        may_exist: false,
         id: None,
     };
     let accepted =
@@ -550,6 +551,7 @@ pub async fn retry(
         validity: ctx.validity,
         bypass_consent: false,
         keep_refused: false,
+        may_exist: false,
         id: None,
     };
     let accepted =

@@ -99,6 +99,11 @@ pub struct NewMessage {
     /// A fixed id (rule replies: derived from the inbound message); a
     /// message with this id that already exists is not accepted twice.
     pub id: Option<MessageId>,
+    /// With `id`: a message with it may have been made by an earlier
+    /// process and archived since, so the archive is asked too (otherwise
+    /// memory only, where every record of this process's making is until
+    /// it settles).
+    pub may_exist: bool,
 }
 
 /// What accepting a message gave.
@@ -122,7 +127,11 @@ pub fn enqueue(
     let pace = account.settings.pace;
     let state = outbox.state();
     let queue = outbox.queue(&account);
-    if let Some(existing) = new.id.as_ref().and_then(|id| outbox.existing_reply(id)) {
+    if let Some(existing) = new
+        .id
+        .as_ref()
+        .and_then(|id| outbox.existing_reply(id, new.may_exist))
+    {
         // Already accepted (rules run again after a crash): same answer, no second message.
         return Ok(Accepted {
             id: existing.id,

@@ -395,6 +395,7 @@ mod tests {
             validity,
             bypass_consent: false,
             keep_refused: false,
+            may_exist: false,
             id: None,
         };
         enqueue(&sender.outbox, new, now).unwrap().id.into_string()

@@ -19,6 +19,9 @@ pub struct Job {
     pub account: Arc<Account>,
     pub msg: InboundMessage,
     pub new_conversation: bool,
+    /// Acknowledged before a restart, rules not run then (journal replay):
+    /// some of its replies may exist already, perhaps archived.
+    pub replayed: bool,
 }
 
 /// The senders of the lanes; the workers are started by the app

@@ -57,6 +57,7 @@ impl Router {
             account,
             msg,
             new_conversation,
+            replayed,
         } = job;
         let state = &self.state;
         let rules = self.rules.get();
@@ -99,7 +100,9 @@ impl Router {
                 self.metrics.webhook("stale_consent_keyword");
             }
             match consent.reply.filter(|_| applied) {
-                Some(Ok(content)) => self.send(&account, &msg, 0, content, "consent", true),
+                Some(Ok(content)) => {
+                    self.send(&account, &msg, 0, content, "consent", true, replayed)
+                }
                 Some(Err(e)) => tracing::error!(error = %e, "consent reply could not be rendered"),
                 None => {}
             }
@@ -136,7 +139,7 @@ impl Router {
         let source = format!("rule:{}", plan.rule);
         for (slot, content) in plan.sends.into_iter().enumerate() {
             match content {
-                Ok(content) => self.send(&account, &msg, slot, content, &source, false),
+                Ok(content) => self.send(&account, &msg, slot, content, &source, false, replayed),
                 Err(e) => {
                     tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent")
                 }
@@ -170,6 +173,7 @@ impl Router {
         content: Content,
         source: &str,
         bypass_consent: bool,
+        replayed: bool,
     ) {
         let id = MessageId::derived(
             msg.timestamp,
@@ -187,6 +191,10 @@ impl Router {
             validity: self.validity,
             bypass_consent,
             keep_refused: true,
+            // Its rules may have run before: after a restart, or for a
+            // message older than this process (Meta redelivering what an
+            // earlier process received).
+            may_exist: replayed || msg.timestamp < self.outbox.started_at(),
         };
         if let Err((refused, id)) = enqueue(&self.outbox, new, now_ms()) {
             tracing::info!(reason = refused.code(), message_id = ?id, "rule message refused by policy");

@@ -62,6 +62,7 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
                 account: account.clone(),
                 msg,
                 new_conversation: view.new_conversation,
+                replayed: false,
             });
         }
     }
