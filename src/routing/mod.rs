@@ -49,6 +49,15 @@ pub async fn run_lane(router: Arc<Router>, mut jobs: mpsc::UnboundedReceiver<Job
     }
 }
 
+/// The inbound message rule replies answer.
+#[derive(Clone, Copy)]
+struct ReplyTo<'a> {
+    account: &'a Arc<Account>,
+    msg: &'a InboundMessage,
+    /// Replayed after a restart (see [`Job::replayed`]).
+    replayed: bool,
+}
+
 impl Router {
     /// Consent keywords, handoff and rules for one inbound message.
     #[tracing::instrument(skip_all, fields(account = %job.account.name(), message_id = %job.msg.wamid))]
@@ -59,6 +68,11 @@ impl Router {
             new_conversation,
             replayed,
         } = job;
+        let reply_to = ReplyTo {
+            account: &account,
+            msg: &msg,
+            replayed,
+        };
         let state = &self.state;
         let rules = self.rules.get();
         let now = now_ms();
@@ -100,9 +114,7 @@ impl Router {
                 self.metrics.webhook("stale_consent_keyword");
             }
             match consent.reply.filter(|_| applied) {
-                Some(Ok(content)) => {
-                    self.send(&account, &msg, 0, content, "consent", true, replayed)
-                }
+                Some(Ok(content)) => self.send(&reply_to, 0, content, "consent", true),
                 Some(Err(e)) => tracing::error!(error = %e, "consent reply could not be rendered"),
                 None => {}
             }
@@ -139,7 +151,7 @@ impl Router {
         let source = format!("rule:{}", plan.rule);
         for (slot, content) in plan.sends.into_iter().enumerate() {
             match content {
-                Ok(content) => self.send(&account, &msg, slot, content, &source, false, replayed),
+                Ok(content) => self.send(&reply_to, slot, content, &source, false),
                 Err(e) => {
                     tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent")
                 }
@@ -167,14 +179,17 @@ impl Router {
     /// twice.
     fn send(
         &self,
-        account: &Arc<Account>,
-        msg: &InboundMessage,
+        reply_to: &ReplyTo<'_>,
         slot: usize,
         content: Content,
         source: &str,
         bypass_consent: bool,
-        replayed: bool,
     ) {
+        let ReplyTo {
+            account,
+            msg,
+            replayed,
+        } = *reply_to;
         let id = MessageId::derived(
             msg.timestamp,
             &format!("{}|{}|{}", account.name(), msg.wamid, slot),

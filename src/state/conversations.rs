@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::ops::{ConversationWire, RecentWire, StateOp};
-use super::{Account, ConvKey, State, Window};
+use super::{Account, State, Window};
 use crate::archive::HistoryRow;
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
@@ -89,51 +89,55 @@ impl ConversationView {
 impl State {
     /// Apply an inbound message: window, contact name, recent messages.
     pub fn inbound(&self, account: &Account, msg: &InboundMessage, now: Millis) -> InboundView {
-        let key = ConvKey::new(account.id, &msg.from);
-        let mut new_conversation = false;
-        let mut c = self.conversations.entry(key).or_default();
-        if msg.opens_window {
-            // SPEC §4: from Meta's timestamp, clamped to now, only extended.
-            new_conversation = Window::extend(&mut c.window, msg.timestamp, now);
-            if let Some(window) = c.window {
-                self.log(|| StateOp::Window {
-                    account: account.name().to_string(),
-                    contact: msg.from.to_string(),
-                    window: window.into(),
-                });
+        self.conversations.upsert(account.id, &msg.from, |c| {
+            let mut new_conversation = false;
+            if msg.opens_window {
+                // SPEC §4: from Meta's timestamp, clamped to now, only extended.
+                let mut window = c.window();
+                new_conversation = Window::extend(&mut window, msg.timestamp, now);
+                c.set_window(window);
+                if let Some(window) = window {
+                    self.log(|| StateOp::Window {
+                        account: account.name().to_string(),
+                        contact: msg.from.to_string(),
+                        window: window.into(),
+                    });
+                }
             }
-        }
-        if let Some(name) = &msg.contact_name {
-            c.name = Some(name.clone());
-        }
-        c.last_activity = now;
-        let entry = Recent {
-            direction: Direction::In,
-            id: msg.wamid.to_string(),
-            kind: msg.kind.as_str().to_string(),
-            text: msg.text.clone(),
-            at: msg.timestamp.min(now),
-        };
-        // A delta: the new entry, not the whole history again.
-        self.log(|| StateOp::Recent {
-            account: account.name().to_string(),
-            contact: msg.from.to_string(),
-            seq: c.recent_seq + 1,
-            entry: RecentWire::from(&entry),
-            name: msg.contact_name.clone(),
-            last_activity: now,
-        });
-        self.archive_recent(account.name(), &msg.from, c.recent_seq + 1, &entry);
-        push_recent(&mut c, entry);
-        if c.handoff_until.is_some_and(|u| u <= now) {
-            c.handoff_until = None;
-        }
-        // Routing reads state and vars when the message's turn comes
-        // (`routing_facts`): not cloned here for every inbound message.
-        InboundView {
-            new_conversation,
-            handoff: c.handoff_until.is_some(),
-        }
+            if let Some(name) = &msg.contact_name {
+                c.set_name(Some(name));
+            }
+            c.last_activity = now;
+            let entry = Recent {
+                direction: Direction::In,
+                id: msg.wamid.to_string(),
+                kind: msg.kind.as_str().to_string(),
+                text: msg.text.clone(),
+                at: msg.timestamp.min(now),
+            };
+            let seq = c.recent_seq() + 1;
+            // A delta: the new entry, not the whole history again.
+            self.log(|| StateOp::Recent {
+                account: account.name().to_string(),
+                contact: msg.from.to_string(),
+                seq,
+                entry: RecentWire::from(&entry),
+                name: msg.contact_name.clone(),
+                last_activity: now,
+            });
+            self.archive_recent(account.name(), &msg.from, seq, &entry);
+            c.push_recent(entry);
+            if c.handoff_until().is_some_and(|u| u <= now) {
+                c.extra_mut().handoff_until = None;
+                c.tidy();
+            }
+            // Routing reads state and vars when the message's turn comes
+            // (`routing_facts`): not cloned here for every inbound message.
+            InboundView {
+                new_conversation,
+                handoff: c.handoff_until().is_some(),
+            }
+        })
     }
 
     pub(super) fn update_conversation<R>(
@@ -143,19 +147,19 @@ impl State {
         now: Millis,
         f: impl FnOnce(&mut Conversation) -> R,
     ) -> R {
-        let mut c = self
-            .conversations
-            .entry(ConvKey::new(account, contact))
-            .or_default();
-        c.last_activity = now;
-        let out = f(&mut c);
-        // The fields only: the history is journaled entry by entry.
-        self.log(|| StateOp::Conversation {
-            account: self.account_name(account),
-            contact: contact.to_string(),
-            conversation: Box::new(ConversationWire::new(&c, false)),
-        });
-        out
+        self.conversations.upsert(account, contact, |n| {
+            n.last_activity = now;
+            let mut c = n.to_conversation(false);
+            let out = f(&mut c);
+            // The fields only: the history is journaled entry by entry.
+            self.log(|| StateOp::Conversation {
+                account: self.account_name(account),
+                contact: contact.to_string(),
+                conversation: Box::new(ConversationWire::new(&c, false)),
+            });
+            n.set_fields(c);
+            out
+        })
     }
 
     pub fn set_state(&self, account: u16, contact: &str, state: String, now: Millis) {
@@ -214,14 +218,14 @@ impl State {
 
     pub fn is_opted_out(&self, account: u16, contact: &str) -> bool {
         self.conversations
-            .get(&ConvKey::new(account, contact))
-            .is_some_and(|c| c.opted_out)
+            .with(account, contact, |c| c.opted_out())
+            .unwrap_or(false)
     }
 
     pub fn window(&self, account: u16, contact: &str) -> Option<Window> {
         self.conversations
-            .get(&ConvKey::new(account, contact))
-            .and_then(|c| c.window)
+            .with(account, contact, |c| c.window())
+            .flatten()
     }
 
     pub fn window_open(&self, account: u16, contact: &str, now: Millis) -> bool {
@@ -231,73 +235,74 @@ impl State {
 
     /// Meta said the window is closed (131047): believe it.
     pub fn close_window(&self, account: u16, contact: &str, now: Millis) {
-        let Some(mut c) = self.conversations.get_mut(&ConvKey::new(account, contact)) else {
-            return;
-        };
-        if let Some(w) = c.window.as_mut() {
-            w.close(now);
-            let window = *w;
-            self.log(|| StateOp::Window {
-                account: self.account_name(account),
-                contact: contact.to_string(),
-                window: window.into(),
-            });
-        }
+        self.conversations.with_mut(account, contact, |c| {
+            if let Some(mut window) = c.window() {
+                window.close(now);
+                c.set_window(Some(window));
+                self.log(|| StateOp::Window {
+                    account: self.account_name(account),
+                    contact: contact.to_string(),
+                    window: window.into(),
+                });
+            }
+        });
     }
 
     pub fn open_windows(&self, now: Millis) -> usize {
-        self.conversations
-            .iter()
-            .filter(|c| c.window.is_some_and(|w| w.is_open(now)))
-            .count()
+        let mut open = 0;
+        self.conversations.for_each(|c| {
+            if c.window().is_some_and(|w| w.is_open(now)) {
+                open += 1;
+            }
+        });
+        open
     }
 
     /// What routing reads of a conversation (not its history): state,
     /// vars and handoff, or defaults for a conversation not known yet.
     pub fn routing_facts(&self, account: u16, contact: &str) -> RoutingFacts {
         self.conversations
-            .get(&ConvKey::new(account, contact))
-            .map(|c| RoutingFacts {
-                state: c.state.clone(),
-                vars: c.vars.clone(),
-                handoff_until: c.handoff_until,
+            .with(account, contact, |c| {
+                c.extra()
+                    .map(|e| RoutingFacts {
+                        state: e.state.clone(),
+                        vars: e.vars.clone(),
+                        handoff_until: e.handoff_until,
+                    })
+                    .unwrap_or_default()
             })
             .unwrap_or_default()
     }
 
     pub fn conversation(&self, account: &Account, contact: &str) -> Option<ConversationView> {
-        let key = ConvKey::new(account.id, contact);
-        let conversation = self.conversations.get(&key).map(|c| c.clone())?;
+        let conversation = self
+            .conversations
+            .with(account.id, contact, |c| c.to_conversation(true))?;
         Some(ConversationView {
             account: account.name().to_string(),
             wa_id: contact.to_string(),
             window: conversation.window,
-            conversation: *conversation,
+            conversation,
         })
     }
 
     /// Add an outbound message to the conversation's recent messages.
     pub fn note_outbound(&self, account: u16, contact: &str, entry: Recent, now: Millis) {
-        let mut c = self
-            .conversations
-            .entry(ConvKey::new(account, contact))
-            .or_default();
-        c.last_activity = now;
-        self.log(|| StateOp::Recent {
-            account: self.account_name(account),
-            contact: contact.to_string(),
-            seq: c.recent_seq + 1,
-            entry: RecentWire::from(&entry),
-            name: None,
-            last_activity: now,
+        let account_name = self.account_name(account);
+        self.conversations.upsert(account, contact, |c| {
+            c.last_activity = now;
+            let seq = c.recent_seq() + 1;
+            self.log(|| StateOp::Recent {
+                account: account_name.clone(),
+                contact: contact.to_string(),
+                seq,
+                entry: RecentWire::from(&entry),
+                name: None,
+                last_activity: now,
+            });
+            self.archive_recent(&account_name, contact, seq, &entry);
+            c.push_recent(entry);
         });
-        self.archive_recent(
-            &self.account_name(account),
-            contact,
-            c.recent_seq + 1,
-            &entry,
-        );
-        push_recent(&mut c, entry);
     }
 
     /// The last [`RECENT`] messages of a conversation, oldest first: the
@@ -306,8 +311,9 @@ impl State {
         // Memory first: an entry leaves it only after the archive has it.
         let (memory, last_seq) = self
             .conversations
-            .get(&ConvKey::new(account, contact))
-            .map(|c| (c.recent.iter().cloned().collect::<Vec<_>>(), c.recent_seq))
+            .with(account, contact, |c| {
+                (c.recent().cloned().collect::<Vec<_>>(), c.recent_seq())
+            })
             .unwrap_or_default();
         let first_in_memory = last_seq + 1 - memory.len() as u64;
         let mut all: BTreeMap<u64, Recent> = BTreeMap::new();
@@ -348,13 +354,17 @@ impl State {
     /// may have them already; rows are replaced). The app runs it in the
     /// background once the router is ready.
     pub fn archive_all_recent(&self) {
-        for c in self.conversations.iter() {
-            let account = self.account_name(c.key().account);
-            let first = c.recent_seq + 1 - c.recent.len() as u64;
-            for (i, entry) in c.recent.iter().enumerate() {
-                self.archive_recent(&account, &c.key().contact, first + i as u64, entry);
+        self.conversations.for_each(|c| {
+            if c.recent_len() == 0 {
+                return;
             }
-        }
+            let account = self.account_name(c.account);
+            let contact = c.contact();
+            let first = c.recent_seq() + 1 - c.recent_len() as u64;
+            for (i, entry) in c.recent().enumerate() {
+                self.archive_recent(&account, &contact, first + i as u64, entry);
+            }
+        });
     }
 
     /// Drop history entries from memory once the archive committed them.
@@ -369,25 +379,29 @@ impl State {
                 let Some(a) = me.account_by_name(account) else {
                     continue;
                 };
-                if let Some(mut c) = me.conversations.get_mut(&ConvKey::new(a.id, contact)) {
-                    trim_archived(&mut c, *seq);
-                }
+                me.conversations
+                    .with_mut(a.id, contact, |c| c.trim_archived(*seq));
             }
         });
     }
 
     /// Every conversation (of one account, or all), for listing.
     pub fn conversations(&self, account: Option<u16>) -> Vec<ConversationView> {
-        let keys: Vec<ConvKey> = self
-            .conversations
-            .iter()
-            .filter(|e| account.is_none_or(|a| a == e.key().account))
-            .map(|e| e.key().clone())
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let a = self.account(k.account)?;
-                self.conversation(&a, &k.contact)
+        let mut found = Vec::new();
+        self.conversations.for_each(|c| {
+            if account.is_none_or(|a| a == c.account) {
+                found.push((c.account, c.contact(), c.to_conversation(true)));
+            }
+        });
+        found
+            .into_iter()
+            .filter_map(|(account, contact, conversation)| {
+                Some(ConversationView {
+                    account: self.account(account)?.name().to_string(),
+                    wa_id: contact,
+                    window: conversation.window,
+                    conversation,
+                })
             })
             .collect()
     }
@@ -410,26 +424,6 @@ impl State {
             }
         });
     }
-}
-
-/// Forget the in-memory entries up to `seq` (archived).
-fn trim_archived(c: &mut Conversation, seq: u64) {
-    let first = c.recent_seq + 1 - c.recent.len() as u64;
-    let n = (seq + 1).saturating_sub(first).min(c.recent.len() as u64) as usize;
-    c.recent.drain(..n);
-    if c.recent.is_empty() {
-        // Give the buffer back: a million idle conversations hold none.
-        c.recent = VecDeque::new();
-    }
-}
-
-/// Add `entry` to the history (the last [`RECENT`] are kept).
-pub(super) fn push_recent(c: &mut Conversation, entry: Recent) {
-    if c.recent.len() >= RECENT {
-        c.recent.pop_front();
-    }
-    c.recent.push_back(entry);
-    c.recent_seq += 1;
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod dedupe;
 pub mod idempotency;
 pub mod ops;
 pub mod restore;
+pub mod table;
 pub mod window;
 
 use std::sync::Arc;
@@ -51,7 +52,7 @@ const DEDUPE_CAPACITY: usize = 1_000_000;
 /// All state, behind one API.
 pub struct State {
     accounts: RwLock<AccountsInner>,
-    conversations: DashMap<ConvKey, Box<Conversation>>,
+    conversations: table::ConvTable,
     pub dedupe: Dedupe,
     idempotency: DashMap<String, Idempotent>,
     idempotency_inserts: AtomicU64,
@@ -77,7 +78,7 @@ impl State {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = State {
             accounts: RwLock::new(AccountsInner::default()),
-            conversations: DashMap::new(),
+            conversations: table::ConvTable::default(),
             dedupe: Dedupe::new(DEDUPE_CAPACITY, DEDUPE_TTL_MS),
             idempotency: DashMap::new(),
             idempotency_inserts: AtomicU64::new(0),

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::conversations::{Conversation, Direction, Recent};
+use super::table::Node;
 use super::window::Window;
 use crate::domain::Millis;
 use crate::inbound::{InboundKind, InboundMessage, ReplyChoice};
@@ -130,19 +131,22 @@ impl ConversationWire {
         }
     }
 
-    /// Apply onto `c` (the conversation as replay has it so far).
-    pub fn apply(self, c: &mut Conversation) {
-        c.name = self.name;
-        c.state = self.state;
-        c.vars = self.vars;
-        c.handoff_until = self.handoff_until;
-        c.opted_out = self.opted_out;
-        c.consent_at = self.consent_at;
-        c.last_activity = self.last_activity;
+    /// Apply onto `n` (the conversation as replay has it so far).
+    pub fn apply(self, n: &mut Node) {
         if let Some(recent) = self.recent {
-            c.recent_seq = self.recent_seq.unwrap_or(recent.len() as u64);
-            c.recent = recent.into_iter().map(Recent::from).collect();
+            let seq = self.recent_seq.unwrap_or(recent.len() as u64);
+            n.set_recent(recent.into_iter().map(Recent::from).collect(), seq);
         }
+        n.set_fields(Conversation {
+            name: self.name,
+            state: self.state,
+            vars: self.vars,
+            handoff_until: self.handoff_until,
+            opted_out: self.opted_out,
+            consent_at: self.consent_at,
+            last_activity: self.last_activity,
+            ..Conversation::default()
+        });
     }
 }
 
@@ -260,6 +264,7 @@ impl From<InboundWire> for InboundMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::table::ConvTable;
 
     #[test]
     fn a_format_zero_conversation_and_message_read_back() {
@@ -267,8 +272,9 @@ mod tests {
         let StateOp::Conversation { conversation, .. } = serde_json::from_str(conv).unwrap() else {
             panic!("a conversation")
         };
-        let mut c = Conversation::default();
-        conversation.apply(&mut c);
+        let t = ConvTable::default();
+        t.upsert(1, "1", |n| conversation.apply(n));
+        let c = t.with(1, "1", |n| n.to_conversation(true)).unwrap();
         assert_eq!((c.recent.len(), c.recent_seq), (1, 1));
         assert_eq!(c.state, "menu");
         let pending = r#"{"Pending":{"account":"main","message":{"wamid":"w","from":"1","contact_name":null,"timestamp":1,"kind":"Button","raw_type":"interactive","text":"Yes","reply":{"id":"yes","title":"Yes"},"context_id":null,"opens_window":true,"raw":{}},"new_conversation":true}}"#;
@@ -282,16 +288,17 @@ mod tests {
 
     #[test]
     fn field_updates_leave_the_history_alone() {
-        let mut c = Conversation::default();
-        c.recent.push_back(Recent {
-            direction: Direction::In,
-            id: "w".into(),
-            kind: "text".into(),
-            text: None,
-            at: 1,
+        let t = ConvTable::default();
+        t.upsert(1, "1", |n| {
+            n.push_recent(Recent {
+                direction: Direction::In,
+                id: "w".into(),
+                kind: "text".into(),
+                text: None,
+                at: 1,
+            })
         });
-        c.recent_seq = 1;
-        let mut changed = c.clone();
+        let mut changed = t.with(1, "1", |n| n.to_conversation(true)).unwrap();
         changed.state = "done".into();
         let wire = ConversationWire::new(&changed, false);
         assert!(
@@ -300,7 +307,8 @@ mod tests {
                 .find("recent")
                 .is_none()
         );
-        wire.apply(&mut c);
+        t.upsert(1, "1", |n| wire.apply(n));
+        let c = t.with(1, "1", |n| n.to_conversation(true)).unwrap();
         assert_eq!((c.state.as_str(), c.recent.len()), ("done", 1));
     }
 }

@@ -3,7 +3,6 @@
 //! journaled again. Outbound records are restored by
 //! [`crate::outbound::store`], events by [`crate::events`].
 
-use super::conversations::push_recent;
 use super::idempotency::Idempotent;
 use super::ops::{ConversationWire, DirectionWire, InboundWire, StateOp};
 use super::*;
@@ -57,8 +56,7 @@ impl State {
                 }
             }
             StateOp::SeenDigest { digest, at } => {
-                let mut d = [0u8; 16];
-                if hex::decode_to_slice(&digest, &mut d).is_ok() {
+                if let Some(d) = super::dedupe::digest_from_hex(&digest) {
                     self.dedupe.first_time_digest(d, at);
                 }
             }
@@ -72,9 +70,7 @@ impl State {
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
                     self.conversations
-                        .entry(ConvKey::new(a.id, &contact))
-                        .or_default()
-                        .window = Some(window.into());
+                        .upsert(a.id, &contact, |c| c.set_window(Some(window.into())));
                 }
             }
             StateOp::Conversation {
@@ -83,11 +79,8 @@ impl State {
                 conversation,
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
-                    let mut c = self
-                        .conversations
-                        .entry(ConvKey::new(a.id, &contact))
-                        .or_default();
-                    conversation.apply(&mut c);
+                    self.conversations
+                        .upsert(a.id, &contact, |n| conversation.apply(n));
                 }
             }
             StateOp::Recent {
@@ -101,24 +94,22 @@ impl State {
                 let Some(a) = self.restore_account(&account, sandbox) else {
                     return;
                 };
-                let mut c = self
-                    .conversations
-                    .entry(ConvKey::new(a.id, &contact))
-                    .or_default();
-                // A snapshot taken after this entry was added holds it already.
-                if seq <= c.recent_seq {
-                    return;
-                }
-                let inbound = matches!(entry.direction, DirectionWire::In);
-                if name.is_some() {
-                    c.name = name;
-                }
-                c.last_activity = last_activity;
-                if inbound && c.handoff_until.is_some_and(|u| u <= last_activity) {
-                    c.handoff_until = None;
-                }
-                push_recent(&mut c, entry.into());
-                c.recent_seq = seq;
+                self.conversations.upsert(a.id, &contact, |c| {
+                    // A snapshot taken after this entry was added holds it already.
+                    if seq <= c.recent_seq() {
+                        return;
+                    }
+                    let inbound = matches!(entry.direction, DirectionWire::In);
+                    if name.is_some() {
+                        c.set_name(name.as_deref());
+                    }
+                    c.last_activity = last_activity;
+                    if inbound && c.handoff_until().is_some_and(|u| u <= last_activity) {
+                        c.extra_mut().handoff_until = None;
+                    }
+                    c.push_recent(entry.into());
+                    c.set_recent_seq(seq);
+                });
             }
             StateOp::Idempotency {
                 key,
@@ -152,8 +143,7 @@ impl State {
             }
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
-                    let key = ConvKey::new(a.id, &contact);
-                    self.conversations.remove(&key);
+                    self.conversations.remove(a.id, &contact);
                 }
             }
         }
@@ -193,20 +183,22 @@ impl State {
                 at,
             });
         }
-        for c in self.conversations.iter() {
-            if let Some(window) = c.window {
+        self.conversations.for_each(|c| {
+            let account = self.account_name(c.account);
+            let contact = c.contact();
+            if let Some(window) = c.window() {
                 put(StateOp::Window {
-                    account: self.account_name(c.key().account),
-                    contact: c.key().contact.to_string(),
+                    account: account.clone(),
+                    contact: contact.clone(),
                     window: window.into(),
                 });
             }
             put(StateOp::Conversation {
-                account: self.account_name(c.key().account),
-                contact: c.key().contact.to_string(),
-                conversation: Box::new(ConversationWire::new(c.value(), true)),
+                account,
+                contact,
+                conversation: Box::new(ConversationWire::new(&c.to_conversation(true), true)),
             });
-        }
+        });
         for i in self.idempotency.iter() {
             put(StateOp::Idempotency {
                 key: i.key().clone(),
@@ -240,21 +232,20 @@ impl State {
     /// opted-out contacts, whose consent is kept. Returns how many.
     pub fn prune(&self, now: Millis, retention: std::time::Duration) -> usize {
         let cutoff = now - retention.as_millis() as Millis;
-        let old_convs: Vec<ConvKey> = self
-            .conversations
-            .iter()
-            .filter(|c| {
-                c.last_activity < cutoff
-                    && !c.opted_out
-                    && !c.window.is_some_and(|w| w.is_open(now))
-            })
-            .map(|c| c.key().clone())
-            .collect();
-        for key in &old_convs {
-            self.conversations.remove(key);
+        let mut old_convs: Vec<(u16, String)> = Vec::new();
+        self.conversations.for_each(|c| {
+            if c.last_activity < cutoff
+                && !c.opted_out()
+                && !c.window().is_some_and(|w| w.is_open(now))
+            {
+                old_convs.push((c.account, c.contact()));
+            }
+        });
+        for (account, contact) in &old_convs {
+            self.conversations.remove(*account, contact);
             self.log(|| StateOp::Forget {
-                account: self.account_name(key.account),
-                contact: key.contact.to_string(),
+                account: self.account_name(*account),
+                contact: contact.clone(),
             });
         }
         old_convs.len()

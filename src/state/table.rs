@@ -1,0 +1,452 @@
+//! The conversations, kept compact: a million open windows are a million
+//! entries, so an entry is what every conversation needs and no more.
+//!
+//! Each conversation is one 64-byte [`Node`] behind one pointer in a
+//! sharded hash table (a bucket is 8 bytes; a `DashMap<key, Box<value>>`
+//! bucket was 32, and a table is half empty right after it grows). A
+//! phone-number contact is kept as a number, a profile name of up to 24
+//! bytes inline; the fields few conversations use (rule state, vars,
+//! handoff, consent, a text contact id, a window Meta closed early, history
+//! not yet archived) live in one [`Extra`] box that exists only while one
+//! of them is set. Measured: 456 → see BENCHMARKS.md bytes per open window.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::BuildHasher;
+
+use compact_str::CompactString;
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use parking_lot::RwLock;
+
+use super::conversations::{Conversation, RECENT, Recent};
+use super::window::{WINDOW_MS, Window};
+use crate::domain::Millis;
+
+/// Shards of the table (independent locks).
+const SHARDS: usize = 64;
+/// `Node::last_inbound` of a conversation that never had a window.
+const NO_WINDOW: Millis = Millis::MIN;
+
+/// A contact id as the table compares and hashes it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key<'a> {
+    /// All digits, no leading zero, at most 19 digits: a phone number.
+    Digits(u64),
+    Text(&'a str),
+}
+
+impl<'a> Key<'a> {
+    fn of(contact: &'a str) -> Self {
+        let b = contact.as_bytes();
+        if (1..=19).contains(&b.len()) && b[0] != b'0' && b.iter().all(u8::is_ascii_digit) {
+            let n = b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            Key::Digits(n)
+        } else {
+            Key::Text(contact)
+        }
+    }
+}
+
+/// The rarely used part of a conversation (see the module docs).
+#[derive(Debug, Default, Clone)]
+pub struct Extra {
+    /// The contact id when it is not a phone number (e.g. a BSUID).
+    contact: Option<Box<str>>,
+    pub state: String,
+    pub vars: BTreeMap<String, String>,
+    pub handoff_until: Option<Millis>,
+    pub opted_out: bool,
+    pub consent_at: Option<Millis>,
+    /// The end of a window Meta closed early (131047); otherwise a window
+    /// ends 24 h after its last inbound message.
+    expires: Option<Millis>,
+    /// History entries not yet archived, oldest first.
+    pub recent: VecDeque<Recent>,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.contact.is_none()
+            && self.state.is_empty()
+            && self.vars.is_empty()
+            && self.handoff_until.is_none()
+            && !self.opted_out
+            && self.consent_at.is_none()
+            && self.expires.is_none()
+            && self.recent.is_empty()
+    }
+}
+
+/// One conversation (64 bytes).
+#[derive(Debug)]
+pub struct Node {
+    /// The contact as a number, or 0 when it is text (`Extra::contact`).
+    digits: u64,
+    /// The window's last inbound message; [`NO_WINDOW`] if none.
+    last_inbound: Millis,
+    pub last_activity: Millis,
+    name: Option<CompactString>,
+    extra: Option<Box<Extra>>,
+    /// Entries ever added to the history (journal deltas are numbered by it).
+    recent_seq: u32,
+    pub account: u16,
+}
+
+impl Node {
+    fn new(account: u16, key: Key<'_>) -> Self {
+        let mut node = Node {
+            digits: 0,
+            last_inbound: NO_WINDOW,
+            last_activity: 0,
+            name: None,
+            extra: None,
+            recent_seq: 0,
+            account,
+        };
+        match key {
+            Key::Digits(n) => node.digits = n,
+            Key::Text(s) => node.extra_mut().contact = Some(s.into()),
+        }
+        node
+    }
+
+    fn key(&self) -> Key<'_> {
+        match (
+            self.digits,
+            self.extra.as_ref().and_then(|e| e.contact.as_deref()),
+        ) {
+            (0, Some(s)) => Key::Text(s),
+            (n, _) => Key::Digits(n),
+        }
+    }
+
+    /// The contact id (wa_id or user id).
+    pub fn contact(&self) -> String {
+        match self.key() {
+            Key::Digits(n) => n.to_string(),
+            Key::Text(s) => s.to_string(),
+        }
+    }
+
+    pub fn window(&self) -> Option<Window> {
+        (self.last_inbound != NO_WINDOW).then(|| Window {
+            last_inbound: self.last_inbound,
+            expires: self
+                .extra
+                .as_ref()
+                .and_then(|e| e.expires)
+                .unwrap_or(self.last_inbound + WINDOW_MS),
+        })
+    }
+
+    pub fn set_window(&mut self, w: Option<Window>) {
+        match w {
+            None => {
+                self.last_inbound = NO_WINDOW;
+                if let Some(e) = self.extra.as_mut() {
+                    e.expires = None;
+                }
+            }
+            Some(w) => {
+                self.last_inbound = w.last_inbound;
+                if w.expires == w.last_inbound + WINDOW_MS {
+                    if let Some(e) = self.extra.as_mut() {
+                        e.expires = None;
+                    }
+                } else {
+                    self.extra_mut().expires = Some(w.expires);
+                }
+            }
+        }
+        self.tidy();
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    pub fn set_name(&mut self, name: Option<&str>) {
+        self.name = name.map(CompactString::from);
+    }
+
+    pub fn extra(&self) -> Option<&Extra> {
+        self.extra.as_deref()
+    }
+
+    /// The rare fields, made if missing; call [`Node::tidy`] after.
+    pub fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Drop the rare fields' box when none is set.
+    pub fn tidy(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
+    }
+
+    pub fn opted_out(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| e.opted_out)
+    }
+
+    pub fn handoff_until(&self) -> Option<Millis> {
+        self.extra.as_ref().and_then(|e| e.handoff_until)
+    }
+
+    pub fn recent_seq(&self) -> u64 {
+        u64::from(self.recent_seq)
+    }
+
+    /// History entries not yet archived, oldest first.
+    pub fn recent(&self) -> impl Iterator<Item = &Recent> {
+        self.extra.iter().flat_map(|e| e.recent.iter())
+    }
+
+    pub fn recent_len(&self) -> usize {
+        self.extra.as_ref().map_or(0, |e| e.recent.len())
+    }
+
+    /// Add `entry` to the history (the last [`RECENT`] are kept).
+    pub fn push_recent(&mut self, entry: Recent) {
+        let recent = &mut self.extra_mut().recent;
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(entry);
+        self.recent_seq = self.recent_seq.saturating_add(1);
+    }
+
+    /// Forget the in-memory entries up to `seq` (archived).
+    pub fn trim_archived(&mut self, seq: u64) {
+        let first = self.recent_seq() + 1 - self.recent_len() as u64;
+        let n = (seq + 1)
+            .saturating_sub(first)
+            .min(self.recent_len() as u64) as usize;
+        if let Some(e) = self.extra.as_mut() {
+            e.recent.drain(..n);
+            if e.recent.is_empty() {
+                // Give the buffer back: a million idle conversations hold none.
+                e.recent = VecDeque::new();
+            }
+        }
+        self.tidy();
+    }
+
+    /// The whole conversation (its history in memory only `with_recent`).
+    pub fn to_conversation(&self, with_recent: bool) -> Conversation {
+        let e = self.extra.as_deref();
+        Conversation {
+            name: self.name().map(str::to_string),
+            state: e.map(|e| e.state.clone()).unwrap_or_default(),
+            vars: e.map(|e| e.vars.clone()).unwrap_or_default(),
+            handoff_until: self.handoff_until(),
+            opted_out: self.opted_out(),
+            consent_at: e.and_then(|e| e.consent_at),
+            recent: match (with_recent, e) {
+                (true, Some(e)) => e.recent.clone(),
+                _ => VecDeque::new(),
+            },
+            recent_seq: self.recent_seq(),
+            last_activity: self.last_activity,
+            window: self.window(),
+        }
+    }
+
+    /// Take every field of `c` but its window and history.
+    pub fn set_fields(&mut self, c: Conversation) {
+        self.set_name(c.name.as_deref());
+        self.last_activity = c.last_activity;
+        let e = self.extra_mut();
+        e.state = c.state;
+        e.vars = c.vars;
+        e.handoff_until = c.handoff_until;
+        e.opted_out = c.opted_out;
+        e.consent_at = c.consent_at;
+        self.tidy();
+    }
+
+    /// Replace the history in memory (journal replay of a snapshot).
+    pub fn set_recent(&mut self, recent: VecDeque<Recent>, seq: u64) {
+        self.extra_mut().recent = recent;
+        self.recent_seq = u32::try_from(seq).unwrap_or(u32::MAX);
+        self.tidy();
+    }
+
+    pub fn set_recent_seq(&mut self, seq: u64) {
+        self.recent_seq = u32::try_from(seq).unwrap_or(u32::MAX);
+    }
+}
+
+/// Conversations by (account, contact): a sharded table of boxed nodes.
+pub struct ConvTable {
+    shards: Box<[RwLock<HashTable<Box<Node>>>]>,
+    hasher: RandomState,
+}
+
+impl Default for ConvTable {
+    fn default() -> Self {
+        ConvTable {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            hasher: RandomState::default(),
+        }
+    }
+}
+
+impl ConvTable {
+    fn hash(&self, account: u16, key: Key<'_>) -> u64 {
+        match key {
+            Key::Digits(n) => self.hasher.hash_one((account, n)),
+            Key::Text(s) => self.hasher.hash_one((account, s)),
+        }
+    }
+
+    /// The shard of a hash: bits below the 7 the table's control bytes use
+    /// and far above the ones that pick a bucket.
+    fn shard(&self, hash: u64) -> &RwLock<HashTable<Box<Node>>> {
+        &self.shards[(hash >> 51) as usize % SHARDS]
+    }
+
+    /// Read one conversation.
+    pub fn with<R>(&self, account: u16, contact: &str, f: impl FnOnce(&Node) -> R) -> Option<R> {
+        let key = Key::of(contact);
+        let hash = self.hash(account, key);
+        let shard = self.shard(hash).read();
+        shard
+            .find(hash, |n| n.account == account && n.key() == key)
+            .map(|n| f(n))
+    }
+
+    /// Change one conversation, if it exists.
+    pub fn with_mut<R>(
+        &self,
+        account: u16,
+        contact: &str,
+        f: impl FnOnce(&mut Node) -> R,
+    ) -> Option<R> {
+        let key = Key::of(contact);
+        let hash = self.hash(account, key);
+        let mut shard = self.shard(hash).write();
+        shard
+            .find_mut(hash, |n| n.account == account && n.key() == key)
+            .map(|n| f(n))
+    }
+
+    /// Change one conversation, made empty first if it does not exist.
+    pub fn upsert<R>(&self, account: u16, contact: &str, f: impl FnOnce(&mut Node) -> R) -> R {
+        let key = Key::of(contact);
+        let hash = self.hash(account, key);
+        let mut shard = self.shard(hash).write();
+        if let Some(n) = shard.find_mut(hash, |n| n.account == account && n.key() == key) {
+            return f(n);
+        }
+        let node = Box::new(Node::new(account, key));
+        let mut entry = shard.insert_unique(hash, node, |n| self.hash(n.account, n.key()));
+        f(entry.get_mut())
+    }
+
+    /// Forget one conversation.
+    pub fn remove(&self, account: u16, contact: &str) -> bool {
+        let key = Key::of(contact);
+        let hash = self.hash(account, key);
+        let mut shard = self.shard(hash).write();
+        match shard.find_entry(hash, |n| n.account == account && n.key() == key) {
+            Ok(e) => {
+                e.remove();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Every conversation, a shard at a time (each under its read lock).
+    pub fn for_each(&self, mut f: impl FnMut(&Node)) {
+        for shard in self.shards.iter() {
+            for n in shard.read().iter() {
+                f(n);
+            }
+        }
+    }
+
+    /// Change every conversation, a shard at a time.
+    pub fn for_each_mut(&self, mut f: impl FnMut(&mut Node)) {
+        for shard in self.shards.iter() {
+            for n in shard.write().iter_mut() {
+                f(n);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<Node>(), 64);
+    }
+
+    #[test]
+    fn contacts_round_trip_as_numbers_or_text() {
+        let t = ConvTable::default();
+        for c in [
+            "15551234567",
+            "0123",
+            "US.1349120865530274",
+            "1",
+            "99999999999999999999",
+            "",
+        ] {
+            t.upsert(1, c, |n| n.last_activity = 5);
+            assert_eq!(t.with(1, c, |n| n.contact()), Some(c.to_string()), "{c:?}");
+            assert_eq!(t.with(2, c, |n| n.contact()), None, "another account");
+        }
+        assert_eq!(t.len(), 6);
+        // "0123" is text, "123" a number: two conversations.
+        t.upsert(1, "123", |_| ());
+        assert_eq!(t.len(), 7);
+        assert!(t.remove(1, "0123"));
+        assert!(!t.remove(1, "0123"));
+        assert_eq!(t.with(1, "123", |n| n.contact()).as_deref(), Some("123"));
+    }
+
+    #[test]
+    fn the_rare_fields_box_goes_when_nothing_is_set() {
+        let t = ConvTable::default();
+        t.upsert(1, "155", |n| {
+            n.extra_mut().state = "menu".into();
+            n.tidy();
+        });
+        assert!(t.with(1, "155", |n| n.extra().is_some()).unwrap());
+        t.upsert(1, "155", |n| {
+            n.extra_mut().state.clear();
+            n.tidy();
+        });
+        assert!(t.with(1, "155", |n| n.extra().is_none()).unwrap());
+    }
+
+    #[test]
+    fn a_window_closed_early_keeps_its_end() {
+        let t = ConvTable::default();
+        let w = Window {
+            last_inbound: 1000,
+            expires: 1000 + WINDOW_MS,
+        };
+        t.upsert(1, "155", |n| n.set_window(Some(w)));
+        assert_eq!(t.with(1, "155", |n| n.window()).unwrap(), Some(w));
+        assert!(t.with(1, "155", |n| n.extra().is_none()).unwrap());
+        let closed = Window { expires: 5000, ..w };
+        t.upsert(1, "155", |n| n.set_window(Some(closed)));
+        assert_eq!(t.with(1, "155", |n| n.window()).unwrap(), Some(closed));
+        t.upsert(1, "155", |n| n.set_window(Some(w)));
+        assert!(t.with(1, "155", |n| n.extra().is_none()).unwrap());
+    }
+}
