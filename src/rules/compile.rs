@@ -3,11 +3,14 @@
 
 use std::collections::HashSet;
 
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
 use serde_json::{Value, json};
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use super::matcher::{Condition, IdPattern, Matcher};
-use super::model::{RoutesFile, RuleIn, SendIn, WhenIn};
+use super::model::{ConsentIn, RoutesFile, RuleIn, SendIn, WhenIn};
 use super::render::{Templates, Text, is_template};
 use super::{Consent, Rule, Ruleset, SendTemplate};
 use crate::domain::{Located, normalize_text, parse_phone};
@@ -18,14 +21,7 @@ use crate::message::validate::validate;
 /// Compile the text of a rule file. `targets` are the event targets the
 /// configuration defines (`forward` may only name these).
 pub fn compile(file: &str, source: &str, targets: &[String]) -> Result<Ruleset, Vec<Located>> {
-    let parsed: RoutesFile = toml::from_str(source).map_err(|e| {
-        let offset = e.span().map_or(0, |s| s.start);
-        let mut message = e.message().trim_end().to_string();
-        if let Some(name) = rule_name_at(source, offset) {
-            message = format!("rule {name:?}: {message}");
-        }
-        vec![Located::at(file, source, offset, message)]
-    })?;
+    let (parsed, shape_errors) = parse(file, source)?;
     let mut c = Compiler {
         file,
         source,
@@ -54,8 +50,11 @@ pub fn compile(file: &str, source: &str, targets: &[String]) -> Result<Ruleset, 
         conditions.push(c.condition(&name, rule.when.as_ref()));
         rules.push(c.rule(&name, rule));
     }
-    if !c.errors.is_empty() {
-        return Err(c.errors);
+    if !shape_errors.is_empty() || !c.errors.is_empty() {
+        let mut errors = shape_errors;
+        errors.append(&mut c.errors);
+        errors.sort_by_key(|e| (e.line, e.col));
+        return Err(errors);
     }
     let uses_reply_tags = conditions.iter().any(|c| c.reply_to_tag.is_some());
     Ok(Ruleset {
@@ -67,20 +66,59 @@ pub fn compile(file: &str, source: &str, targets: &[String]) -> Result<Ruleset, 
     })
 }
 
-/// The name of the `[[rule]]` whose text holds byte `offset`, if it can be told.
-fn rule_name_at(source: &str, offset: usize) -> Option<String> {
-    let before = &source[..offset.min(source.len())];
-    let index = before
-        .lines()
-        .filter(|l| {
-            let t: String = l.chars().filter(|c| !c.is_whitespace()).collect();
-            t.starts_with("[[rule]]")
-        })
-        .count()
-        .checked_sub(1)?;
-    let table: toml::Table = source.parse().ok()?;
-    let rules = table.get("rule")?.as_array()?;
-    rules.get(index)?.get("name")?.as_str().map(str::to_string)
+/// The file's shape, rule by rule: a syntax error stops here (all of them
+/// are reported); a rule of the wrong shape (unknown key, wrong type) is
+/// reported and left out, and the others are still parsed, so that `check`
+/// names every broken rule in one run.
+fn parse(file: &str, source: &str) -> Result<(RoutesFile, Vec<Located>), Vec<Located>> {
+    let located = |offset: usize, message: String| Located::at(file, source, offset, message);
+    let from = |e: &toml::de::Error, at: usize, prefix: String| {
+        let offset = e.span().map_or(at, |s| s.start);
+        located(offset, format!("{prefix}{}", e.message().trim_end()))
+    };
+    let (root, syntax) = DeTable::parse_recoverable(source);
+    if !syntax.is_empty() {
+        return Err(syntax.iter().map(|e| from(e, 0, String::new())).collect());
+    }
+    let mut out = RoutesFile::default();
+    let mut errors = Vec::new();
+    for (key, value) in root.into_inner() {
+        let at = value.span().start;
+        match key.get_ref().as_ref() {
+            "consent" => match Spanned::<ConsentIn>::deserialize(value.into_deserializer()) {
+                Ok(c) => out.consent = Some(c),
+                Err(e) => errors.push(from(&e, at, "consent: ".into())),
+            },
+            "rule" => match value.into_inner() {
+                DeValue::Array(items) => {
+                    for item in items.iter() {
+                        let at = item.span().start;
+                        let name = match item.get_ref() {
+                            DeValue::Table(t) => t.get("name").and_then(|n| match n.get_ref() {
+                                DeValue::String(s) => Some(s.to_string()),
+                                _ => None,
+                            }),
+                            _ => None,
+                        };
+                        let prefix = name.map_or("rule: ".into(), |n| format!("rule {n:?}: "));
+                        match Spanned::<RuleIn>::deserialize(item.clone().into_deserializer()) {
+                            Ok(rule) => out.rule.push(rule),
+                            Err(e) => errors.push(from(&e, at, prefix)),
+                        }
+                    }
+                }
+                _ => errors.push(located(
+                    at,
+                    "`rule` must be an array of tables ([[rule]])".into(),
+                )),
+            },
+            other => errors.push(located(
+                key.span().start,
+                format!("unknown key `{other}`, expected `consent` or `rule`"),
+            )),
+        }
+    }
+    Ok((out, errors))
 }
 
 struct Compiler<'a> {
@@ -314,6 +352,7 @@ impl Compiler<'_> {
             set_state,
             set,
             mark_read: r.mark_read,
+            typing: r.typing,
             sends,
             forward,
             handoff: r.handoff,

@@ -211,7 +211,11 @@ fn timestamp_ms(v: &Option<Value>) -> Option<Millis> {
 
 /// Parse a notification body (already signature-checked).
 pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
-    let env: EnvelopeIn<'_> = serde_json::from_slice(body).map_err(|e| {
+    // JSON is UTF-8 (RFC 8259 §8.1). Checked once over the whole body:
+    // the parser below skips the strings it ignores without looking inside.
+    let body = std::str::from_utf8(body)
+        .map_err(|e| ParseError::NotJson(format!("the body is not UTF-8: {e}")))?;
+    let env: EnvelopeIn<'_> = serde_json::from_str(body).map_err(|e| {
         if e.is_data() {
             ParseError::NotWhatsApp(e.to_string())
         } else {
@@ -522,6 +526,11 @@ mod tests {
     #[test]
     fn bad_bodies_are_errors_and_odd_items_are_skipped() {
         assert!(matches!(parse(b"not json"), Err(ParseError::NotJson(_))));
+        // Invalid UTF-8 in a string the parser would otherwise skip.
+        let mut bad = br#"{"object":"whatsapp_business_account","entry":[],"x":""#.to_vec();
+        bad.extend_from_slice(&[0xff, 0xfe]);
+        bad.extend_from_slice(br#""}"#);
+        assert!(matches!(parse(&bad), Err(ParseError::NotJson(e)) if e.contains("UTF-8")));
         assert!(matches!(parse(b"[1,2]"), Err(ParseError::NotWhatsApp(_))));
         assert!(matches!(
             parse(br#"{"object":"page","entry":[]}"#),

@@ -48,6 +48,56 @@ fn check_prints_every_error_with_file_line_col_and_exits_1() {
     );
 }
 
+/// Issue #10.5: one run names every broken rule, whatever kind of mistake
+/// each has (a bad regex, an unknown key, a value of the wrong type), and
+/// an unknown top-level key too.
+#[test]
+fn check_reports_three_different_mistakes_in_three_rules_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "\
+[[rule]]
+name = \"orders\"
+when = { regex = '^order (?P<n>\\d+' }
+
+[[rule]]
+name = \"misspelt\"
+sned = [ { type = \"text\", body = \"x\" } ]
+
+[[rule]]
+name = \"wrong type\"
+mark_read = \"yes\"
+
+[[rule]]
+name = \"fine\"
+when = { text = \"hi\" }
+send = [ { type = \"text\", body = \"hello\" } ]
+
+[extra]
+x = 1
+";
+    std::fs::write(dir.path().join("rules.toml"), text).unwrap();
+    let (code, out, err) = run(&["check", "rules.toml"], dir.path());
+    assert_eq!(code, 1);
+    assert!(!out.contains("ok:"));
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("rules.toml:"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    for (line, (at, what)) in lines.iter().zip([
+        ("rules.toml:3:", "\"orders\""),
+        ("rules.toml:7:", "\"misspelt\""),
+        ("rules.toml:11:", "\"wrong type\""),
+        ("rules.toml:18:", "extra"),
+    ]) {
+        assert!(
+            line.starts_with(at) && line.contains(what),
+            "{line:?} in\n{err}"
+        );
+    }
+    assert!(lines[1].contains("sned"), "{err}");
+}
+
 #[test]
 fn check_uses_the_config_targets_for_forward() {
     let dir = tempfile::tempdir().unwrap();

@@ -133,6 +133,33 @@ async fn signed_bodies_that_are_not_notifications_are_400_never_5xx() {
     );
 }
 
+/// Issue #10.6: a body whose strings hold invalid UTF-8 is not JSON, even
+/// where the bad bytes sit in a field the router ignores.
+#[tokio::test]
+async fn a_signed_hi_with_invalid_utf8_in_an_ignored_field_is_400_and_not_processed() {
+    let app = spawn_app(GREETING).await;
+    let mut n = notification(vec![text(ANA, "hi")], vec![]);
+    n["entry"][0]["changes"][0]["value"]["ignored"] = Value::String("MARK".into());
+    let text = serde_json::to_string(&n).unwrap();
+    let at = text.find("MARK").unwrap();
+    let mut body = text.as_bytes()[..at].to_vec();
+    body.extend_from_slice(&[0xc3, 0x28, 0xff]);
+    body.extend_from_slice(&text.as_bytes()[at + 4..]);
+    let resp = app.post_webhook(&body).await;
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_notification");
+    // Nothing of it was processed: no conversation, no reply (the flush
+    // template is the only send).
+    app.flush().await;
+    assert!(app.conversation(ANA).await.is_none());
+    assert!(app.texts_to(ANA).await.is_empty());
+    // The same notification as valid UTF-8 is answered.
+    let valid = text.replace("MARK", "é");
+    assert_eq!(app.post_webhook(valid.as_bytes()).await.status(), 200);
+    assert_eq!(app.wait_texts(ANA, 1).await.len(), 1);
+}
+
 #[tokio::test]
 async fn odd_items_inside_a_notification_are_accepted_and_skipped() {
     let app = spawn_app(GREETING).await;
