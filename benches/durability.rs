@@ -196,6 +196,7 @@ fn restart_fixture(dir: &Path, conversations: usize, queued: usize) {
             send_at: None,
             expires_at: now + 36 * 3_600_000,
             bypass_consent: false,
+            typing: None,
         };
         encode(Owner::Outbox, &OutboxOp::Record(Box::new((&record).into())))
     });

@@ -453,6 +453,7 @@ pub fn simulate_message(rules: &Ruleset, msg: &InboundMessage, conv: Simulated<'
             out.insert("set_state".into(), json!(plan.set_state));
             out.insert("set".into(), strings(plan.set_vars).into());
             out.insert("mark_read".into(), plan.mark_read.into());
+            out.insert("typing".into(), plan.typing.into());
             out.insert("forward".into(), json!(plan.forward));
             out.insert("handoff".into(), plan.handoff.into());
         }

@@ -39,6 +39,10 @@ pub struct MessageIn {
     pub reaction: Option<Value>,
     /// A wamid or a router message id: sent as `context.message_id`.
     pub reply_to: Option<String>,
+    /// Show the customer a typing indicator on `reply_to` (their message,
+    /// by wamid) right before this message goes out; it also marks that
+    /// message read. Not repeated when the send is retried.
+    pub typing: Option<bool>,
     /// At most 10, lower-cased.
     pub tags: Option<Vec<String>>,
     /// Any JSON object; echoed in records and status events.

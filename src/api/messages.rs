@@ -26,6 +26,7 @@ const ROUTER_FIELDS: &[&str] = &[
     "to",
     "type",
     "reply_to",
+    "typing",
     "tags",
     "metadata",
     "send_at",
@@ -148,6 +149,8 @@ pub struct SendRequest {
     pub object: Value,
     /// As given: a wamid or a router message id.
     pub reply_to: Option<String>,
+    /// A typing indicator on `reply_to` (a customer's message) first.
+    pub typing: bool,
     pub tags: Vec<String>,
     pub metadata: Option<Value>,
     pub send_at: Option<Millis>,
@@ -233,6 +236,21 @@ pub fn parse_send_request(
         }
         Some(r) => Some(r.to_string()),
     };
+    let typing = match map.get("typing") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(ApiError::invalid("typing", "typing is true or false")),
+    };
+    if typing
+        && reply_to
+            .as_deref()
+            .is_none_or(|r| MessageId::parse(r).is_some())
+    {
+        return Err(ApiError::invalid(
+            "typing",
+            "typing needs reply_to naming the customer's message (its wamid)",
+        ));
+    }
     let tags = match map.get("tags") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => {
@@ -318,6 +336,7 @@ pub fn parse_send_request(
         kind: message_type,
         object,
         reply_to,
+        typing,
         tags,
         metadata,
         send_at,
@@ -333,6 +352,7 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
         kind,
         object,
         reply_to,
+        typing,
         tags,
         metadata,
         send_at,
@@ -371,6 +391,7 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
         },
         None => None,
     };
+    let typing = context_id.clone().filter(|_| typing);
     let content = Content {
         kind,
         object,
@@ -388,6 +409,7 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
         bypass_consent: false,
         keep_refused: false,
         may_exist: false,
+        typing,
         id: None,
     };
     let accepted =
@@ -552,6 +574,7 @@ pub async fn retry(
         bypass_consent: false,
         keep_refused: false,
         may_exist: false,
+        typing: None,
         id: None,
     };
     let accepted =

@@ -194,15 +194,20 @@ impl GraphClient {
             })
     }
 
-    /// Mark an inbound message read (CLOUD_API.md §7.5).
+    /// Mark an inbound message read, `typing`: and show the contact a
+    /// typing indicator (until the next message, or about 25 s) (CLOUD_API.md §7.5).
     pub async fn mark_read(
         &self,
         phone_number_id: &str,
         token: &Secret,
         wamid: &str,
+        typing: bool,
     ) -> Result<(), GraphError> {
-        let body =
+        let mut body =
             json!({ "messaging_product": "whatsapp", "status": "read", "message_id": wamid });
+        if typing {
+            body["typing_indicator"] = json!({ "type": "text" });
+        }
         self.post(phone_number_id, token, &body).await.map(|_| ())
     }
 }

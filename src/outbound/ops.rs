@@ -39,6 +39,8 @@ pub struct RecordWire {
     pub send_at: Option<Millis>,
     pub expires_at: Millis,
     pub bypass_consent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typing: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +137,7 @@ impl From<&OutboundRecord> for RecordWire {
             send_at: r.send_at,
             expires_at: r.expires_at,
             bypass_consent: r.bypass_consent,
+            typing: r.typing.as_ref().map(ToString::to_string),
         }
     }
 }
@@ -162,6 +165,7 @@ impl From<RecordWire> for OutboundRecord {
             send_at: r.send_at,
             expires_at: r.expires_at,
             bypass_consent: r.bypass_consent,
+            typing: r.typing.map(Into::into),
         }
     }
 }
@@ -228,6 +232,7 @@ mod tests {
             send_at: None,
             expires_at: 10,
             bypass_consent: false,
+            typing: None,
         };
         let mut sent = r.clone();
         sent.set_status(Status::Sent, 2);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::store::Outbox;
 use super::{Content, OutboundRecord, Status};
 use crate::domain::Millis;
-use crate::ids::{ContactId, MessageId};
+use crate::ids::{ContactId, MessageId, Wamid};
 use crate::state::{Account, State};
 
 /// Why a message may not be sent (now).
@@ -104,6 +104,8 @@ pub struct NewMessage {
     /// memory only, where every record of this process's making is until
     /// it settles).
     pub may_exist: bool,
+    /// Show a typing indicator on this inbound message before sending.
+    pub typing: Option<Wamid>,
 }
 
 /// What accepting a message gave.
@@ -173,6 +175,7 @@ pub fn enqueue(
         send_at,
         expires_at,
         bypass_consent: new.bypass_consent,
+        typing: new.typing,
     };
     if let Err(refused) = check_record(state, &account, &record, now) {
         if !new.keep_refused {

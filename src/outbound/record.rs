@@ -120,6 +120,9 @@ pub struct OutboundRecord {
     pub expires_at: Millis,
     /// Consent replies go out even to a contact who just opted out.
     pub bypass_consent: bool,
+    /// Show the contact a typing indicator on this inbound message right
+    /// before the first attempt (CLOUD_API.md §7.5; it also marks it read).
+    pub typing: Option<Wamid>,
 }
 
 impl OutboundRecord {

@@ -279,6 +279,20 @@ pub async fn execute(sender: &Sender, account: &Account, prepared: Prepared) -> 
         tracing::info!(%wamid, "sandbox message sent");
         return ExecutionOutcome::Done;
     };
+    if attempts == 1
+        && let Some(inbound) = &record.typing
+    {
+        // Right before the reply it precedes, in the reply's pace slot; a
+        // failure is logged, and never retried (a retry of the reply
+        // goes without it).
+        if let Err(e) = sender
+            .graph
+            .mark_read(&account.settings.phone_number_id, token, inbound, true)
+            .await
+        {
+            tracing::warn!(error = %e.describe(), "typing indicator failed");
+        }
+    }
     let body = send_body(&record.to, &record.content);
     match sender
         .graph
@@ -396,6 +410,7 @@ mod tests {
             bypass_consent: false,
             keep_refused: false,
             may_exist: false,
+            typing: None,
             id: None,
         };
         enqueue(&sender.outbox, new, now).unwrap().id.into_string()

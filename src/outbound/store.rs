@@ -871,6 +871,7 @@ mod tests {
             send_at: None,
             expires_at: created_at + 1000,
             bypass_consent: false,
+            typing: None,
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::now_ms;
 use crate::events::Events;
-use crate::ids::MessageId;
+use crate::ids::{MessageId, Wamid};
 use crate::inbound::InboundMessage;
 use crate::outbound::graph::GraphClient;
 use crate::outbound::policy::NewMessage;
@@ -114,7 +114,7 @@ impl Router {
                 self.metrics.webhook("stale_consent_keyword");
             }
             match consent.reply.filter(|_| applied) {
-                Some(Ok(content)) => self.send(&reply_to, 0, content, "consent", true),
+                Some(Ok(content)) => self.send(&reply_to, 0, content, "consent", true, None),
                 Some(Err(e)) => tracing::error!(error = %e, "consent reply could not be rendered"),
                 None => {}
             }
@@ -145,13 +145,19 @@ impl Router {
         if !plan.set_vars.is_empty() {
             state.set_vars(account.id, &msg.from, plan.set_vars, now);
         }
-        if plan.mark_read {
-            self.mark_read(&account, &msg.wamid);
+        // `typing` marks read too: with sends, the first carries it (shown
+        // right before it goes out); without, it is shown now.
+        let mut typing = plan.typing.then(|| msg.wamid.clone());
+        if typing.is_some() && plan.sends.iter().all(|s| s.is_err()) {
+            self.mark_read(&account, &msg.wamid, true);
+            typing = None;
+        } else if plan.mark_read && !plan.typing {
+            self.mark_read(&account, &msg.wamid, false);
         }
         let source = format!("rule:{}", plan.rule);
         for (slot, content) in plan.sends.into_iter().enumerate() {
             match content {
-                Ok(content) => self.send(&reply_to, slot, content, &source, false),
+                Ok(content) => self.send(&reply_to, slot, content, &source, false, typing.take()),
                 Err(e) => {
                     tracing::error!(rule = %plan.rule, error = %e, "rule message could not be rendered; not sent")
                 }
@@ -184,6 +190,7 @@ impl Router {
         content: Content,
         source: &str,
         bypass_consent: bool,
+        typing: Option<Wamid>,
     ) {
         let ReplyTo {
             account,
@@ -210,13 +217,14 @@ impl Router {
             // message older than this process (Meta redelivering what an
             // earlier process received).
             may_exist: replayed || msg.timestamp < self.outbox.started_at(),
+            typing,
         };
         if let Err((refused, id)) = enqueue(&self.outbox, new, now_ms()) {
             tracing::info!(reason = refused.code(), message_id = ?id, "rule message refused by policy");
         }
     }
 
-    fn mark_read(&self, account: &Account, wamid: &str) {
+    fn mark_read(&self, account: &Account, wamid: &str, typing: bool) {
         let Some(token) = account.settings.access_token.clone() else {
             return;
         };
@@ -225,8 +233,8 @@ impl Router {
         let wamid = wamid.to_string();
         // Lane workers run on the runtime; the call does not hold the lane.
         tokio::spawn(async move {
-            if let Err(e) = graph.mark_read(&pnid, &token, &wamid).await {
-                tracing::warn!(error = %e.describe(), "mark as read failed");
+            if let Err(e) = graph.mark_read(&pnid, &token, &wamid, typing).await {
+                tracing::warn!(error = %e.describe(), typing, "mark as read failed");
             }
         });
     }

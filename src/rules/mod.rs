@@ -43,6 +43,8 @@ pub struct Rule {
     pub set_state: Option<Text>,
     pub set: Vec<(String, Text)>,
     pub mark_read: bool,
+    /// A typing indicator on the inbound message before the first send.
+    pub typing: bool,
     pub sends: Vec<SendTemplate>,
     pub forward: Vec<String>,
     pub handoff: bool,
@@ -79,6 +81,7 @@ pub struct Plan {
     pub set_state: Option<String>,
     pub set_vars: Vec<(String, String)>,
     pub mark_read: bool,
+    pub typing: bool,
     /// Rendered messages, or why one could not be rendered.
     pub sends: Vec<Result<Content, String>>,
     pub forward: Vec<String>,
@@ -180,6 +183,7 @@ impl Ruleset {
             set_state: new_state,
             set_vars,
             mark_read: rule.mark_read,
+            typing: rule.typing,
             sends,
             forward: rule.forward.clone(),
             handoff: rule.handoff,

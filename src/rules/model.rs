@@ -36,6 +36,8 @@ pub struct RuleIn {
     #[serde(default)]
     pub mark_read: bool,
     #[serde(default)]
+    pub typing: bool,
+    #[serde(default)]
     pub send: Vec<Spanned<SendIn>>,
     pub forward: Option<Spanned<Strings>>,
     #[serde(default)]

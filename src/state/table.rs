@@ -8,7 +8,8 @@
 //! bytes inline; the fields few conversations use (rule state, vars,
 //! handoff, consent, a text contact id, a window Meta closed early, history
 //! not yet archived) live in one [`Extra`] box that exists only while one
-//! of them is set. Measured: 456 → see BENCHMARKS.md bytes per open window.
+//! of them is set. Measured on `State` alone (1,000,000 inbound messages
+//! from as many contacts, dedupe included): 456 → 184 bytes per open window.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::BuildHasher;

@@ -4,6 +4,7 @@
 mod abuse;
 mod agent_api;
 mod cli;
+mod cloud_api;
 mod durability;
 mod events;
 mod helpers;

@@ -1,0 +1,114 @@
+//! Issue #10: today's Cloud API — typing indicators.
+
+use serde_json::{Value, json};
+use wiremock::Mock;
+use wiremock::matchers::{body_partial_json, method};
+
+use crate::helpers::*;
+
+const TYPING: &str = r#"
+[[rule]]
+name = "greet"
+when = { text = "hi" }
+typing = true
+[[rule.send]]
+type = "text"
+body = "Hello!"
+[[rule.send]]
+type = "text"
+body = "How can we help?"
+"#;
+
+/// Every request body the Graph mock received, in arrival order.
+async fn graph_bodies(app: &TestApp) -> Vec<Value> {
+    app.graph
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| serde_json::from_slice(&r.body).ok())
+        .collect()
+}
+
+fn is_typing(b: &Value) -> bool {
+    b["typing_indicator"]["type"] == "text"
+}
+
+#[tokio::test]
+async fn a_typing_rule_shows_the_indicator_before_its_first_reply() {
+    let app = spawn_app(TYPING).await;
+    let wamid = app.say(ANA, "hi").await;
+    assert_eq!(app.wait_texts(ANA, 2).await, ["Hello!", "How can we help?"]);
+    let bodies = graph_bodies(&app).await;
+    let typing: Vec<usize> = (0..bodies.len())
+        .filter(|&i| is_typing(&bodies[i]))
+        .collect();
+    assert_eq!(typing.len(), 1, "one indicator for the rule: {bodies:?}");
+    let t = &bodies[typing[0]];
+    assert_eq!(t["status"], "read");
+    assert_eq!(t["message_id"], wamid.as_str());
+    let first_send = bodies.iter().position(|b| b.get("to").is_some()).unwrap();
+    assert!(
+        typing[0] < first_send,
+        "the indicator comes first: {bodies:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rule_without_typing_sends_no_indicator() {
+    let app = spawn_app(GREETING).await;
+    app.say(ANA, "hi").await;
+    app.wait_texts(ANA, 1).await;
+    app.flush().await;
+    assert!(!graph_bodies(&app).await.iter().any(is_typing));
+}
+
+#[tokio::test]
+async fn an_api_reply_with_typing_shows_it_once_even_when_the_send_is_retried() {
+    let app = spawn_app(GREETING).await;
+    app.open_window(BOB).await;
+    let inbound = app.say(BOB, "a question").await;
+    // The first attempt of the reply fails with a transient error.
+    Mock::given(method("POST"))
+        .and(body_partial_json(
+            json!({ "text": { "body": "typed answer" } }),
+        ))
+        .respond_with(graph_error(500, 131000))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&app.graph)
+        .await;
+    let (status, sent) = app
+        .send(json!({ "to": BOB, "type": "text", "text": "typed answer",
+                      "reply_to": inbound, "typing": true }))
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let record = app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
+    assert_eq!(record["attempts"], 2, "{record}");
+    let bodies = graph_bodies(&app).await;
+    let typing: Vec<&Value> = bodies.iter().filter(|b| is_typing(b)).collect();
+    assert_eq!(typing.len(), 1, "not repeated with the retry: {bodies:?}");
+    assert_eq!(typing[0]["message_id"], inbound.as_str());
+    let typed = bodies.iter().position(is_typing).unwrap();
+    let reply = bodies
+        .iter()
+        .position(|b| b["text"]["body"] == "typed answer")
+        .unwrap();
+    assert!(typed < reply);
+}
+
+#[tokio::test]
+async fn typing_without_a_customer_message_to_reply_to_is_400() {
+    let app = spawn_app(GREETING).await;
+    app.open_window(ANA).await;
+    for body in [
+        json!({ "to": ANA, "type": "text", "text": "x", "typing": true }),
+        json!({ "to": ANA, "type": "text", "text": "x", "typing": "yes" }),
+    ] {
+        let (status, err) = app.send(body).await;
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["error"]["field"], "typing", "{err}");
+    }
+    app.flush().await;
+    assert!(!graph_bodies(&app).await.iter().any(is_typing));
+}
