@@ -197,6 +197,8 @@ fn restart_fixture(dir: &Path, conversations: usize, queued: usize) {
             expires_at: now + 36 * 3_600_000,
             bypass_consent: false,
             typing: None,
+            pricing: None,
+            conversation: None,
         };
         encode(Owner::Outbox, &OutboxOp::Record(Box::new((&record).into())))
     });

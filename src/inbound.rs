@@ -115,6 +115,12 @@ pub struct StatusUpdate {
     pub recipient: Option<ContactId>,
     /// First error of a `failed` status: (code, title).
     pub error: Option<(i64, String)>,
+    /// Meta's `pricing` object, as sent (`billable`, `pricing_model`,
+    /// `type`, `category`): on `sent` and on one of `delivered`/`read`.
+    pub pricing: Option<serde_json::Value>,
+    /// Meta's `conversation` object, as sent (`id`, `origin.type`,
+    /// `expiration_timestamp`): only inside a free entry point window.
+    pub conversation: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

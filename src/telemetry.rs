@@ -94,6 +94,13 @@ pub struct Metrics {
     records_in_memory: Gauge,
     archive_backlog: Gauge,
     records_evicted: Counter,
+    priced: Family<PricingLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PricingLabel {
+    category: String,
+    r#type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,7 +134,13 @@ impl Metrics {
             records_in_memory: Gauge::default(),
             archive_backlog: Gauge::default(),
             records_evicted: Counter::default(),
+            priced: Family::default(),
         };
+        r.register(
+            "priced_messages",
+            "Outbound messages Meta priced, by pricing category and type (regular = charged), counted once a message",
+            m.priced.clone(),
+        );
         r.register(
             "webhooks",
             "Webhook notifications received, by result",
@@ -226,6 +239,24 @@ impl Metrics {
     pub fn rule_match(&self, rule: &str) {
         self.rule_matches
             .get_or_create(&RuleLabel { rule: rule.into() })
+            .inc();
+    }
+
+    /// A message's first `pricing` object from Meta.
+    pub fn priced(&self, pricing: &serde_json::Value) {
+        let field = |k: &str| {
+            pricing
+                .get(k)
+                .and_then(serde_json::Value::as_str)
+                .filter(|v| !v.is_empty() && v.len() <= 64)
+                .unwrap_or("unknown")
+                .to_ascii_lowercase()
+        };
+        self.priced
+            .get_or_create(&PricingLabel {
+                category: field("category"),
+                r#type: field("type"),
+            })
             .inc();
     }
 

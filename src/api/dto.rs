@@ -111,6 +111,12 @@ pub struct RecordOut {
     pub reply_to: Option<String>,
     /// The message as sent: `{"type": …, "<type>": {…}}`.
     pub content: Value,
+    /// Meta's `pricing` from the latest status that carried one:
+    /// `billable`, `pricing_model` (`PMP`), `type` (`regular` = charged,
+    /// `free_customer_service`, `free_entry_point`), `category`.
+    pub pricing: Option<Value>,
+    /// Meta's `conversation` object (free entry point windows only).
+    pub conversation: Option<Value>,
 }
 
 impl From<&OutboundRecord> for RecordOut {
@@ -148,6 +154,8 @@ impl From<&OutboundRecord> for RecordOut {
             expires_at: rfc3339(r.expires_at),
             reply_to: r.content.context_id.as_ref().map(ToString::to_string),
             content: Value::Object(content),
+            pricing: r.pricing.clone(),
+            conversation: r.conversation.clone(),
         }
     }
 }

@@ -495,6 +495,8 @@ pub fn message_status_body(r: &OutboundRecord, now: Millis) -> Value {
         "tags": r.tags,
         "metadata": r.metadata,
         "error": r.error.as_ref().map(|e| json!({ "code": e.code, "graph_code": e.graph_code, "message": e.message })),
+        "pricing": r.pricing,
+        "conversation": r.conversation,
     })
 }
 

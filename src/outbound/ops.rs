@@ -41,6 +41,10 @@ pub struct RecordWire {
     pub bypass_consent: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub typing: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +55,10 @@ pub struct UpdateWire {
     pub attempts: u32,
     pub error: Option<ErrorWire>,
     pub history: Vec<(StatusWire, Millis)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +146,8 @@ impl From<&OutboundRecord> for RecordWire {
             expires_at: r.expires_at,
             bypass_consent: r.bypass_consent,
             typing: r.typing.as_ref().map(ToString::to_string),
+            pricing: r.pricing.clone(),
+            conversation: r.conversation.clone(),
         }
     }
 }
@@ -166,6 +176,8 @@ impl From<RecordWire> for OutboundRecord {
             expires_at: r.expires_at,
             bypass_consent: r.bypass_consent,
             typing: r.typing.map(Into::into),
+            pricing: r.pricing,
+            conversation: r.conversation,
         }
     }
 }
@@ -179,6 +191,8 @@ impl From<&OutboundRecord> for UpdateWire {
             attempts: r.attempts,
             error: r.error.as_ref().map(error_wire),
             history: history_wire(r),
+            pricing: r.pricing.clone(),
+            conversation: r.conversation.clone(),
         }
     }
 }
@@ -191,6 +205,12 @@ impl UpdateWire {
         r.attempts = self.attempts;
         r.error = self.error.map(error_of);
         r.history = self.history.into_iter().map(|(s, at)| (s.0, at)).collect();
+        if self.pricing.is_some() {
+            r.pricing = self.pricing;
+        }
+        if self.conversation.is_some() {
+            r.conversation = self.conversation;
+        }
     }
 }
 
@@ -233,6 +253,8 @@ mod tests {
             expires_at: 10,
             bypass_consent: false,
             typing: None,
+            pricing: None,
+            conversation: None,
         };
         let mut sent = r.clone();
         sent.set_status(Status::Sent, 2);

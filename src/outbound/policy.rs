@@ -176,6 +176,8 @@ pub fn enqueue(
         expires_at,
         bypass_consent: new.bypass_consent,
         typing: new.typing,
+        pricing: None,
+        conversation: None,
     };
     if let Err(refused) = check_record(state, &account, &record, now) {
         if !new.keep_refused {

@@ -123,6 +123,10 @@ pub struct OutboundRecord {
     /// Show the contact a typing indicator on this inbound message right
     /// before the first attempt (CLOUD_API.md §7.5; it also marks it read).
     pub typing: Option<Wamid>,
+    /// Meta's `pricing` of this message, the latest a status carried.
+    pub pricing: Option<Value>,
+    /// Meta's `conversation` object, the latest a status carried.
+    pub conversation: Option<Value>,
 }
 
 impl OutboundRecord {

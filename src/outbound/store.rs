@@ -594,8 +594,21 @@ impl Outbox {
             now
         };
         let applied = self.update_anywhere(&id, at, |r| {
+            // Pricing is kept whatever the status: a late `sent` that
+            // changes nothing else may still carry it.
+            let billing = u.pricing.is_some() && r.pricing != u.pricing
+                || u.conversation.is_some() && r.conversation != u.conversation;
+            if let Some(p) = &u.pricing {
+                if r.pricing.is_none() {
+                    self.metrics.priced(p);
+                }
+                r.pricing = Some(p.clone());
+            }
+            if let Some(c) = &u.conversation {
+                r.conversation = Some(c.clone());
+            }
             if !r.status.accepts_from_meta(next) {
-                return (None, None);
+                return (None, (None, billing));
             }
             if next == Status::Failed {
                 let (code, title) = u.error.clone().unwrap_or((0, "failed".into()));
@@ -605,9 +618,20 @@ impl Outbox {
                     message: title,
                 });
             }
-            (Some(next), Some((r.account.clone(), r.to.clone())))
+            (
+                Some(next),
+                (Some((r.account.clone(), r.to.clone())), billing),
+            )
         });
-        match applied.flatten() {
+        let (applied, billing) = applied.unwrap_or((None, false));
+        if billing
+            && applied.is_none()
+            && let Some(r) = self.records.get(id.as_str())
+        {
+            // Changed without a new status: hand the archive the new row.
+            self.archive_record(&r);
+        }
+        match applied {
             Some((account, to)) => {
                 if next == Status::Failed {
                     self.window_closed_by_meta(
@@ -872,6 +896,8 @@ mod tests {
             expires_at: created_at + 1000,
             bypass_consent: false,
             typing: None,
+            pricing: None,
+            conversation: None,
         }
     }
 
@@ -929,6 +955,8 @@ mod tests {
             timestamp: 0,
             recipient: None,
             error: None,
+            pricing: None,
+            conversation: None,
         }
     }
 

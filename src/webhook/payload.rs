@@ -188,7 +188,11 @@ struct StatusIn {
     status: Option<String>,
     timestamp: Option<Value>,
     recipient_id: Option<String>,
+    /// The contact's BSUID, alone when the phone number is hidden.
+    recipient_user_id: Option<String>,
     errors: Vec<ErrorIn>,
+    pricing: Option<Value>,
+    conversation: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,8 +293,10 @@ fn status(raw: &RawValue) -> Option<StatusUpdate> {
         wamid: s.id.filter(|i| !i.is_empty())?.into(),
         status: s.status?,
         timestamp: timestamp_ms(&s.timestamp).unwrap_or(0),
-        recipient: s.recipient_id.map(Into::into),
+        recipient: s.recipient_id.or(s.recipient_user_id).map(Into::into),
         error,
+        pricing: s.pricing.filter(Value::is_object),
+        conversation: s.conversation.filter(Value::is_object),
     })
 }
 

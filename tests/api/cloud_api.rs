@@ -112,3 +112,64 @@ async fn typing_without_a_customer_message_to_reply_to_is_400() {
     app.flush().await;
     assert!(!graph_bodies(&app).await.iter().any(is_typing));
 }
+
+/// Issue #10.3: Meta's `pricing` and `conversation` objects on statuses
+/// are kept on the record, shown by the API, passed on in status events
+/// and counted once a message by category.
+#[tokio::test]
+async fn pricing_on_statuses_reaches_the_record_the_events_and_the_metrics() {
+    let app = spawn_with(Options {
+        routes: String::new(),
+        targets: vec![("crm", r#"["status"]"#)],
+        ..Options::default()
+    })
+    .await;
+    let (_, sent) = app
+        .send(json!({ "to": ANA, "type": "template",
+                      "template": { "name": "receipt", "language": { "code": "en" } } }))
+        .await;
+    let id = sent["id"].as_str().unwrap().to_string();
+    let wamid = app.wait_status(&id, "sent").await["wamid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pricing = json!({ "billable": true, "pricing_model": "PMP",
+                          "type": "regular", "category": "utility" });
+    let conversation = json!({ "id": "c41e8b27f09a5d6318be2f7740a9c5d1",
+                               "expiration_timestamp": "1780171586",
+                               "origin": { "type": "utility" } });
+    // Meta's `sent` changes no status (the record is sent already) but
+    // brings the pricing.
+    let mut meta_sent = status(&wamid, "sent", ANA);
+    meta_sent["pricing"] = pricing.clone();
+    meta_sent["conversation"] = conversation.clone();
+    app.deliver(&notification(vec![], vec![meta_sent])).await;
+    wait_for(10, "the pricing on the record", || async {
+        let r = app.record(&id).await;
+        (r["pricing"] == pricing).then_some(())
+    })
+    .await;
+    // `delivered` names the contact by BSUID only, and carries the pricing again.
+    let delivered = json!({ "id": wamid, "status": "delivered",
+                            "timestamp": now_s().to_string(),
+                            "recipient_user_id": "US.13491208655302741918",
+                            "pricing": pricing });
+    app.deliver(&notification(vec![], vec![delivered])).await;
+    let record = app.wait_status(&id, "delivered").await;
+    assert_eq!(record["pricing"], pricing);
+    assert_eq!(record["conversation"], conversation);
+    let events = app.wait_events("crm", "message.status", 2).await;
+    let last = &events.last().unwrap().body;
+    assert_eq!(last["status"], "delivered");
+    assert_eq!(last["pricing"], pricing);
+    assert_eq!(last["conversation"], conversation);
+    let metrics = app.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"wa_router_priced_messages_total{category="utility",type="regular"}"#
+        ),
+        Some(1.0),
+        "counted once a message:\n{metrics}"
+    );
+}
