@@ -341,6 +341,8 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
         wamid: format!("wamid.simulated.{}", uuid::Uuid::now_v7().simple()).into(),
         from: from.clone().into(),
         contact_name: (!args.name.is_empty()).then(|| args.name.clone()),
+        user_id: None,
+        username: None,
         timestamp: now_ms(),
         kind,
         raw_type: kind.as_str().to_string(),

@@ -88,6 +88,10 @@ pub struct InboundMessage {
     /// The contact: `wa_id`, or Meta's `user_id` when no `wa_id` was given.
     pub from: ContactId,
     pub contact_name: Option<String>,
+    /// Meta's business-scoped user id (BSUID, e.g. `US.1349…`), when given.
+    pub user_id: Option<String>,
+    /// The contact's WhatsApp username, when they adopted one.
+    pub username: Option<String>,
     /// Meta's timestamp (unix ms).
     pub timestamp: Millis,
     pub kind: InboundKind,
@@ -131,6 +135,8 @@ impl InboundMessage {
             wamid: wamid.into(),
             from: from.into(),
             contact_name: None,
+            user_id: None,
+            username: None,
             timestamp,
             kind: InboundKind::Text,
             raw_type: "text".into(),

@@ -117,7 +117,10 @@ fn conversation_path(
     ctx: &Ctx,
     (name, raw): (String, String),
 ) -> Result<(std::sync::Arc<Account>, String), ApiError> {
-    Ok((account(ctx, &name)?, path_contact(&raw)?))
+    let account = account(ctx, &name)?;
+    // Either id of a contact whose BSUID was linked to their phone number.
+    let contact = ctx.state.resolve_contact(account.id, &path_contact(&raw)?);
+    Ok((account, contact))
 }
 
 /// The conversation as the API shows it, after a change.
@@ -132,10 +135,7 @@ async fn answer(ctx: &Ctx, account: &Account, wa_id: &str) -> Result<HttpRespons
 /// A contact in a path must be a phone number or a BSUID (`CC.…`).
 fn path_contact(raw: &str) -> Result<String, ApiError> {
     let c = contact(raw);
-    let valid = c.chars().all(|ch| ch.is_ascii_digit())
-        || (c.len() <= 140
-            && c.contains('.')
-            && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '.'));
+    let valid = c.chars().all(|ch| ch.is_ascii_digit()) || crate::state::contacts::is_bsuid(&c);
     if valid {
         Ok(c)
     } else {

@@ -21,8 +21,11 @@ use crate::state::{ConversationView, Direction, Recent};
 pub struct MessageIn {
     /// Account name; default: the default account.
     pub account: Option<String>,
-    /// The contact's E.164 number (`+` optional).
-    pub to: String,
+    /// The contact's E.164 number (`+` optional); or give `recipient`.
+    pub to: Option<String>,
+    /// Instead of `to`: the contact's BSUID (e.g. `US.13491208655302741918`),
+    /// for a contact whose phone number Meta does not show.
+    pub recipient: Option<String>,
     /// text, image, video, audio, document, sticker, location, contacts, interactive, template or reaction.
     #[schema(rename = "type")]
     pub kind: String,
@@ -169,8 +172,14 @@ pub struct MessageListOut {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ContactOut {
+    /// The id the conversation is kept under: the phone number, or the
+    /// BSUID when Meta gave no phone number.
     pub wa_id: String,
     pub name: Option<String>,
+    /// Meta's business-scoped user id (BSUID), when known.
+    pub user_id: Option<String>,
+    /// The contact's WhatsApp username, when they adopted one.
+    pub username: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -213,6 +222,8 @@ impl ConversationOut {
             contact: ContactOut {
                 wa_id: v.wa_id.clone(),
                 name: c.name.clone(),
+                user_id: c.user_id.clone(),
+                username: c.username.clone(),
             },
             name: c.name.clone(),
             window: WindowOut {

@@ -19,6 +19,7 @@ use crate::outbound::Status;
 use crate::outbound::policy::NewMessage;
 use crate::outbound::{Content, enqueue};
 use crate::state::IdempotencyOutcome;
+use crate::state::contacts::is_bsuid;
 
 /// Router fields beside the message object (SPEC §7).
 const ROUTER_FIELDS: &[&str] = &[
@@ -34,6 +35,7 @@ const ROUTER_FIELDS: &[&str] = &[
     "idempotency_key",
     "messaging_product",
     "recipient_type",
+    "recipient",
 ];
 const MAX_TAGS: usize = 10;
 const MAX_TAG_LEN: usize = 64;
@@ -213,15 +215,32 @@ pub fn parse_send_request(
     validate(kind, &object)?;
 
     let account = str_field(map, "account")?.map(str::to_string);
-    let to_raw = str_field(map, "to")?
-        .ok_or_else(|| ApiError::invalid("to", "to is required: the contact's E.164 number"))?;
-    let to = parse_phone(to_raw).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::InvalidPhone,
-            format!("{to_raw:?} is not a valid E.164 phone number"),
-        )
-        .with_field("to")
-    })?;
+    // `to`: a phone number; or `recipient`: a BSUID, for a contact whose
+    // phone number Meta does not show (both: the phone number is used).
+    let to = match (str_field(map, "to")?, str_field(map, "recipient")?) {
+        (Some(to_raw), _) => parse_phone(to_raw).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidPhone,
+                format!("{to_raw:?} is not a valid E.164 phone number"),
+            )
+            .with_field("to")
+        })?,
+        (None, Some(r)) if is_bsuid(r) => r.to_string(),
+        (None, Some(r)) => {
+            return Err(ApiError::invalid(
+                "recipient",
+                format!(
+                    "{r:?} is not a business-scoped user id (BSUID) like \"US.13491208655302741918\""
+                ),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "to",
+                "to (the contact's E.164 number) or recipient (their BSUID) is required",
+            ));
+        }
+    };
 
     let reply_to = match str_field(map, "reply_to")? {
         None => None,
@@ -375,6 +394,8 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
             .with_field("account")
         })?,
     };
+    // A BSUID linked to a phone number: that contact's conversation.
+    let to = ContactId::from(ctx.state.resolve_contact(account.id, &to));
     // A router id stands for the wamid Meta gave that message.
     let context_id = match reply_to {
         Some(r) => match MessageId::parse(&r) {
@@ -481,13 +502,17 @@ pub async fn list(
         filter.account = Some(a.clone());
     }
     if let Some(t) = q.get("to") {
-        filter.to = Some(parse_phone(t).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidPhone,
-                format!("{t:?} is not a valid E.164 phone number"),
-            )
-            .with_field("to")
-        })?);
+        // A phone number, or a BSUID (messages sent to it as `recipient`).
+        let to = parse_phone(t)
+            .or_else(|| is_bsuid(t).then(|| t.to_string()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidPhone,
+                    format!("{t:?} is not a valid E.164 phone number or BSUID"),
+                )
+                .with_field("to")
+            })?;
+        filter.to = Some(to);
     }
     if let Some(s) = q.get("status") {
         filter.status = Some(

@@ -450,6 +450,14 @@ pub fn message_received_body(
             rule.unwrap_or("")
         ),
     );
+    // SPEC §8's contact; the BSUID and username only when Meta gave them.
+    let mut contact = json!({ "wa_id": msg.from, "name": msg.contact_name });
+    if let Some(u) = &msg.user_id {
+        contact["user_id"] = json!(u);
+    }
+    if let Some(u) = &msg.username {
+        contact["username"] = json!(u);
+    }
     json!({
         "id": id,
         "event": "message.received",
@@ -461,7 +469,7 @@ pub fn message_received_body(
             "state": c.map(|c| c.state.clone()).unwrap_or_default(),
             "handoff": handoff,
         },
-        "contact": { "wa_id": msg.from, "name": msg.contact_name },
+        "contact": contact,
         "message": {
             "id": msg.wamid,
             "type": msg.kind.as_str(),
@@ -521,6 +529,8 @@ mod tests {
             wamid: "wamid.A".into(),
             from: "16315551181".into(),
             contact_name: None,
+            user_id: None,
+            username: None,
             timestamp: 1_700_000_000_000,
             kind: crate::inbound::InboundKind::Text,
             raw_type: "text".into(),

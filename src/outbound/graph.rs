@@ -67,9 +67,14 @@ pub fn send_body(to: &str, content: &Content) -> Value {
     let mut body = json!({
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
-        "to": to,
         "type": content.kind,
     });
+    // A contact known only by BSUID gets it as `recipient` (CLOUD_API.md §7).
+    if crate::state::contacts::is_bsuid(to) {
+        body["recipient"] = json!(to);
+    } else {
+        body["to"] = json!(to);
+    }
     body[content.kind.as_str()] = content.object.clone();
     if let Some(id) = &content.context_id {
         body["context"] = json!({ "message_id": id });

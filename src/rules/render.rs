@@ -96,6 +96,14 @@ pub fn context(input: &RenderInput<'_>) -> Value {
         Value::from(m.contact_name.clone().unwrap_or_default()),
     );
     contact.insert("wa_id", Value::from(m.from.as_str()));
+    contact.insert(
+        "user_id",
+        Value::from(m.user_id.clone().unwrap_or_default()),
+    );
+    contact.insert(
+        "username",
+        Value::from(m.username.clone().unwrap_or_default()),
+    );
     let mut message = BTreeMap::new();
     message.insert("id", Value::from(m.wamid.as_str()));
     message.insert("type", Value::from(m.kind.as_str()));

@@ -52,6 +52,12 @@ pub struct Conversation {
     /// lookup for both; journaled as its own op).
     #[serde(skip)]
     pub window: Option<Window>,
+    /// The contact's BSUID (Meta's business-scoped user id), when known.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// The contact's WhatsApp username, when they adopted one.
+    #[serde(default)]
+    pub username: Option<String>,
 }
 
 /// The conversation as an inbound message left it, for the rules.
@@ -308,11 +314,29 @@ impl State {
     /// The last [`RECENT`] messages of a conversation, oldest first: the
     /// ones not yet archived from memory, the others from the archive.
     pub fn recent(&self, account: u16, contact: &str) -> Vec<Recent> {
+        let (mut entries, user_id) = self.history_under(account, contact);
+        // A BSUID linked later: the history kept under it before the link.
+        if let Some(user_id) = user_id.filter(|u| u != contact) {
+            entries.extend(self.history_under(account, &user_id).0);
+            entries.sort_by_key(|e| e.at);
+        }
+        let skip = entries.len().saturating_sub(RECENT);
+        entries.into_iter().skip(skip).collect()
+    }
+
+    /// The last [`RECENT`] entries kept under one contact id (memory and
+    /// archive), oldest first, and the BSUID of that conversation.
+    fn history_under(&self, account: u16, contact: &str) -> (Vec<Recent>, Option<String>) {
         // Memory first: an entry leaves it only after the archive has it.
-        let (memory, last_seq) = self
+        let (memory, last_seq, user_id) = self
             .conversations
             .with(account, contact, |c| {
-                (c.recent().cloned().collect::<Vec<_>>(), c.recent_seq())
+                (
+                    c.recent().cloned().collect::<Vec<_>>(),
+                    c.recent_seq(),
+                    c.extra()
+                        .and_then(|e| e.user_id.as_deref().map(str::to_string)),
+                )
             })
             .unwrap_or_default();
         let first_in_memory = last_seq + 1 - memory.len() as u64;
@@ -333,7 +357,7 @@ impl State {
             all.insert(first_in_memory + i as u64, entry);
         }
         let skip = all.len().saturating_sub(RECENT);
-        all.into_values().skip(skip).collect()
+        (all.into_values().skip(skip).collect(), user_id)
     }
 
     /// Hand a history entry to the archive.
@@ -392,6 +416,14 @@ impl State {
             if account.is_none_or(|a| a == c.account) {
                 found.push((c.account, c.contact(), c.to_conversation(true)));
             }
+        });
+        // What is left under a BSUID linked to a phone number since (its
+        // history until archived) is shown with the phone number's.
+        found.retain(|(account, contact, _)| {
+            !(super::contacts::is_bsuid(contact)
+                && self
+                    .aliases
+                    .contains_key(&(*account, contact.as_str().into())))
         });
         found
             .into_iter()

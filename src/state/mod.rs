@@ -11,6 +11,7 @@
 //! while another map is locked.
 
 pub mod accounts;
+pub mod contacts;
 pub mod conversations;
 pub mod dedupe;
 pub mod idempotency;
@@ -64,6 +65,8 @@ pub struct State {
     pending: DashMap<Wamid, (String, InboundMessage, bool)>,
     /// Where history and settled records go (crate::archive).
     archive: Arc<Archive>,
+    /// BSUID → phone number, per account (`contacts`).
+    aliases: DashMap<(u16, Box<str>), Box<str>>,
 }
 
 impl State {
@@ -87,6 +90,7 @@ impl State {
             journal: std::sync::OnceLock::new(),
             pending: DashMap::new(),
             archive,
+            aliases: DashMap::new(),
         };
         // The configuration holds at most MAX_ACCOUNTS (checked on load).
         for a in accounts {

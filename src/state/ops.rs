@@ -72,6 +72,21 @@ pub enum StateOp {
     Done { wamid: String },
     /// A conversation (and its window) past retention was dropped.
     Forget { account: String, contact: String },
+    /// The contact's BSUID or username became known, or changed.
+    ContactIds {
+        account: String,
+        contact: String,
+        user_id: Option<String>,
+        username: Option<String>,
+    },
+    /// BSUID `user_id` is the contact with phone number `wa_id`: one
+    /// conversation, kept under the phone number (a conversation kept
+    /// under the BSUID until then merged into it).
+    Link {
+        account: String,
+        user_id: String,
+        wa_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -113,6 +128,10 @@ pub struct ConversationWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recent_seq: Option<u64>,
     pub last_activity: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
 }
 
 impl ConversationWire {
@@ -128,6 +147,8 @@ impl ConversationWire {
             recent: with_recent.then(|| c.recent.iter().map(RecentWire::from).collect()),
             recent_seq: with_recent.then_some(c.recent_seq),
             last_activity: c.last_activity,
+            user_id: c.user_id.clone(),
+            username: c.username.clone(),
         }
     }
 
@@ -145,6 +166,8 @@ impl ConversationWire {
             opted_out: self.opted_out,
             consent_at: self.consent_at,
             last_activity: self.last_activity,
+            user_id: self.user_id,
+            username: self.username,
             ..Conversation::default()
         });
     }
@@ -202,6 +225,10 @@ pub struct InboundWire {
     pub wamid: String,
     pub from: String,
     pub contact_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
     pub timestamp: Millis,
     pub kind: String,
     pub raw_type: String,
@@ -224,6 +251,8 @@ impl From<&InboundMessage> for InboundWire {
             wamid: m.wamid.to_string(),
             from: m.from.to_string(),
             contact_name: m.contact_name.clone(),
+            user_id: m.user_id.clone(),
+            username: m.username.clone(),
             timestamp: m.timestamp,
             kind: m.kind.as_str().to_string(),
             raw_type: m.raw_type.clone(),
@@ -245,6 +274,8 @@ impl From<InboundWire> for InboundMessage {
             wamid: m.wamid.into(),
             from: m.from.into(),
             contact_name: m.contact_name,
+            user_id: m.user_id,
+            username: m.username,
             timestamp: m.timestamp,
             kind: InboundKind::parse(&m.kind.to_ascii_lowercase())
                 .unwrap_or(InboundKind::Unsupported),

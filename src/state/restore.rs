@@ -141,6 +141,29 @@ impl State {
             StateOp::Done { wamid } => {
                 self.pending.remove(wamid.as_str());
             }
+            StateOp::ContactIds {
+                account,
+                contact,
+                user_id,
+                username,
+            } => {
+                if let Some(a) = self.restore_account(&account, sandbox) {
+                    self.conversations.upsert(a.id, &contact, |n| {
+                        super::contacts::set_ids(n, user_id.as_deref(), username.as_deref())
+                    });
+                }
+            }
+            StateOp::Link {
+                account,
+                user_id,
+                wa_id,
+            } => {
+                if let Some(a) = self.restore_account(&account, sandbox) {
+                    self.aliases
+                        .insert((a.id, user_id.as_str().into()), wa_id.as_str().into());
+                    self.merge(a.id, &user_id, &wa_id, 0);
+                }
+            }
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
                     self.conversations.remove(a.id, &contact);
@@ -199,6 +222,13 @@ impl State {
                 conversation: Box::new(ConversationWire::new(&c.to_conversation(true), true)),
             });
         });
+        for (account, user_id, wa_id) in self.links() {
+            put(StateOp::Link {
+                account: self.account_name(account),
+                user_id,
+                wa_id,
+            });
+        }
         for i in self.idempotency.iter() {
             put(StateOp::Idempotency {
                 key: i.key().clone(),
@@ -247,6 +277,13 @@ impl State {
                 account: self.account_name(*account),
                 contact: contact.clone(),
             });
+        }
+        if !old_convs.is_empty() && !self.aliases.is_empty() {
+            // Links to forgotten conversations go with them.
+            let gone: std::collections::HashSet<(u16, &str)> =
+                old_convs.iter().map(|(a, c)| (*a, c.as_str())).collect();
+            self.aliases
+                .retain(|(account, _), phone| !gone.contains(&(*account, &**phone)));
         }
         old_convs.len()
     }

@@ -63,6 +63,11 @@ pub struct Extra {
     expires: Option<Millis>,
     /// History entries not yet archived, oldest first.
     pub recent: VecDeque<Recent>,
+    /// The contact's BSUID, when the conversation is kept under their
+    /// phone number (or the phone number is not known: then it is the key).
+    pub user_id: Option<Box<str>>,
+    /// The contact's WhatsApp username, when they adopted one.
+    pub username: Option<Box<str>>,
 }
 
 impl Extra {
@@ -75,6 +80,8 @@ impl Extra {
             && self.consent_at.is_none()
             && self.expires.is_none()
             && self.recent.is_empty()
+            && self.user_id.is_none()
+            && self.username.is_none()
     }
 }
 
@@ -250,6 +257,8 @@ impl Node {
             recent_seq: self.recent_seq(),
             last_activity: self.last_activity,
             window: self.window(),
+            user_id: e.and_then(|e| e.user_id.as_deref().map(str::to_string)),
+            username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
         }
     }
 
@@ -263,6 +272,12 @@ impl Node {
         e.handoff_until = c.handoff_until;
         e.opted_out = c.opted_out;
         e.consent_at = c.consent_at;
+        if c.user_id.is_some() {
+            e.user_id = c.user_id.map(Into::into);
+        }
+        if c.username.is_some() {
+            e.username = c.username.map(Into::into);
+        }
         self.tidy();
     }
 

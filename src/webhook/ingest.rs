@@ -48,14 +48,17 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
             }
             out.statuses += 1;
         }
-        for msg in batch.messages {
+        for mut msg in batch.messages {
             if !state.first_time(&msg.wamid, now) {
                 metrics.webhook("duplicate_message");
                 out.duplicates += 1;
                 continue;
             }
             metrics.inbound(msg.kind.as_str());
+            // A BSUID linked to a phone number reaches that conversation.
+            state.identify(&account, &mut msg, now);
             let view = state.inbound(&account, &msg, now);
+            state.note_contact_ids(&account, &msg);
             state.mark_pending(&account, &msg, view.new_conversation);
             out.messages += 1;
             ctx.lanes.push(Job {

@@ -93,6 +93,7 @@ struct ContactIn {
 #[serde(default)]
 struct ProfileIn {
     name: Option<String>,
+    username: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -330,12 +331,12 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
     } else {
         None
     });
-    let from = m
-        .from
-        .clone()
-        .or_else(|| m.from_user_id.clone())
-        .or_else(|| contact.and_then(|c| c.wa_id.clone().or_else(|| c.user_id.clone())))
-        .filter(|f| !f.is_empty())?;
+    // The phone number when Meta gives one, else the BSUID.
+    let nonempty = |v: &Option<String>| v.clone().filter(|f| !f.is_empty());
+    let user_id = nonempty(&m.from_user_id).or_else(|| contact.and_then(|c| nonempty(&c.user_id)));
+    let from = nonempty(&m.from)
+        .or_else(|| contact.and_then(|c| nonempty(&c.wa_id)))
+        .or_else(|| user_id.clone())?;
     let raw_type = m.kind.clone().unwrap_or_else(|| "unknown".into());
     let mut text = None;
     let mut reply = None;
@@ -433,6 +434,10 @@ fn message(raw: &RawValue, contacts: &[ContactIn], now: Millis) -> Option<Inboun
         contact_name: contact
             .and_then(|c| c.profile.as_ref())
             .and_then(|p| p.name.clone()),
+        user_id,
+        username: contact
+            .and_then(|c| c.profile.as_ref())
+            .and_then(|p| nonempty(&p.username)),
         timestamp: timestamp_ms(&m.timestamp).unwrap_or(now),
         kind,
         raw_type,

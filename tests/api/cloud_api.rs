@@ -173,3 +173,163 @@ async fn pricing_on_statuses_reaches_the_record_the_events_and_the_metrics() {
         "counted once a message:\n{metrics}"
     );
 }
+
+const CAROL_ID: &str = "US.13491208655302741918";
+const CAROL_PHONE: &str = "16315551183";
+
+const USERNAME_GREETING: &str = r#"
+[[rule]]
+name = "greet"
+when = { text = "hi" }
+set_state = "greeted"
+forward = "agents"
+[[rule.send]]
+type = "text"
+body = "Hi @{{ contact.username }}!"
+
+[[rule]]
+name = "again"
+when = { text = "again" }
+forward = "agents"
+[[rule.send]]
+type = "text"
+body = "Again, {{ contact.name }}"
+"#;
+
+/// A notification from a contact given by `user_id` (and `wa_id` when
+/// `phone` is set), with a username.
+fn from_user(text: &str, phone: Option<&str>) -> Value {
+    let mut contact = json!({ "profile": { "name": "Carol", "username": "carol.b" },
+                              "user_id": CAROL_ID });
+    let mut msg = json!({ "from_user_id": CAROL_ID, "id": new_wamid(),
+                          "timestamp": now_s().to_string(), "type": "text",
+                          "text": { "body": text } });
+    if let Some(p) = phone {
+        contact["wa_id"] = json!(p);
+        msg["from"] = json!(p);
+    }
+    let mut n = notification(vec![], vec![]);
+    let value = &mut n["entry"][0]["changes"][0]["value"];
+    value["contacts"] = json!([contact]);
+    value["messages"] = json!([msg]);
+    n
+}
+
+/// Graph send bodies (with `to` or `recipient`), in arrival order.
+async fn graph_sends(app: &TestApp) -> Vec<Value> {
+    graph_bodies(app)
+        .await
+        .into_iter()
+        .filter(|b| b.get("to").is_some() || b.get("recipient").is_some())
+        .collect()
+}
+
+async fn wait_graph_sends(app: &TestApp, count: usize) -> Vec<Value> {
+    wait_for(10, &format!("{count} Graph sends"), || async {
+        let s = graph_sends(app).await;
+        (s.len() >= count).then_some(s)
+    })
+    .await
+}
+
+/// Issue #10.1: a contact known only by BSUID is answered with
+/// `recipient`, the username reaches templates and events, a status that
+/// names only the BSUID finds its record; once a notification links the
+/// BSUID to a phone number, the conversations merge and either id reaches it.
+#[tokio::test]
+async fn a_contact_known_only_by_bsuid_is_answered_by_recipient_and_merges_when_linked() {
+    let app = spawn_with(Options {
+        routes: USERNAME_GREETING.into(),
+        targets: vec![("agents", r#"["message"]"#)],
+        ..Options::default()
+    })
+    .await;
+    app.deliver(&from_user("hi", None)).await;
+    let sends = wait_graph_sends(&app, 1).await;
+    assert_eq!(sends[0]["recipient"], CAROL_ID, "{sends:?}");
+    assert!(
+        sends[0].get("to").is_none(),
+        "no `to` without a phone number"
+    );
+    assert_eq!(sends[0]["text"]["body"], "Hi @carol.b!");
+    // The status names the contact by BSUID only.
+    let (_, list) = app
+        .api(reqwest::Method::GET, "/v1/messages?limit=1", None)
+        .await;
+    let id = list["messages"][0]["id"].as_str().unwrap().to_string();
+    let record = app.wait_status(&id, "sent").await;
+    let wamid = record["wamid"].as_str().unwrap();
+    let status = json!({ "id": wamid, "status": "delivered",
+                         "timestamp": now_s().to_string(), "recipient_user_id": CAROL_ID });
+    app.deliver(&notification(vec![], vec![status])).await;
+    app.wait_status(&id, "delivered").await;
+    let conv = app
+        .conversation(CAROL_ID)
+        .await
+        .expect("kept under the BSUID");
+    assert_eq!(conv["state"], "greeted");
+    assert_eq!(conv["contact"]["username"], "carol.b");
+    // A notification with both ids links them: one conversation, under the
+    // phone number, reached by either id, state and window kept.
+    app.deliver(&from_user("again", Some(CAROL_PHONE))).await;
+    let sends = wait_graph_sends(&app, 2).await;
+    assert_eq!(sends[1]["to"], CAROL_PHONE, "{sends:?}");
+    assert!(sends[1].get("recipient").is_none());
+    for id in [CAROL_ID, CAROL_PHONE] {
+        let c = app.conversation(id).await.expect("either id");
+        assert_eq!(c["wa_id"], CAROL_PHONE, "{c}");
+        assert_eq!(c["contact"]["user_id"], CAROL_ID);
+        assert_eq!(
+            c["state"], "greeted",
+            "the BSUID conversation's state moved"
+        );
+        assert_eq!(c["window"]["open"], true);
+    }
+    // The history of both, through either id.
+    let (status, msgs) = app
+        .api(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/main/{CAROL_ID}/messages"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{msgs}");
+    let texts: Vec<&str> = msgs["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert!(texts.contains(&"hi") && texts.contains(&"again"), "{msgs}");
+    // Later, the BSUID alone again: the phone number's conversation.
+    app.deliver(&from_user("again", None)).await;
+    let sends = wait_graph_sends(&app, 3).await;
+    assert_eq!(sends[2]["to"], CAROL_PHONE, "{sends:?}");
+    let events = app.wait_events("agents", "message.received", 3).await;
+    let contact = &events[0].body["contact"];
+    assert_eq!(contact["user_id"], CAROL_ID);
+    assert_eq!(contact["username"], "carol.b");
+}
+
+#[tokio::test]
+async fn the_api_sends_to_a_bsuid_as_recipient_and_refuses_other_recipients() {
+    let app = spawn_app(GREETING).await;
+    app.deliver(&from_user("hello there", None)).await;
+    app.rules_idle().await;
+    let (status, sent) = app
+        .send(json!({ "recipient": CAROL_ID, "type": "text", "text": "by BSUID" }))
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let sends = wait_graph_sends(&app, 1).await;
+    assert_eq!(sends[0]["recipient"], CAROL_ID);
+    assert_eq!(sends[0]["text"]["body"], "by BSUID");
+    for bad in ["16315551181", "carol", "US."] {
+        let (status, err) = app
+            .send(json!({ "recipient": bad, "type": "text", "text": "x" }))
+            .await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_eq!(err["error"]["field"], "recipient");
+    }
+    let (status, err) = app.send(json!({ "type": "text", "text": "x" })).await;
+    assert_eq!(status, 400, "{err}");
+}
