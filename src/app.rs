@@ -123,6 +123,7 @@ impl App {
             state: state.clone(),
             outbox: outbox.clone(),
             lanes: lanes.clone(),
+            events: events.clone(),
             max_backlog: settings.http.max_backlog,
         });
         let api = Arc::new(api::Ctx {

@@ -125,6 +125,8 @@ pub struct TargetSettings {
     pub secret: Secret,
     pub messages: bool,
     pub statuses: bool,
+    /// Account-level changes (`account.update`).
+    pub account: bool,
     /// Bytes of undelivered events kept before the oldest are dropped.
     pub max_backlog_bytes: usize,
 }
@@ -672,11 +674,14 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             .events
             .clone()
             .unwrap_or_else(|| vec!["message".into(), "status".into()]);
-        if let Some(bad) = events.iter().find(|e| *e != "message" && *e != "status") {
+        if let Some(bad) = events
+            .iter()
+            .find(|e| !["message", "status", "account"].contains(&e.as_str()))
+        {
             return Err(at(
                 spanned.span(),
                 format!(
-                    "target {target_name:?}: unknown event {bad:?} (use \"message\" and/or \"status\")"
+                    "target {target_name:?}: unknown event {bad:?} (use \"message\", \"status\" and/or \"account\")"
                 ),
             ));
         }
@@ -692,6 +697,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             secret: Secret::new(t.secret.get_ref().0.clone()),
             messages: events.iter().any(|e| e == "message"),
             statuses: events.iter().any(|e| e == "status"),
+            account: events.iter().any(|e| e == "account"),
             max_backlog_bytes: t.max_backlog.map_or(64 * 1024 * 1024, |s| s.0),
         });
     }

@@ -48,6 +48,9 @@ pub enum ErrorCode {
     RequestTimeout,
     Overloaded,
     WindowClosed,
+    TemplatePaused,
+    TemplateUnavailable,
+    MarketingOptedOut,
     RateLimited,
     QueueFull,
     NotReady,
@@ -77,6 +80,9 @@ impl ErrorCode {
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             WindowClosed => (StatusCode::UNPROCESSABLE_ENTITY, "window_closed"),
+            TemplatePaused => (StatusCode::UNPROCESSABLE_ENTITY, "template_paused"),
+            TemplateUnavailable => (StatusCode::UNPROCESSABLE_ENTITY, "template_unavailable"),
+            MarketingOptedOut => (StatusCode::FORBIDDEN, "marketing_opted_out"),
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
@@ -138,6 +144,11 @@ impl From<PolicyError> for ApiError {
             PolicyError::QueueFull { retry_after } => {
                 ApiError::new(ErrorCode::QueueFull, message).with_retry_after(retry_after)
             }
+            PolicyError::TemplatePaused => ApiError::new(ErrorCode::TemplatePaused, message),
+            PolicyError::TemplateUnavailable => {
+                ApiError::new(ErrorCode::TemplateUnavailable, message)
+            }
+            PolicyError::MarketingOptedOut => ApiError::new(ErrorCode::MarketingOptedOut, message),
         }
     }
 }

@@ -306,6 +306,18 @@ impl Events {
         }
     }
 
+    /// `account.update` (templates, quality, account and user preference
+    /// changes Meta reported) to every target subscribed to `account`.
+    pub fn account_update(
+        &self,
+        change: &crate::webhook::payload::AccountChange,
+        account: Option<&str>,
+    ) {
+        self.emit(account_update_body(change, account, now_ms()), |t| {
+            t.account
+        });
+    }
+
     /// `message.status` to every target subscribed to statuses.
     pub fn message_status(&self, record: &OutboundRecord) {
         self.emit(message_status_body(record, now_ms()), |t| t.statuses);
@@ -480,6 +492,39 @@ pub fn message_received_body(
             "raw": raw,
         },
         "rule": rule,
+    })
+}
+
+/// The `account.update` body: Meta's change as sent, with its field, the
+/// business account and, where Meta names a number, the router's account.
+pub fn account_update_body(
+    change: &crate::webhook::payload::AccountChange,
+    account: Option<&str>,
+    now: Millis,
+) -> Value {
+    // Meta's retries of one change give the same id.
+    let at = change.value["timestamp"]
+        .as_i64()
+        .or_else(|| change.value["timestamp"].as_str()?.parse().ok())
+        .map_or(0, |s: i64| s.saturating_mul(1000));
+    let id = derived_id(
+        "evt",
+        at,
+        &format!(
+            "account.update|{}|{}|{}",
+            change.field,
+            change.waba_id.as_deref().unwrap_or(""),
+            change.value
+        ),
+    );
+    json!({
+        "id": id,
+        "event": "account.update",
+        "at": rfc3339(now),
+        "field": change.field,
+        "waba_id": change.waba_id,
+        "account": account,
+        "value": change.value,
     })
 }
 

@@ -10,6 +10,7 @@ use super::store::Outbox;
 use super::{Content, OutboundRecord, Status};
 use crate::domain::Millis;
 use crate::ids::{ContactId, MessageId, Wamid};
+use crate::state::templates::TemplateBlock;
 use crate::state::{Account, State};
 
 /// Why a message may not be sent (now).
@@ -24,6 +25,18 @@ pub enum PolicyError {
     /// The account's queue holds `max_queue` messages; retry after this long.
     #[error("the account's queue is full; retry later")]
     QueueFull { retry_after: Duration },
+    #[error(
+        "the template is paused at Meta (message_template_status_update); nothing is sent with it until Meta reinstates it"
+    )]
+    TemplatePaused,
+    #[error(
+        "the template cannot be sent: Meta reported it disabled, rejected, deleted, archived or locked"
+    )]
+    TemplateUnavailable,
+    #[error(
+        "the contact stopped marketing messages in their WhatsApp settings; this is a marketing template"
+    )]
+    MarketingOptedOut,
 }
 
 impl PolicyError {
@@ -33,6 +46,9 @@ impl PolicyError {
             PolicyError::OptedOut => "opted_out",
             PolicyError::Expired => "expired",
             PolicyError::QueueFull { .. } => "queue_full",
+            PolicyError::TemplatePaused => "template_paused",
+            PolicyError::TemplateUnavailable => "template_unavailable",
+            PolicyError::MarketingOptedOut => "marketing_opted_out",
         }
     }
 }
@@ -69,6 +85,20 @@ pub fn check_record(
     r: &OutboundRecord,
     now: Millis,
 ) -> Result<(), PolicyError> {
+    if r.content.is_template() {
+        let t = &r.content.object;
+        let name = t["name"].as_str().unwrap_or_default();
+        let language = t["language"]["code"].as_str().unwrap_or_default();
+        match state.template_block(name, language) {
+            Some(TemplateBlock::Paused) => return Err(PolicyError::TemplatePaused),
+            Some(TemplateBlock::Unavailable) => return Err(PolicyError::TemplateUnavailable),
+            None => {}
+        }
+        if state.template_is_marketing(name, language) && state.marketing_stopped(account.id, &r.to)
+        {
+            return Err(PolicyError::MarketingOptedOut);
+        }
+    }
     check(Facts {
         now,
         is_template: r.content.is_template(),

@@ -170,6 +170,7 @@ fn merge_into(n: &mut Node, old: super::Conversation) {
         merged.opted_out = old.opted_out;
         merged.consent_at = old.consent_at;
     }
+    merged.marketing_opt_out |= old.marketing_opt_out;
     merged.name = merged.name.or(old.name);
     merged.username = merged.username.or(old.username);
     n.set_fields(merged);

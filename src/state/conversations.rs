@@ -58,6 +58,10 @@ pub struct Conversation {
     /// The contact's WhatsApp username, when they adopted one.
     #[serde(default)]
     pub username: Option<String>,
+    /// Marketing messages stopped in the contact's WhatsApp settings
+    /// (`user_preferences`): marketing templates are not sent.
+    #[serde(default)]
+    pub marketing_opt_out: bool,
 }
 
 /// The conversation as an inbound message left it, for the rules.

@@ -18,6 +18,7 @@ pub mod idempotency;
 pub mod ops;
 pub mod restore;
 pub mod table;
+pub mod templates;
 pub mod window;
 
 use std::sync::Arc;
@@ -67,6 +68,8 @@ pub struct State {
     archive: Arc<Archive>,
     /// BSUID → phone number, per account (`contacts`).
     aliases: DashMap<(u16, Box<str>), Box<str>>,
+    /// Template states and categories Meta reported, by (name, language).
+    templates: DashMap<(Box<str>, Box<str>), templates::TemplateInfo>,
 }
 
 impl State {
@@ -91,6 +94,7 @@ impl State {
             pending: DashMap::new(),
             archive,
             aliases: DashMap::new(),
+            templates: DashMap::new(),
         };
         // The configuration holds at most MAX_ACCOUNTS (checked on load).
         for a in accounts {

@@ -79,6 +79,13 @@ pub enum StateOp {
         user_id: Option<String>,
         username: Option<String>,
     },
+    /// Meta reported a template's status and/or category.
+    Template {
+        name: String,
+        language: String,
+        status: Option<String>,
+        category: Option<String>,
+    },
     /// BSUID `user_id` is the contact with phone number `wa_id`: one
     /// conversation, kept under the phone number (a conversation kept
     /// under the BSUID until then merged into it).
@@ -132,6 +139,9 @@ pub struct ConversationWire {
     pub user_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// Marketing messages stopped in the contact's WhatsApp settings.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub marketing_opt_out: bool,
 }
 
 impl ConversationWire {
@@ -149,6 +159,7 @@ impl ConversationWire {
             last_activity: c.last_activity,
             user_id: c.user_id.clone(),
             username: c.username.clone(),
+            marketing_opt_out: c.marketing_opt_out,
         }
     }
 
@@ -168,6 +179,7 @@ impl ConversationWire {
             last_activity: self.last_activity,
             user_id: self.user_id,
             username: self.username,
+            marketing_opt_out: self.marketing_opt_out,
             ..Conversation::default()
         });
     }

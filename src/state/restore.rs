@@ -153,6 +153,14 @@ impl State {
                     });
                 }
             }
+            StateOp::Template {
+                name,
+                language,
+                status,
+                category,
+            } => {
+                self.template_update(&name, &language, status.as_deref(), category.as_deref());
+            }
             StateOp::Link {
                 account,
                 user_id,
@@ -222,6 +230,14 @@ impl State {
                 conversation: Box::new(ConversationWire::new(&c.to_conversation(true), true)),
             });
         });
+        for (name, language, t) in self.templates_known() {
+            put(StateOp::Template {
+                name,
+                language,
+                status: t.status,
+                category: t.category,
+            });
+        }
         for (account, user_id, wa_id) in self.links() {
             put(StateOp::Link {
                 account: self.account_name(account),

@@ -68,6 +68,8 @@ pub struct Extra {
     pub user_id: Option<Box<str>>,
     /// The contact's WhatsApp username, when they adopted one.
     pub username: Option<Box<str>>,
+    /// Marketing messages stopped in the contact's WhatsApp settings.
+    pub marketing_opt_out: bool,
 }
 
 impl Extra {
@@ -82,6 +84,7 @@ impl Extra {
             && self.recent.is_empty()
             && self.user_id.is_none()
             && self.username.is_none()
+            && !self.marketing_opt_out
     }
 }
 
@@ -259,6 +262,7 @@ impl Node {
             window: self.window(),
             user_id: e.and_then(|e| e.user_id.as_deref().map(str::to_string)),
             username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
+            marketing_opt_out: e.is_some_and(|e| e.marketing_opt_out),
         }
     }
 
@@ -272,6 +276,7 @@ impl Node {
         e.handoff_until = c.handoff_until;
         e.opted_out = c.opted_out;
         e.consent_at = c.consent_at;
+        e.marketing_opt_out = c.marketing_opt_out;
         if c.user_id.is_some() {
             e.user_id = c.user_id.map(Into::into);
         }

@@ -4,7 +4,7 @@
 //! lane ([`crate::routing`]), which runs consent and rules after the ack.
 
 use super::Ctx;
-use super::payload::Notification;
+use super::payload::{AccountChange, Notification};
 use crate::domain::now_ms;
 use crate::outbound::StatusOutcome;
 use crate::routing::Job;
@@ -18,11 +18,70 @@ pub struct Accepted {
     pub unknown_accounts: usize,
 }
 
+/// What an account-level change changes for sending: a template's status
+/// or category; a contact's marketing preference (`account`: the account
+/// the change names by its phone number id, if any).
+fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<u16>) {
+    let v = &change.value;
+    let text = |v: &serde_json::Value, k: &str| {
+        v[k].as_str().filter(|s| !s.is_empty()).map(str::to_string)
+    };
+    let language = text(v, "message_template_language").unwrap_or_default();
+    match change.field.as_str() {
+        "message_template_status_update" => {
+            if let Some(name) = text(v, "message_template_name") {
+                let (event, category) = (text(v, "event"), text(v, "message_template_category"));
+                tracing::info!(template = %name, %language, event = ?event, "template status from Meta");
+                ctx.state
+                    .template_update(&name, &language, event.as_deref(), category.as_deref());
+            }
+        }
+        "template_category_update" => {
+            if let Some(name) = text(v, "message_template_name") {
+                let category = text(v, "new_category");
+                ctx.state
+                    .template_update(&name, &language, None, category.as_deref());
+            }
+        }
+        "user_preferences" => {
+            let Some(account) = account else {
+                return;
+            };
+            let now = now_ms();
+            for p in v["user_preferences"].as_array().into_iter().flatten() {
+                if p["category"] != "marketing_messages" {
+                    continue;
+                }
+                let Some(contact) = text(p, "wa_id").or_else(|| text(p, "user_id")) else {
+                    continue;
+                };
+                let contact = ctx.state.resolve_contact(account, &contact);
+                match p["value"].as_str() {
+                    Some("stop") => ctx.state.set_marketing_stop(account, &contact, true, now),
+                    Some("resume") => ctx.state.set_marketing_stop(account, &contact, false, now),
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The synchronous part of handling a notification: runs before the 200.
 pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
     let mut out = Accepted::default();
     let state = &ctx.state;
     let metrics = &ctx.metrics;
+    for change in &notification.account_changes {
+        let account = change
+            .phone_number_id
+            .as_deref()
+            .and_then(|p| state.account_by_pnid(p));
+        account_change(ctx, change, account.as_ref().map(|a| a.id));
+        metrics.webhook("account_change");
+        ctx.events
+            .account_update(change, account.as_ref().map(|a| a.name()));
+    }
     for batch in notification.batches {
         let known = state.account_by_pnid(&batch.phone_number_id).or_else(|| {
             ctx.sandbox

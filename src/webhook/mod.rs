@@ -29,6 +29,8 @@ pub struct Ctx {
     pub state: Arc<State>,
     pub outbox: Arc<Outbox>,
     pub lanes: Arc<Lanes>,
+    /// Where `account.update` events go.
+    pub events: Arc<crate::events::Events>,
     /// `[http] max_backlog`.
     pub max_backlog: usize,
 }

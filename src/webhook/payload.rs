@@ -36,7 +36,10 @@ pub struct Batch {
 #[derive(Debug, Default)]
 pub struct Notification {
     pub batches: Vec<Batch>,
-    /// Changes of other fields (templates, quality, account updates).
+    /// Account-level changes (templates, quality, account updates, user
+    /// preferences), as Meta sent them.
+    pub account_changes: Vec<AccountChange>,
+    /// Changes of other fields, not read.
     pub other_fields: usize,
     /// Items that could not be read (no id, wrong shapes).
     pub malformed: usize,
@@ -52,8 +55,33 @@ struct EnvelopeIn<'a> {
 
 #[derive(Deserialize)]
 struct EntryIn<'a> {
+    /// The WhatsApp Business Account id.
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default, borrow)]
     changes: Vec<ChangeIn<'a>>,
+}
+
+/// The account-level webhook fields the router reads (CLOUD_API.md §4).
+pub const ACCOUNT_FIELDS: &[&str] = &[
+    "message_template_status_update",
+    "message_template_quality_update",
+    "template_category_update",
+    "phone_number_quality_update",
+    "account_update",
+    "user_preferences",
+];
+
+/// One account-level change.
+#[derive(Debug, Clone)]
+pub struct AccountChange {
+    /// Meta's webhook field, one of [`ACCOUNT_FIELDS`].
+    pub field: String,
+    /// The WhatsApp Business Account id (`entry[].id`).
+    pub waba_id: Option<String>,
+    /// `value.metadata.phone_number_id`, where Meta gives one.
+    pub phone_number_id: Option<String>,
+    pub value: Value,
 }
 
 #[derive(Deserialize)]
@@ -237,8 +265,25 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
     let now = now_ms();
     for entry in env.entry {
         for change in entry.changes {
-            if change.field.as_deref().unwrap_or("messages") != "messages" {
-                out.other_fields += 1;
+            let field = change.field.as_deref().unwrap_or("messages");
+            if field != "messages" {
+                match change
+                    .value
+                    .map(|raw| serde_json::from_str::<Value>(raw.get()))
+                {
+                    Some(Ok(value)) if value.is_object() && ACCOUNT_FIELDS.contains(&field) => {
+                        out.account_changes.push(AccountChange {
+                            field: field.to_string(),
+                            waba_id: entry.id.clone(),
+                            phone_number_id: value["metadata"]["phone_number_id"]
+                                .as_str()
+                                .map(str::to_string),
+                            value,
+                        });
+                    }
+                    Some(Ok(_)) | None => out.other_fields += 1,
+                    Some(Err(_)) => out.malformed += 1,
+                }
                 continue;
             }
             let Some(raw) = change.value else {
@@ -528,10 +573,17 @@ mod tests {
     }
 
     #[test]
-    fn other_fields_are_counted_not_errors() {
+    fn account_level_fields_are_read_and_others_counted() {
         let n = parse(&fixture("template_status_update.json")).unwrap();
         assert!(n.batches.is_empty());
-        assert!(n.other_fields >= 1);
+        assert_eq!(n.account_changes.len(), 2);
+        let c = &n.account_changes[1];
+        assert_eq!(c.field, "message_template_status_update");
+        assert_eq!(c.waba_id.as_deref(), Some("310298475561023"));
+        assert_eq!(c.value["event"], "REJECTED");
+        let other = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"smb_app_state_sync","value":{}}]}]}"#;
+        let n = parse(other).unwrap();
+        assert_eq!((n.other_fields, n.account_changes.len()), (1, 0));
     }
 
     #[test]

@@ -333,3 +333,95 @@ async fn the_api_sends_to_a_bsuid_as_recipient_and_refuses_other_recipients() {
     let (status, err) = app.send(json!({ "type": "text", "text": "x" })).await;
     assert_eq!(status, 400, "{err}");
 }
+
+/// A WABA-level notification of `field` with `value` (no phone number).
+fn account_change(field: &str, value: Value) -> Value {
+    json!({ "object": "whatsapp_business_account",
+            "entry": [{ "id": "310298475561023", "time": now_s(),
+                        "changes": [{ "field": field, "value": value }] }] })
+}
+
+fn template_status(name: &str, event: &str, category: &str) -> Value {
+    account_change(
+        "message_template_status_update",
+        json!({ "event": event, "message_template_id": 1184736205519843_i64,
+                "message_template_name": name, "message_template_language": "en_US",
+                "reason": "NONE", "message_template_category": category }),
+    )
+}
+
+/// Issue #10.4: a template Meta paused fails fast, without a Graph call,
+/// until Meta reinstates it; the change reaches `account` targets.
+#[tokio::test]
+async fn a_template_paused_by_webhook_fails_the_next_send_without_a_graph_call() {
+    let app = spawn_with(Options {
+        targets: vec![
+            ("ops", r#"["account"]"#),
+            ("agents", r#"["message", "status"]"#),
+        ],
+        ..Options::default()
+    })
+    .await;
+    app.deliver(&template_status("spring_sale", "PAUSED", "MARKETING"))
+        .await;
+    let (status, err) = app.send_template(ANA, "spring_sale").await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["code"], "template_paused");
+    app.flush().await;
+    let sent: Vec<Value> = graph_sends(&app)
+        .await
+        .into_iter()
+        .filter(|b| b["template"]["name"] == "spring_sale")
+        .collect();
+    assert!(sent.is_empty(), "Meta was not called: {sent:?}");
+    // The change went to the target subscribed to `account` only.
+    let events = app.wait_events("ops", "account.update", 1).await;
+    let e = &events[0].body;
+    assert_eq!(e["field"], "message_template_status_update");
+    assert_eq!(e["waba_id"], "310298475561023");
+    assert_eq!(e["value"]["event"], "PAUSED");
+    assert_eq!(e["value"]["message_template_name"], "spring_sale");
+    assert!(
+        app.deliveries("agents")
+            .await
+            .iter()
+            .all(|d| d.body["event"] != "account.update")
+    );
+    // Reinstated: it goes out again.
+    app.deliver(&template_status("spring_sale", "REINSTATED", "MARKETING"))
+        .await;
+    let (status, sent) = app.send_template(ANA, "spring_sale").await;
+    assert_eq!(status, 202, "{sent}");
+    app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
+}
+
+/// Issue #10.4: a `stop` in the user's marketing preferences is an
+/// opt-out of marketing templates only.
+#[tokio::test]
+async fn a_marketing_stop_refuses_marketing_templates_only() {
+    let app = spawn_app(GREETING).await;
+    app.deliver(&template_status("spring_sale", "APPROVED", "MARKETING"))
+        .await;
+    app.deliver(&template_status("receipt", "APPROVED", "UTILITY"))
+        .await;
+    let mut prefs = notification(vec![], vec![]);
+    prefs["entry"][0]["changes"][0] = json!({ "field": "user_preferences", "value": {
+        "messaging_product": "whatsapp",
+        "metadata": { "display_phone_number": "15550783881", "phone_number_id": PNID },
+        "user_preferences": [{ "wa_id": BOB, "category": "marketing_messages",
+                               "value": "stop", "detail": "User requested to stop marketing messages",
+                               "timestamp": now_s() }] } });
+    app.deliver(&prefs).await;
+    let (status, err) = app.send_template(BOB, "spring_sale").await;
+    assert_eq!(status, 403, "{err}");
+    assert_eq!(err["error"]["code"], "marketing_opted_out");
+    let (status, sent) = app.send_template(BOB, "receipt").await;
+    assert_eq!(status, 202, "{sent}");
+    let (status, sent) = app.send_template(ANA, "spring_sale").await;
+    assert_eq!(status, 202, "another contact: {sent}");
+    // Resumed: marketing goes out again.
+    prefs["entry"][0]["changes"][0]["value"]["user_preferences"][0]["value"] = json!("resume");
+    app.deliver(&prefs).await;
+    let (status, sent) = app.send_template(BOB, "spring_sale").await;
+    assert_eq!(status, 202, "{sent}");
+}
