@@ -61,9 +61,9 @@ fn str_field<'a>(
     params(("Idempotency-Key" = Option<String>, Header, description = "Same key + same body → the original answer")),
     responses((status = 202, description = "Accepted", body = AcceptedOut),
         (status = 400, description = "invalid_request / invalid_phone, `field` names the culprit", body = ErrorEnvelope),
-        (status = 403, description = "opted_out", body = ErrorEnvelope), (status = 404, description = "unknown_account", body = ErrorEnvelope),
+        (status = 403, description = "opted_out / marketing_opted_out (a marketing template to a contact who stopped marketing messages)", body = ErrorEnvelope), (status = 404, description = "unknown_account", body = ErrorEnvelope),
         (status = 409, description = "idempotency_conflict", body = ErrorEnvelope), (status = 413, description = "payload_too_large", body = ErrorEnvelope),
-        (status = 422, description = "window_closed: send a template", body = ErrorEnvelope),
+        (status = 422, description = "window_closed: send a template / template_paused / template_unavailable (Meta paused or disabled the template)", body = ErrorEnvelope),
         (status = 503, description = "queue_full; Retry-After set", body = ErrorEnvelope), (status = 401, description = "No or wrong API key", body = ErrorEnvelope), (status = 429, description = "Rate limited; Retry-After set", body = ErrorEnvelope)))]
 pub async fn send(
     _key: ApiKey,
