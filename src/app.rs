@@ -96,9 +96,14 @@ impl App {
             State::new(&settings.accounts, metrics.clone(), archive.clone());
         let state = Arc::new(state);
         state.start_archiving();
-        let (outbox, status_changes) =
-            Outbox::new(state.clone(), metrics.clone(), events.wants_statuses());
+        // Status changes go to targets subscribed to them and to the live
+        // stream (`GET /v1/stream`) while anyone listens.
+        let (outbox, status_changes) = Outbox::new(state.clone(), metrics.clone(), true);
         let outbox = Arc::new(outbox);
+        {
+            let events = events.clone();
+            outbox.report_statuses_when(move || events.wants_statuses() || events.streaming());
+        }
         outbox.start_archiving();
         // SPEC §9: replay the journal before anything is accepted.
         let restored = match &settings.data_dir {
@@ -133,6 +138,7 @@ impl App {
             outbox: outbox.clone(),
             validity: settings.sender.validity,
             handoff_ttl: settings.conversations.handoff_ttl,
+            events: events.clone(),
         });
         let ops = Arc::new(ops::Ctx {
             key: settings.ops_key.clone(),
@@ -273,6 +279,7 @@ impl App {
         let server = tokio::spawn(self.server);
         shutdown_signal().await;
         tracing::info!("shutting down: no new requests, finishing in-flight ones");
+        self.shared.events.end_streams();
         handle.stop(true).await;
         let _ = self.stop.send(true);
         let _ = self.maintenance.await;
@@ -518,7 +525,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(c::opt_out))
             .route(web::delete().to(c::opt_in)),
     )
-    .service(resource("/v1/queues").route(web::get().to(c::queues)));
+    .service(resource("/v1/queues").route(web::get().to(c::queues)))
+    .service(resource("/v1/stream").route(web::get().to(api::stream::stream)));
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {

@@ -6,6 +6,7 @@ pub mod conversations;
 pub mod dto;
 pub mod messages;
 pub mod openapi;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,8 @@ pub struct Ctx {
     pub validity: Duration,
     /// `[conversations] handoff_ttl` of a handoff that names no `ttl`.
     pub handoff_ttl: Duration,
+    /// The live stream's source (`GET /v1/stream`).
+    pub events: Arc<crate::events::Events>,
 }
 
 impl Ctx {

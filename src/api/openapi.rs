@@ -8,7 +8,7 @@ use utoipa::openapi::security::{
 use utoipa::{Modify, OpenApi};
 
 use super::dto::*;
-use super::{conversations, messages};
+use super::{conversations, messages, stream};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,7 +17,7 @@ use super::{conversations, messages};
         messages::send, messages::list, messages::get, messages::cancel, messages::retry,
         conversations::list, conversations::get, conversations::messages, conversations::put_state,
         conversations::handoff, conversations::release, conversations::opt_out, conversations::opt_in,
-        conversations::queues,
+        conversations::queues, stream::stream,
     ),
     components(schemas(
         MessageIn, AcceptedOut, RecordOut, RecordErrorOut, HistoryOut, MessageListOut, ConversationOut, ConversationListOut,

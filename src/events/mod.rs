@@ -101,7 +101,15 @@ pub struct Events {
     journal: std::sync::OnceLock<crate::journal::Journal>,
     /// During replay: journaled events not yet delivered, by (target, id).
     restoring: Mutex<Restoring>,
+    /// Live subscribers of `GET /v1/stream` (the console): SSE frames.
+    stream: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Set at shutdown: live streams end (they would hold it up).
+    stream_end: watch::Sender<bool>,
 }
+
+/// Frames a slow stream subscriber may fall behind before it is told it
+/// missed some (`event: lagged`).
+const STREAM_BUFFER: usize = 4096;
 
 type Restoring = BTreeMap<(String, String), (String, String, String, Millis)>;
 
@@ -138,6 +146,8 @@ impl Events {
             http,
             metrics,
             seq: AtomicU64::new(0),
+            stream: tokio::sync::broadcast::channel(STREAM_BUFFER).0,
+            stream_end: watch::channel(false).0,
             journal: std::sync::OnceLock::new(),
             restoring: Mutex::default(),
         })
@@ -306,6 +316,54 @@ impl Events {
         }
     }
 
+    /// A subscription to the live stream: every event as an SSE frame.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.stream.subscribe()
+    }
+
+    /// Changes to `true` when live streams are to end (shutdown).
+    pub fn stream_end(&self) -> watch::Receiver<bool> {
+        self.stream_end.subscribe()
+    }
+
+    /// End every live stream (before the server stops: it waits for open
+    /// connections).
+    pub fn end_streams(&self) {
+        self.stream_end.send_replace(true);
+    }
+
+    /// Whether anyone listens to the live stream (bodies are built only then).
+    pub fn streaming(&self) -> bool {
+        self.stream.receiver_count() > 0
+    }
+
+    /// Put an event on the live stream, if anyone listens.
+    fn broadcast(&self, body: &Value) {
+        if !self.streaming() {
+            return;
+        }
+        let frame = format!(
+            "id: {}\nevent: {}\ndata: {}\n\n",
+            body["id"].as_str().unwrap_or_default(),
+            body["event"].as_str().unwrap_or_default(),
+            body
+        );
+        let _ = self.stream.send(frame.into());
+    }
+
+    /// Every inbound message, once its rules ran, to the live stream (the
+    /// targets get `message.received` only for forwards and handoffs).
+    pub fn stream_inbound(
+        &self,
+        account: &str,
+        msg: &InboundMessage,
+        conv: Option<&ConversationView>,
+    ) {
+        if self.streaming() {
+            self.broadcast(&message_received_body(account, msg, conv, None, now_ms()));
+        }
+    }
+
     /// `account.update` (templates, quality, account and user preference
     /// changes Meta reported) to every target subscribed to `account`.
     pub fn account_update(
@@ -313,14 +371,16 @@ impl Events {
         change: &crate::webhook::payload::AccountChange,
         account: Option<&str>,
     ) {
-        self.emit(account_update_body(change, account, now_ms()), |t| {
-            t.account
-        });
+        let body = account_update_body(change, account, now_ms());
+        self.broadcast(&body);
+        self.emit(body, |t| t.account);
     }
 
     /// `message.status` to every target subscribed to statuses.
     pub fn message_status(&self, record: &OutboundRecord) {
-        self.emit(message_status_body(record, now_ms()), |t| t.statuses);
+        let body = message_status_body(record, now_ms());
+        self.broadcast(&body);
+        self.emit(body, |t| t.statuses);
     }
 
     /// Events and their bytes waiting per target (for `/metrics`).

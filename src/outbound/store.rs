@@ -86,6 +86,8 @@ pub struct Outbox {
     archive: Arc<Archive>,
     /// When this process started (unix ms).
     started_at: Millis,
+    /// Whether status changes are wanted now ([`Outbox::report_statuses_when`]).
+    status_wanted: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl Outbox {
@@ -113,6 +115,7 @@ impl Outbox {
                 status_changes: tx,
                 archive: state.archive().clone(),
                 started_at: crate::domain::now_ms(),
+                status_wanted: std::sync::OnceLock::new(),
                 state,
             },
             rx,
@@ -432,7 +435,16 @@ impl Outbox {
         Some(out)
     }
 
+    /// Report status changes only while `wanted()` holds (a target
+    /// subscribed to statuses, or a live stream listening).
+    pub fn report_statuses_when(&self, wanted: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.status_wanted.set(Box::new(wanted));
+    }
+
     fn report_status(&self, r: &OutboundRecord) {
+        if self.status_wanted.get().is_some_and(|wanted| !wanted()) {
+            return;
+        }
         if let Some(tx) = &self.status_changes {
             let _ = tx.send(r.clone());
         }

@@ -43,7 +43,19 @@ pub struct Router {
 pub async fn run_lane(router: Arc<Router>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     while let Some(job) = jobs.recv().await {
         let wamid = job.msg.wamid.clone();
+        // The live stream (the console) sees every inbound message as the
+        // rules left its conversation.
+        let streamed = router
+            .events
+            .streaming()
+            .then(|| (job.account.clone(), job.msg.clone()));
         router.process(job);
+        if let Some((account, msg)) = streamed {
+            let view = router.state.conversation(&account, &msg.from);
+            router
+                .events
+                .stream_inbound(account.name(), &msg, view.as_ref());
+        }
         router.state.mark_done(&wamid);
         router.lanes.finished();
     }

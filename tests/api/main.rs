@@ -15,4 +15,5 @@ mod pipeline;
 mod rules;
 mod security;
 mod sender;
+mod stream;
 mod webhook;
