@@ -51,6 +51,7 @@ async fn the_openapi_document_covers_the_api_and_resolves() {
         "POST /v1/conversations/{account}/{wa_id}/opt-out",
         "DELETE /v1/conversations/{account}/{wa_id}/opt-out",
         "GET /v1/queues",
+        "GET /v1/stream",
     ];
     let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
     assert_eq!(operations, expected);
