@@ -492,6 +492,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(webhook::handshake))
             .route(web::post().to(webhook::receive)),
     )
+    .service(resource("/console").route(web::get().to(crate::console::page)))
     .service(resource("/healthz").route(web::get().to(ops::healthz)))
     .service(resource("/readyz").route(web::get().to(ops::readyz)))
     .service(resource("/metrics").route(web::get().to(ops::metrics)))

@@ -7,6 +7,7 @@ pub mod archive;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod domain;
 pub mod error;
