@@ -104,7 +104,14 @@ async fn an_agent_logs_in_sees_a_hi_with_its_countdown_replies_and_sees_it_sent(
         seen["closed"].as_str().unwrap().contains("template"),
         "{seen}"
     );
-    assert_eq!(seen["error_shown"], "window_closed");
+    assert!(
+        seen["error_shown"]
+            .as_str()
+            .unwrap()
+            .starts_with("opted_out: "),
+        "{seen}"
+    );
+    assert_eq!(app.conversation(BOB).await.unwrap()["opted_out"], true);
     assert_eq!(seen["handoff"], "Give back to the bot", "{seen}");
     assert_eq!(seen["queues"], serde_json::json!(["main"]), "{seen}");
     let conv = app.conversation(ANA).await.unwrap();

@@ -193,11 +193,15 @@ def main():
             const r = document.getElementById('reply-form').classList.contains('hidden');
             const n = document.getElementById('closed-note');
             return t && r && !n.classList.contains('hidden') && n.textContent })()""")
-        # A free-form message the API refuses shows the API's error.
-        seen["error_shown"] = b.js("""(async () => {
-            const r = await fetch('/v1/messages', { method: 'POST', headers: { 'X-API-Key': sessionStorage.getItem('wa-router-key'),
-              'Content-Type': 'application/json' }, body: JSON.stringify({ to: '""" + closed_id + """', type: 'text', text: 'x' }) });
-            return (await r.json()).error.code })()""")
+        # Opt the contact out, then send a template: the page shows the
+        # API's refusal (403 opted_out) from its error envelope.
+        b.js("document.getElementById('optout').click()")
+        b.wait("the opt-out badge", "document.getElementById('c-meta').textContent.includes('opted out')")
+        b.js("document.getElementById('t-name').value = 'order_update';"
+             "document.getElementById('template-form').requestSubmit()")
+        seen["error_shown"] = b.wait("the refusal on the page", """(() => {
+            const e = document.getElementById('error');
+            return !e.classList.contains('hidden') && e.textContent })()""")
         b.size(375, 800)
         b.js(f"document.querySelector('#conversations li[data-wa-id=\"{open_id}\"]').click()")
         b.wait("the conversation at 375 px", "document.querySelectorAll('#messages li').length > 0")
