@@ -230,6 +230,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pruned_conversation_takes_its_link_along() {
+        let s = State::for_test();
+        let a = s.account_by_name("main").unwrap();
+        arrive(&s, &a, from("w1", Some(PHONE), 1000), 1000);
+        assert_eq!(s.resolve_contact(a.id, BSUID), PHONE);
+        let day = 86_400_000;
+        assert_eq!(
+            s.prune(60 * day, std::time::Duration::from_secs(30 * 86_400)),
+            1
+        );
+        assert_eq!(s.resolve_contact(a.id, BSUID), BSUID);
+    }
+
+    #[test]
     fn bsuids_are_told_from_phone_numbers() {
         assert!(is_bsuid("US.13491208655302741918"));
         assert!(is_bsuid("BR.ENT.99aa"));

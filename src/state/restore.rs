@@ -175,6 +175,9 @@ impl State {
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
                     self.conversations.remove(a.id, &contact);
+                    // Its links go with it, as in `prune`.
+                    self.aliases
+                        .retain(|(account, _), phone| !(*account == a.id && **phone == *contact));
                 }
             }
         }
