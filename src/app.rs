@@ -98,7 +98,7 @@ impl App {
         state.start_archiving();
         // Status changes go to targets subscribed to them and to the live
         // stream (`GET /v1/stream`) while anyone listens.
-        let (outbox, status_changes) = Outbox::new(state.clone(), metrics.clone(), true);
+        let (outbox, mut status_changes) = Outbox::new(state.clone(), metrics.clone());
         let outbox = Arc::new(outbox);
         {
             let events = events.clone();
@@ -212,10 +212,10 @@ impl App {
                 }
             });
         }
-        if let Some(mut changes) = status_changes {
+        {
             let events = events.clone();
             tokio::spawn(async move {
-                while let Some(record) = changes.recv().await {
+                while let Some(record) = status_changes.recv().await {
                     events.message_status(&record);
                 }
             });

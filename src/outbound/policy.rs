@@ -85,17 +85,21 @@ pub fn check_record(
     r: &OutboundRecord,
     now: Millis,
 ) -> Result<(), PolicyError> {
-    if r.content.is_template() {
-        let t = &r.content.object;
-        let name = t["name"].as_str().unwrap_or_default();
-        let language = t["language"]["code"].as_str().unwrap_or_default();
-        match state.template_block(name, language) {
+    // What Meta reported of the template: one lookup, none while Meta
+    // reported no template at all.
+    let t = &r.content.object;
+    if r.content.is_template()
+        && let Some(info) = state.template(
+            t["name"].as_str().unwrap_or_default(),
+            t["language"]["code"].as_str().unwrap_or_default(),
+        )
+    {
+        match info.block() {
             Some(TemplateBlock::Paused) => return Err(PolicyError::TemplatePaused),
             Some(TemplateBlock::Unavailable) => return Err(PolicyError::TemplateUnavailable),
             None => {}
         }
-        if state.template_is_marketing(name, language) && state.marketing_stopped(account.id, &r.to)
-        {
+        if info.is_marketing() && state.marketing_stopped(account.id, &r.to) {
             return Err(PolicyError::MarketingOptedOut);
         }
     }

@@ -369,7 +369,7 @@ mod tests {
         let archive = Arc::new(crate::archive::Archive::open(None).unwrap());
         let state = Arc::new(State::new(&[a], metrics.clone(), archive).0);
         let account = state.account_by_name("main").unwrap();
-        let outbox = Arc::new(Outbox::new(state, metrics.clone(), false).0);
+        let outbox = Arc::new(Outbox::new(state, metrics.clone()).0);
         let graph = GraphClient::new(graph, "v21.0", Duration::from_secs(2), metrics).unwrap();
         let settings = SenderSettings {
             max_attempts: 3,

@@ -81,7 +81,7 @@ pub struct Outbox {
     queues: RwLock<Vec<Arc<AccountQueue>>>,
     metrics: Arc<Metrics>,
     /// Where status changes go for `message.status` events, if anywhere.
-    status_changes: Option<mpsc::UnboundedSender<OutboundRecord>>,
+    status_changes: mpsc::UnboundedSender<OutboundRecord>,
     /// Where settled records go; they leave memory once it has them.
     archive: Arc<Archive>,
     /// When this process started (unix ms).
@@ -91,19 +91,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty store over `state`; with `report_statuses`, status changes
-    /// come out of the returned channel.
+    /// An empty store over `state`; status changes come out of the
+    /// returned channel while [`Outbox::report_statuses_when`] says they
+    /// are wanted.
     pub fn new(
         state: Arc<State>,
         metrics: Arc<Metrics>,
-        report_statuses: bool,
-    ) -> (Self, Option<mpsc::UnboundedReceiver<OutboundRecord>>) {
-        let (tx, rx) = if report_statuses {
-            let (t, r) = mpsc::unbounded_channel();
-            (Some(t), Some(r))
-        } else {
-            (None, None)
-        };
+    ) -> (Self, mpsc::UnboundedReceiver<OutboundRecord>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         (
             Outbox {
                 records: DashMap::new(),
@@ -442,11 +437,8 @@ impl Outbox {
     }
 
     fn report_status(&self, r: &OutboundRecord) {
-        if self.status_wanted.get().is_some_and(|wanted| !wanted()) {
-            return;
-        }
-        if let Some(tx) = &self.status_changes {
-            let _ = tx.send(r.clone());
+        if self.status_wanted.get().is_some_and(|wanted| wanted()) {
+            let _ = self.status_changes.send(r.clone());
         }
     }
 
@@ -882,7 +874,7 @@ mod tests {
     use crate::outbound::Content;
 
     fn outbox() -> Outbox {
-        Outbox::new(Arc::new(State::for_test()), Arc::new(Metrics::new()), false).0
+        Outbox::new(Arc::new(State::for_test()), Arc::new(Metrics::new())).0
     }
 
     fn record(id: &str, status: Status, created_at: Millis) -> OutboundRecord {

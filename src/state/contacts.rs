@@ -101,31 +101,38 @@ impl State {
         }
     }
 
-    /// Keep the contact's BSUID and username on their conversation; logged
+    /// Keep the contact's BSUID and username on their conversation `n`
+    /// (under its lock, as [`State::inbound`] applies the message); logged
     /// only when they change.
-    pub fn note_contact_ids(&self, account: &Account, msg: &InboundMessage) {
+    pub(super) fn note_contact_ids(&self, account: &Account, msg: &InboundMessage, n: &mut Node) {
         if msg.user_id.is_none() && msg.username.is_none() {
             return;
         }
-        self.conversations.upsert(account.id, &msg.from, |n| {
-            let (user_id, username) = n
-                .extra()
-                .map(|e| (e.user_id.as_deref(), e.username.as_deref()))
-                .unwrap_or_default();
-            let fresh_id = msg.user_id.as_deref().filter(|u| Some(*u) != user_id);
-            let fresh_name = msg.username.as_deref().filter(|u| Some(*u) != username);
-            if fresh_id.is_none() && fresh_name.is_none() {
-                return;
-            }
-            set_ids(n, msg.user_id.as_deref(), msg.username.as_deref());
-            let e = n.extra();
-            self.log(|| StateOp::ContactIds {
-                account: account.name().to_string(),
-                contact: msg.from.to_string(),
-                user_id: e.and_then(|e| e.user_id.as_deref().map(str::to_string)),
-                username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
-            });
+        let (user_id, username) = n
+            .extra()
+            .map(|e| (e.user_id.as_deref(), e.username.as_deref()))
+            .unwrap_or_default();
+        let fresh_id = msg.user_id.as_deref().filter(|u| Some(*u) != user_id);
+        let fresh_name = msg.username.as_deref().filter(|u| Some(*u) != username);
+        if fresh_id.is_none() && fresh_name.is_none() {
+            return;
+        }
+        set_ids(n, msg.user_id.as_deref(), msg.username.as_deref());
+        let e = n.extra();
+        self.log(|| StateOp::ContactIds {
+            account: account.name().to_string(),
+            contact: msg.from.to_string(),
+            user_id: e.and_then(|e| e.user_id.as_deref().map(str::to_string)),
+            username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
         });
+    }
+
+    /// Links to conversations that were forgotten go with them.
+    pub(super) fn unlink_forgotten(&self, gone: &std::collections::HashSet<(u16, &str)>) {
+        if !self.aliases.is_empty() {
+            self.aliases
+                .retain(|(account, _), phone| !gone.contains(&(*account, &**phone)));
+        }
     }
 
     /// Every link, for a snapshot.
@@ -195,7 +202,6 @@ mod tests {
     fn arrive(s: &State, a: &Account, mut msg: InboundMessage, now: Millis) -> String {
         s.identify(a, &mut msg, now);
         s.inbound(a, &msg, now);
-        s.note_contact_ids(a, &msg);
         msg.from.to_string()
     }
 

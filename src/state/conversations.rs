@@ -117,6 +117,7 @@ impl State {
             if let Some(name) = &msg.contact_name {
                 c.set_name(Some(name));
             }
+            self.note_contact_ids(account, msg, c);
             c.last_activity = now;
             let entry = Recent {
                 direction: Direction::In,

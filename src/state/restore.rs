@@ -175,9 +175,7 @@ impl State {
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
                     self.conversations.remove(a.id, &contact);
-                    // Its links go with it, as in `prune`.
-                    self.aliases
-                        .retain(|(account, _), phone| !(*account == a.id && **phone == *contact));
+                    self.unlink_forgotten(&[(a.id, contact.as_str())].into());
                 }
             }
         }
@@ -297,12 +295,8 @@ impl State {
                 contact: contact.clone(),
             });
         }
-        if !old_convs.is_empty() && !self.aliases.is_empty() {
-            // Links to forgotten conversations go with them.
-            let gone: std::collections::HashSet<(u16, &str)> =
-                old_convs.iter().map(|(a, c)| (*a, c.as_str())).collect();
-            self.aliases
-                .retain(|(account, _), phone| !gone.contains(&(*account, &**phone)));
+        if !old_convs.is_empty() {
+            self.unlink_forgotten(&old_convs.iter().map(|(a, c)| (*a, c.as_str())).collect());
         }
         old_convs.len()
     }

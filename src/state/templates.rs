@@ -32,6 +32,25 @@ pub struct TemplateInfo {
     pub category: Option<String>,
 }
 
+impl TemplateInfo {
+    /// Whether Meta would refuse a send of this template now.
+    pub fn block(&self) -> Option<TemplateBlock> {
+        let status = self.status.as_deref()?;
+        if status == "PAUSED" {
+            Some(TemplateBlock::Paused)
+        } else if UNSENDABLE.contains(&status) {
+            Some(TemplateBlock::Unavailable)
+        } else {
+            None
+        }
+    }
+
+    /// Whether Meta said this is a marketing template.
+    pub fn is_marketing(&self) -> bool {
+        self.category.as_deref() == Some("MARKETING")
+    }
+}
+
 /// Why a template may not be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateBlock {
@@ -68,8 +87,11 @@ impl State {
     }
 
     /// What is known of template `name` in `language` (or of every
-    /// language of it).
-    fn template(&self, name: &str, language: &str) -> Option<TemplateInfo> {
+    /// language of it); `None` at once while Meta reported no template.
+    pub fn template(&self, name: &str, language: &str) -> Option<TemplateInfo> {
+        if self.templates.is_empty() {
+            return None;
+        }
         let get = |l: &str| {
             self.templates
                 .get(&(Box::<str>::from(name), Box::<str>::from(l)))
@@ -86,21 +108,13 @@ impl State {
 
     /// Whether Meta would refuse a send of this template now.
     pub fn template_block(&self, name: &str, language: &str) -> Option<TemplateBlock> {
-        let status = self.template(name, language)?.status?;
-        if status == "PAUSED" {
-            Some(TemplateBlock::Paused)
-        } else if UNSENDABLE.contains(&status.as_str()) {
-            Some(TemplateBlock::Unavailable)
-        } else {
-            None
-        }
+        self.template(name, language)?.block()
     }
 
     /// Whether Meta said this template is a marketing one.
     pub fn template_is_marketing(&self, name: &str, language: &str) -> bool {
         self.template(name, language)
-            .and_then(|t| t.category)
-            .is_some_and(|c| c == "MARKETING")
+            .is_some_and(|t| t.is_marketing())
     }
 
     /// Every template known, for a snapshot.

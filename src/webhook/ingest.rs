@@ -117,7 +117,6 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
             // A BSUID linked to a phone number reaches that conversation.
             state.identify(&account, &mut msg, now);
             let view = state.inbound(&account, &msg, now);
-            state.note_contact_ids(&account, &msg);
             state.mark_pending(&account, &msg, view.new_conversation);
             out.messages += 1;
             ctx.lanes.push(Job {
