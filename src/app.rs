@@ -58,6 +58,7 @@ pub struct App {
     /// Background upkeep; awaited at shutdown so that a compaction it is
     /// running ends before the final one starts.
     maintenance: tokio::task::JoinHandle<()>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl App {
@@ -105,10 +106,24 @@ impl App {
             outbox.report_statuses_when(move || events.wants_statuses() || events.streaming());
         }
         outbox.start_archiving();
-        // SPEC §9: replay the journal before anything is accepted.
-        let restored = match &settings.data_dir {
-            Some(dir) => Some(open_storage(&state, &outbox, &events, dir, settings.sandbox).await?),
+        let cluster = match &settings.cluster {
+            Some(c) => Some(
+                crate::cluster::Cluster::connect(c)
+                    .await
+                    .map_err(|e| StartError::Storage(e.to_string()))?,
+            ),
             None => None,
+        };
+        // SPEC §9: replay the journal (a cluster's log) before anything is
+        // accepted.
+        let restored = match (&cluster, &settings.data_dir) {
+            (Some(cluster), _) => {
+                Some(open_cluster(&state, &outbox, &events, cluster, settings.sandbox).await?)
+            }
+            (None, Some(dir)) => {
+                Some(open_storage(&state, &outbox, &events, dir, settings.sandbox).await?)
+            }
+            (None, None) => None,
         };
         let (lanes, lane_receivers) = Lanes::new();
         let lanes = Arc::new(lanes);
@@ -130,6 +145,7 @@ impl App {
             lanes: lanes.clone(),
             events: events.clone(),
             max_backlog: settings.http.max_backlog,
+            cluster: cluster.clone(),
         });
         let api = Arc::new(api::Ctx {
             keys: api::Ctx::limiters(&settings.api.keys, settings.api.rate, settings.api.burst),
@@ -139,6 +155,7 @@ impl App {
             validity: settings.sender.validity,
             handoff_ttl: settings.conversations.handoff_ttl,
             events: events.clone(),
+            cluster: cluster.clone(),
         });
         let ops = Arc::new(ops::Ctx {
             key: settings.ops_key.clone(),
@@ -150,6 +167,7 @@ impl App {
             metrics: metrics.clone(),
             events: events.clone(),
             bodies,
+            cluster: cluster.clone(),
         });
         let router = Arc::new(routing::Router {
             state: state.clone(),
@@ -166,6 +184,10 @@ impl App {
             outbox: outbox.clone(),
             graph,
             settings: settings.sender.clone(),
+            owns: cluster.clone().map(|c| {
+                Arc::new(move |account: &str| c.owns(account))
+                    as outbound::sender::Owns
+            }),
         });
         let shared = Arc::new(Shared {
             settings: settings.clone(),
@@ -196,6 +218,15 @@ impl App {
                     replayed: true,
                 });
             }
+        }
+        if let Some(cluster) = &cluster {
+            cluster.spawn_health();
+            cluster.spawn_leases(Arc::new(ClusterHooks {
+                state: shared.state.clone(),
+                outbox: shared.outbox.clone(),
+                lanes: lanes.clone(),
+                webhook: webhook.clone(),
+            }));
         }
         let maintenance = spawn_maintenance(shared.clone(), stop_rx.clone());
         {
@@ -260,6 +291,7 @@ impl App {
             shared,
             stop,
             maintenance,
+            cluster,
         })
     }
 
@@ -283,7 +315,19 @@ impl App {
         handle.stop(true).await;
         let _ = self.stop.send(true);
         let _ = self.maintenance.await;
-        if self.shared.state.journal().is_some() {
+        if let Some(cluster) = &self.cluster {
+            // What this router did is in the log; another router takes
+            // its accounts over now rather than after the lease runs out.
+            let synced = self.shared.state.sync().await;
+            cluster.release().await;
+            tracing::info!(synced, "leases given back");
+        }
+        if self
+            .shared
+            .state
+            .journal()
+            .is_some_and(|j| j.dir().is_some())
+        {
             // Everything accepted is on disk; leave a snapshot for a fast start.
             let synced = self.shared.state.sync().await;
             match compact(&self.shared.outbox, &self.shared.events).await {
@@ -374,6 +418,107 @@ async fn open_storage(
         "state restored"
     );
     Ok(restored)
+}
+
+/// Cluster mode: replay the shared log, make it this router's journal and
+/// follow what the other routers append. Nothing is settled or routed
+/// here: that is for whoever takes each account's lease.
+async fn open_cluster(
+    state: &Arc<State>,
+    outbox: &Arc<Outbox>,
+    events: &Arc<Events>,
+    cluster: &Arc<crate::cluster::Cluster>,
+    sandbox: bool,
+) -> Result<crate::state::restore::Restored, StartError> {
+    let started = std::time::Instant::now();
+    // Event deliveries stay with the router that made them (see the
+    // README, "Running a cluster").
+    let (last, ops) = cluster
+        .replay(|payload| {
+            let (owner, json) = crate::persist::decode(payload)?;
+            match owner {
+                Owner::State => state.restore(json, sandbox),
+                Owner::Outbox => outbox.restore(json, sandbox),
+                Owner::Events => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| StartError::Storage(e.to_string()))?;
+    let journal = cluster.journal();
+    events.attach_journal(journal.clone());
+    state.attach_journal(journal);
+    let mut restored = state.finish_restore(sandbox);
+    restored.pending.clear();
+    let restored_outbox = outbox.finish_restore_shared(crate::domain::now_ms());
+    {
+        let (state, outbox, owner) = (state.clone(), outbox.clone(), cluster.clone());
+        cluster.spawn_follow(last, move |payload| {
+            let (kind, json) = crate::persist::decode(payload)?;
+            match kind {
+                Owner::State => state.restore(json, sandbox),
+                Owner::Outbox => outbox.apply_remote(json, |a| owner.owns(a)),
+                Owner::Events => Ok(()),
+            }
+        });
+    }
+    tracing::info!(
+        ops,
+        node = %cluster.node,
+        records = restored_outbox.records,
+        conversations = restored.conversations,
+        ms = started.elapsed().as_millis() as u64,
+        "cluster log replayed"
+    );
+    Ok(restored)
+}
+
+/// What the holder of an account's lease does (cluster mode).
+struct ClusterHooks {
+    state: Arc<State>,
+    outbox: Arc<Outbox>,
+    lanes: Arc<Lanes>,
+    webhook: Arc<webhook::Ctx>,
+}
+
+impl crate::cluster::LeaseHooks for ClusterHooks {
+    fn accounts(&self) -> Vec<(String, String)> {
+        self.state
+            .accounts()
+            .iter()
+            .map(|a| (a.name().to_string(), a.settings.phone_number_id.clone()))
+            .collect()
+    }
+
+    fn take_over(&self, account: &str) {
+        let Some(account) = self.state.account_by_name(account) else {
+            return;
+        };
+        let interrupted = self.outbox.take_over(&account, crate::domain::now_ms());
+        let mut pending = self.state.pending_of(&account);
+        pending.sort_by(|a, b| (a.0.timestamp, &a.0.wamid).cmp(&(b.0.timestamp, &b.0.wamid)));
+        tracing::info!(
+            account = account.name(),
+            interrupted_sends = interrupted,
+            pending_inbound = pending.len(),
+            "took the account over"
+        );
+        for (msg, new_conversation) in pending {
+            self.lanes.push(routing::Job {
+                account: account.clone(),
+                msg,
+                new_conversation,
+                replayed: true,
+            });
+        }
+    }
+
+    fn inbound(&self, phone_number_id: &str, body: &[u8]) {
+        webhook::accept_shared(&self.webhook, phone_number_id, body);
+    }
+
+    fn sync(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(self.state.sync())
+    }
 }
 
 /// Log size that triggers a snapshot.

@@ -50,6 +50,24 @@ pub struct Settings {
     pub sandbox_allow_remote: bool,
     /// The file these settings came from, if any.
     pub source: Option<PathBuf>,
+    /// `[cluster]`: several routers sharing their state on Redis.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: routers that share one Redis (see the README, "Running a
+/// cluster").
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// `redis://[user:password@]host:port[/db]`; may hold a password, so
+    /// it is never logged whole.
+    pub redis_url: Secret,
+    /// This router's name in the cluster (default: hostname-pid).
+    pub node_id: String,
+    /// Prefix of every Redis key the cluster uses (default `wa-router:`).
+    pub prefix: String,
+    /// How long an account's lease lasts without renewal: the time another
+    /// router takes over the sending of a router that died.
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +221,16 @@ struct FileIn {
     sandbox: Option<SandboxIn>,
     http: Option<HttpIn>,
     ops: Option<OpsIn>,
+    cluster: Option<Spanned<ClusterIn>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterIn {
+    redis_url: Spanned<EnvString>,
+    node_id: Option<Spanned<EnvString>>,
+    prefix: Option<EnvString>,
+    lease_ttl: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -734,6 +762,11 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         });
     }
 
+    let cluster = match &parsed.cluster {
+        None => None,
+        Some(c) => Some(cluster_settings(c.get_ref(), &at)?),
+    };
+
     let data_dir = parsed.data_dir.map_or_else(|| "data".to_string(), |d| d.0);
     Ok(Settings {
         listen: parsed
@@ -788,7 +821,64 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
         } else {
             Some(file.to_path_buf())
         },
+        cluster,
     })
+}
+
+fn cluster_settings(
+    c: &ClusterIn,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<ClusterSettings, ConfigError> {
+    let url = &c.redis_url.get_ref().0;
+    if !(["redis://", "rediss://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|s| url.starts_with(s)))
+    {
+        return Err(at(
+            c.redis_url.span(),
+            "[cluster] redis_url must start with redis://, rediss://, unix:// or redis+unix://"
+                .into(),
+        ));
+    }
+    let node_id = match &c.node_id {
+        Some(n) if n.get_ref().0.trim().is_empty() => {
+            return Err(at(n.span(), "[cluster] node_id is empty".into()));
+        }
+        Some(n) => n.get_ref().0.clone(),
+        None => default_node_id(),
+    };
+    let lease_ttl = c
+        .lease_ttl
+        .as_ref()
+        .map_or(Duration::from_secs(5), |d| d.get_ref().0);
+    if let Some(d) = &c.lease_ttl
+        && !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&lease_ttl)
+    {
+        return Err(at(
+            d.span(),
+            "[cluster] lease_ttl must be between 1s and 60s".into(),
+        ));
+    }
+    Ok(ClusterSettings {
+        redis_url: Secret::new(url.clone()),
+        node_id,
+        prefix: c
+            .prefix
+            .as_ref()
+            .map_or_else(|| "wa-router:".to_string(), |p| p.0.clone()),
+        lease_ttl,
+    })
+}
+
+/// hostname-pid: unique on one machine and across machines.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "router".into());
+    format!("{host}-{}", std::process::id())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod app;
 pub mod archive;
 pub mod body;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod crypto;

@@ -28,6 +28,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     pub events: Arc<Events>,
     pub bodies: Arc<BodyLimits>,
+    /// `[cluster]`: not ready while Redis does not answer.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// With `[ops] key` set, `/metrics` and `/healthz` (which name accounts,
@@ -53,7 +55,7 @@ fn ops_authorized(req: &HttpRequest, ctx: &Ctx) -> Result<(), ApiError> {
 pub async fn healthz(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
     ops_authorized(&req, &ctx)?;
     let status = ctx.rules.status();
-    Ok(HttpResponse::Ok().json(json!({
+    let mut body = json!({
         "status": "ok",
         "routes": {
             "rules": status.rules,
@@ -63,7 +65,15 @@ pub async fn healthz(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpRespon
         },
         "mode": if ctx.sandbox { "sandbox" } else { "live" },
         "accounts": ctx.state.accounts().len(),
-    })))
+    });
+    if let Some(c) = &ctx.cluster {
+        body["cluster"] = json!({
+            "node": c.node,
+            "redis": if c.is_up() { "up" } else { "down" },
+            "leases": c.leases(),
+        });
+    }
+    Ok(HttpResponse::Ok().json(body))
 }
 
 /// `GET /readyz`: 200 once state is loaded.
@@ -72,6 +82,12 @@ pub async fn readyz(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
         return Err(ApiError::new(
             ErrorCode::StorageUnavailable,
             "storage failed: the router cannot record changes",
+        ));
+    }
+    if ctx.cluster.as_ref().is_some_and(|c| !c.is_up()) {
+        return Err(ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "redis does not answer: the router cannot record changes",
         ));
     }
     if ctx.ready.load(Ordering::Acquire) {

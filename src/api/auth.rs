@@ -1,7 +1,7 @@
 //! API keys (SPEC §7): `X-API-Key: KEY` or `Authorization: Bearer KEY`,
 //! compared in constant time on every `/v1` route.
 
-use std::future::{Ready, ready};
+use futures_util::future::{LocalBoxFuture, ready};
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 
@@ -21,48 +21,74 @@ pub fn presented(req: &HttpRequest) -> Option<&str> {
 
 impl FromRequest for ApiKey {
     type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let unauthorized = || {
-            ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing or wrong API key: send X-API-Key or Authorization: Bearer",
-            )
-        };
-        let Some(ctx) = req.app_data::<web::Data<Ctx>>() else {
-            return ready(Err(ApiError::new(
-                ErrorCode::Internal,
-                "server state missing",
-            )));
-        };
-        let Some(key) = presented(req) else {
-            return ready(Err(unauthorized()));
-        };
-        let mut found = None;
-        for (i, (k, _)) in ctx.keys.iter().enumerate() {
-            if crate::crypto::constant_time_eq(key.as_bytes(), k.expose().as_bytes())
-                && found.is_none()
-            {
-                found = Some(i);
+        let checked = check(req);
+        let ctx = req.app_data::<web::Data<Ctx>>();
+        let cluster = ctx.and_then(|c| c.cluster.clone());
+        match (checked, cluster) {
+            // Cluster: what any router acknowledged or did before this
+            // request is seen.
+            (Ok(key), Some(cluster)) => {
+                let numbers: Vec<String> = ctx
+                    .map(|c| c.state.accounts())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|a| a.settings.phone_number_id.clone())
+                    .collect();
+                Box::pin(async move {
+                    cluster.catch_up(&numbers).await.map_err(|e| {
+                        tracing::warn!(error = %e, "cannot read the cluster log");
+                        ApiError::new(
+                            ErrorCode::StorageUnavailable,
+                            "the router cannot read the cluster's state now; retry later",
+                        )
+                    })?;
+                    Ok(key)
+                })
             }
+            (checked, _) => Box::pin(ready(checked)),
         }
-        let Some(index) = found else {
-            return ready(Err(unauthorized()));
-        };
-        // Per-key rate limit (SPEC §7): beyond rate/burst → 429 + Retry-After.
-        if let Some((_, limiter)) = ctx.keys.get(index)
-            && let Err(not_until) = limiter.check()
-        {
-            use governor::clock::{Clock, DefaultClock};
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return ready(Err(ApiError::new(
-                ErrorCode::RateLimited,
-                "rate limit of this API key exceeded; retry after Retry-After seconds",
-            )
-            .with_retry_after(std::time::Duration::from_secs(secs.max(1)))));
-        }
-        ready(Ok(ApiKey(index)))
     }
+}
+
+/// The key check and its rate limit.
+fn check(req: &HttpRequest) -> Result<ApiKey, ApiError> {
+    let unauthorized = || {
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong API key: send X-API-Key or Authorization: Bearer",
+        )
+    };
+    let Some(ctx) = req.app_data::<web::Data<Ctx>>() else {
+        return Err(ApiError::new(ErrorCode::Internal, "server state missing"));
+    };
+    let Some(key) = presented(req) else {
+        return Err(unauthorized());
+    };
+    let mut found = None;
+    for (i, (k, _)) in ctx.keys.iter().enumerate() {
+        if crate::crypto::constant_time_eq(key.as_bytes(), k.expose().as_bytes()) && found.is_none()
+        {
+            found = Some(i);
+        }
+    }
+    let Some(index) = found else {
+        return Err(unauthorized());
+    };
+    // Per-key rate limit (SPEC §7): beyond rate/burst → 429 + Retry-After.
+    if let Some((_, limiter)) = ctx.keys.get(index)
+        && let Err(not_until) = limiter.check()
+    {
+        use governor::clock::{Clock, DefaultClock};
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "rate limit of this API key exceeded; retry after Retry-After seconds",
+        )
+        .with_retry_after(std::time::Duration::from_secs(secs.max(1))));
+    }
+    Ok(ApiKey(index))
 }

@@ -72,16 +72,35 @@ fn io_error(path: &Path, e: impl std::fmt::Display) -> JournalError {
     }
 }
 
-enum Cmd {
+/// What a writer is asked to do: by the file writer here, and by a remote
+/// writer (the cluster's log on Redis) through [`Journal::remote`].
+pub enum Cmd {
+    /// One framed payload ([`frame`]).
     Frame(Vec<u8>),
+    /// Answer `true` once every frame sent before is durable.
     Sync(oneshot::Sender<bool>),
     Rotate(oneshot::Sender<Result<u64, String>>),
+}
+
+#[derive(Clone)]
+enum Tx {
+    File(mpsc::Sender<Cmd>),
+    Remote(tokio::sync::mpsc::UnboundedSender<Cmd>),
+}
+
+impl Tx {
+    fn send(&self, cmd: Cmd) -> Result<(), ()> {
+        match self {
+            Tx::File(tx) => tx.send(cmd).map_err(|_| ()),
+            Tx::Remote(tx) => tx.send(cmd).map_err(|_| ()),
+        }
+    }
 }
 
 /// Handle to the journal; cheap to clone. Disabled in memory mode.
 #[derive(Clone)]
 pub struct Journal {
-    tx: Option<mpsc::Sender<Cmd>>,
+    tx: Option<Tx>,
     failed: Arc<AtomicBool>,
     log_bytes: Arc<AtomicU64>,
     dir: Option<PathBuf>,
@@ -93,6 +112,28 @@ impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Journal({:?})", self.dir)
     }
+}
+
+/// The payloads of a buffer of whole frames (as a remote writer stores
+/// them); an error names the first bad one.
+pub fn split_frames(mut buf: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        if buf.len() < 8 {
+            return Err("a frame header is cut short".into());
+        }
+        let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+        let Some(payload) = buf.get(8..8 + len) else {
+            return Err("a frame is cut short".into());
+        };
+        if crc32fast::hash(payload) != crc {
+            return Err("a frame's checksum does not match".into());
+        }
+        out.push(payload);
+        buf = &buf[8 + len..];
+    }
+    Ok(out)
 }
 
 /// Frame one payload.
@@ -359,12 +400,24 @@ impl Journal {
             .spawn(move || writer.run(rx))
             .map_err(|e| io_error(dir, e))?;
         Ok(Journal {
-            tx: Some(tx),
+            tx: Some(Tx::File(tx)),
             failed,
             log_bytes,
             dir: Some(dir.to_path_buf()),
             compaction: Default::default(),
         })
+    }
+
+    /// A journal whose frames go to a remote writer (the cluster's log),
+    /// which sets `failed` while it cannot write. No files, no compaction.
+    pub fn remote(tx: tokio::sync::mpsc::UnboundedSender<Cmd>, failed: Arc<AtomicBool>) -> Self {
+        Journal {
+            tx: Some(Tx::Remote(tx)),
+            failed,
+            log_bytes: Arc::new(AtomicU64::new(0)),
+            dir: None,
+            compaction: Default::default(),
+        }
     }
 
     /// Held by whoever compacts: one compaction at a time.

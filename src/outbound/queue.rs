@@ -287,6 +287,18 @@ impl AccountQueue {
         q.settle(contact);
     }
 
+    /// Forget every waiting message (a cluster router taking over the
+    /// account rebuilds the queue from the records). Sends in flight end
+    /// as usual; a pause of the account stays.
+    pub fn clear(&self) {
+        let mut q = self.inner.lock();
+        let paused_until = q.paused_until;
+        *q = QueueInner {
+            paused_until,
+            ..QueueInner::default()
+        };
+    }
+
     /// Rate limits answered since the last call (the sender slows down).
     pub fn take_slow_downs(&self) -> usize {
         std::mem::take(&mut self.inner.lock().slow_downs)

@@ -23,12 +23,18 @@ use crate::config::SenderSettings;
 use crate::domain::{Millis, now_ms};
 use crate::state::Account;
 
+/// Whether this router may send for an account now (cluster lease).
+pub type Owns = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// What the paced senders use.
 pub struct Sender {
     pub outbox: Arc<Outbox>,
     pub graph: Arc<GraphClient>,
     /// `[sender]`: attempts, backoff.
     pub settings: SenderSettings,
+    /// In a cluster: whether this router holds the account's lease now;
+    /// sends start only while it does. `None`: always (one router).
+    pub owns: Option<Owns>,
 }
 
 /// What one attempt at a message came to.
@@ -77,6 +83,16 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
     loop {
         if *stop.borrow() {
             break;
+        }
+        if let Some(owns) = &sender.owns
+            && !owns(account.name())
+        {
+            // Another router sends for this account; taking the lease
+            // over wakes the queue.
+            if !sleep_until(250, Some(&queue), &mut stop).await {
+                break;
+            }
+            continue;
         }
         let now = now_ms();
         let next_due = queue.promote_due(now);
@@ -378,6 +394,7 @@ mod tests {
             validity: Duration::from_secs(3600),
         };
         let sender = Sender {
+            owns: None,
             outbox,
             graph: Arc::new(graph),
             settings,

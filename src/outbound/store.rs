@@ -90,6 +90,15 @@ pub struct Outbox {
     status_wanted: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
+/// A send the router stopped in the middle of (SPEC §9: not sent again).
+fn interrupted_error() -> RecordError {
+    RecordError {
+        code: INTERRUPTED.into(),
+        graph_code: None,
+        message: "the router stopped while this message was being sent; WhatsApp may or may not have received it, so it is not sent again (retry it if needed)".into(),
+    }
+}
+
 impl Outbox {
     /// An empty store over `state`; status changes come out of the
     /// returned channel while [`Outbox::report_statuses_when`] says they
@@ -746,9 +755,120 @@ impl Outbox {
         }
     }
 
+    /// Apply a record another router of the cluster wrote (it is in the
+    /// log). Unlike a replay, indexes follow at once; `owns` tells whether
+    /// this router holds the account's lease, and so keeps its queue.
+    pub fn apply_remote(&self, json: &[u8], owns: impl Fn(&str) -> bool) -> Result<(), String> {
+        let op: OutboxOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        match op {
+            OutboxOp::Record(wire) => {
+                let record = OutboundRecord::from(*wire);
+                let Some(account) = self.state.account_by_name(&record.account) else {
+                    return Ok(());
+                };
+                if self.records.contains_key(record.id.as_str()) {
+                    return Ok(());
+                }
+                let id = record.id.clone();
+                if let Some(w) = &record.wamid {
+                    self.by_wamid.insert(w.clone(), id.clone());
+                }
+                let queue = self.queue(&account);
+                queue.records.fetch_add(1, Ordering::Relaxed);
+                let (status, to, send_at) = (record.status, record.to.clone(), record.send_at);
+                self.records.insert(id.clone(), record);
+                self.order.lock().insert(id.clone());
+                if owns(account.name()) {
+                    match status {
+                        Status::Queued => {
+                            queue.push(to, id);
+                        }
+                        Status::Scheduled => queue.schedule(send_at.unwrap_or(0), to, id),
+                        _ => {}
+                    }
+                    queue.notify.notify_one();
+                }
+            }
+            OutboxOp::Update(update) => {
+                let id = update.id.clone();
+                self.reload(&id);
+                let changed = self.records.get_mut(id.as_str()).map(|mut r| {
+                    update.apply(&mut r);
+                    r.clone()
+                });
+                if let Some(r) = changed {
+                    if let Some(w) = &r.wamid {
+                        self.by_wamid.insert(w.clone(), r.id.clone());
+                    }
+                    if !matches!(
+                        r.status,
+                        Status::Queued | Status::Scheduled | Status::Sending
+                    ) && let Some(a) = self.state.account_by_name(&r.account)
+                    {
+                        self.queue(&a).remove(&r.to, &r.id);
+                    }
+                    self.archive_record(&r);
+                }
+            }
+            OutboxOp::ForgetRecord { id } => {
+                self.records.remove(id.as_str());
+                self.order.lock().remove(id.as_str());
+            }
+        }
+        Ok(())
+    }
+
+    /// A cluster router took over `account`'s lease (and applied the log
+    /// to its end): queue what waits in acceptance order, and settle the
+    /// sends the previous holder had started as after a crash (SPEC §9).
+    pub fn take_over(&self, account: &Account, now: Millis) -> usize {
+        let queue = self.queue(account);
+        queue.clear();
+        let mut queued = Vec::new();
+        let mut scheduled = Vec::new();
+        let mut interrupted = Vec::new();
+        for r in self.records.iter() {
+            if r.account.as_str() != account.name() {
+                continue;
+            }
+            match r.status {
+                Status::Queued => queued.push((r.created_at, r.id.clone(), r.to.clone())),
+                Status::Scheduled => {
+                    scheduled.push((r.send_at.unwrap_or(now), r.id.clone(), r.to.clone()))
+                }
+                Status::Sending => interrupted.push(r.id.clone()),
+                _ => {}
+            }
+        }
+        queued.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        scheduled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, id, to) in queued {
+            queue.push(to, id);
+        }
+        for (at, id, to) in scheduled {
+            queue.schedule(at, to, id);
+        }
+        for id in &interrupted {
+            self.mark_failed(id, interrupted_error(), now);
+        }
+        queue.notify.notify_one();
+        interrupted.len()
+    }
+
     /// After the last op: rebuild indexes and queues (acceptance order,
     /// SPEC §9) and settle interrupted sends.
     pub fn finish_restore(&self, now: Millis) -> RestoredOutbox {
+        self.rebuild(now, true)
+    }
+
+    /// As [`finish_restore`](Self::finish_restore) for a cluster router:
+    /// a send in flight may be another router's, so it is left to the
+    /// account's next lease holder ([`take_over`](Self::take_over)).
+    pub fn finish_restore_shared(&self, now: Millis) -> RestoredOutbox {
+        self.rebuild(now, false)
+    }
+
+    fn rebuild(&self, now: Millis, settle_interrupted: bool) -> RestoredOutbox {
         type Waiting = Vec<(Millis, MessageId, AccountName, ContactId)>;
         let mut queued: Waiting = Vec::new();
         let mut scheduled: Waiting = Vec::new();
@@ -782,7 +902,8 @@ impl Outbox {
                         r.account.clone(),
                         r.to.clone(),
                     )),
-                    Status::Sending => interrupted.push(r.id.clone()),
+                    Status::Sending if settle_interrupted => interrupted.push(r.id.clone()),
+                    Status::Sending => {}
                     _ => self.archive_record(&r),
                 }
             }
@@ -801,15 +922,7 @@ impl Outbox {
             }
         }
         for id in &interrupted {
-            self.mark_failed(
-                id,
-                RecordError {
-                    code: INTERRUPTED.into(),
-                    graph_code: None,
-                    message: "the router stopped while this message was being sent; WhatsApp may or may not have received it, so it is not sent again (retry it if needed)".into(),
-                },
-                now,
-            );
+            self.mark_failed(id, interrupted_error(), now);
         }
         for a in self.state.accounts() {
             self.queue(&a).notify.notify_one();

@@ -181,6 +181,16 @@ impl State {
         }
     }
 
+    /// The inbound messages of `account` acknowledged and not yet routed
+    /// (a cluster router that takes the account over routes them).
+    pub fn pending_of(&self, account: &Arc<Account>) -> Vec<(InboundMessage, bool)> {
+        self.pending
+            .iter()
+            .filter(|e| e.value().0 == account.name())
+            .map(|e| (e.value().1.clone(), e.value().2))
+            .collect()
+    }
+
     /// After the last op: hand back the pending inbound messages.
     pub fn finish_restore(&self, sandbox: bool) -> Restored {
         let mut out = Restored {

@@ -33,6 +33,9 @@ pub struct Ctx {
     pub events: Arc<crate::events::Events>,
     /// `[http] max_backlog`.
     pub max_backlog: usize,
+    /// `[cluster]`: notifications go to Redis before the `200`, and the
+    /// account's lease holder applies them.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Longest a webhook waits for the router to catch up before it is taken
@@ -126,6 +129,9 @@ pub async fn receive(
         ApiError::new(ErrorCode::InvalidNotification, e.to_string())
     })?;
     let malformed = notification.malformed;
+    if let Some(cluster) = &ctx.cluster {
+        return share(&ctx, cluster, notification, body).await;
+    }
     ctx.keep_up().await;
     let accepted = ingest::accept(&ctx, notification);
     // SPEC §9: a 200 means the effect is recorded; if it cannot be, Meta retries.
@@ -153,4 +159,104 @@ pub async fn receive(
     Ok(HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")
         .body("ok"))
+}
+
+fn unavailable() -> ApiError {
+    ApiError::new(
+        ErrorCode::StorageUnavailable,
+        "the router cannot record this notification now; retry later",
+    )
+}
+
+/// Cluster mode, before the `200`: each business number's messages and
+/// statuses go to its inbound stream in Redis (message ids marked seen in
+/// the same step); the lease holder of the account applies them
+/// ([`accept_shared`]). Account-level changes are applied here.
+async fn share(
+    ctx: &Ctx,
+    cluster: &crate::cluster::Cluster,
+    mut notification: payload::Notification,
+    body: &[u8],
+) -> Result<HttpResponse, ApiError> {
+    if !cluster.is_up() {
+        ctx.metrics.webhook("storage_failed");
+        return Err(unavailable());
+    }
+    if !notification.account_changes.is_empty() {
+        let changes = payload::Notification {
+            account_changes: std::mem::take(&mut notification.account_changes),
+            ..Default::default()
+        };
+        ingest::accept(ctx, changes);
+    }
+    // One append per business number, whatever the number of entries.
+    let mut numbers: Vec<(&str, Vec<&str>, bool)> = Vec::new();
+    for batch in &notification.batches {
+        let known = ctx
+            .state
+            .account_by_pnid(&batch.phone_number_id)
+            .or_else(|| {
+                ctx.sandbox
+                    .then(|| ctx.state.register_sandbox(&batch.phone_number_id))
+                    .flatten()
+            });
+        if known.is_none() {
+            tracing::warn!(phone_number_id = %batch.phone_number_id, "webhook for an unknown phone_number_id ignored");
+            ctx.metrics.webhook("unknown_account");
+            continue;
+        }
+        let wamids = batch.messages.iter().map(|m| m.wamid.as_str());
+        match numbers
+            .iter_mut()
+            .find(|(p, _, _)| *p == batch.phone_number_id)
+        {
+            Some((_, w, statuses)) => {
+                w.extend(wamids);
+                *statuses |= !batch.statuses.is_empty();
+            }
+            None => numbers.push((
+                &batch.phone_number_id,
+                wamids.collect(),
+                !batch.statuses.is_empty(),
+            )),
+        }
+    }
+    for (pnid, wamids, statuses) in &numbers {
+        match cluster.inbound(pnid, wamids, body, *statuses).await {
+            Ok(fresh) => {
+                let duplicates = wamids.len() - fresh.min(wamids.len());
+                for _ in 0..duplicates {
+                    ctx.metrics.webhook("duplicate_message");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand a notification to the cluster");
+                ctx.metrics.webhook("storage_failed");
+                return Err(unavailable());
+            }
+        }
+    }
+    // Account changes and new sandbox accounts are in the log.
+    if !ctx.state.sync().await {
+        ctx.metrics.webhook("storage_failed");
+        return Err(unavailable());
+    }
+    ctx.metrics.webhook("ok");
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body("ok"))
+}
+
+/// Cluster mode, on the lease holder of the account of `phone_number_id`:
+/// apply that number's part of a notification read from its inbound stream
+/// (verified by the router that answered it).
+pub fn accept_shared(ctx: &Ctx, phone_number_id: &str, body: &[u8]) {
+    match payload::parse(body) {
+        Ok(mut n) => {
+            n.batches.retain(|b| b.phone_number_id == phone_number_id);
+            n.account_changes.clear();
+            ingest::accept(ctx, n);
+        }
+        Err(e) => tracing::error!(error = %e, "an inbound stream entry is not a notification"),
+    }
 }

@@ -5,6 +5,7 @@ mod abuse;
 mod agent_api;
 mod cli;
 mod cloud_api;
+mod cluster;
 mod console;
 mod durability;
 mod events;

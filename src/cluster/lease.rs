@@ -1,0 +1,270 @@
+//! Account leases and the inbound streams their holders read.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+
+use super::log::read_reply;
+use super::{Cluster, ClusterError};
+
+/// What the lease holder of an account does; implemented by the app.
+pub trait LeaseHooks: Send + Sync + 'static {
+    /// Every account to hold a lease for: (name, phone number id).
+    fn accounts(&self) -> Vec<(String, String)>;
+    /// This router just took the lease of `account` and applied the log to
+    /// its end: settle interrupted sends, rebuild the queue, route what
+    /// was acknowledged and not yet routed.
+    fn take_over(&self, account: &str);
+    /// One notification body from the inbound stream of `phone_number_id`.
+    fn inbound(&self, phone_number_id: &str, body: &[u8]);
+    /// Resolves once what `inbound` did is in the log.
+    fn sync(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+/// Take the lease if free: the value is `node:token`, the token one more
+/// than the last one of this account (the fence).
+const ACQUIRE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local t = redis.call('INCR', KEYS[2])
+  local v = ARGV[1] .. ':' .. t
+  redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
+  return v
+end
+return false
+";
+
+/// Extend the lease if it is still ours.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Move the inbound cursor and drop what is before it, if the lease is
+/// still ours (a router that lost it cannot move it back).
+const ADVANCE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('XTRIM', KEYS[3], 'MINID', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Give the lease back at shutdown, if it is still ours.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+impl Cluster {
+    /// The part of the time to live after which a holder stops starting
+    /// sends unless it renewed: 3/4, renewals come every 1/3.
+    fn deadline(&self, sent: Instant) -> Instant {
+        sent + self.lease_ttl * 3 / 4
+    }
+
+    /// Hold the leases of every account the hooks name, as far as they are
+    /// free, and read the inbound streams of those held.
+    pub fn spawn_leases(self: &Arc<Self>, hooks: Arc<dyn LeaseHooks>) {
+        let this = self.clone();
+        let h = hooks.clone();
+        tokio::spawn(async move {
+            loop {
+                for (account, _) in h.accounts() {
+                    if let Err(e) = this.hold(&account, h.as_ref()).await {
+                        tracing::warn!(%account, error = %e, "lease");
+                    }
+                }
+                tokio::time::sleep(this.lease_ttl / 3).await;
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move { this.consume(hooks).await });
+    }
+
+    async fn hold(&self, account: &str, hooks: &dyn LeaseHooks) -> Result<(), ClusterError> {
+        let lease = self.key(&["lease", account]);
+        let ttl = self.lease_ttl.as_millis() as u64;
+        let mut conn = self.conn();
+        let sent = Instant::now();
+        let held = self.owned.get(account).map(|e| e.value().0.clone());
+        if let Some(token) = held {
+            let renewed: i64 = redis::Script::new(RENEW)
+                .key(&lease)
+                .arg(&token)
+                .arg(ttl)
+                .invoke_async(&mut conn)
+                // On an error the renewal is unknown: the deadline decides.
+                .await?;
+            if renewed == 1 {
+                if let Some(mut e) = self.owned.get_mut(account) {
+                    e.value_mut().1 = self.deadline(sent);
+                }
+            } else {
+                self.owned.remove(account);
+                tracing::warn!(%account, "lost the account's lease; no more sends from here");
+            }
+            return Ok(());
+        }
+        let got: Option<String> = redis::Script::new(ACQUIRE)
+            .key(&lease)
+            .key(self.key(&["fence", account]))
+            .arg(&self.node)
+            .arg(ttl)
+            .invoke_async(&mut conn)
+            .await?;
+        let Some(token) = got else {
+            return Ok(());
+        };
+        tracing::info!(%account, lease = %token, "took the account's lease");
+        self.catch_up(&[]).await?;
+        hooks.take_over(account);
+        self.owned
+            .insert(account.to_string(), (token, self.deadline(sent)));
+        Ok(())
+    }
+
+    /// Give back the leases held (shutdown): another router takes over at
+    /// once instead of after the time to live.
+    pub async fn release(&self) {
+        let mut conn = self.conn();
+        let held: Vec<(String, String)> = self
+            .owned
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0.clone()))
+            .collect();
+        self.owned.clear();
+        for (account, token) in held {
+            let _: Result<i64, _> = redis::Script::new(RELEASE)
+                .key(self.key(&["lease", &account]))
+                .arg(token)
+                .invoke_async(&mut conn)
+                .await;
+        }
+    }
+
+    /// Read the inbound streams of the accounts held, in order, from their
+    /// cursors; move a cursor once what its entries did is in the log.
+    async fn consume(&self, hooks: Arc<dyn LeaseHooks>) {
+        let mut conn = None;
+        // Stream cursor per phone number id, read from Redis at takeover.
+        let mut cursors: HashMap<String, String> = HashMap::new();
+        loop {
+            let held: Vec<(String, String, String)> = hooks
+                .accounts()
+                .into_iter()
+                .filter_map(|(a, p)| {
+                    let token = self.owned.get(&a).map(|e| e.value().0.clone())?;
+                    self.owns(&a).then_some((a, p, token))
+                })
+                .collect();
+            cursors.retain(|p, _| held.iter().any(|h| &h.1 == p));
+            if held.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let c = match &mut conn {
+                Some(c) => c,
+                None => match self.blocking_connection().await {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read inbound streams; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                },
+            };
+            for (_, pnid, _) in &held {
+                if !cursors.contains_key(pnid) {
+                    let at: Result<Option<String>, _> = redis::cmd("GET")
+                        .arg(self.key(&["cursor", pnid]))
+                        .query_async(c)
+                        .await;
+                    match at {
+                        Ok(at) => {
+                            cursors.insert(pnid.clone(), at.unwrap_or_else(|| "0-0".into()));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading an inbound cursor"),
+                    }
+                }
+            }
+            let reading: Vec<&(String, String, String)> =
+                held.iter().filter(|h| cursors.contains_key(&h.1)).collect();
+            if reading.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(256)
+                .arg("BLOCK")
+                .arg(500)
+                .arg("STREAMS");
+            for (_, pnid, _) in &reading {
+                cmd.arg(self.key(&["in", pnid]));
+            }
+            for (_, pnid, _) in &reading {
+                cmd.arg(&cursors[pnid]);
+            }
+            let read: Value = match cmd.query_async(c).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading inbound streams failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut advanced = Vec::new();
+            for (stream, page) in read_reply(&read) {
+                let Some(h) = reading.iter().find(|h| self.key(&["in", &h.1]) == stream) else {
+                    continue;
+                };
+                for e in &page {
+                    if let Some(body) = e.field("b") {
+                        hooks.inbound(&h.1, body);
+                    }
+                }
+                if let Some(last) = page.last() {
+                    advanced.push((h.0.clone(), h.1.clone(), h.2.clone(), last.id.clone()));
+                }
+            }
+            if advanced.is_empty() {
+                continue;
+            }
+            // Not in the log: the cursor stays, the entries are read again
+            // (applying them twice changes nothing).
+            if !hooks.sync().await {
+                cursors.clear();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let mut w = self.conn();
+            for (account, pnid, token, last) in advanced {
+                let moved: Result<i64, _> = redis::Script::new(ADVANCE)
+                    .key(self.key(&["lease", &account]))
+                    .key(self.key(&["cursor", &pnid]))
+                    .key(self.key(&["in", &pnid]))
+                    .arg(&token)
+                    .arg(&last)
+                    .invoke_async(&mut w)
+                    .await;
+                match moved {
+                    Ok(1) => {
+                        cursors.insert(pnid, last);
+                    }
+                    _ => {
+                        cursors.remove(&pnid);
+                    }
+                }
+            }
+        }
+    }
+}

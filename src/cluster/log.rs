@@ -1,0 +1,281 @@
+//! The cluster's log: the journal on a Redis stream. Entries are
+//! `n` (the router that wrote it) and `b` (journal frames, as in a log
+//! file). Appends are group-committed; every router replays the log at
+//! start and then follows it, applying what the others wrote.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::{Cluster, ClusterError};
+use crate::journal::{Cmd, Journal, split_frames};
+
+/// One `XADD` carries at most this many bytes of frames.
+const MAX_ENTRY: usize = 4 << 20;
+/// Entries read by one `XRANGE`/`XREAD`.
+const PAGE: usize = 512;
+
+/// Whether stream id `a` ≤ `b` (`ms-seq`).
+pub(super) fn id_le(a: &str, b: &str) -> bool {
+    parse_id(a) <= parse_id(b)
+}
+
+fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// An entry of a stream reply: id and its fields.
+pub(super) struct Entry {
+    pub id: String,
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
+impl Entry {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The entries of an `XRANGE`/`XREVRANGE` reply (`[[id, [k, v, …]], …]`).
+pub(super) fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = text(pair.first()?)?;
+            let Value::Array(kv) = pair.get(1)? else {
+                return None;
+            };
+            let fields = kv
+                .chunks(2)
+                .filter_map(|c| match c {
+                    [k, Value::BulkString(v)] => Some((text(k)?, v.clone())),
+                    _ => None,
+                })
+                .collect();
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+/// The entries per stream of an `XREAD` reply (RESP2 `[[name, entries]…]`
+/// or RESP3 map).
+pub(super) fn read_reply(v: &Value) -> Vec<(String, Vec<Entry>)> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(p) if p.len() == 2 => Some((text(&p[0])?, entries(&p[1]))),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(m) => m
+            .iter()
+            .filter_map(|(k, v)| Some((text(k)?, entries(v))))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Cluster {
+    /// The journal of this router: frames go to the log.
+    pub fn journal(self: &Arc<Self>) -> Journal {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(self.clone().write_log(rx, failed.clone()));
+        Journal::remote(tx, failed)
+    }
+
+    /// Group commit to the log. A failed `XADD` keeps its frames and is
+    /// retried (in order) until Redis takes them; syncs waiting meanwhile
+    /// answer `false` (the caller answers 503), and the journal reads as
+    /// failed until a write succeeds again.
+    async fn write_log(self: Arc<Self>, mut rx: UnboundedReceiver<Cmd>, failed: Arc<AtomicBool>) {
+        let key = self.key(&["log"]);
+        let mut conn = self.conn();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut waiting = Vec::new();
+        loop {
+            if buf.is_empty() {
+                match rx.recv().await {
+                    Some(cmd) => take(cmd, &mut buf, &mut waiting),
+                    None => return,
+                }
+            }
+            while buf.len() < MAX_ENTRY {
+                match rx.try_recv() {
+                    Ok(cmd) => take(cmd, &mut buf, &mut waiting),
+                    Err(_) => break,
+                }
+            }
+            if buf.is_empty() {
+                for w in waiting.drain(..) {
+                    let _ = w.send(true);
+                }
+                continue;
+            }
+            let written: Result<String, _> = redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("n")
+                .arg(&self.node)
+                .arg("b")
+                .arg(&buf)
+                .query_async(&mut conn)
+                .await;
+            match written {
+                Ok(_) => {
+                    buf.clear();
+                    failed.store(false, Ordering::Release);
+                    for w in waiting.drain(..) {
+                        let _ = w.send(true);
+                    }
+                }
+                Err(e) => {
+                    if !failed.swap(true, Ordering::AcqRel) {
+                        tracing::error!(error = %e, "cannot append to the cluster log; retrying");
+                    }
+                    for w in waiting.drain(..) {
+                        let _ = w.send(false);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Apply the whole log (startup, before anything is accepted); returns
+    /// the id of the last entry.
+    pub async fn replay(
+        &self,
+        mut apply: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(String, u64), ClusterError> {
+        let key = self.key(&["log"]);
+        let mut conn = self.conn();
+        let mut last = "0-0".to_string();
+        let mut applied = 0;
+        loop {
+            let page: Value = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("({last}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            let page = entries(&page);
+            if page.is_empty() {
+                break;
+            }
+            for e in &page {
+                applied += apply_entry(e, &mut apply)?;
+            }
+            last = page.last().map(|e| e.id.clone()).unwrap_or(last);
+        }
+        self.note_applied(&last);
+        Ok((last, applied))
+    }
+
+    /// Follow the log from `from`, applying what other routers wrote.
+    pub fn spawn_follow(
+        self: &Arc<Self>,
+        from: String,
+        mut apply: impl FnMut(&[u8]) -> Result<(), String> + Send + 'static,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let key = this.key(&["log"]);
+            let mut last = from;
+            let mut conn = None;
+            loop {
+                let c = match &mut conn {
+                    Some(c) => c,
+                    None => match this.blocking_connection().await {
+                        Ok(c) => conn.insert(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot follow the cluster log; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    },
+                };
+                let read: Result<Value, _> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .arg("BLOCK")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(&key)
+                    .arg(&last)
+                    .query_async(c)
+                    .await;
+                let read = match read {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the cluster log failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                for (_, page) in read_reply(&read) {
+                    for e in &page {
+                        if e.field("n") != Some(this.node.as_bytes())
+                            && let Err(err) = apply_entry(e, &mut apply)
+                        {
+                            tracing::error!(entry = %e.id, error = %err, "a cluster log entry could not be applied");
+                        }
+                        last = e.id.clone();
+                    }
+                    this.note_applied(&last);
+                }
+            }
+        });
+    }
+}
+
+fn take(cmd: Cmd, buf: &mut Vec<u8>, waiting: &mut Vec<tokio::sync::oneshot::Sender<bool>>) {
+    match cmd {
+        Cmd::Frame(f) => buf.extend_from_slice(&f),
+        Cmd::Sync(s) => waiting.push(s),
+        Cmd::Rotate(r) => {
+            let _ = r.send(Err("a cluster's log is not rotated".into()));
+        }
+    }
+}
+
+fn apply_entry(
+    e: &Entry,
+    apply: &mut impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<u64, ClusterError> {
+    let Some(frames) = e.field("b") else {
+        return Ok(0);
+    };
+    let frames =
+        split_frames(frames).map_err(|err| ClusterError(format!("log entry {}: {err}", e.id)))?;
+    let mut n = 0;
+    for payload in frames {
+        apply(payload).map_err(|err| ClusterError(format!("log entry {}: {err}", e.id)))?;
+        n += 1;
+    }
+    Ok(n)
+}

@@ -1,0 +1,322 @@
+//! Issue #12: routers sharing their state on Redis. Two routers in this
+//! process, one Redis: `$WA_ROUTER_TEST_REDIS` (`.ci/run` starts one), or
+//! else a `redis-server` of each test's own on a Unix socket.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// A Redis for one test: the shared one, or a server of its own (stopped
+/// when dropped).
+pub struct TestRedis {
+    pub url: String,
+    server: Option<(Child, std::path::PathBuf)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestRedis {
+    /// `None` (the test says so and passes) only outside CI when no Redis
+    /// is to be had.
+    pub fn get() -> Option<TestRedis> {
+        if let Ok(url) = std::env::var("WA_ROUTER_TEST_REDIS") {
+            return Some(TestRedis {
+                url,
+                server: None,
+                _dir: None,
+            });
+        }
+        Self::own()
+    }
+
+    /// A server of this test's own (to stop and start it again).
+    pub fn own() -> Option<TestRedis> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("redis.sock");
+        let mut r = TestRedis {
+            url: format!("unix://{}", socket.display()),
+            server: None,
+            _dir: None,
+        };
+        if !r.start(&socket) {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is needed for the cluster tests (.ci/run installs it)"
+            );
+            eprintln!(
+                "SKIPPED: no redis-server on PATH; install redis-server to run the cluster tests"
+            );
+            return None;
+        }
+        r._dir = Some(dir);
+        Some(r)
+    }
+
+    fn start(&mut self, socket: &std::path::Path) -> bool {
+        let dir = socket.parent().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(socket)
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            return false;
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.server = Some((child, socket.to_path_buf()));
+        true
+    }
+
+    /// Stop the test's own server (Redis goes away).
+    pub fn stop(&mut self) -> std::path::PathBuf {
+        let (mut child, socket) = self.server.take().expect("a server of the test's own");
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&socket);
+        socket
+    }
+
+    pub fn restart(&mut self, socket: &std::path::Path) {
+        assert!(self.start(socket), "redis-server starts again");
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        if let Some((mut child, _)) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `[cluster]` table for a router of a test's cluster: a key prefix of
+/// the test's own, so tests sharing one Redis do not meet.
+fn cluster_toml(redis: &TestRedis, prefix: &str, node: &str) -> String {
+    format!(
+        "[cluster]\nredis_url = \"{}\"\nnode_id = \"{node}\"\nprefix = \"{prefix}\"\nlease_ttl = \"2s\"\n",
+        redis.url
+    )
+}
+
+fn unique_prefix() -> String {
+    format!("t-{}:", new_wamid())
+}
+
+/// Two routers on one Redis and one Graph mock (A's). A starts first and
+/// takes the account's lease; B answers webhooks and API calls as well.
+async fn pair(redis: &TestRedis, routes: &str, pace: &'static str) -> (TestApp, TestApp) {
+    let prefix = unique_prefix();
+    let a = spawn_with(Options {
+        routes: routes.into(),
+        pace,
+        extra: cluster_toml(redis, &prefix, "a"),
+        ..Options::default()
+    })
+    .await;
+    wait_for(10, "router A to hold the account's lease", || async {
+        (a.healthz().await["cluster"]["leases"] == json!(["main"])).then_some(())
+    })
+    .await;
+    let b = spawn_with(Options {
+        routes: routes.into(),
+        pace,
+        extra: cluster_toml(redis, &prefix, "b"),
+        graph_url: Some(a.graph.uri()),
+        ..Options::default()
+    })
+    .await;
+    (a, b)
+}
+
+/// Sends to `to` that reached the Graph mock.
+async fn sends_to(app: &TestApp, to: &str) -> Vec<Value> {
+    app.sends()
+        .await
+        .into_iter()
+        .filter(|b| b["to"] == to)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_same_webhook_to_both_routers_runs_the_rules_once() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, GREETING, "10ms").await;
+    let hi = text(ANA, "hi");
+    let body = serde_json::to_vec(&notification(vec![hi], vec![])).unwrap();
+    let (ra, rb) = tokio::join!(a.post_webhook(&body), b.post_webhook(&body));
+    assert_eq!((ra.status().as_u16(), rb.status().as_u16()), (200, 200));
+    // Meta retries the same notification later, to either of them.
+    assert_eq!(b.post_webhook(&body).await.status(), 200);
+    // Barrier: a later message of another contact has been answered, and
+    // nothing is queued or being sent any more.
+    b.say(BOB, "hi").await;
+    wait_for(10, "Bob's greeting", || async {
+        (!sends_to(&a, BOB).await.is_empty()).then_some(())
+    })
+    .await;
+    a.rules_idle().await;
+    wait_for(10, "the queue to be empty", || async {
+        let (_, q) = a.api(Method::GET, "/v1/queues", None).await;
+        let q = &q["queues"][0];
+        (q["depth"] == 0).then_some(())
+    })
+    .await;
+    let to_ana = sends_to(&a, ANA).await;
+    assert_eq!(to_ana.len(), 1, "one greeting for one message: {to_ana:?}");
+    assert_eq!(to_ana[0]["type"], "interactive");
+}
+
+#[tokio::test]
+async fn a_webhook_to_one_router_and_an_api_reply_to_the_other_is_accepted() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, GREETING, "10ms").await;
+    a.say(ANA, "hi").await;
+    // Straight away: B reads the cluster's state before answering.
+    let (status, body) = b.send_text(ANA, "An agent here").await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    // The record is visible from both routers and ends sent.
+    let sent = a.wait_status(&id, "sent").await;
+    assert_eq!(sent["to"], ANA);
+    wait_for(10, "B to see it sent", || async {
+        let (s, r) = b
+            .api(Method::GET, &format!("/v1/messages/{id}"), None)
+            .await;
+        (s == 200 && r["status"] == "sent").then_some(())
+    })
+    .await;
+    let texts = a.wait_texts(ANA, 2).await;
+    assert!(texts.contains(&"An agent here".to_string()), "{texts:?}");
+    // The conversation B shows is the one A opened.
+    let (s, conv) = b
+        .api(Method::GET, &format!("/v1/conversations/main/{ANA}"), None)
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    assert_eq!(conv["window"]["open"], true, "{conv}");
+    assert_eq!(conv["messages"], 3, "hi, the greeting and the reply: {conv}");
+    // A contact nobody wrote from has no window on either router.
+    let (status, body) = b.send_text(BOB, "Unprompted").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "window_closed");
+}
+
+#[tokio::test]
+async fn messages_queued_through_both_routers_leave_in_acceptance_order_with_pace() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, GREETING, "20ms").await;
+    a.say(ANA, "hello there").await;
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let (status, body) = via.send_text(ANA, &format!("m{i}")).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let texts = wait_for(30, "100 sends", || async {
+        let t: Vec<String> = sends_to(&a, ANA)
+            .await
+            .iter()
+            .map(body_text)
+            .filter(|t| t.starts_with('m'))
+            .collect();
+        (t.len() >= 100).then_some(t)
+    })
+    .await;
+    let want: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want, "acceptance order across both routers");
+    // pace: starts at least 20 ms apart (arrivals at the mock, which
+    // answers at once).
+    let arrivals: Vec<std::time::Instant> = a
+        .arrivals()
+        .into_iter()
+        .filter(|(_, b)| b["to"] == ANA && body_text(b).starts_with('m'))
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(arrivals.len(), 100);
+    for w in arrivals.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(15),
+            "sends {:?} apart",
+            w[1] - w[0]
+        );
+    }
+    for id in &ids {
+        let (s, r) = b
+            .api(Method::GET, &format!("/v1/messages/{id}"), None)
+            .await;
+        assert_eq!(s, 200);
+        assert_eq!(r["status"], "sent", "{r}");
+    }
+}
+
+#[tokio::test]
+async fn without_redis_the_router_is_not_ready_and_webhooks_get_503() {
+    let Some(mut redis) = TestRedis::own() else {
+        return;
+    };
+    let app = spawn_with(Options {
+        extra: cluster_toml(&redis, &unique_prefix(), "solo"),
+        ..Options::default()
+    })
+    .await;
+    let ready = || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready().await, 200);
+    let socket = redis.stop();
+    wait_for(10, "/readyz to say 503", || async {
+        (ready().await == 503).then_some(())
+    })
+    .await;
+    let body = serde_json::to_vec(&notification(vec![text(ANA, "hi")], vec![])).unwrap();
+    let resp = app.post_webhook(&body).await;
+    assert_eq!(resp.status(), 503);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "storage_unavailable", "{err}");
+    // Redis back: ready again, and Meta's retry is taken and answered.
+    redis.restart(&socket);
+    wait_for(15, "/readyz to say 200", || async {
+        (ready().await == 200).then_some(())
+    })
+    .await;
+    wait_for(15, "the retried webhook to be taken", || async {
+        (app.post_webhook(&body).await.status() == 200).then_some(())
+    })
+    .await;
+    let texts = app.wait_texts(ANA, 1).await;
+    assert_eq!(texts.len(), 1, "{texts:?}");
+}
