@@ -320,3 +320,114 @@ async fn without_redis_the_router_is_not_ready_and_webhooks_get_503() {
     let texts = app.wait_texts(ANA, 1).await;
     assert_eq!(texts.len(), 1, "{texts:?}");
 }
+
+/// A Graph API that answers like [`GraphOk`] after `delay` (so that sends
+/// are in flight when a router dies).
+struct SlowGraph(GraphOk, Duration);
+
+impl wiremock::Respond for SlowGraph {
+    fn respond(&self, req: &wiremock::Request) -> wiremock::ResponseTemplate {
+        self.0.respond(req).set_delay(self.1)
+    }
+}
+
+#[tokio::test]
+async fn sigkill_of_the_lease_holder_under_load_loses_and_duplicates_nothing() {
+    use crate::durability::{Router, settled, template_names, write_config};
+    use wiremock::matchers::{method, path_regex};
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let graph = wiremock::MockServer::start().await;
+    let arrivals = Arrivals::default();
+    wiremock::Mock::given(method("POST"))
+        .and(path_regex(r"^/v25\.0/\d+/messages$"))
+        .respond_with(SlowGraph(
+            GraphOk::new(Default::default(), arrivals.clone()),
+            Duration::from_millis(40),
+        ))
+        .mount(&graph)
+        .await;
+    let prefix = unique_prefix();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (dir, node) in [(&dir_a, "a"), (&dir_b, "b")] {
+        write_config(
+            dir.path(),
+            &graph.uri(),
+            "5ms",
+            GREETING,
+            &cluster_toml(&redis, &prefix, node),
+        );
+    }
+    let mut a = Router::spawn(dir_a.path()).await;
+    let holds = |r: &Router| {
+        let url = r.url("/healthz");
+        async move {
+            let h: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+            (h["cluster"]["leases"] == json!(["main"])).then_some(())
+        }
+    };
+    wait_for(10, "A to hold the lease", || holds(&a)).await;
+    let b = Router::spawn(dir_b.path()).await;
+    // Templates (no window needed) to four contacts, through both routers.
+    let contacts = ["16315551201", "16315551202", "16315551203", "16315551204"];
+    let mut ids = Vec::new();
+    async fn send(r: &Router, to: &str, i: usize) -> String {
+        let body = json!({
+            "to": to,
+            "type": "template",
+            "template": { "name": format!("t{i}"), "language": { "code": "en" } }
+        });
+        let (status, body) = r.api(Method::POST, "/v1/messages", Some(body)).await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+    for i in 0..120 {
+        ids.push(send(if i % 2 == 0 { &a } else { &b }, contacts[i % 4], i).await);
+    }
+    // A dies while its sends are in flight.
+    wait_for(10, "sends to be under way", || async {
+        (arrivals.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await;
+    a.kill();
+    let at_kill = arrivals.lock().unwrap().len();
+    for i in 120..200 {
+        ids.push(send(&b, contacts[i % 4], i).await);
+    }
+    wait_for(15, "B to take the lease over", || holds(&b)).await;
+    let records = settled(&b, &ids, 60).await;
+    let names = template_names(&arrivals);
+    for (i, r) in records.iter().enumerate() {
+        let name = format!("t{i}");
+        let times = names.iter().filter(|n| **n == name).count();
+        match r["status"].as_str().unwrap() {
+            "sent" => assert_eq!(times, 1, "{name} sent {times} times: {r}"),
+            _ => {
+                // Only a send A had started may end so (SPEC §9): Meta
+                // may or may not have it, it is never sent again.
+                assert_eq!(r["error"]["code"], "interrupted", "{r}");
+                assert!(times <= 1, "{name} sent {times} times: {r}");
+            }
+        }
+    }
+    let failed = records.iter().filter(|r| r["status"] == "failed").count();
+    assert!(failed <= 4, "at most one in flight per contact: {failed}");
+    eprintln!(
+        "{} sent, {failed} interrupted; {} arrived before the kill",
+        records.len() - failed,
+        at_kill
+    );
+    assert!(at_kill < 200, "A was killed with work left for B");
+    // Per contact, what reached the Graph API is in acceptance order.
+    for c in contacts {
+        let got: Vec<usize> = arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, b)| b["to"] == c)
+            .map(|(_, b)| b["template"]["name"].as_str().unwrap()[1..].parse().unwrap())
+            .collect();
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "order to {c}: {got:?}");
+    }
+}

@@ -11,17 +11,17 @@ use wiremock::{Mock, MockServer};
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wa-router");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_wa-router");
 
 /// A router process on a data directory that outlives it.
-struct Router {
+pub(crate) struct Router {
     child: Option<Child>,
     dir: PathBuf,
     port: u16,
     http: reqwest::Client,
 }
 
-fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, extra: &str) {
+pub(crate) fn write_config(dir: &Path, graph: &str, pace: &str, routes: &str, extra: &str) {
     std::fs::write(dir.join("routes.toml"), routes).unwrap();
     std::fs::write(
         dir.join("wa-router.toml"),
@@ -65,7 +65,7 @@ impl Router {
 
     /// Start the binary on `dir/wa-router.toml` (which listens on port 0)
     /// and wait until it is ready.
-    async fn spawn(dir: &Path) -> Router {
+    pub(crate) async fn spawn(dir: &Path) -> Router {
         let log_path = dir.join("router.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(BIN)
@@ -93,12 +93,12 @@ impl Router {
         r
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     /// SIGKILL: a crash.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
@@ -115,7 +115,7 @@ impl Router {
         out.status.code().unwrap_or(-1)
     }
 
-    async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, self.url(path))
@@ -170,7 +170,7 @@ async fn graph_mock() -> (MockServer, Arrivals) {
 
 /// Every message of `ids` once it ended `sent` or `failed` (each must
 /// still exist), waiting at most `secs`.
-async fn settled(r: &Router, ids: &[String], secs: u64) -> Vec<Value> {
+pub(crate) async fn settled(r: &Router, ids: &[String], secs: u64) -> Vec<Value> {
     wait_for(secs, "every message to end", || async {
         let mut out = Vec::new();
         for id in ids {
@@ -189,7 +189,7 @@ async fn settled(r: &Router, ids: &[String], secs: u64) -> Vec<Value> {
 }
 
 /// Template names the mock Graph API received, in order.
-fn template_names(arrivals: &Arrivals) -> Vec<String> {
+pub(crate) fn template_names(arrivals: &Arrivals) -> Vec<String> {
     arrivals
         .lock()
         .unwrap()
