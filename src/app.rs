@@ -155,6 +155,7 @@ impl App {
             validity: settings.sender.validity,
             handoff_ttl: settings.conversations.handoff_ttl,
             events: events.clone(),
+            rate_burst: (settings.api.rate, settings.api.burst),
             cluster: cluster.clone(),
         });
         let ops = Arc::new(ops::Ctx {
@@ -184,10 +185,9 @@ impl App {
             outbox: outbox.clone(),
             graph,
             settings: settings.sender.clone(),
-            owns: cluster.clone().map(|c| {
-                Arc::new(move |account: &str| c.owns(account))
-                    as outbound::sender::Owns
-            }),
+            owns: cluster
+                .clone()
+                .map(|c| Arc::new(move |account: &str| c.owns(account)) as outbound::sender::Owns),
         });
         let shared = Arc::new(Shared {
             settings: settings.clone(),

@@ -25,12 +25,20 @@ impl FromRequest for ApiKey {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let checked = check(req);
+        let checked = match (&checked, req.app_data::<web::Data<Ctx>>()) {
+            // Cluster: the limit is shared (checked on Redis below).
+            (Ok(_), Some(ctx)) if ctx.cluster.is_some() => checked,
+            (Ok(ApiKey(index)), Some(ctx)) => local_limit(ctx, *index).map(|()| ApiKey(*index)),
+            _ => checked,
+        };
         let ctx = req.app_data::<web::Data<Ctx>>();
         let cluster = ctx.and_then(|c| c.cluster.clone());
         match (checked, cluster) {
             // Cluster: what any router acknowledged or did before this
             // request is seen.
             (Ok(key), Some(cluster)) => {
+                let presented_key = presented(req).unwrap_or_default().to_string();
+                let (rate, burst) = ctx.map_or((1, 1), |c| c.rate_burst);
                 let numbers: Vec<String> = ctx
                     .map(|c| c.state.accounts())
                     .unwrap_or_default()
@@ -38,13 +46,21 @@ impl FromRequest for ApiKey {
                     .map(|a| a.settings.phone_number_id.clone())
                     .collect();
                 Box::pin(async move {
-                    cluster.catch_up(&numbers).await.map_err(|e| {
-                        tracing::warn!(error = %e, "cannot read the cluster log");
+                    let unavailable = |e: crate::cluster::ClusterError| {
+                        tracing::warn!(error = %e, "cannot reach the cluster's state");
                         ApiError::new(
                             ErrorCode::StorageUnavailable,
-                            "the router cannot read the cluster's state now; retry later",
+                            "the router cannot reach the cluster's state now; retry later",
                         )
-                    })?;
+                    };
+                    let limited = cluster
+                        .rate_limit(&presented_key, rate, burst)
+                        .await
+                        .map_err(unavailable)?;
+                    if let Some(wait) = limited {
+                        return Err(rate_limited(wait));
+                    }
+                    cluster.catch_up(&numbers).await.map_err(unavailable)?;
                     Ok(key)
                 })
             }
@@ -53,7 +69,7 @@ impl FromRequest for ApiKey {
     }
 }
 
-/// The key check and its rate limit.
+/// The key check.
 fn check(req: &HttpRequest) -> Result<ApiKey, ApiError> {
     let unauthorized = || {
         ApiError::new(
@@ -77,18 +93,27 @@ fn check(req: &HttpRequest) -> Result<ApiKey, ApiError> {
     let Some(index) = found else {
         return Err(unauthorized());
     };
-    // Per-key rate limit (SPEC §7): beyond rate/burst → 429 + Retry-After.
+    Ok(ApiKey(index))
+}
+
+/// Per-key rate limit (SPEC §7): beyond rate/burst → 429 + Retry-After.
+fn local_limit(ctx: &Ctx, index: usize) -> Result<(), ApiError> {
     if let Some((_, limiter)) = ctx.keys.get(index)
         && let Err(not_until) = limiter.check()
     {
         use governor::clock::{Clock, DefaultClock};
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return Err(ApiError::new(
-            ErrorCode::RateLimited,
-            "rate limit of this API key exceeded; retry after Retry-After seconds",
-        )
-        .with_retry_after(std::time::Duration::from_secs(secs.max(1))));
+        return Err(rate_limited(
+            not_until.wait_time_from(DefaultClock::default().now()),
+        ));
     }
-    Ok(ApiKey(index))
+    Ok(())
+}
+
+fn rate_limited(wait: std::time::Duration) -> ApiError {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    ApiError::new(
+        ErrorCode::RateLimited,
+        "rate limit of this API key exceeded; retry after Retry-After seconds",
+    )
+    .with_retry_after(std::time::Duration::from_secs(secs.max(1)))
 }

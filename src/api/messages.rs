@@ -85,9 +85,40 @@ pub async fn send(
             std::time::Duration::from_secs(5),
         )
         .await;
-    let (status, answer) = send_message(&ctx, body, header_key)?;
+    // Cluster: one request per idempotency key at a time, cluster-wide.
+    let claimed = match (&ctx.cluster, idempotency_key(&body, header_key.as_deref())) {
+        (Some(cluster), Some(key)) => {
+            let state = ctx.state.clone();
+            let known = || state.knows_idempotency_key(&key);
+            match cluster.claim_idempotency(&key, known).await {
+                Ok(true) => Some((cluster.clone(), key)),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency claim");
+                    return Err(ApiError::new(
+                        ErrorCode::StorageUnavailable,
+                        "the router cannot reach the cluster's state now; retry later",
+                    ));
+                }
+            }
+        }
+        _ => None,
+    };
+    let sent = send_message(&ctx, body, header_key);
+    if let (Err(_), Some((cluster, key))) = (&sent, &claimed) {
+        cluster.release_idempotency(key).await;
+    }
+    let (status, answer) = sent?;
     super::durable(&ctx).await?;
     Ok(HttpResponse::build(status).json(answer))
+}
+
+/// The idempotency key a send request names (header or body), if any.
+fn idempotency_key(body: &Value, header: Option<&str>) -> Option<String> {
+    header
+        .or_else(|| body.get("idempotency_key").and_then(Value::as_str))
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
 }
 
 /// Accept one send request; returns the HTTP status and body to answer

@@ -32,6 +32,8 @@ pub struct Ctx {
     pub handoff_ttl: Duration,
     /// The live stream's source (`GET /v1/stream`).
     pub events: Arc<crate::events::Events>,
+    /// `[api] rate` and `burst` (the cluster's shared limit uses them).
+    pub rate_burst: (u32, u32),
     /// `[cluster]`: each request first reads the cluster's log to its end.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }

@@ -59,6 +59,7 @@ pub struct Cluster {
     applied_changed: tokio::sync::Notify,
     inbound_script: redis::Script,
     catch_up_script: redis::Script,
+    rate_script: redis::Script,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -160,6 +161,7 @@ impl Cluster {
             applied_changed: tokio::sync::Notify::new(),
             inbound_script: redis::Script::new(INBOUND_SCRIPT),
             catch_up_script: redis::Script::new(CATCH_UP_SCRIPT),
+            rate_script: redis::Script::new(RATE_SCRIPT),
         }))
     }
 
@@ -315,5 +317,100 @@ impl Cluster {
                 )));
             }
         }
+    }
+}
+
+/// GCRA on Redis's clock: `KEYS[1]` the key's theoretical arrival time
+/// (ms); `ARGV[1]` ms between requests at the rate, `ARGV[2]` the burst.
+/// Returns 0 when allowed, else the ms to wait.
+const RATE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
+local new = tat + interval
+if new - now > burst * interval then
+  return math.ceil(new - now - burst * interval)
+end
+redis.call('SET', KEYS[1], tostring(new), 'PX', math.ceil(new - now) + 1000)
+return 0
+";
+
+impl Cluster {
+    /// The cluster-wide rate limit of one API key (`[api] rate`/`burst`,
+    /// shared by every router): `None` if allowed, else how long to wait.
+    /// The key is named in Redis by a hash, never as it is.
+    pub async fn rate_limit(
+        &self,
+        api_key: &str,
+        rate: u32,
+        burst: u32,
+    ) -> Result<Option<Duration>, ClusterError> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(api_key.as_bytes());
+        let name = hex::encode(&digest[..12]);
+        let interval = 1000.0 / f64::from(rate.max(1));
+        let mut conn = self.conn();
+        let wait: u64 = self
+            .rate_script
+            .key(self.key(&["rate", &name]))
+            .arg(interval)
+            .arg(burst.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait)))
+    }
+
+    /// Before a request with an idempotency key runs: take the key for a
+    /// while (`true`), or, when another request with it runs or ran
+    /// anywhere, wait until this router knows its answer (`known`) and
+    /// return `false` (the stored answer, or a conflict, follows).
+    pub async fn claim_idempotency(
+        &self,
+        key: &str,
+        known: impl Fn() -> bool,
+    ) -> Result<bool, ClusterError> {
+        let claim = self.idempotency_key(key);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut conn = self.conn();
+        loop {
+            if known() {
+                return Ok(false);
+            }
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(&claim)
+                .arg(&self.node)
+                .arg("NX")
+                .arg("PX")
+                .arg(10_000)
+                .query_async(&mut conn)
+                .await?;
+            if taken.is_some() {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError(
+                    "a request with this idempotency key is still running elsewhere".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.catch_up(&[]).await?;
+        }
+    }
+
+    /// The request that claimed `key` failed: nothing was stored, the key
+    /// is free again at once.
+    pub async fn release_idempotency(&self, key: &str) {
+        let mut conn = self.conn();
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(self.idempotency_key(key))
+            .query_async(&mut conn)
+            .await;
+    }
+
+    fn idempotency_key(&self, key: &str) -> String {
+        use sha2::Digest;
+        self.key(&["idem", &hex::encode(sha2::Sha256::digest(key.as_bytes()))])
     }
 }

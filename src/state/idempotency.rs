@@ -38,6 +38,11 @@ pub fn fingerprint(v: &serde_json::Value) -> [u8; 32] {
 }
 
 impl State {
+    /// Whether an answer is stored for idempotency `key`.
+    pub fn knows_idempotency_key(&self, key: &str) -> bool {
+        self.idempotency.contains_key(key)
+    }
+
     /// Run `f` once per idempotency `key` (SPEC §7): a repeat with the same
     /// fingerprint gets the stored answer, another fingerprint a conflict.
     pub fn idempotent<E>(

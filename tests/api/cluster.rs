@@ -127,10 +127,22 @@ fn unique_prefix() -> String {
 /// Two routers on one Redis and one Graph mock (A's). A starts first and
 /// takes the account's lease; B answers webhooks and API calls as well.
 async fn pair(redis: &TestRedis, routes: &str, pace: &'static str) -> (TestApp, TestApp) {
+    pair_with(redis, routes, pace, 1000, 1000).await
+}
+
+async fn pair_with(
+    redis: &TestRedis,
+    routes: &str,
+    pace: &'static str,
+    rate: u32,
+    burst: u32,
+) -> (TestApp, TestApp) {
     let prefix = unique_prefix();
     let a = spawn_with(Options {
         routes: routes.into(),
         pace,
+        rate,
+        burst,
         extra: cluster_toml(redis, &prefix, "a"),
         ..Options::default()
     })
@@ -142,6 +154,8 @@ async fn pair(redis: &TestRedis, routes: &str, pace: &'static str) -> (TestApp, 
     let b = spawn_with(Options {
         routes: routes.into(),
         pace,
+        rate,
+        burst,
         extra: cluster_toml(redis, &prefix, "b"),
         graph_url: Some(a.graph.uri()),
         ..Options::default()
@@ -219,7 +233,10 @@ async fn a_webhook_to_one_router_and_an_api_reply_to_the_other_is_accepted() {
         .await;
     assert_eq!(s, 200, "{conv}");
     assert_eq!(conv["window"]["open"], true, "{conv}");
-    assert_eq!(conv["messages"], 3, "hi, the greeting and the reply: {conv}");
+    assert_eq!(
+        conv["messages"], 3,
+        "hi, the greeting and the reply: {conv}"
+    );
     // A contact nobody wrote from has no window on either router.
     let (status, body) = b.send_text(BOB, "Unprompted").await;
     assert_eq!(status, 422, "{body}");
@@ -426,8 +443,84 @@ async fn sigkill_of_the_lease_holder_under_load_loses_and_duplicates_nothing() {
             .unwrap()
             .iter()
             .filter(|(_, b)| b["to"] == c)
-            .map(|(_, b)| b["template"]["name"].as_str().unwrap()[1..].parse().unwrap())
+            .map(|(_, b)| {
+                b["template"]["name"].as_str().unwrap()[1..]
+                    .parse()
+                    .unwrap()
+            })
             .collect();
         assert!(got.windows(2).all(|w| w[0] < w[1]), "order to {c}: {got:?}");
     }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_sent_to_both_routers_at_once_sends_once() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, GREETING, "10ms").await;
+    let body = json!({
+        "to": ANA,
+        "type": "template",
+        "template": { "name": "welcome", "language": { "code": "en" } },
+        "idempotency_key": "order-42"
+    });
+    let ((sa, ra), (sb, rb)) = tokio::join!(
+        a.api(Method::POST, "/v1/messages", Some(body.clone())),
+        b.api(Method::POST, "/v1/messages", Some(body.clone()))
+    );
+    assert_eq!((sa, sb), (202, 202), "{ra} {rb}");
+    assert_eq!(ra["id"], rb["id"], "one message for one key");
+    // Another body with the key, on either router: a conflict.
+    let mut other = body.clone();
+    other["template"]["name"] = json!("other");
+    let (s, e) = b.api(Method::POST, "/v1/messages", Some(other)).await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "idempotency_conflict");
+    a.wait_status(ra["id"].as_str().unwrap(), "sent").await;
+    // A later key is sent (and is the barrier for "nothing else went").
+    let (s, later) = b
+        .api(
+            Method::POST,
+            "/v1/messages",
+            Some(json!({
+                "to": ANA, "type": "template",
+                "template": { "name": "later", "language": { "code": "en" } }
+            })),
+        )
+        .await;
+    assert_eq!(s, 202, "{later}");
+    a.wait_status(later["id"].as_str().unwrap(), "sent").await;
+    let names: Vec<String> = sends_to(&a, ANA)
+        .await
+        .iter()
+        .map(|b| b["template"]["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(names, ["welcome", "later"]);
+}
+
+#[tokio::test]
+async fn an_api_key_rate_limit_holds_across_routers() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair_with(&redis, GREETING, "10ms", 1, 2).await;
+    async fn queues(r: &TestApp) -> u16 {
+        r.api(Method::GET, "/v1/queues", None).await.0
+    }
+    // The burst of 2 is shared: one call each, then both are limited.
+    assert_eq!(queues(&a).await, 200);
+    assert_eq!(queues(&b).await, 200);
+    let resp = b
+        .http
+        .get(b.url("/v1/queues"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(queues(&a).await, 429);
 }
