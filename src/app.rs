@@ -221,7 +221,12 @@ impl App {
         }
         if let Some(cluster) = &cluster {
             cluster.spawn_health();
+            let delivers = cluster.clone();
+            shared
+                .events
+                .deliver_when(Arc::new(move |target: &str| delivers.delivers(target)));
             cluster.spawn_leases(Arc::new(ClusterHooks {
+                events: shared.events.clone(),
                 state: shared.state.clone(),
                 outbox: shared.outbox.clone(),
                 lanes: lanes.clone(),
@@ -431,15 +436,13 @@ async fn open_cluster(
     sandbox: bool,
 ) -> Result<crate::state::restore::Restored, StartError> {
     let started = std::time::Instant::now();
-    // Event deliveries stay with the router that made them (see the
-    // README, "Running a cluster").
     let (last, ops) = cluster
         .replay(|payload| {
             let (owner, json) = crate::persist::decode(payload)?;
             match owner {
                 Owner::State => state.restore(json, sandbox),
                 Owner::Outbox => outbox.restore(json, sandbox),
-                Owner::Events => Ok(()),
+                Owner::Events => events.restore(json),
             }
         })
         .await
@@ -450,14 +453,16 @@ async fn open_cluster(
     let mut restored = state.finish_restore(sandbox);
     restored.pending.clear();
     let restored_outbox = outbox.finish_restore_shared(crate::domain::now_ms());
+    let undelivered = events.finish_restore();
     {
         let (state, outbox, owner) = (state.clone(), outbox.clone(), cluster.clone());
+        let events = events.clone();
         cluster.spawn_follow(last, move |payload| {
             let (kind, json) = crate::persist::decode(payload)?;
             match kind {
                 Owner::State => state.restore(json, sandbox),
                 Owner::Outbox => outbox.apply_remote(json, |a| owner.owns(a)),
-                Owner::Events => Ok(()),
+                Owner::Events => events.apply_remote(json),
             }
         });
     }
@@ -466,6 +471,7 @@ async fn open_cluster(
         node = %cluster.node,
         records = restored_outbox.records,
         conversations = restored.conversations,
+        undelivered_events = undelivered,
         ms = started.elapsed().as_millis() as u64,
         "cluster log replayed"
     );
@@ -474,6 +480,7 @@ async fn open_cluster(
 
 /// What the holder of an account's lease does (cluster mode).
 struct ClusterHooks {
+    events: Arc<Events>,
     state: Arc<State>,
     outbox: Arc<Outbox>,
     lanes: Arc<Lanes>,
@@ -487,6 +494,15 @@ impl crate::cluster::LeaseHooks for ClusterHooks {
             .iter()
             .map(|a| (a.name().to_string(), a.settings.phone_number_id.clone()))
             .collect()
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.events.target_names()
+    }
+
+    fn deliver(&self, target: &str) {
+        tracing::info!(target, "delivering the target's events");
+        self.events.wake();
     }
 
     fn take_over(&self, account: &str) {

@@ -15,6 +15,10 @@ use super::{Cluster, ClusterError};
 pub trait LeaseHooks: Send + Sync + 'static {
     /// Every account to hold a lease for: (name, phone number id).
     fn accounts(&self) -> Vec<(String, String)>;
+    /// Every event target to hold a lease for (its holder delivers).
+    fn targets(&self) -> Vec<String>;
+    /// This router just took the lease of `target` over.
+    fn deliver(&self, target: &str);
     /// This router just took the lease of `account` and applied the log to
     /// its end: settle interrupted sends, rebuild the queue, route what
     /// was acknowledged and not yet routed.
@@ -64,6 +68,19 @@ end
 return 0
 ";
 
+const ACCOUNT: &str = "account/";
+const TARGET: &str = "target/";
+
+/// The lease (and `owned` entry) of an account.
+pub(super) fn account_lease(account: &str) -> String {
+    format!("{ACCOUNT}{account}")
+}
+
+/// The lease of an event target.
+pub(super) fn target_lease(target: &str) -> String {
+    format!("{TARGET}{target}")
+}
+
 impl Cluster {
     /// The part of the time to live after which a holder stops starting
     /// sends unless it renewed: 3/4, renewals come every 1/3.
@@ -78,9 +95,11 @@ impl Cluster {
         let h = hooks.clone();
         tokio::spawn(async move {
             loop {
-                for (account, _) in h.accounts() {
-                    if let Err(e) = this.hold(&account, h.as_ref()).await {
-                        tracing::warn!(%account, error = %e, "lease");
+                let accounts = h.accounts().into_iter().map(|(a, _)| account_lease(&a));
+                let targets = h.targets().into_iter().map(|t| target_lease(&t));
+                for lease in accounts.chain(targets) {
+                    if let Err(e) = this.hold(&lease, h.as_ref()).await {
+                        tracing::warn!(%lease, error = %e, "lease");
                     }
                 }
                 tokio::time::sleep(this.lease_ttl / 3).await;
@@ -90,12 +109,13 @@ impl Cluster {
         tokio::spawn(async move { this.consume(hooks).await });
     }
 
-    async fn hold(&self, account: &str, hooks: &dyn LeaseHooks) -> Result<(), ClusterError> {
-        let lease = self.key(&["lease", account]);
+    /// Renew `name` if held, else take it if free.
+    async fn hold(&self, name: &str, hooks: &dyn LeaseHooks) -> Result<(), ClusterError> {
+        let lease = self.key(&["lease", name]);
         let ttl = self.lease_ttl.as_millis() as u64;
         let mut conn = self.conn();
         let sent = Instant::now();
-        let held = self.owned.get(account).map(|e| e.value().0.clone());
+        let held = self.owned.get(name).map(|e| e.value().0.clone());
         if let Some(token) = held {
             let renewed: i64 = redis::Script::new(RENEW)
                 .key(&lease)
@@ -105,18 +125,18 @@ impl Cluster {
                 // On an error the renewal is unknown: the deadline decides.
                 .await?;
             if renewed == 1 {
-                if let Some(mut e) = self.owned.get_mut(account) {
+                if let Some(mut e) = self.owned.get_mut(name) {
                     e.value_mut().1 = self.deadline(sent);
                 }
             } else {
-                self.owned.remove(account);
-                tracing::warn!(%account, "lost the account's lease; no more sends from here");
+                self.owned.remove(name);
+                tracing::warn!(lease = %name, "lost a lease; its work stops here");
             }
             return Ok(());
         }
         let got: Option<String> = redis::Script::new(ACQUIRE)
             .key(&lease)
-            .key(self.key(&["fence", account]))
+            .key(self.key(&["fence", name]))
             .arg(&self.node)
             .arg(ttl)
             .invoke_async(&mut conn)
@@ -124,11 +144,15 @@ impl Cluster {
         let Some(token) = got else {
             return Ok(());
         };
-        tracing::info!(%account, lease = %token, "took the account's lease");
+        tracing::info!(lease = %name, token = %token, "took a lease");
         self.catch_up(&[]).await?;
-        hooks.take_over(account);
         self.owned
-            .insert(account.to_string(), (token, self.deadline(sent)));
+            .insert(name.to_string(), (token, self.deadline(sent)));
+        if let Some(account) = name.strip_prefix(ACCOUNT) {
+            hooks.take_over(account);
+        } else if let Some(target) = name.strip_prefix(TARGET) {
+            hooks.deliver(target);
+        }
         Ok(())
     }
 
@@ -142,9 +166,9 @@ impl Cluster {
             .map(|e| (e.key().clone(), e.value().0.clone()))
             .collect();
         self.owned.clear();
-        for (account, token) in held {
+        for (name, token) in held {
             let _: Result<i64, _> = redis::Script::new(RELEASE)
-                .key(self.key(&["lease", &account]))
+                .key(self.key(&["lease", &name]))
                 .arg(token)
                 .invoke_async(&mut conn)
                 .await;
@@ -162,7 +186,10 @@ impl Cluster {
                 .accounts()
                 .into_iter()
                 .filter_map(|(a, p)| {
-                    let token = self.owned.get(&a).map(|e| e.value().0.clone())?;
+                    let token = self
+                        .owned
+                        .get(&account_lease(&a))
+                        .map(|e| e.value().0.clone())?;
                     self.owns(&a).then_some((a, p, token))
                 })
                 .collect();
@@ -249,7 +276,7 @@ impl Cluster {
             let mut w = self.conn();
             for (account, pnid, token, last) in advanced {
                 let moved: Result<i64, _> = redis::Script::new(ADVANCE)
-                    .key(self.key(&["lease", &account]))
+                    .key(self.key(&["lease", &account_lease(&account)]))
                     .key(self.key(&["cursor", &pnid]))
                     .key(self.key(&["in", &pnid]))
                     .arg(&token)

@@ -252,12 +252,22 @@ impl Cluster {
     /// Whether this router holds `account`'s lease now (and may start
     /// sends for it).
     pub fn owns(&self, account: &str) -> bool {
+        self.holds(&lease::account_lease(account))
+    }
+
+    /// Whether this router delivers `target`'s events now.
+    pub fn delivers(&self, target: &str) -> bool {
+        self.holds(&lease::target_lease(target))
+    }
+
+    fn holds(&self, lease: &str) -> bool {
         self.owned
-            .get(account)
+            .get(lease)
             .is_some_and(|e| e.value().1 > Instant::now())
     }
 
-    /// The accounts whose lease this router holds now, sorted.
+    /// The leases this router holds now (`account/NAME`, `target/NAME`),
+    /// sorted.
     pub fn leases(&self) -> Vec<String> {
         let mut held: Vec<String> = self
             .owned

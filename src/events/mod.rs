@@ -105,6 +105,9 @@ pub struct Events {
     stream: tokio::sync::broadcast::Sender<Arc<str>>,
     /// Set at shutdown: live streams end (they would hold it up).
     stream_end: watch::Sender<bool>,
+    /// In a cluster: whether this router delivers a target's events now
+    /// (it holds the target's lease). Unset: always.
+    delivers: std::sync::OnceLock<crate::outbound::sender::Owns>,
 }
 
 /// Frames a slow stream subscriber may fall behind before it is told it
@@ -150,6 +153,7 @@ impl Events {
             stream_end: watch::channel(false).0,
             journal: std::sync::OnceLock::new(),
             restoring: Mutex::default(),
+            delivers: std::sync::OnceLock::new(),
         })
     }
 
@@ -170,6 +174,60 @@ impl Events {
             target: target.settings.name.clone(),
             id: id.to_string(),
         });
+    }
+
+    /// Cluster: deliver a target's events only while `delivers(target)`.
+    pub fn deliver_when(&self, delivers: crate::outbound::sender::Owns) {
+        let _ = self.delivers.set(delivers);
+    }
+
+    fn delivers(&self, target: &Target) -> bool {
+        self.delivers.get().is_none_or(|d| d(&target.settings.name))
+    }
+
+    /// Wake the workers (a cluster router took a target's lease over).
+    pub fn wake(&self) {
+        for t in &self.targets {
+            t.notify.notify_one();
+        }
+    }
+
+    /// Apply a record another router of the cluster wrote: its events wait
+    /// here too, and are delivered by whichever router holds the target's
+    /// lease (again, if the one that held it died mid-delivery: at least
+    /// once).
+    pub fn apply_remote(&self, json: &[u8]) -> Result<(), String> {
+        let op: EventOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        match op {
+            EventOp::Event {
+                target,
+                id,
+                body,
+                created,
+            } => {
+                if let Some(t) = self.targets.iter().find(|t| t.settings.name == target)
+                    && !t.live.lock().contains_key(&id)
+                {
+                    self.enqueue(
+                        t,
+                        Pending {
+                            id,
+                            body: Arc::new(body.into_bytes()),
+                            created,
+                            attempts: 0,
+                        },
+                        now_ms(),
+                    );
+                }
+            }
+            EventOp::EventDone { target, id } => {
+                // Off the queue when a worker reaches it (not live any more).
+                if let Some(t) = self.targets.iter().find(|t| t.settings.name == target) {
+                    t.live.lock().remove(&id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Apply one journaled record (the JSON of an [`EventOp`]).
@@ -232,6 +290,14 @@ impl Events {
                 ));
             }
         }
+    }
+
+    /// The configured targets' names.
+    pub fn target_names(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .map(|t| t.settings.name.clone())
+            .collect()
     }
 
     /// Whether any target wants status events.
@@ -439,6 +505,15 @@ async fn run_target(events: Arc<Events>, target: Arc<Target>, mut stop: watch::R
         if *stop.borrow() {
             break;
         }
+        if !events.delivers(&target) {
+            // Another router of the cluster delivers this target's events.
+            tokio::select! {
+                _ = target.notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                changed = stop.changed() => if changed.is_err() { break },
+            }
+            continue;
+        }
         let now = now_ms();
         let due = {
             let mut q = target.queue.lock();
@@ -449,6 +524,8 @@ async fn run_target(events: Arc<Events>, target: Arc<Target>, mut stop: watch::R
             }
         };
         let event = match due {
+            // Delivered by another router of the cluster meanwhile.
+            Some(Ok(event)) if !target.live.lock().contains_key(&event.id) => continue,
             Some(Ok(event)) => event,
             other => {
                 let wait = match other {
