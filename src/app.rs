@@ -500,6 +500,16 @@ impl crate::cluster::LeaseHooks for ClusterHooks {
         self.events.target_names()
     }
 
+    fn dump(&self) -> crate::cluster::Dump {
+        let (state, outbox, events) =
+            (self.state.clone(), self.outbox.clone(), self.events.clone());
+        Box::new(move |emit| {
+            state.dump(emit);
+            outbox.dump(emit);
+            events.dump(emit);
+        })
+    }
+
     fn deliver(&self, target: &str) {
         tracing::info!(target, "delivering the target's events");
         self.events.wake();

@@ -68,6 +68,9 @@ pub struct ClusterSettings {
     /// How long an account's lease lasts without renewal: the time another
     /// router takes over the sending of a router that died.
     pub lease_ttl: Duration,
+    /// Entries in the shared log that make the next snapshot (after which
+    /// the log is trimmed).
+    pub snapshot_every: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +234,7 @@ struct ClusterIn {
     node_id: Option<Spanned<EnvString>>,
     prefix: Option<EnvString>,
     lease_ttl: Option<Spanned<Dur>>,
+    snapshot_every: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -859,7 +863,18 @@ fn cluster_settings(
             "[cluster] lease_ttl must be between 1s and 60s".into(),
         ));
     }
+    let snapshot_every = match &c.snapshot_every {
+        Some(n) if *n.get_ref() < 10 => {
+            return Err(at(
+                n.span(),
+                "[cluster] snapshot_every must be at least 10".into(),
+            ));
+        }
+        Some(n) => *n.get_ref(),
+        None => 20_000,
+    };
     Ok(ClusterSettings {
+        snapshot_every,
         redis_url: Secret::new(url.clone()),
         node_id,
         prefix: c

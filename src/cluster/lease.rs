@@ -11,6 +11,9 @@ use redis::Value;
 use super::log::read_reply;
 use super::{Cluster, ClusterError};
 
+/// Writes the whole state, a journal record at a time.
+pub type Dump = Box<dyn FnOnce(&mut dyn FnMut(&[u8])) + Send>;
+
 /// What the lease holder of an account does; implemented by the app.
 pub trait LeaseHooks: Send + Sync + 'static {
     /// Every account to hold a lease for: (name, phone number id).
@@ -19,6 +22,8 @@ pub trait LeaseHooks: Send + Sync + 'static {
     fn targets(&self) -> Vec<String>;
     /// This router just took the lease of `target` over.
     fn deliver(&self, target: &str);
+    /// The whole state as journal records, for a snapshot of the log.
+    fn dump(&self) -> Dump;
     /// This router just took the lease of `account` and applied the log to
     /// its end: settle interrupted sends, rebuild the queue, route what
     /// was acknowledged and not yet routed.
@@ -69,6 +74,10 @@ return 0
 ";
 
 const ACCOUNT: &str = "account/";
+/// The lease of the router that writes the log's snapshots.
+const SNAPSHOT: &str = "cluster/snapshot";
+/// At most one snapshot in this time.
+const MIN_SNAPSHOT_GAP: Duration = Duration::from_secs(10);
 const TARGET: &str = "target/";
 
 /// The lease (and `owned` entry) of an account.
@@ -97,12 +106,27 @@ impl Cluster {
             loop {
                 let accounts = h.accounts().into_iter().map(|(a, _)| account_lease(&a));
                 let targets = h.targets().into_iter().map(|t| target_lease(&t));
-                for lease in accounts.chain(targets) {
+                for lease in accounts
+                    .chain(targets)
+                    .chain(std::iter::once(SNAPSHOT.to_string()))
+                {
                     if let Err(e) = this.hold(&lease, h.as_ref()).await {
                         tracing::warn!(%lease, error = %e, "lease");
                     }
                 }
+                if this.holds(SNAPSHOT) {
+                    this.snapshot_if_long(h.as_ref()).await;
+                }
                 tokio::time::sleep(this.lease_ttl / 3).await;
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.report_applied().await {
+                    tracing::warn!(error = %e, "reporting the log position");
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
         let this = self.clone();
@@ -156,9 +180,43 @@ impl Cluster {
         Ok(())
     }
 
+    /// The snapshot lease's work: trim the log up to the last snapshot
+    /// as far as every live router applied it, and write a new snapshot
+    /// once `snapshot_every` entries came after what is left.
+    async fn snapshot_if_long(&self, hooks: &dyn LeaseHooks) {
+        let left = match self.trim().await {
+            Ok(left) => left,
+            Err(e) => {
+                tracing::warn!(error = %e, "trimming the cluster log");
+                return;
+            }
+        };
+        // A router that lags holds the trimming back: no new snapshot every
+        // round meanwhile.
+        let recent = self
+            .last_snapshot
+            .lock()
+            .is_some_and(|t| t.elapsed() < MIN_SNAPSHOT_GAP);
+        if left < self.snapshot_every || recent {
+            return;
+        }
+        *self.last_snapshot.lock() = Some(Instant::now());
+        let started = Instant::now();
+        match self.snapshot(hooks.dump()).await {
+            Ok((records, trimmed)) => tracing::info!(
+                records,
+                trimmed,
+                ms = started.elapsed().as_millis() as u64,
+                "cluster snapshot written"
+            ),
+            Err(e) => tracing::error!(error = %e, "cluster snapshot failed"),
+        }
+    }
+
     /// Give back the leases held (shutdown): another router takes over at
     /// once instead of after the time to live.
     pub async fn release(&self) {
+        self.forget_applied().await;
         let mut conn = self.conn();
         let held: Vec<(String, String)> = self
             .owned

@@ -174,6 +174,11 @@ impl Cluster {
         let mut conn = self.conn();
         let mut last = "0-0".to_string();
         let mut applied = 0;
+        if let Some((covered, records)) = self.load_snapshot(&mut apply).await? {
+            tracing::info!(covered = %covered, records, "cluster snapshot loaded");
+            applied += records;
+            last = covered;
+        }
         loop {
             let page: Value = redis::cmd("XRANGE")
                 .arg(&key)
@@ -278,4 +283,204 @@ fn apply_entry(
         n += 1;
     }
     Ok(n)
+}
+
+/// A router that reported no progress for this long no longer holds back
+/// the trimming of the log (it is gone; a router that starts reads the
+/// snapshot).
+const REPORT_STALE_MS: u64 = 10 * 60 * 1000;
+/// Bytes of frames per chunk of a snapshot.
+const CHUNK: usize = 4 << 20;
+
+/// Point `snapshot` at the new one, drop the old one, and trim the log
+/// before `ARGV[2]`: `KEYS[1]` snapshot pointer, `KEYS[2]` log, `KEYS[3]`
+/// the new snapshot's list; `ARGV[1]` the log id it covers. Returns the
+/// entries trimmed.
+const INSTALL: &str = r"
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+if old and old ~= ARGV[1] then
+  redis.call('DEL', ARGV[3] .. old)
+end
+return redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
+";
+
+impl Cluster {
+    /// Tell the cluster how far this router applied the log (it holds back
+    /// the trimming), and check that nothing it did not apply was trimmed.
+    pub(super) async fn report_applied(&self) -> Result<(), ClusterError> {
+        let applied = self.applied.lock().clone();
+        let mut conn = self.conn();
+        let now = crate::domain::now_ms();
+        let first: Value = redis::pipe()
+            .cmd("HSET")
+            .arg(self.key(&["applied"]))
+            .arg(&self.node)
+            .arg(format!("{applied}|{now}"))
+            .ignore()
+            .cmd("XRANGE")
+            .arg(self.key(&["log"]))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        let first = match &first {
+            Value::Array(v) => v.first().map(entries).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if let Some(first) = first.first()
+            && applied != "0-0"
+            && !id_le(&first.id, &next_after(&applied))
+        {
+            // Entries this router never applied are gone: its state is not
+            // the cluster's any more. Stop, so that a restart reads the
+            // snapshot.
+            tracing::error!(applied = %applied, first = %first.id, "the cluster log was trimmed past what this router applied; stopping (restart it)");
+            std::process::exit(70);
+        }
+        Ok(())
+    }
+
+    /// Stop holding back the log's trimming (shutdown).
+    pub(super) async fn forget_applied(&self) {
+        let mut conn = self.conn();
+        let _: Result<i64, _> = redis::cmd("HDEL")
+            .arg(self.key(&["applied"]))
+            .arg(&self.node)
+            .query_async(&mut conn)
+            .await;
+    }
+
+    /// Drop the log entries the last snapshot covers and every live
+    /// router applied; returns how many entries are left after them.
+    pub(super) async fn trim(&self) -> Result<u64, ClusterError> {
+        let mut conn = self.conn();
+        let covered: Option<String> = redis::cmd("GET")
+            .arg(self.key(&["snapshot"]))
+            .query_async(&mut conn)
+            .await?;
+        let log = self.key(&["log"]);
+        let mut pipe = redis::pipe();
+        if let Some(covered) = covered {
+            let point = self.trim_point(&covered).await?;
+            pipe.cmd("XTRIM").arg(&log).arg("MINID").arg(point).ignore();
+        }
+        let (left,): (u64,) = pipe.cmd("XLEN").arg(&log).query_async(&mut conn).await?;
+        Ok(left)
+    }
+
+    /// Write a snapshot of this router's state (`dump`, as for a data
+    /// directory's snapshot) covering the log up to what it applied, then
+    /// trim the log before what every live router applied. Run by the
+    /// holder of the snapshot lease only. Returns (records, entries trimmed).
+    pub async fn snapshot(
+        &self,
+        dump: impl FnOnce(&mut dyn FnMut(&[u8])) + Send + 'static,
+    ) -> Result<(usize, u64), ClusterError> {
+        let covered = self.applied.lock().clone();
+        let list = self.key(&["snapshot", &covered]);
+        let mut conn = self.conn();
+        let _: i64 = redis::cmd("DEL").arg(&list).query_async(&mut conn).await?;
+        // Encoded as it is read, a chunk at a time.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let dumper = tokio::task::spawn_blocking(move || {
+            let mut records = 0;
+            let mut chunk = Vec::with_capacity(CHUNK);
+            dump(&mut |payload| {
+                records += 1;
+                chunk.extend_from_slice(&crate::journal::frame(payload));
+                if chunk.len() >= CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    let _ = tx.blocking_send(full);
+                }
+            });
+            if !chunk.is_empty() {
+                let _ = tx.blocking_send(chunk);
+            }
+            records
+        });
+        while let Some(chunk) = rx.recv().await {
+            let _: i64 = redis::cmd("RPUSH")
+                .arg(&list)
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await?;
+        }
+        let records = dumper
+            .await
+            .map_err(|e| ClusterError(format!("snapshot: {e}")))?;
+        let trim_to = self.trim_point(&covered).await?;
+        let trimmed: u64 = redis::Script::new(INSTALL)
+            .key(self.key(&["snapshot"]))
+            .key(self.key(&["log"]))
+            .key(&list)
+            .arg(&covered)
+            .arg(&trim_to)
+            .arg(self.key(&["snapshot", ""]))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((records, trimmed))
+    }
+
+    /// The oldest log id still needed: the first entry after what the
+    /// slowest live router applied, and never past `covered`.
+    async fn trim_point(&self, covered: &str) -> Result<String, ClusterError> {
+        let mut conn = self.conn();
+        let reports: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key(&["applied"]))
+            .query_async(&mut conn)
+            .await?;
+        let now = crate::domain::now_ms() as u64;
+        let mut point = next_after(covered);
+        for (_, report) in reports {
+            let Some((id, at)) = report.split_once('|') else {
+                continue;
+            };
+            let at: u64 = at.parse().unwrap_or(0);
+            if now.saturating_sub(at) < REPORT_STALE_MS && id_le(&next_after(id), &point) {
+                point = next_after(id);
+            }
+        }
+        Ok(point)
+    }
+
+    /// Load the newest snapshot, if any; returns the log id it covers.
+    pub(super) async fn load_snapshot(
+        &self,
+        apply: &mut impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<Option<(String, u64)>, ClusterError> {
+        let mut conn = self.conn();
+        let covered: Option<String> = redis::cmd("GET")
+            .arg(self.key(&["snapshot"]))
+            .query_async(&mut conn)
+            .await?;
+        let Some(covered) = covered else {
+            return Ok(None);
+        };
+        let list = self.key(&["snapshot", &covered]);
+        let len: i64 = redis::cmd("LLEN").arg(&list).query_async(&mut conn).await?;
+        let mut records = 0;
+        for i in 0..len {
+            let chunk: Vec<u8> = redis::cmd("LINDEX")
+                .arg(&list)
+                .arg(i)
+                .query_async(&mut conn)
+                .await?;
+            let frames = split_frames(&chunk)
+                .map_err(|e| ClusterError(format!("snapshot {covered}: {e}")))?;
+            for payload in frames {
+                apply(payload).map_err(|e| ClusterError(format!("snapshot {covered}: {e}")))?;
+                records += 1;
+            }
+        }
+        Ok(Some((covered, records)))
+    }
+}
+
+/// The smallest stream id after `id`.
+fn next_after(id: &str) -> String {
+    let (ms, seq) = parse_id(id);
+    format!("{ms}-{}", seq + 1)
 }

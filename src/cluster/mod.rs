@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use redis::aio::ConnectionManager;
 
-pub use lease::LeaseHooks;
+pub use lease::{Dump, LeaseHooks};
 
 use crate::config::ClusterSettings;
 
@@ -51,6 +51,10 @@ pub struct Cluster {
     conn: ConnectionManager,
     up: AtomicBool,
     lease_ttl: Duration,
+    /// `[cluster] snapshot_every`: log entries that make a snapshot.
+    snapshot_every: u64,
+    /// When this router last wrote a snapshot.
+    last_snapshot: parking_lot::Mutex<Option<Instant>>,
     /// Accounts this router holds the lease of: token and the local
     /// deadline after which it stops starting sends unless renewed.
     owned: DashMap<String, (String, Instant)>,
@@ -156,6 +160,8 @@ impl Cluster {
             conn,
             up: AtomicBool::new(true),
             lease_ttl: settings.lease_ttl,
+            snapshot_every: settings.snapshot_every,
+            last_snapshot: Default::default(),
             owned: DashMap::new(),
             applied: parking_lot::Mutex::new("0-0".into()),
             applied_changed: tokio::sync::Notify::new(),
@@ -260,7 +266,7 @@ impl Cluster {
         self.holds(&lease::target_lease(target))
     }
 
-    fn holds(&self, lease: &str) -> bool {
+    pub(super) fn holds(&self, lease: &str) -> bool {
         self.owned
             .get(lease)
             .is_some_and(|e| e.value().1 > Instant::now())

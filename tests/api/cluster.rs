@@ -148,7 +148,11 @@ async fn pair_with(
     })
     .await;
     wait_for(10, "router A to hold the account's lease", || async {
-        (a.healthz().await["cluster"]["leases"] == json!(["account/main"])).then_some(())
+        let leases = a.healthz().await["cluster"]["leases"].clone();
+        leases
+            .as_array()?
+            .contains(&json!("account/main"))
+            .then_some(())
     })
     .await;
     let b = spawn_with(Options {
@@ -385,7 +389,10 @@ async fn sigkill_of_the_lease_holder_under_load_loses_and_duplicates_nothing() {
         let url = r.url("/healthz");
         async move {
             let h: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
-            (h["cluster"]["leases"] == json!(["account/main"])).then_some(())
+            h["cluster"]["leases"]
+                .as_array()?
+                .contains(&json!("account/main"))
+                .then_some(())
         }
     };
     wait_for(10, "A to hold the lease", || holds(&a)).await;
@@ -573,7 +580,14 @@ forward = "agents"
         let url = r.url("/healthz");
         async move {
             let h: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
-            Some(h["cluster"]["leases"].clone())
+            // Accounts and targets (not who writes snapshots).
+            let held: Vec<Value> = h["cluster"]["leases"]
+                .as_array()?
+                .iter()
+                .filter(|l| l != &&json!("cluster/snapshot"))
+                .cloned()
+                .collect();
+            Some(Value::Array(held))
         }
     };
     let mut a = Router::spawn(dir_a.path()).await;
@@ -600,7 +614,13 @@ forward = "agents"
             .unwrap_or_default()
             .iter()
             .filter_map(|r| {
-                Some(r.headers.get("x-router-event-id")?.to_str().ok()?.to_string())
+                Some(
+                    r.headers
+                        .get("x-router-event-id")?
+                        .to_str()
+                        .ok()?
+                        .to_string(),
+                )
             })
             .collect::<Vec<String>>()
     };
@@ -629,4 +649,99 @@ forward = "agents"
         ids.iter().all(|id| *id == first),
         "the same event, delivered again: {ids:?}"
     );
+}
+
+#[tokio::test]
+async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let toml = |node| {
+        format!(
+            "{}snapshot_every = 20\n",
+            cluster_toml(&redis, &prefix, node)
+        )
+    };
+    let a = spawn_with(Options {
+        extra: toml("a"),
+        pace: "0s",
+        ..Options::default()
+    })
+    .await;
+    let contacts: Vec<String> = (0..40).map(|i| format!("1631555130{i:02}")).collect();
+    for c in &contacts {
+        a.say(c, "hi").await;
+    }
+    for c in &contacts {
+        a.wait_texts(c, 1).await;
+    }
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let log = format!("{prefix}log");
+    let snapshot = format!("{prefix}snapshot");
+    let covered: String = wait_for(30, "a snapshot and a trimmed log", || {
+        let mut conn = conn.clone();
+        let (log, snapshot) = (log.clone(), snapshot.clone());
+        async move {
+            let covered: Option<String> = redis::cmd("GET")
+                .arg(&snapshot)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let len: u64 = redis::cmd("XLEN")
+                .arg(&log)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (len < 20).then_some(covered?)
+        }
+    })
+    .await;
+    let first: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(&log)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if let Some((id, _)) = first.first() {
+        let n = |s: &str| -> (u64, u64) {
+            let (a, b) = s.split_once('-').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        };
+        assert!(n(id) > n(&covered), "entries before the snapshot are gone");
+    }
+    // A router that starts now has the conversations from the snapshot:
+    // the windows are open and it sends.
+    let c = spawn_with(Options {
+        extra: toml("c"),
+        pace: "0s",
+        graph_url: Some(a.graph.uri()),
+        ..Options::default()
+    })
+    .await;
+    for contact in &contacts {
+        let (s, conv) = c
+            .api(
+                Method::GET,
+                &format!("/v1/conversations/main/{contact}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{conv}");
+        assert_eq!(conv["window"]["open"], true, "{conv}");
+    }
+    let (s, sent) = c.send_text(&contacts[0], "after the snapshot").await;
+    assert_eq!(s, 202, "{sent}");
+    let id = sent["id"].as_str().unwrap();
+    wait_for(10, "the send", || async {
+        let (_, r) = c
+            .api(Method::GET, &format!("/v1/messages/{id}"), None)
+            .await;
+        (r["status"] == "sent").then_some(())
+    })
+    .await;
 }
