@@ -698,7 +698,8 @@ async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
         }
     })
     .await;
-    let first: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+    let first: Entries = redis::cmd("XRANGE")
         .arg(&log)
         .arg("-")
         .arg("+")
