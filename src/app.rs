@@ -542,6 +542,21 @@ impl crate::cluster::LeaseHooks for ClusterHooks {
         webhook::accept_shared(&self.webhook, phone_number_id, body);
     }
 
+    fn command(&self, phone_number_id: &str, json: &[u8]) {
+        use crate::cluster::Command;
+        let Some(account) = self.state.account_by_pnid(phone_number_id) else {
+            return;
+        };
+        let command: Command = match serde_json::from_slice(json) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "an unreadable command in an inbound stream");
+                return;
+            }
+        };
+        api::conversations::execute(&self.state, &self.outbox, &account, command);
+    }
+
     fn sync(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(self.state.sync())
     }

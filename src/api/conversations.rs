@@ -11,9 +11,11 @@ use super::dto::{
 };
 use super::{json_body, limit, optional_json_body, query};
 use crate::api::Ctx;
+use crate::cluster::Command;
 use crate::domain::{Millis, format_duration, now_ms, parse_duration, parse_phone, rfc3339};
 use crate::error::{ApiError, ErrorCode};
-use crate::state::{Account, ConversationView};
+use crate::outbound::Outbox;
+use crate::state::{Account, ConversationView, State};
 
 fn account(ctx: &Ctx, name: &str) -> Result<std::sync::Arc<Account>, ApiError> {
     ctx.state.account_by_name(name).ok_or_else(|| {
@@ -121,6 +123,55 @@ fn conversation_path(
     // Either id of a contact whose BSUID was linked to their phone number.
     let contact = ctx.state.resolve_contact(account.id, &path_contact(&raw)?);
     Ok((account, contact))
+}
+
+/// Make a change to a conversation: here, or in a cluster by the holder
+/// of the account's lease (the one writer of its conversations), waiting
+/// until this router sees the result.
+pub(super) async fn apply(ctx: &Ctx, account: &Account, command: Command) -> Result<(), ApiError> {
+    if let Some(cluster) = &ctx.cluster
+        && !cluster.owns(account.name())
+    {
+        return cluster
+            .command(&account.settings.phone_number_id, &command)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "a conversation change through the cluster");
+                ApiError::new(
+                    ErrorCode::StorageUnavailable,
+                    "the change could not be handed to the account's router; retry later",
+                )
+            });
+    }
+    execute(&ctx.state, &ctx.outbox, account, command);
+    Ok(())
+}
+
+/// Carry out a change (on the router that writes the account's data).
+pub fn execute(state: &State, outbox: &Outbox, account: &Account, command: Command) {
+    match command {
+        Command::PutState {
+            contact,
+            state: rule_state,
+            vars,
+            at,
+        } => state.put_state(account.id, &contact, rule_state, vars, at),
+        Command::Handoff { contact, until, at } => {
+            state.set_handoff(account.id, &contact, until, at)
+        }
+        Command::Consent {
+            contact,
+            opted_out,
+            at,
+        } => {
+            // By the request's time: a late-delivered older keyword cannot
+            // undo it.
+            state.set_opted_out(account.id, &contact, opted_out, at, now_ms());
+        }
+        Command::Cancel { id, at } => {
+            let _ = outbox.cancel(&id, at);
+        }
+    }
 }
 
 /// The conversation as the API shows it, after a change.
@@ -294,8 +345,14 @@ pub async fn put_state(
     if state.is_none() && vars.is_none() {
         return Err(ApiError::invalid("state", "give state, vars or both"));
     }
-    ctx.state
-        .put_state(account.id, &wa_id, state, vars, now_ms());
+    let now = now_ms();
+    let command = Command::PutState {
+        contact: wa_id.clone(),
+        state,
+        vars,
+        at: now,
+    };
+    apply(&ctx, &account, command).await?;
     answer(&ctx, &account, &wa_id).await
 }
 
@@ -339,12 +396,12 @@ pub async fn handoff(
         ));
     }
     let now = now_ms();
-    ctx.state.set_handoff(
-        account.id,
-        &wa_id,
-        Some(now + ttl.as_millis() as Millis),
-        now,
-    );
+    let command = Command::Handoff {
+        contact: wa_id.clone(),
+        until: Some(now + ttl.as_millis() as Millis),
+        at: now,
+    };
+    apply(&ctx, &account, command).await?;
     answer(&ctx, &account, &wa_id).await
 }
 
@@ -357,7 +414,12 @@ pub async fn release(
     ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let (account, wa_id) = conversation_path(&ctx, path.into_inner())?;
-    ctx.state.set_handoff(account.id, &wa_id, None, now_ms());
+    let command = Command::Handoff {
+        contact: wa_id.clone(),
+        until: None,
+        at: now_ms(),
+    };
+    apply(&ctx, &account, command).await?;
     answer(&ctx, &account, &wa_id).await
 }
 
@@ -389,9 +451,11 @@ async fn set_consent(
     opted_out: bool,
 ) -> Result<HttpResponse, ApiError> {
     let (account, wa_id) = conversation_path(ctx, (name, raw))?;
-    // By the request's time: a late-delivered older keyword cannot undo it.
-    let now = now_ms();
-    ctx.state
-        .set_opted_out(account.id, &wa_id, opted_out, now, now);
+    let command = Command::Consent {
+        contact: wa_id.clone(),
+        opted_out,
+        at: now_ms(),
+    };
+    apply(ctx, &account, command).await?;
     answer(ctx, &account, &wa_id).await
 }

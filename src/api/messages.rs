@@ -572,6 +572,29 @@ pub async fn cancel(
     ctx: web::Data<Ctx>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
+    // Cluster: the router holding the account's lease cancels (it may be
+    // starting the send); the result is read back here.
+    if let Some(cluster) = &ctx.cluster
+        && let Some(record) = ctx.outbox.record(&id)
+        && let Some(account) = ctx.state.account_by_name(&record.account)
+        && !cluster.owns(account.name())
+        && matches!(record.status, Status::Queued | Status::Scheduled)
+    {
+        let command = crate::cluster::Command::Cancel {
+            id: id.clone(),
+            at: now_ms(),
+        };
+        super::conversations::apply(&ctx, &account, command).await?;
+        let now = ctx
+            .outbox
+            .record(&id)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id:?}")))?;
+        return if now.status == Status::Cancelled {
+            Ok(HttpResponse::Ok().json(RecordOut::from(&now)))
+        } else {
+            Err(not_cancellable(&id, now.status))
+        };
+    }
     match ctx.outbox.cancel(&id, now_ms()) {
         Ok(record) => {
             super::durable(&ctx).await?;
@@ -581,14 +604,18 @@ pub async fn cancel(
             ErrorCode::NotFound,
             format!("no message {id:?}"),
         )),
-        Err(Some(status)) => Err(ApiError::new(
-            ErrorCode::NotCancellable,
-            format!(
-                "message {id:?} is {}; only queued or scheduled messages can be cancelled",
-                status.as_str()
-            ),
-        )),
+        Err(Some(status)) => Err(not_cancellable(&id, status)),
     }
+}
+
+fn not_cancellable(id: &str, status: Status) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotCancellable,
+        format!(
+            "message {id:?} is {}; only queued or scheduled messages can be cancelled",
+            status.as_str()
+        ),
+    )
 }
 
 /// `POST /v1/messages/{id}/retry`: a failed or expired message again, as a

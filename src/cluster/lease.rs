@@ -30,6 +30,8 @@ pub trait LeaseHooks: Send + Sync + 'static {
     fn take_over(&self, account: &str);
     /// One notification body from the inbound stream of `phone_number_id`.
     fn inbound(&self, phone_number_id: &str, body: &[u8]);
+    /// One [`super::Command`] (JSON) from that stream.
+    fn command(&self, phone_number_id: &str, json: &[u8]);
     /// Resolves once what `inbound` did is in the log.
     fn sync(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
@@ -315,6 +317,8 @@ impl Cluster {
                 for e in &page {
                     if let Some(body) = e.field("b") {
                         hooks.inbound(&h.1, body);
+                    } else if let Some(command) = e.field("c") {
+                        hooks.command(&h.1, command);
                     }
                 }
                 if let Some(last) = page.last() {

@@ -430,3 +430,54 @@ impl Cluster {
         self.key(&["idem", &hex::encode(sha2::Sha256::digest(key.as_bytes()))])
     }
 }
+
+/// A change to an account's conversations or messages asked through the
+/// API of a router that does not hold the account's lease: it goes through
+/// the account's inbound stream to the holder (the one writer), in order
+/// with the account's notifications.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    PutState {
+        contact: String,
+        state: Option<String>,
+        vars: Option<std::collections::BTreeMap<String, String>>,
+        at: i64,
+    },
+    Handoff {
+        contact: String,
+        until: Option<i64>,
+        at: i64,
+    },
+    Consent {
+        contact: String,
+        opted_out: bool,
+        at: i64,
+    },
+    Cancel {
+        id: String,
+        at: i64,
+    },
+}
+
+impl Cluster {
+    /// Hand `command` to the lease holder of the account of
+    /// `phone_number_id` and wait until it was applied and this router
+    /// applied the result.
+    pub async fn command(
+        &self,
+        phone_number_id: &str,
+        command: &Command,
+    ) -> Result<(), ClusterError> {
+        let json = serde_json::to_vec(command).map_err(|e| ClusterError(e.to_string()))?;
+        let mut conn = self.conn();
+        let _: String = redis::cmd("XADD")
+            .arg(self.key(&["in", phone_number_id]))
+            .arg("*")
+            .arg("c")
+            .arg(json)
+            .query_async(&mut conn)
+            .await?;
+        self.catch_up(&[phone_number_id.to_string()]).await
+    }
+}

@@ -168,6 +168,17 @@ async fn pair_with(
     (a, b)
 }
 
+/// Barrier on the lease holder: rules run and its queue empty.
+async fn drained(holder: &TestApp) {
+    holder.rules_idle().await;
+    wait_for(10, "the queue to be empty", || async {
+        let (_, q) = holder.api(Method::GET, "/v1/queues", None).await;
+        let q = &q["queues"][0];
+        (q["depth"] == 0).then_some(())
+    })
+    .await;
+}
+
 /// Sends to `to` that reached the Graph mock.
 async fn sends_to(app: &TestApp, to: &str) -> Vec<Value> {
     app.sends()
@@ -196,13 +207,7 @@ async fn the_same_webhook_to_both_routers_runs_the_rules_once() {
         (!sends_to(&a, BOB).await.is_empty()).then_some(())
     })
     .await;
-    a.rules_idle().await;
-    wait_for(10, "the queue to be empty", || async {
-        let (_, q) = a.api(Method::GET, "/v1/queues", None).await;
-        let q = &q["queues"][0];
-        (q["depth"] == 0).then_some(())
-    })
-    .await;
+    drained(&a).await;
     let to_ana = sends_to(&a, ANA).await;
     assert_eq!(to_ana.len(), 1, "one greeting for one message: {to_ana:?}");
     assert_eq!(to_ana[0]["type"], "interactive");
@@ -745,4 +750,69 @@ async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
         (r["status"] == "sent").then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn conversation_changes_through_the_other_router_are_made_by_the_lease_holder() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, GREETING, "10ms").await;
+    a.say(ANA, "hi").await;
+    a.wait_texts(ANA, 1).await;
+    // B hands the conversation to humans: A's rules stay quiet.
+    let path = format!("/v1/conversations/main/{ANA}/handoff");
+    let (s, conv) = b.api(Method::POST, &path, Some(json!({ "ttl": "1h" }))).await;
+    assert_eq!(s, 200, "{conv}");
+    assert_eq!(conv["handoff"]["active"], true, "{conv}");
+    b.say(ANA, "hi").await;
+    // …and gives it back: the next "hi" is answered again.
+    let (s, conv) = b.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, 200, "{conv}");
+    assert_eq!(conv["handoff"]["active"], false, "{conv}");
+    b.say(ANA, "hi").await;
+    a.wait_texts(ANA, 2).await;
+    drained(&a).await;
+    let texts = a.texts_to(ANA).await;
+    assert_eq!(texts.len(), 2, "no answer while handed off: {texts:?}");
+    // B records an opt-out: A refuses to send.
+    let (s, conv) = b
+        .api(Method::POST, &format!("/v1/conversations/main/{ANA}/opt-out"), None)
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    assert_eq!(conv["opted_out"], true);
+    let (s, e) = a.send_text(ANA, "still there?").await;
+    assert_eq!(s, 403, "{e}");
+    assert_eq!(e["error"]["code"], "opted_out");
+    // B sets the rule state; A shows it.
+    let (s, _) = b
+        .api(
+            Method::PUT,
+            &format!("/v1/conversations/main/{BOB}/state"),
+            Some(json!({ "state": "vip", "vars": { "tier": "gold" } })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, conv) = a
+        .api(Method::GET, &format!("/v1/conversations/main/{BOB}"), None)
+        .await;
+    assert_eq!(conv["state"], "vip", "{conv}");
+    assert_eq!(conv["vars"]["tier"], "gold", "{conv}");
+    // B cancels a scheduled message A would send.
+    let send_at = wa_router::domain::rfc3339((now_s() + 3600) * 1000);
+    let (s, queued) = a
+        .send(json!({
+            "to": BOB, "type": "template", "send_at": send_at,
+            "template": { "name": "later", "language": { "code": "en" } }
+        }))
+        .await;
+    assert_eq!(s, 202, "{queued}");
+    let id = queued["id"].as_str().unwrap();
+    let (s, r) = b.api(Method::DELETE, &format!("/v1/messages/{id}"), None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["status"], "cancelled");
+    let (_, r) = a.api(Method::GET, &format!("/v1/messages/{id}"), None).await;
+    assert_eq!(r["status"], "cancelled", "{r}");
+    let (s, e) = b.api(Method::DELETE, &format!("/v1/messages/{id}"), None).await;
+    assert_eq!(s, 409, "{e}");
 }
