@@ -1111,4 +1111,37 @@ backoff = "100ms"
         assert!(err.starts_with("/etc/wa/wa-router.toml:2:"), "{err}");
         assert!(err.contains("invalid duration"), "{err}");
     }
+
+    #[test]
+    fn cluster_settings_parse_with_defaults_and_located_errors() {
+        let s = parse_sandbox("[cluster]\nredis_url = \"redis://:pw@10.0.0.5:6379/0\"\n").unwrap();
+        let c = s.cluster.expect("a cluster");
+        assert_eq!(c.prefix, "wa-router:");
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+        assert_eq!(c.snapshot_every, 20_000);
+        assert!(c.node_id.ends_with(&format!("-{}", std::process::id())));
+        assert!(!format!("{c:?}").contains("pw@"), "the URL is a secret");
+        let s = parse_sandbox(
+            "[cluster]\nredis_url = \"unix:///run/redis.sock\"\nnode_id = \"r1\"\nprefix = \"x:\"\nlease_ttl = \"2s\"\nsnapshot_every = 50\n",
+        )
+        .unwrap();
+        let c = s.cluster.unwrap();
+        assert_eq!((c.node_id.as_str(), c.prefix.as_str()), ("r1", "x:"));
+        for (bad, want) in [
+            ("redis_url = \"http://x\"", "must start with redis://"),
+            ("redis_url = \"redis://x\"\nlease_ttl = \"2m\"", "between 1s and 60s"),
+            ("redis_url = \"redis://x\"\nnode_id = \" \"", "node_id is empty"),
+            ("redis_url = \"redis://x\"\nsnapshot_every = 3", "at least 10"),
+            ("redis_url = \"redis://x\"\nshards = 3", "unknown field"),
+        ] {
+            let err = parse_sandbox(&format!("[cluster]\n{bad}\n")).unwrap_err().to_string();
+            assert!(err.starts_with("/etc/wa/wa-router.toml:"), "{err}");
+            assert!(err.contains(want), "{err}");
+        }
+        assert!(parse_sandbox("").unwrap().cluster.is_none());
+    }
+
+    fn parse_sandbox(text: &str) -> Result<Settings, ConfigError> {
+        parse(&format!("[sandbox]\npublic_credentials = true\n{text}"))
+    }
 }
