@@ -77,6 +77,11 @@ struct Args {
     label: String,
     wait_s: u64,
     contacts: usize,
+    /// `--target cluster`: this many routers on the Redis at `redis_url`.
+    routers: usize,
+    redis_url: Option<String>,
+    /// Counted with the routers' RSS and CPU.
+    redis_pid: Option<u32>,
 }
 
 fn parse_args() -> Args {
@@ -97,6 +102,9 @@ fn parse_args() -> Args {
         label: String::new(),
         wait_s: 120,
         contacts: CONTACTS,
+        routers: 1,
+        redis_url: None,
+        redis_pid: None,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -122,9 +130,13 @@ fn parse_args() -> Args {
             "--label" => a.label = v,
             "--wait" => a.wait_s = v.parse().expect("--wait N"),
             "--contacts" => a.contacts = v.parse().expect("--contacts N"),
+            "--routers" => a.routers = v.parse().expect("--routers N"),
+            "--redis-url" => a.redis_url = Some(v),
+            "--redis-pid" => a.redis_pid = Some(v.parse().expect("--redis-pid PID")),
             "--help" | "-h" => {
                 println!(
-                    "options: --target memory|durable|peer [--peer-cmd CMD --peer-port N] \
+                    "options: --target memory|durable|cluster|peer [--peer-cmd CMD --peer-port N] \
+                     [--routers N --redis-url URL --redis-pid PID] \
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
                      --messages N, --label TEXT, --wait SECONDS, --contacts N"
@@ -292,16 +304,24 @@ fn router_bin() -> PathBuf {
         .unwrap_or_else(|| here.join("target/release/wa-router"))
 }
 
-async fn start_router(args: &Args, graph_url: &str) -> Target {
+/// `cluster`: (Redis URL, key prefix, node id) of a cluster's router.
+async fn start_router(
+    args: &Args,
+    graph_url: &str,
+    cluster: Option<(&str, &str, usize)>,
+) -> Target {
     let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = if args.target == "durable" { "data" } else { "" };
+    let data_dir = if args.target == "memory" { "" } else { "data" };
+    let cluster = cluster.map_or(String::new(), |(url, prefix, node)| {
+        format!("[cluster]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\nnode_id = \"r{node}\"\n")
+    });
     std::fs::write(dir.path().join("routes.toml"), ROUTES).expect("routes");
     let config = format!(
         "listen = \"127.0.0.1:0\"\nroutes = \"routes.toml\"\ndata_dir = \"{data_dir}\"\n\
          [meta]\napp_secret = \"{SECRET}\"\nverify_token = \"bench\"\ngraph_url = \"{graph_url}\"\n\
          [[accounts]]\nname = \"main\"\nphone_number_id = \"{PNID}\"\naccess_token = \"bench-token\"\n\
          pace = \"0s\"\nrate = {}\nmax_in_flight = {}\nmax_queue = 10000000\nmax_records = 10000000\n\
-         [api]\nkeys = [\"bench-key\"]\n[sender]\ntimeout = \"10s\"\n",
+         [api]\nkeys = [\"bench-key\"]\n[sender]\ntimeout = \"10s\"\n{cluster}",
         args.router_rate, args.max_in_flight
     );
     std::fs::write(dir.path().join("wa-router.toml"), config).expect("config");
@@ -434,7 +454,8 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 /// each, and what came back.
 struct Load {
     http: reqwest::Client,
-    url: String,
+    /// The routers' webhook URLs, taken in turn.
+    urls: Vec<String>,
     bodies: Vec<(web::Bytes, String)>,
     next: AtomicUsize,
     acked: AtomicUsize,
@@ -459,7 +480,7 @@ impl Load {
         );
         let ok = self
             .http
-            .post(&self.url)
+            .post(&self.urls[i % self.urls.len()])
             .header("content-type", "application/json")
             .header("X-Hub-Signature-256", sig)
             .body(body.clone())
@@ -510,13 +531,49 @@ async fn run(args: Args) {
     tokio::spawn(server);
     let graph_url = format!("http://127.0.0.1:{graph_port}");
 
-    let target = match (args.target.as_str(), &args.peer_cmd) {
-        ("peer", Some(cmd)) => start_peer(cmd, args.peer_port, &graph_url).await,
-        ("memory" | "durable", _) => start_router(&args, &graph_url).await,
-        _ => panic!("--target memory|durable, or peer with --peer-cmd"),
+    let targets = match (args.target.as_str(), &args.peer_cmd) {
+        ("peer", Some(cmd)) => vec![start_peer(cmd, args.peer_port, &graph_url).await],
+        ("memory" | "durable", _) => vec![start_router(&args, &graph_url, None).await],
+        ("cluster", _) => {
+            let url = args
+                .redis_url
+                .as_deref()
+                .expect("--redis-url for a cluster");
+            let prefix = format!("bench-{}-{}:", std::process::id(), args.label);
+            let mut routers = Vec::new();
+            for node in 0..args.routers.max(1) {
+                routers.push(start_router(&args, &graph_url, Some((url, &prefix, node))).await);
+            }
+            // Every router ready (the first holds the account's lease).
+            let http = reqwest::Client::new();
+            for r in &routers {
+                let ready = format!("http://127.0.0.1:{}/readyz", r.port);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !http
+                    .get(&ready)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+                {
+                    assert!(Instant::now() < deadline, "a router is not ready");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            routers
+        }
+        _ => panic!("--target memory|durable|cluster, or peer with --peer-cmd"),
     };
-    let pid = target.child.id();
-    let url = format!("http://127.0.0.1:{}/webhook", target.port);
+    let mut pids: Vec<u32> = targets.iter().map(|t| t.child.id()).collect();
+    pids.extend(args.redis_pid);
+    let usage = || {
+        pids.iter()
+            .map(|p| proc_usage(*p))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let urls: Vec<String> = targets
+        .iter()
+        .map(|t| format!("http://127.0.0.1:{}/webhook", t.port))
+        .collect();
 
     // Bodies: distinct messages, signed up front.
     let ts = (std::time::SystemTime::now()
@@ -530,14 +587,14 @@ async fn run(args: Args) {
             (web::Bytes::from(b), sig)
         })
         .collect();
-    let (_, cpu_before) = proc_usage(pid);
+    let (_, cpu_before) = usage();
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .build()
             .expect("client"),
-        url: url.clone(),
+        urls,
         bodies,
         next: AtomicUsize::new(0),
         acked: AtomicUsize::new(0),
@@ -584,7 +641,7 @@ async fn run(args: Args) {
     let mut peak_rss = 0.0f64;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        peak_rss = peak_rss.max(proc_usage(pid).0);
+        peak_rss = peak_rss.max(usage().0);
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -606,7 +663,7 @@ async fn run(args: Args) {
     let mut sampled = Instant::now();
     loop {
         if sampled.elapsed() > Duration::from_millis(250) {
-            peak_rss = peak_rss.max(proc_usage(pid).0);
+            peak_rss = peak_rss.max(usage().0);
             sampled = Instant::now();
         }
         let n = seen.sends.lock().len();
@@ -626,12 +683,12 @@ async fn run(args: Args) {
     let lag = sends.last().map_or(0.0, |(t, _, _)| {
         t.saturating_duration_since(load_end).as_secs_f64()
     });
-    let (rss_end, cpu_after) = proc_usage(pid);
+    let (rss_end, cpu_after) = usage();
     peak_rss = peak_rss.max(rss_end);
     // Steady state: what the process holds once the work is done (the
     // router archives what finished in the background).
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_idle = proc_usage(pid).0;
+    let rss_idle = usage().0;
     // Per-contact order of echo replies (their sequence is in the text).
     let mut last: std::collections::HashMap<&str, u64> = Default::default();
     let mut out_of_order = 0;
@@ -670,12 +727,17 @@ async fn run(args: Args) {
     } else {
         args.label.clone()
     };
+    let target_name = if args.target == "cluster" {
+        format!("cluster-{}", args.routers)
+    } else {
+        args.target.clone()
+    };
     println!(
         "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms"
     );
     println!(
         "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2}",
-        args.target,
+        target_name,
         if args.rate.is_some() {
             0
         } else {
@@ -700,6 +762,6 @@ async fn run(args: Args) {
         percentile(&e2e, 0.5),
         percentile(&e2e, 0.99),
     );
-    drop(target);
+    drop(targets);
     server_handle.stop(false).await;
 }

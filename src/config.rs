@@ -68,9 +68,9 @@ pub struct ClusterSettings {
     /// How long an account's lease lasts without renewal: the time another
     /// router takes over the sending of a router that died.
     pub lease_ttl: Duration,
-    /// Entries in the shared log that make the next snapshot (after which
-    /// the log is trimmed).
-    pub snapshot_every: u64,
+    /// Bytes the shared log may take in Redis before the next snapshot
+    /// (after which it is trimmed).
+    pub snapshot_after: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -234,7 +234,7 @@ struct ClusterIn {
     node_id: Option<Spanned<EnvString>>,
     prefix: Option<EnvString>,
     lease_ttl: Option<Spanned<Dur>>,
-    snapshot_every: Option<Spanned<u64>>,
+    snapshot_after: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -863,18 +863,18 @@ fn cluster_settings(
             "[cluster] lease_ttl must be between 1s and 60s".into(),
         ));
     }
-    let snapshot_every = match &c.snapshot_every {
-        Some(n) if *n.get_ref() < 10 => {
+    let snapshot_after = match &c.snapshot_after {
+        Some(n) if n.get_ref().0 < 1024 => {
             return Err(at(
                 n.span(),
-                "[cluster] snapshot_every must be at least 10".into(),
+                "[cluster] snapshot_after must be at least 1KB".into(),
             ));
         }
-        Some(n) => *n.get_ref(),
-        None => 20_000,
+        Some(n) => n.get_ref().0,
+        None => 64 * 1024 * 1024,
     };
     Ok(ClusterSettings {
-        snapshot_every,
+        snapshot_after,
         redis_url: Secret::new(url.clone()),
         node_id,
         prefix: c
@@ -1118,23 +1118,34 @@ backoff = "100ms"
         let c = s.cluster.expect("a cluster");
         assert_eq!(c.prefix, "wa-router:");
         assert_eq!(c.lease_ttl, Duration::from_secs(5));
-        assert_eq!(c.snapshot_every, 20_000);
+        assert_eq!(c.snapshot_after, 64 << 20);
         assert!(c.node_id.ends_with(&format!("-{}", std::process::id())));
         assert!(!format!("{c:?}").contains("pw@"), "the URL is a secret");
         let s = parse_sandbox(
-            "[cluster]\nredis_url = \"unix:///run/redis.sock\"\nnode_id = \"r1\"\nprefix = \"x:\"\nlease_ttl = \"2s\"\nsnapshot_every = 50\n",
+            "[cluster]\nredis_url = \"unix:///run/redis.sock\"\nnode_id = \"r1\"\nprefix = \"x:\"\nlease_ttl = \"2s\"\nsnapshot_after = \"8KB\"\n",
         )
         .unwrap();
         let c = s.cluster.unwrap();
         assert_eq!((c.node_id.as_str(), c.prefix.as_str()), ("r1", "x:"));
         for (bad, want) in [
             ("redis_url = \"http://x\"", "must start with redis://"),
-            ("redis_url = \"redis://x\"\nlease_ttl = \"2m\"", "between 1s and 60s"),
-            ("redis_url = \"redis://x\"\nnode_id = \" \"", "node_id is empty"),
-            ("redis_url = \"redis://x\"\nsnapshot_every = 3", "at least 10"),
+            (
+                "redis_url = \"redis://x\"\nlease_ttl = \"2m\"",
+                "between 1s and 60s",
+            ),
+            (
+                "redis_url = \"redis://x\"\nnode_id = \" \"",
+                "node_id is empty",
+            ),
+            (
+                "redis_url = \"redis://x\"\nsnapshot_after = \"100B\"",
+                "at least 1KB",
+            ),
             ("redis_url = \"redis://x\"\nshards = 3", "unknown field"),
         ] {
-            let err = parse_sandbox(&format!("[cluster]\n{bad}\n")).unwrap_err().to_string();
+            let err = parse_sandbox(&format!("[cluster]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("/etc/wa/wa-router.toml:"), "{err}");
             assert!(err.contains(want), "{err}");
         }

@@ -184,7 +184,7 @@ impl Cluster {
 
     /// The snapshot lease's work: trim the log up to the last snapshot
     /// as far as every live router applied it, and write a new snapshot
-    /// once `snapshot_every` entries came after what is left.
+    /// once what is left takes `snapshot_after` bytes in Redis.
     async fn snapshot_if_long(&self, hooks: &dyn LeaseHooks) {
         let left = match self.trim().await {
             Ok(left) => left,
@@ -199,7 +199,7 @@ impl Cluster {
             .last_snapshot
             .lock()
             .is_some_and(|t| t.elapsed() < MIN_SNAPSHOT_GAP);
-        if left < self.snapshot_every || recent {
+        if left < self.snapshot_after || recent {
             return;
         }
         *self.last_snapshot.lock() = Some(Instant::now());

@@ -354,7 +354,7 @@ impl Cluster {
     }
 
     /// Drop the log entries the last snapshot covers and every live
-    /// router applied; returns how many entries are left after them.
+    /// router applied; returns the bytes the log still takes in Redis.
     pub(super) async fn trim(&self) -> Result<u64, ClusterError> {
         let mut conn = self.conn();
         let covered: Option<String> = redis::cmd("GET")
@@ -367,8 +367,13 @@ impl Cluster {
             let point = self.trim_point(&covered).await?;
             pipe.cmd("XTRIM").arg(&log).arg("MINID").arg(point).ignore();
         }
-        let (left,): (u64,) = pipe.cmd("XLEN").arg(&log).query_async(&mut conn).await?;
-        Ok(left)
+        let (left,): (Option<u64>,) = pipe
+            .cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&log)
+            .query_async(&mut conn)
+            .await?;
+        Ok(left.unwrap_or(0))
     }
 
     /// Write a snapshot of this router's state (`dump`, as for a data

@@ -40,8 +40,11 @@ pub use lease::{Dump, LeaseHooks};
 
 use crate::config::ClusterSettings;
 
-/// How long a seen message id is remembered (Meta retries for days).
-pub const SEEN_TTL_SECS: u64 = 8 * 24 * 3600;
+/// How long a seen message id is remembered at the edge: Meta's quick
+/// retries are refused there without touching a stream. Later ones reach
+/// the lease holder, whose dedupe (7 days, in the log and snapshots) is the
+/// one that counts; Redis does not keep an id for every message of a week.
+pub const SEEN_TTL_SECS: u64 = 3600;
 
 /// A router's handle on the cluster. Cheap to share.
 pub struct Cluster {
@@ -51,8 +54,8 @@ pub struct Cluster {
     conn: ConnectionManager,
     up: AtomicBool,
     lease_ttl: Duration,
-    /// `[cluster] snapshot_every`: log entries that make a snapshot.
-    snapshot_every: u64,
+    /// `[cluster] snapshot_after`: log bytes that make a snapshot.
+    snapshot_after: u64,
     /// When this router last wrote a snapshot.
     last_snapshot: parking_lot::Mutex<Option<Instant>>,
     /// Accounts this router holds the lease of: token and the local
@@ -160,7 +163,7 @@ impl Cluster {
             conn,
             up: AtomicBool::new(true),
             lease_ttl: settings.lease_ttl,
-            snapshot_every: settings.snapshot_every,
+            snapshot_after: settings.snapshot_after as u64,
             last_snapshot: Default::default(),
             owned: DashMap::new(),
             applied: parking_lot::Mutex::new("0-0".into()),

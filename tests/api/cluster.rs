@@ -656,6 +656,17 @@ forward = "agents"
     );
 }
 
+type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+/// Whether stream id `a` comes after `b`.
+fn id_after(a: &str, b: &str) -> bool {
+    let n = |s: &str| -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    n(a) > n(b)
+}
+
 #[tokio::test]
 async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
     let Some(redis) = TestRedis::get() else {
@@ -664,7 +675,7 @@ async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
     let prefix = unique_prefix();
     let toml = |node| {
         format!(
-            "{}snapshot_every = 20\n",
+            "{}snapshot_after = \"8KB\"\n",
             cluster_toml(&redis, &prefix, node)
         )
     };
@@ -682,7 +693,7 @@ async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
         a.wait_texts(c, 1).await;
     }
     let client = redis::Client::open(redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
     let log = format!("{prefix}log");
     let snapshot = format!("{prefix}snapshot");
     let covered: String = wait_for(30, "a snapshot and a trimmed log", || {
@@ -694,32 +705,23 @@ async fn a_snapshot_trims_the_log_and_a_router_started_later_starts_from_it() {
                 .query_async(&mut conn)
                 .await
                 .ok()?;
-            let len: u64 = redis::cmd("XLEN")
+            let covered = covered?;
+            // Entries before the snapshot are gone.
+            let first: Entries = redis::cmd("XRANGE")
                 .arg(&log)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
                 .query_async(&mut conn)
                 .await
                 .ok()?;
-            (len < 20).then_some(covered?)
+            let trimmed = first.first().is_none_or(|(id, _)| id_after(id, &covered));
+            trimmed.then_some(covered)
         }
     })
     .await;
-    type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-    let first: Entries = redis::cmd("XRANGE")
-        .arg(&log)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if let Some((id, _)) = first.first() {
-        let n = |s: &str| -> (u64, u64) {
-            let (a, b) = s.split_once('-').unwrap();
-            (a.parse().unwrap(), b.parse().unwrap())
-        };
-        assert!(n(id) > n(&covered), "entries before the snapshot are gone");
-    }
+    assert!(!covered.is_empty());
     // A router that starts now has the conversations from the snapshot:
     // the windows are open and it sends.
     let c = spawn_with(Options {
@@ -762,7 +764,9 @@ async fn conversation_changes_through_the_other_router_are_made_by_the_lease_hol
     a.wait_texts(ANA, 1).await;
     // B hands the conversation to humans: A's rules stay quiet.
     let path = format!("/v1/conversations/main/{ANA}/handoff");
-    let (s, conv) = b.api(Method::POST, &path, Some(json!({ "ttl": "1h" }))).await;
+    let (s, conv) = b
+        .api(Method::POST, &path, Some(json!({ "ttl": "1h" })))
+        .await;
     assert_eq!(s, 200, "{conv}");
     assert_eq!(conv["handoff"]["active"], true, "{conv}");
     b.say(ANA, "hi").await;
@@ -777,7 +781,11 @@ async fn conversation_changes_through_the_other_router_are_made_by_the_lease_hol
     assert_eq!(texts.len(), 2, "no answer while handed off: {texts:?}");
     // B records an opt-out: A refuses to send.
     let (s, conv) = b
-        .api(Method::POST, &format!("/v1/conversations/main/{ANA}/opt-out"), None)
+        .api(
+            Method::POST,
+            &format!("/v1/conversations/main/{ANA}/opt-out"),
+            None,
+        )
         .await;
     assert_eq!(s, 200, "{conv}");
     assert_eq!(conv["opted_out"], true);
@@ -808,11 +816,17 @@ async fn conversation_changes_through_the_other_router_are_made_by_the_lease_hol
         .await;
     assert_eq!(s, 202, "{queued}");
     let id = queued["id"].as_str().unwrap();
-    let (s, r) = b.api(Method::DELETE, &format!("/v1/messages/{id}"), None).await;
+    let (s, r) = b
+        .api(Method::DELETE, &format!("/v1/messages/{id}"), None)
+        .await;
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["status"], "cancelled");
-    let (_, r) = a.api(Method::GET, &format!("/v1/messages/{id}"), None).await;
+    let (_, r) = a
+        .api(Method::GET, &format!("/v1/messages/{id}"), None)
+        .await;
     assert_eq!(r["status"], "cancelled", "{r}");
-    let (s, e) = b.api(Method::DELETE, &format!("/v1/messages/{id}"), None).await;
+    let (s, e) = b
+        .api(Method::DELETE, &format!("/v1/messages/{id}"), None)
+        .await;
     assert_eq!(s, 409, "{e}");
 }
