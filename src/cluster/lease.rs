@@ -258,16 +258,8 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            let c = match &mut conn {
-                Some(c) => c,
-                None => match self.blocking_connection().await {
-                    Ok(c) => conn.insert(c),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read inbound streams; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                },
+            let Some(c) = self.reconnect(&mut conn, "read inbound streams").await else {
+                continue;
             };
             for (_, pnid, _) in &held {
                 if !cursors.contains_key(pnid) {

@@ -213,16 +213,8 @@ impl Cluster {
             let mut last = from;
             let mut conn = None;
             loop {
-                let c = match &mut conn {
-                    Some(c) => c,
-                    None => match this.blocking_connection().await {
-                        Ok(c) => conn.insert(c),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot follow the cluster log; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            continue;
-                        }
-                    },
+                let Some(c) = this.reconnect(&mut conn, "follow the cluster log").await else {
+                    continue;
                 };
                 let read: Result<Value, _> = redis::cmd("XREAD")
                     .arg("COUNT")

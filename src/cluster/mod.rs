@@ -190,6 +190,26 @@ impl Cluster {
             .await?)
     }
 
+    /// `conn`, connected first if it is not (a blocking reader's own);
+    /// `None` after a failed attempt (logged, waited on: retry).
+    async fn reconnect<'a>(
+        &self,
+        conn: &'a mut Option<ConnectionManager>,
+        what: &str,
+    ) -> Option<&'a mut ConnectionManager> {
+        if conn.is_none() {
+            match self.blocking_connection().await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot {what}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return None;
+                }
+            }
+        }
+        conn.as_mut()
+    }
+
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }

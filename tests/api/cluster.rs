@@ -363,7 +363,9 @@ impl wiremock::Respond for SlowGraph {
 
 #[tokio::test]
 async fn sigkill_of_the_lease_holder_under_load_loses_and_duplicates_nothing() {
-    use crate::durability::{Router, settled, template_names, write_config};
+    use crate::durability::{
+        Router, sent_once_or_interrupted, settled, template_names, write_config,
+    };
     use wiremock::matchers::{method, path_regex};
     let Some(redis) = TestRedis::get() else {
         return;
@@ -430,20 +432,7 @@ async fn sigkill_of_the_lease_holder_under_load_loses_and_duplicates_nothing() {
     }
     wait_for(15, "B to take the lease over", || holds(&b)).await;
     let records = settled(&b, &ids, 60).await;
-    let names = template_names(&arrivals);
-    for (i, r) in records.iter().enumerate() {
-        let name = format!("t{i}");
-        let times = names.iter().filter(|n| **n == name).count();
-        match r["status"].as_str().unwrap() {
-            "sent" => assert_eq!(times, 1, "{name} sent {times} times: {r}"),
-            _ => {
-                // Only a send A had started may end so (SPEC §9): Meta
-                // may or may not have it, it is never sent again.
-                assert_eq!(r["error"]["code"], "interrupted", "{r}");
-                assert!(times <= 1, "{name} sent {times} times: {r}");
-            }
-        }
-    }
+    sent_once_or_interrupted(&records, &template_names(&arrivals));
     let failed = records.iter().filter(|r| r["status"] == "failed").count();
     assert!(failed <= 4, "at most one in flight per contact: {failed}");
     eprintln!(

@@ -193,6 +193,24 @@ pub(crate) async fn settled(r: &Router, ids: &[String], secs: u64) -> Vec<Value>
     .await
 }
 
+/// SPEC §9 after a crash: each message `t{i}` of `records` (in order) is
+/// `sent` and reached the Graph API exactly once, or `failed` as
+/// `interrupted` (a send under way: Meta may or may not have it) and
+/// reached it at most once.
+pub(crate) fn sent_once_or_interrupted(records: &[Value], sent: &[String]) {
+    for (i, rec) in records.iter().enumerate() {
+        let name = format!("t{i}");
+        let times = sent.iter().filter(|n| **n == name).count();
+        match rec["status"].as_str().unwrap() {
+            "sent" => assert_eq!(times, 1, "{name} sent {times} times: {rec}"),
+            _ => {
+                assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+                assert!(times <= 1, "{name} sent {times} times: {rec}");
+            }
+        }
+    }
+}
+
 /// Template names the mock Graph API received, in order.
 pub(crate) fn template_names(arrivals: &Arrivals) -> Vec<String> {
     arrivals
@@ -234,17 +252,7 @@ async fn messages_accepted_before_a_sigkill_are_sent_once_or_end_recorded() {
     let r = Router::start(dir.path(), &graph.uri(), "150ms", "").await;
     let finals = settled(&r, &ids, 20).await;
     let sent = template_names(&arrivals);
-    for (i, rec) in finals.iter().enumerate() {
-        let name = format!("t{i}");
-        let times = sent.iter().filter(|n| **n == name).count();
-        match rec["status"].as_str().unwrap() {
-            "sent" => assert_eq!(times, 1, "{name} sent {times} times"),
-            _ => {
-                assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
-                assert!(times <= 1, "{name} sent {times} times");
-            }
-        }
-    }
+    sent_once_or_interrupted(&finals, &sent);
     let mut order = sent.clone();
     order.dedup();
     let mut sorted = order.clone();
