@@ -557,6 +557,12 @@ impl crate::cluster::LeaseHooks for ClusterHooks {
         api::conversations::execute(&self.state, &self.outbox, &account, command);
     }
 
+    fn drained(&self, account: &str) -> bool {
+        self.state.account_by_name(account).is_none_or(|a| {
+            self.outbox.queue(&a).in_flight() == 0 && self.state.pending_of(&a).is_empty()
+        })
+    }
+
     fn sync(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(self.state.sync())
     }

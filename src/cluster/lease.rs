@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 
 use super::log::read_reply;
-use super::{Cluster, ClusterError};
+use super::{Cluster, ClusterError, Held};
 
 /// Writes the whole state, a journal record at a time.
 pub type Dump = Box<dyn FnOnce(&mut dyn FnMut(&[u8])) + Send>;
@@ -34,6 +34,10 @@ pub trait LeaseHooks: Send + Sync + 'static {
     fn command(&self, phone_number_id: &str, json: &[u8]);
     /// Resolves once what `inbound` did is in the log.
     fn sync(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+    /// Whether nothing of `account` is under way here any more (no send in
+    /// flight, no acknowledged message waiting for its rules): its lease
+    /// can be handed over.
+    fn drained(&self, account: &str) -> bool;
 }
 
 /// Take the lease if free: the value is `node:token`, the token one more
@@ -76,6 +80,58 @@ return 0
 ";
 
 const ACCOUNT: &str = "account/";
+/// A router that reported its log position within this is alive (it
+/// reports every 2 s).
+const LIVE_MS: u64 = 10_000;
+
+/// The lease loop's memory for balancing: how many routers there were and
+/// since when, when the last lease was handed over, and since when each
+/// lease not taken has been seen free.
+#[derive(Default)]
+struct Balance {
+    routers: usize,
+    since: Option<Instant>,
+    last_move: Option<Instant>,
+    free_since: HashMap<String, Instant>,
+}
+
+impl Balance {
+    fn note_routers(&mut self, n: usize) {
+        if n != self.routers {
+            self.routers = n;
+            self.since = Some(Instant::now());
+        }
+    }
+
+    /// The routers have not changed for a while, nor was a lease handed
+    /// over lately: time to hand one over if this router has too many.
+    fn settled(&self, ttl: Duration) -> bool {
+        let calm = |t: Option<Instant>| t.is_none_or(|t| t.elapsed() >= ttl * 2);
+        calm(self.since) && calm(self.last_move)
+    }
+
+    fn moved(&mut self) {
+        self.last_move = Some(Instant::now());
+    }
+
+    fn note_free(&mut self, lease: &str, free: bool) {
+        if free {
+            self.free_since
+                .entry(lease.to_string())
+                .or_insert_with(Instant::now);
+        } else {
+            self.free_since.remove(lease);
+        }
+    }
+
+    /// Nobody took this lease for a while: whoever sees it takes it, fair
+    /// share or not (a lease must not stay orphaned).
+    fn free_for_long(&self, lease: &str) -> bool {
+        self.free_since
+            .get(lease)
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(3))
+    }
+}
 /// The lease of the router that writes the log's snapshots.
 const SNAPSHOT: &str = "cluster/snapshot";
 /// At most one snapshot in this time.
@@ -105,16 +161,40 @@ impl Cluster {
         let this = self.clone();
         let h = hooks.clone();
         tokio::spawn(async move {
+            let mut balance = Balance::default();
             loop {
-                let accounts = h.accounts().into_iter().map(|(a, _)| account_lease(&a));
-                let targets = h.targets().into_iter().map(|t| target_lease(&t));
-                for lease in accounts
-                    .chain(targets)
-                    .chain(std::iter::once(SNAPSHOT.to_string()))
-                {
-                    if let Err(e) = this.hold(&lease, h.as_ref()).await {
-                        tracing::warn!(%lease, error = %e, "lease");
+                let routers = this.live_routers().await.unwrap_or(1).max(1);
+                balance.note_routers(routers);
+                let accounts: Vec<String> = h
+                    .accounts()
+                    .into_iter()
+                    .map(|(a, _)| account_lease(&a))
+                    .collect();
+                let targets: Vec<String> =
+                    h.targets().into_iter().map(|t| target_lease(&t)).collect();
+                for kind in [&accounts, &targets] {
+                    // A fair share: leases of a kind spread over the routers.
+                    let fair = kind.len().div_ceil(routers);
+                    for lease in kind {
+                        let held = kind.iter().filter(|l| this.owned.contains_key(*l)).count();
+                        let take = held < fair || balance.free_for_long(lease);
+                        if let Err(e) = this.hold(lease, take, &mut balance, h.as_ref()).await {
+                            tracing::warn!(%lease, error = %e, "lease");
+                        }
                     }
+                    let held: Vec<String> =
+                        kind.iter().filter(|l| this.holds(l)).cloned().collect();
+                    if held.len() > fair && balance.settled(this.lease_ttl) {
+                        // More than a fair share since the routers changed:
+                        // hand one over, once its work here is done.
+                        balance.moved();
+                        if let Some(lease) = held.last() {
+                            this.clone().hand_over(lease.clone(), h.clone());
+                        }
+                    }
+                }
+                if let Err(e) = this.hold(SNAPSHOT, true, &mut balance, h.as_ref()).await {
+                    tracing::warn!(lease = SNAPSHOT, error = %e, "lease");
                 }
                 if this.holds(SNAPSHOT) {
                     this.snapshot_if_long(h.as_ref()).await;
@@ -135,13 +215,20 @@ impl Cluster {
         tokio::spawn(async move { this.consume(hooks).await });
     }
 
-    /// Renew `name` if held, else take it if free.
-    async fn hold(&self, name: &str, hooks: &dyn LeaseHooks) -> Result<(), ClusterError> {
+    /// Renew `name` if held; else, if `take`, take it if free (otherwise
+    /// note whether it is free).
+    async fn hold(
+        &self,
+        name: &str,
+        take: bool,
+        balance: &mut Balance,
+        hooks: &dyn LeaseHooks,
+    ) -> Result<(), ClusterError> {
         let lease = self.key(&["lease", name]);
         let ttl = self.lease_ttl.as_millis() as u64;
         let mut conn = self.conn();
         let sent = Instant::now();
-        let held = self.owned.get(name).map(|e| e.value().0.clone());
+        let held = self.owned.get(name).map(|e| e.value().token.clone());
         if let Some(token) = held {
             let renewed: i64 = redis::Script::new(RENEW)
                 .key(&lease)
@@ -152,12 +239,18 @@ impl Cluster {
                 .await?;
             if renewed == 1 {
                 if let Some(mut e) = self.owned.get_mut(name) {
-                    e.value_mut().1 = self.deadline(sent);
+                    e.value_mut().deadline = self.deadline(sent);
                 }
             } else {
                 self.owned.remove(name);
                 tracing::warn!(lease = %name, "lost a lease; its work stops here");
             }
+            return Ok(());
+        }
+        if !take {
+            let holder: Option<String> =
+                redis::cmd("GET").arg(&lease).query_async(&mut conn).await?;
+            balance.note_free(name, holder.is_none());
             return Ok(());
         }
         let got: Option<String> = redis::Script::new(ACQUIRE)
@@ -168,18 +261,81 @@ impl Cluster {
             .invoke_async(&mut conn)
             .await?;
         let Some(token) = got else {
+            balance.note_free(name, false);
             return Ok(());
         };
+        balance.note_free(name, false);
         tracing::info!(lease = %name, token = %token, "took a lease");
         self.catch_up(&[]).await?;
-        self.owned
-            .insert(name.to_string(), (token, self.deadline(sent)));
+        self.owned.insert(
+            name.to_string(),
+            Held {
+                token,
+                deadline: self.deadline(sent),
+                releasing: false,
+            },
+        );
         if let Some(account) = name.strip_prefix(ACCOUNT) {
             hooks.take_over(account);
         } else if let Some(target) = name.strip_prefix(TARGET) {
             hooks.deliver(target);
         }
         Ok(())
+    }
+
+    /// Give `lease` back gracefully: no new work starts here (the lease is
+    /// still renewed), and once what is under way is done and in the log
+    /// (at most a minute), the lease is released for another router.
+    fn hand_over(self: Arc<Self>, lease: String, hooks: Arc<dyn LeaseHooks>) {
+        let Some(mut held) = self.owned.get_mut(&lease) else {
+            return;
+        };
+        if held.releasing {
+            return;
+        }
+        held.releasing = true;
+        drop(held);
+        tracing::info!(%lease, "handing a lease over to balance the routers");
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let account = lease.strip_prefix(ACCOUNT).map(str::to_string);
+            while let Some(a) = &account
+                && !hooks.drained(a)
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let synced = hooks.sync().await;
+            let token = self.owned.get(&lease).map(|e| e.value().token.clone());
+            if let (true, Some(token)) = (synced, token) {
+                let mut conn = self.conn();
+                let _: Result<i64, _> = redis::Script::new(RELEASE)
+                    .key(self.key(&["lease", &lease]))
+                    .arg(token)
+                    .invoke_async(&mut conn)
+                    .await;
+                self.owned.remove(&lease);
+                tracing::info!(%lease, "lease handed over");
+            } else if let Some(mut held) = self.owned.get_mut(&lease) {
+                // Not in the log: keep the lease and its work.
+                held.releasing = false;
+            }
+        });
+    }
+
+    /// Routers that reported their log position lately.
+    async fn live_routers(&self) -> Result<usize, ClusterError> {
+        let mut conn = self.conn();
+        let reports: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key(&["applied"]))
+            .query_async(&mut conn)
+            .await?;
+        let now = crate::domain::now_ms() as u64;
+        Ok(reports
+            .iter()
+            .filter_map(|(_, r)| r.split_once('|')?.1.parse::<u64>().ok())
+            .filter(|at| now.saturating_sub(*at) < LIVE_MS)
+            .count())
     }
 
     /// The snapshot lease's work: trim the log up to the last snapshot
@@ -223,7 +379,7 @@ impl Cluster {
         let held: Vec<(String, String)> = self
             .owned
             .iter()
-            .map(|e| (e.key().clone(), e.value().0.clone()))
+            .map(|e| (e.key().clone(), e.value().token.clone()))
             .collect();
         self.owned.clear();
         for (name, token) in held {
@@ -249,7 +405,7 @@ impl Cluster {
                     let token = self
                         .owned
                         .get(&account_lease(&a))
-                        .map(|e| e.value().0.clone())?;
+                        .map(|e| e.value().token.clone())?;
                     self.owns(&a).then_some((a, p, token))
                 })
                 .collect();

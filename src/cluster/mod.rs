@@ -58,9 +58,8 @@ pub struct Cluster {
     snapshot_after: u64,
     /// When this router last wrote a snapshot.
     last_snapshot: parking_lot::Mutex<Option<Instant>>,
-    /// Accounts this router holds the lease of: token and the local
-    /// deadline after which it stops starting sends unless renewed.
-    owned: DashMap<String, (String, Instant)>,
+    /// Leases this router holds.
+    owned: DashMap<String, Held>,
     /// Last log entry applied (own or others'), and a wake-up for waiters.
     applied: parking_lot::Mutex<String>,
     applied_changed: tokio::sync::Notify,
@@ -72,6 +71,22 @@ pub struct Cluster {
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Cluster({})", self.node)
+    }
+}
+
+/// A lease held: its token, the local deadline after which its work
+/// stops unless renewed, and whether it is being handed over (renewed
+/// while the work drains, but no new work starts).
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    token: String,
+    deadline: Instant,
+    releasing: bool,
+}
+
+impl Held {
+    fn active(&self) -> bool {
+        !self.releasing && self.deadline > Instant::now()
     }
 }
 
@@ -290,9 +305,7 @@ impl Cluster {
     }
 
     pub(super) fn holds(&self, lease: &str) -> bool {
-        self.owned
-            .get(lease)
-            .is_some_and(|e| e.value().1 > Instant::now())
+        self.owned.get(lease).is_some_and(|e| e.value().active())
     }
 
     /// The leases this router holds now (`account/NAME`, `target/NAME`),
@@ -301,7 +314,7 @@ impl Cluster {
         let mut held: Vec<String> = self
             .owned
             .iter()
-            .filter(|e| e.value().1 > Instant::now())
+            .filter(|e| e.value().active())
             .map(|e| e.key().clone())
             .collect();
         held.sort();

@@ -819,3 +819,87 @@ async fn conversation_changes_through_the_other_router_are_made_by_the_lease_hol
         .await;
     assert_eq!(s, 409, "{e}");
 }
+
+#[tokio::test]
+async fn accounts_spread_over_the_routers_and_a_handover_loses_nothing() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    const PNID2: &str = "106540352242923";
+    let second = format!(
+        "[[accounts]]\nname = \"second\"\nphone_number_id = \"{PNID2}\"\naccess_token = \"{TOKEN}\"\npace = \"5ms\"\n"
+    );
+    let prefix = unique_prefix();
+    const ECHO: &str = r#"
+[[rule]]
+name = "echo"
+when = { type = "text" }
+[[rule.send]]
+type = "text"
+body = "echo: {{ message.text }}"
+"#;
+    let a = spawn_with(Options {
+        routes: ECHO.into(),
+        pace: "5ms",
+        account_extra: second.clone(),
+        extra: cluster_toml(&redis, &prefix, "a"),
+        ..Options::default()
+    })
+    .await;
+    async fn accounts(app: &TestApp) -> Option<Vec<String>> {
+        let held: Vec<String> = app.healthz().await["cluster"]["leases"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l.as_str()?.strip_prefix("account/").map(str::to_string))
+            .collect();
+        Some(held)
+    }
+    wait_for(10, "A to hold both accounts", || async {
+        (accounts(&a).await?.len() == 2).then_some(())
+    })
+    .await;
+    let b = spawn_with(Options {
+        routes: ECHO.into(),
+        pace: "5ms",
+        account_extra: second,
+        extra: cluster_toml(&redis, &prefix, "b"),
+        graph_url: Some(a.graph.uri()),
+        ..Options::default()
+    })
+    .await;
+    // Messages to both numbers while one account moves to B.
+    let to_second = |msg: Value| {
+        serde_json::to_string(&notification(vec![msg], vec![]))
+            .unwrap()
+            .replace(PNID, PNID2)
+    };
+    let mut sent = 0;
+    let moved = wait_for(30, "one account on each router", || {
+        sent += 1;
+        let i = sent;
+        let (a, b) = (&a, &b);
+        async move {
+            let via = if i % 2 == 0 { a } else { b };
+            via.deliver(&notification(vec![text(ANA, &format!("m{i}"))], vec![]))
+                .await;
+            let body = to_second(text(BOB, &format!("m{i}")));
+            assert_eq!(via.post_webhook(body.as_bytes()).await.status(), 200);
+            let (ha, hb) = (accounts(a).await?, accounts(b).await?);
+            (ha.len() == 1 && hb.len() == 1).then_some((ha, hb))
+        }
+    })
+    .await;
+    assert_ne!(moved.0, moved.1, "{moved:?}");
+    // Every message is answered once, in order, by whichever router held
+    // its account at the time.
+    let n = sent;
+    for (who, phone) in [(ANA, PNID), (BOB, PNID2)] {
+        let echoes = wait_for(20, &format!("{n} echoes to {who}"), || async {
+            let got: Vec<String> = sends_to(&a, who).await.iter().map(body_text).collect();
+            (got.len() >= n).then_some(got)
+        })
+        .await;
+        let want: Vec<String> = (1..=n).map(|i| format!("echo: m{i}")).collect();
+        assert_eq!(echoes, want, "replies to {who} (number {phone})");
+    }
+}
