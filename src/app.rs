@@ -460,7 +460,7 @@ async fn open_cluster(
         cluster.spawn_follow(last, move |payload| {
             let (kind, json) = crate::persist::decode(payload)?;
             match kind {
-                Owner::State => state.restore(json, sandbox),
+                Owner::State => state.apply_remote(json, sandbox),
                 Owner::Outbox => outbox.apply_remote(json, |a| owner.owns(a)),
                 Owner::Events => events.apply_remote(json),
             }

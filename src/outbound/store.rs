@@ -777,6 +777,9 @@ impl Outbox {
                 queue.records.fetch_add(1, Ordering::Relaxed);
                 let (status, to, send_at) = (record.status, record.to.clone(), record.send_at);
                 self.records.insert(id.clone(), record);
+                if let Some(r) = self.records.get(id.as_str()) {
+                    self.archive_record(&r);
+                }
                 self.order.lock().insert(id.clone());
                 if owns(account.name()) {
                     match status {

@@ -366,7 +366,7 @@ impl State {
     }
 
     /// Hand a history entry to the archive.
-    fn archive_recent(&self, account: &str, contact: &str, seq: u64, entry: &Recent) {
+    pub(super) fn archive_recent(&self, account: &str, contact: &str, seq: u64, entry: &Recent) {
         let Ok(body) = serde_json::to_vec(&RecentWire::from(entry)) else {
             return;
         };

@@ -41,6 +41,33 @@ impl State {
         Ok(())
     }
 
+    /// Apply a record another router of the cluster wrote (it is in the
+    /// log): as a replay does, and history goes on to the archive as it
+    /// does where it was written, so it leaves memory here too.
+    pub fn apply_remote(&self, json: &[u8], sandbox: bool) -> Result<(), String> {
+        let op: StateOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let history = match &op {
+            StateOp::Recent {
+                account,
+                contact,
+                seq,
+                entry,
+                ..
+            } => Some((
+                account.clone(),
+                contact.clone(),
+                *seq,
+                Recent::from(entry.clone()),
+            )),
+            _ => None,
+        };
+        self.restore_op(op, sandbox);
+        if let Some((account, contact, seq, entry)) = history {
+            self.archive_recent(&account, &contact, seq, &entry);
+        }
+        Ok(())
+    }
+
     pub(crate) fn restore_op(&self, op: StateOp, sandbox: bool) {
         match op {
             StateOp::Account {
@@ -367,6 +394,46 @@ mod tests {
         assert_eq!(ids, ["wamid.1", "wamid.2", "wamid.3", "wamid.4"]);
         let c = s.conversation(&account, "1").unwrap().conversation;
         assert_eq!((c.name.as_deref(), c.recent_seq), (Some("Ana"), 4));
+    }
+
+    /// A cluster router applying another's history hands it to its own
+    /// archive, and then drops it from memory, as the writer does.
+    #[test]
+    fn remote_history_goes_to_the_archive_and_leaves_memory() {
+        let s = Arc::new(state());
+        s.start_archiving();
+        let account = s.account_by_name("main").unwrap();
+        for n in 1..=3u64 {
+            let op = StateOp::Recent {
+                account: "main".into(),
+                contact: "1".into(),
+                seq: n,
+                entry: super::super::ops::RecentWire {
+                    direction: DirectionWire::In,
+                    id: format!("wamid.{n}"),
+                    kind: "text".into(),
+                    text: Some(format!("m{n}")),
+                    at: n as i64,
+                },
+                name: None,
+                last_activity: n as i64,
+            };
+            s.apply_remote(&serde_json::to_vec(&op).unwrap(), false)
+                .unwrap();
+        }
+        s.archive().sync_blocking().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.conversations.with(account.id, "1", |c| c.recent_len()) != Some(0) {
+            assert!(std::time::Instant::now() < deadline, "history left memory");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(s.archive().history("main", "1", 10).len(), 3);
+        let ids: Vec<String> = s
+            .recent(account.id, "1")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["wamid.1", "wamid.2", "wamid.3"]);
     }
 
     #[test]
