@@ -459,9 +459,25 @@ async fn open_cluster(
         let events = events.clone();
         cluster.spawn_follow(last, move |payload| {
             let (kind, json) = crate::persist::decode(payload)?;
+            // What the other routers did shows on this router's live
+            // stream too (`GET /v1/stream`, the console).
             match kind {
-                Owner::State => state.apply_remote(json, sandbox),
-                Owner::Outbox => outbox.apply_remote(json, |a| owner.owns(a)),
+                Owner::State => {
+                    if let Some((account, msg)) = state.apply_remote(json, sandbox)?
+                        && events.streaming()
+                        && let Some(a) = state.account_by_name(&account)
+                    {
+                        let view = state.conversation(&a, msg.from.as_str());
+                        events.stream_inbound(&account, &msg, view.as_ref());
+                    }
+                    Ok(())
+                }
+                Owner::Outbox => {
+                    if let Some(record) = outbox.apply_remote(json, |a| owner.owns(a))? {
+                        events.stream_status(&record);
+                    }
+                    Ok(())
+                }
                 Owner::Events => events.apply_remote(json),
             }
         });

@@ -443,6 +443,14 @@ impl Events {
     }
 
     /// `message.status` to every target subscribed to statuses.
+    /// A status change another router of the cluster made: to this
+    /// router's live stream only (that router's events go to targets).
+    pub fn stream_status(&self, record: &OutboundRecord) {
+        if self.streaming() {
+            self.broadcast(&message_status_body(record, now_ms()));
+        }
+    }
+
     pub fn message_status(&self, record: &OutboundRecord) {
         let body = message_status_body(record, now_ms());
         self.broadcast(&body);

@@ -758,16 +758,22 @@ impl Outbox {
     /// Apply a record another router of the cluster wrote (it is in the
     /// log). Unlike a replay, indexes follow at once; `owns` tells whether
     /// this router holds the account's lease, and so keeps its queue.
-    pub fn apply_remote(&self, json: &[u8], owns: impl Fn(&str) -> bool) -> Result<(), String> {
+    /// Returns the record when its status changed (for this router's live
+    /// stream).
+    pub fn apply_remote(
+        &self,
+        json: &[u8],
+        owns: impl Fn(&str) -> bool,
+    ) -> Result<Option<OutboundRecord>, String> {
         let op: OutboxOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
         match op {
             OutboxOp::Record(wire) => {
                 let record = OutboundRecord::from(*wire);
                 let Some(account) = self.state.account_by_name(&record.account) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 if self.records.contains_key(record.id.as_str()) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let id = record.id.clone();
                 if let Some(w) = &record.wamid {
@@ -795,11 +801,12 @@ impl Outbox {
             OutboxOp::Update(update) => {
                 let id = update.id.clone();
                 self.reload(&id);
-                let changed = self.records.get_mut(id.as_str()).map(|mut r| {
+                let changed = self.records.get_mut(id.as_str()).and_then(|mut r| {
+                    let before = r.status;
                     update.apply(&mut r);
-                    r.clone()
+                    (r.status != before).then(|| r.clone())
                 });
-                if let Some(r) = changed {
+                if let Some(r) = &changed {
                     if let Some(w) = &r.wamid {
                         self.by_wamid.insert(w.clone(), r.id.clone());
                     }
@@ -810,15 +817,16 @@ impl Outbox {
                     {
                         self.queue(&a).remove(&r.to, &r.id);
                     }
-                    self.archive_record(&r);
+                    self.archive_record(r);
                 }
+                return Ok(changed);
             }
             OutboxOp::ForgetRecord { id } => {
                 self.records.remove(id.as_str());
                 self.order.lock().remove(id.as_str());
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// A cluster router took over `account`'s lease (and applied the log

@@ -43,9 +43,21 @@ impl State {
 
     /// Apply a record another router of the cluster wrote (it is in the
     /// log): as a replay does, and history goes on to the archive as it
-    /// does where it was written, so it leaves memory here too.
-    pub fn apply_remote(&self, json: &[u8], sandbox: bool) -> Result<(), String> {
+    /// does where it was written, so it leaves memory here too. Returns
+    /// the inbound message the record acknowledged, if it is one (for this
+    /// router's live stream).
+    pub fn apply_remote(
+        &self,
+        json: &[u8],
+        sandbox: bool,
+    ) -> Result<Option<(String, InboundMessage)>, String> {
         let op: StateOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let acknowledged = match &op {
+            StateOp::Pending {
+                account, message, ..
+            } => Some((account.clone(), InboundMessage::from((**message).clone()))),
+            _ => None,
+        };
         let history = match &op {
             StateOp::Recent {
                 account,
@@ -65,7 +77,7 @@ impl State {
         if let Some((account, contact, seq, entry)) = history {
             self.archive_recent(&account, &contact, seq, &entry);
         }
-        Ok(())
+        Ok(acknowledged)
     }
 
     pub(crate) fn restore_op(&self, op: StateOp, sandbox: bool) {

@@ -903,3 +903,27 @@ body = "echo: {{ message.text }}"
         assert_eq!(echoes, want, "replies to {who} (number {phone})");
     }
 }
+
+#[tokio::test]
+async fn the_live_stream_of_either_router_shows_what_the_other_did() {
+    use crate::stream::Stream;
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, GREETING, "10ms").await;
+    // B does not hold the account: A routes and sends.
+    let mut watch = Stream::open(&b).await;
+    let wamid = a.say(ANA, "hi").await;
+    let (_, body) = watch
+        .next_where(|e, b| e == "message.received" && b["message"]["id"] == wamid.as_str())
+        .await;
+    assert_eq!(body["contact"]["wa_id"], ANA);
+    assert!(
+        body["conversation"]["window_expires_at"].is_string(),
+        "{body}"
+    );
+    let (_, status) = watch
+        .next_where(|e, b| e == "message.status" && b["status"] == "sent")
+        .await;
+    assert_eq!(status["to"], ANA);
+}

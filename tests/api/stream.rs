@@ -7,13 +7,13 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 /// An open stream and what it sent so far.
-struct Stream {
+pub(crate) struct Stream {
     resp: reqwest::Response,
     buffered: String,
 }
 
 impl Stream {
-    async fn open(app: &TestApp) -> Stream {
+    pub(crate) async fn open(app: &TestApp) -> Stream {
         let resp = app
             .http
             .get(app.url("/v1/stream"))
@@ -32,7 +32,10 @@ impl Stream {
     }
 
     /// The next event whose name and JSON body satisfy `want`, skipping others.
-    async fn next_where(&mut self, want: impl Fn(&str, &Value) -> bool) -> (String, Value) {
+    pub(crate) async fn next_where(
+        &mut self,
+        want: impl Fn(&str, &Value) -> bool,
+    ) -> (String, Value) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             while let Some(end) = self.buffered.find("\n\n") {
