@@ -325,17 +325,8 @@ impl Cluster {
 
     /// Routers that reported their log position lately.
     async fn live_routers(&self) -> Result<usize, ClusterError> {
-        let mut conn = self.conn();
-        let reports: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.key(&["applied"]))
-            .query_async(&mut conn)
-            .await?;
-        let now = crate::domain::now_ms() as u64;
-        Ok(reports
-            .iter()
-            .filter_map(|(_, r)| r.split_once('|')?.1.parse::<u64>().ok())
-            .filter(|at| now.saturating_sub(*at) < LIVE_MS)
-            .count())
+        let reports = self.reports().await?;
+        Ok(reports.iter().filter(|(_, age)| *age < LIVE_MS).count())
     }
 
     /// The snapshot lease's work: trim the log up to the last snapshot

@@ -424,23 +424,31 @@ impl Cluster {
     /// The oldest log id still needed: the first entry after what the
     /// slowest live router applied, and never past `covered`.
     async fn trim_point(&self, covered: &str) -> Result<String, ClusterError> {
+        let mut point = next_after(covered);
+        for (id, age) in self.reports().await? {
+            if age < REPORT_STALE_MS && id_le(&next_after(&id), &point) {
+                point = next_after(&id);
+            }
+        }
+        Ok(point)
+    }
+
+    /// What each router last reported: how far it applied the log, and how
+    /// long ago it said so (ms).
+    pub(super) async fn reports(&self) -> Result<Vec<(String, u64)>, ClusterError> {
         let mut conn = self.conn();
         let reports: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(self.key(&["applied"]))
             .query_async(&mut conn)
             .await?;
         let now = crate::domain::now_ms() as u64;
-        let mut point = next_after(covered);
-        for (_, report) in reports {
-            let Some((id, at)) = report.split_once('|') else {
-                continue;
-            };
-            let at: u64 = at.parse().unwrap_or(0);
-            if now.saturating_sub(at) < REPORT_STALE_MS && id_le(&next_after(id), &point) {
-                point = next_after(id);
-            }
-        }
-        Ok(point)
+        Ok(reports
+            .into_iter()
+            .filter_map(|(_, r)| {
+                let (id, at) = r.split_once('|')?;
+                Some((id.to_string(), now.saturating_sub(at.parse().ok()?)))
+            })
+            .collect())
     }
 
     /// Load the newest snapshot, if any; returns the log id it covers.

@@ -359,6 +359,24 @@ mod tests {
         State::for_test()
     }
 
+    /// History entry `n` of contact "1": inbound `wamid.n` at time `n`.
+    fn recent_op(n: u64) -> StateOp {
+        StateOp::Recent {
+            account: "main".into(),
+            contact: "1".into(),
+            seq: n,
+            entry: super::super::ops::RecentWire {
+                direction: DirectionWire::In,
+                id: format!("wamid.{n}"),
+                kind: "text".into(),
+                text: None,
+                at: n as i64,
+            },
+            name: None,
+            last_activity: n as i64,
+        }
+    }
+
     #[test]
     fn history_deltas_replayed_over_a_snapshot_that_holds_them_are_skipped() {
         let s = state();
@@ -380,23 +398,7 @@ mod tests {
             s.restore(json, false).unwrap();
         }
         for n in 2..=4u64 {
-            s.restore_op(
-                StateOp::Recent {
-                    account: "main".into(),
-                    contact: "1".into(),
-                    seq: n,
-                    entry: super::super::ops::RecentWire {
-                        direction: DirectionWire::In,
-                        id: format!("wamid.{n}"),
-                        kind: "text".into(),
-                        text: None,
-                        at: n as i64,
-                    },
-                    name: None,
-                    last_activity: n as i64,
-                },
-                false,
-            );
+            s.restore_op(recent_op(n), false);
         }
         let ids: Vec<String> = s
             .recent(account.id, "1")
@@ -416,21 +418,7 @@ mod tests {
         s.start_archiving();
         let account = s.account_by_name("main").unwrap();
         for n in 1..=3u64 {
-            let op = StateOp::Recent {
-                account: "main".into(),
-                contact: "1".into(),
-                seq: n,
-                entry: super::super::ops::RecentWire {
-                    direction: DirectionWire::In,
-                    id: format!("wamid.{n}"),
-                    kind: "text".into(),
-                    text: Some(format!("m{n}")),
-                    at: n as i64,
-                },
-                name: None,
-                last_activity: n as i64,
-            };
-            s.apply_remote(&serde_json::to_vec(&op).unwrap(), false)
+            s.apply_remote(&serde_json::to_vec(&recent_op(n)).unwrap(), false)
                 .unwrap();
         }
         s.archive().sync_blocking().unwrap();

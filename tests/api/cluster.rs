@@ -591,16 +591,7 @@ forward = "agents"
     .await;
     let b = Router::spawn(dir_b.path()).await;
     let n = notification(vec![text(ANA, "sales")], vec![]);
-    let body = serde_json::to_vec(&n).unwrap();
-    let resp = reqwest::Client::new()
-        .post(b.url("/webhook"))
-        .header("X-Hub-Signature-256", sign(&body, APP_SECRET))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(b.webhook(&n).await, 200);
     let event_ids = || async {
         agents
             .received_requests()

@@ -141,7 +141,7 @@ impl Router {
         resp.text().await.ok()
     }
 
-    async fn webhook(&self, n: &Value) -> u16 {
+    pub(crate) async fn webhook(&self, n: &Value) -> u16 {
         let body = serde_json::to_vec(n).unwrap();
         let resp = self
             .http
