@@ -108,10 +108,8 @@ impl State {
         if msg.user_id.is_none() && msg.username.is_none() {
             return;
         }
-        let (user_id, username) = n
-            .extra()
-            .map(|e| (e.user_id.as_deref(), e.username.as_deref()))
-            .unwrap_or_default();
+        let user_id = n.user_id();
+        let username = n.extra().and_then(|e| e.username.as_deref());
         let fresh_id = msg.user_id.as_deref().filter(|u| Some(*u) != user_id);
         let fresh_name = msg.username.as_deref().filter(|u| Some(*u) != username);
         if fresh_id.is_none() && fresh_name.is_none() {
@@ -122,7 +120,7 @@ impl State {
         self.log(|| StateOp::ContactIds {
             account: account.name().to_string(),
             contact: msg.from.to_string(),
-            user_id: e.and_then(|e| e.user_id.as_deref().map(str::to_string)),
+            user_id: n.user_id().map(str::to_string),
             username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
         });
     }
@@ -146,14 +144,12 @@ impl State {
 
 /// Set the ids that are given (a missing one is kept).
 pub(super) fn set_ids(n: &mut Node, user_id: Option<&str>, username: Option<&str>) {
-    let e = n.extra_mut();
     if let Some(u) = user_id {
-        e.user_id = Some(u.into());
+        n.set_user_id(Some(u));
     }
     if let Some(u) = username {
-        e.username = Some(u.into());
+        n.extra_mut().username = Some(u.into());
     }
-    n.tidy();
 }
 
 /// The merged conversation: the window that ends last, the consent decided

@@ -339,8 +339,7 @@ impl State {
                 (
                     c.recent().cloned().collect::<Vec<_>>(),
                     c.recent_seq(),
-                    c.extra()
-                        .and_then(|e| e.user_id.as_deref().map(str::to_string)),
+                    c.user_id().map(str::to_string),
                 )
             })
             .unwrap_or_default();

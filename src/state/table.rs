@@ -63,9 +63,6 @@ pub struct Extra {
     expires: Option<Millis>,
     /// History entries not yet archived, oldest first.
     pub recent: VecDeque<Recent>,
-    /// The contact's BSUID, when the conversation is kept under their
-    /// phone number (or the phone number is not known: then it is the key).
-    pub user_id: Option<Box<str>>,
     /// The contact's WhatsApp username, when they adopted one.
     pub username: Option<Box<str>>,
     /// Marketing messages stopped in the contact's WhatsApp settings.
@@ -82,7 +79,6 @@ impl Extra {
             && self.consent_at.is_none()
             && self.expires.is_none()
             && self.recent.is_empty()
-            && self.user_id.is_none()
             && self.username.is_none()
             && !self.marketing_opt_out
     }
@@ -172,12 +168,44 @@ impl Node {
         self.tidy();
     }
 
+    /// The profile name. `name` holds it and, after a NUL, the contact's
+    /// BSUID: since 2026 Meta names one for most contacts, and kept here it
+    /// costs a few bytes where the rarely used box would cost ~200.
     pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
+        let both = self.name.as_deref()?;
+        let name = both.split('\0').next().unwrap_or_default();
+        (!name.is_empty()).then_some(name)
+    }
+
+    /// The contact's BSUID (Meta's business-scoped user id), when known.
+    pub fn user_id(&self) -> Option<&str> {
+        let (_, id) = self.name.as_deref()?.split_once('\0')?;
+        (!id.is_empty()).then_some(id)
+    }
+
+    pub fn set_user_id(&mut self, user_id: Option<&str>) {
+        let name = self.name().map(str::to_string);
+        self.pack(name.as_deref(), user_id);
+    }
+
+    fn pack(&mut self, name: Option<&str>, user_id: Option<&str>) {
+        // A NUL in a name would read as the separator.
+        let name = name.map(|n| n.replace('\0', ""));
+        self.name = match (name.as_deref().filter(|n| !n.is_empty()), user_id) {
+            (None, None) => None,
+            (Some(n), None) => Some(CompactString::from(n)),
+            (n, Some(id)) => {
+                let mut both = CompactString::from(n.unwrap_or_default());
+                both.push('\0');
+                both.push_str(id);
+                Some(both)
+            }
+        };
     }
 
     pub fn set_name(&mut self, name: Option<&str>) {
-        self.name = name.map(CompactString::from);
+        let user_id = self.user_id().map(str::to_string);
+        self.pack(name, user_id.as_deref());
     }
 
     pub fn extra(&self) -> Option<&Extra> {
@@ -260,7 +288,7 @@ impl Node {
             recent_seq: self.recent_seq(),
             last_activity: self.last_activity,
             window: self.window(),
-            user_id: e.and_then(|e| e.user_id.as_deref().map(str::to_string)),
+            user_id: self.user_id().map(str::to_string),
             username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
             marketing_opt_out: e.is_some_and(|e| e.marketing_opt_out),
         }
@@ -277,13 +305,13 @@ impl Node {
         e.opted_out = c.opted_out;
         e.consent_at = c.consent_at;
         e.marketing_opt_out = c.marketing_opt_out;
-        if c.user_id.is_some() {
-            e.user_id = c.user_id.map(Into::into);
-        }
         if c.username.is_some() {
             e.username = c.username.map(Into::into);
         }
         self.tidy();
+        if c.user_id.is_some() {
+            self.set_user_id(c.user_id.as_deref());
+        }
     }
 
     /// Replace the history in memory (journal replay of a snapshot).
@@ -409,6 +437,46 @@ impl ConvTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The profile name and the BSUID share one slot; neither disturbs the
+    /// other, and neither keeps the rarely used box alive.
+    #[test]
+    fn name_and_bsuid_share_a_slot() {
+        let mut n = Node::new(1, Key::of("16315551181"));
+        assert_eq!((n.name(), n.user_id()), (None, None));
+        n.set_user_id(Some("US.13491208655302741918"));
+        assert_eq!(
+            (n.name(), n.user_id()),
+            (None, Some("US.13491208655302741918"))
+        );
+        n.set_name(Some("Ana"));
+        assert_eq!(
+            (n.name(), n.user_id()),
+            (Some("Ana"), Some("US.13491208655302741918"))
+        );
+        n.set_user_id(Some("US.1"));
+        assert_eq!((n.name(), n.user_id()), (Some("Ana"), Some("US.1")));
+        n.set_name(Some("A\0na"));
+        assert_eq!((n.name(), n.user_id()), (Some("Ana"), Some("US.1")));
+        n.set_name(None);
+        assert_eq!((n.name(), n.user_id()), (None, Some("US.1")));
+        n.set_user_id(None);
+        assert_eq!((n.name(), n.user_id()), (None, None));
+        assert!(n.extra().is_none());
+        let c = {
+            n.set_name(Some("Ana"));
+            n.set_user_id(Some("US.2"));
+            n.to_conversation(false)
+        };
+        assert_eq!(
+            (c.name.as_deref(), c.user_id.as_deref()),
+            (Some("Ana"), Some("US.2"))
+        );
+        let mut m = Node::new(1, Key::of("16315551182"));
+        m.set_fields(c);
+        assert_eq!((m.name(), m.user_id()), (Some("Ana"), Some("US.2")));
+        assert!(m.extra().is_none(), "ids alone keep no box");
+    }
 
     #[test]
     fn a_node_is_64_bytes() {
