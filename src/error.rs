@@ -167,6 +167,18 @@ impl From<GraphError> for ApiError {
     }
 }
 
+/// Redis did not answer (cluster mode): retry later. The cause is logged,
+/// not shown.
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        tracing::warn!(error = %e, "cannot reach the cluster's state");
+        ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "the router cannot reach the cluster's state now; retry later",
+        )
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.code.describe().0

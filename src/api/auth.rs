@@ -46,21 +46,10 @@ impl FromRequest for ApiKey {
                     .map(|a| a.settings.phone_number_id.clone())
                     .collect();
                 Box::pin(async move {
-                    let unavailable = |e: crate::cluster::ClusterError| {
-                        tracing::warn!(error = %e, "cannot reach the cluster's state");
-                        ApiError::new(
-                            ErrorCode::StorageUnavailable,
-                            "the router cannot reach the cluster's state now; retry later",
-                        )
-                    };
-                    let limited = cluster
-                        .rate_limit(&presented_key, rate, burst)
-                        .await
-                        .map_err(unavailable)?;
-                    if let Some(wait) = limited {
+                    if let Some(wait) = cluster.rate_limit(&presented_key, rate, burst).await? {
                         return Err(rate_limited(wait));
                     }
-                    cluster.catch_up(&numbers).await.map_err(unavailable)?;
+                    cluster.catch_up(&numbers).await?;
                     Ok(key)
                 })
             }

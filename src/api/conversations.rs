@@ -132,16 +132,9 @@ pub(super) async fn apply(ctx: &Ctx, account: &Account, command: Command) -> Res
     if let Some(cluster) = &ctx.cluster
         && !cluster.owns(account.name())
     {
-        return cluster
+        return Ok(cluster
             .command(&account.settings.phone_number_id, &command)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "a conversation change through the cluster");
-                ApiError::new(
-                    ErrorCode::StorageUnavailable,
-                    "the change could not be handed to the account's router; retry later",
-                )
-            });
+            .await?);
     }
     execute(&ctx.state, &ctx.outbox, account, command);
     Ok(())

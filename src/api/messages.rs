@@ -90,17 +90,10 @@ pub async fn send(
         (Some(cluster), Some(key)) => {
             let state = ctx.state.clone();
             let known = || state.knows_idempotency_key(&key);
-            match cluster.claim_idempotency(&key, known).await {
-                Ok(true) => Some((cluster.clone(), key)),
-                Ok(false) => None,
-                Err(e) => {
-                    tracing::warn!(error = %e, "idempotency claim");
-                    return Err(ApiError::new(
-                        ErrorCode::StorageUnavailable,
-                        "the router cannot reach the cluster's state now; retry later",
-                    ));
-                }
-            }
+            cluster
+                .claim_idempotency(&key, known)
+                .await?
+                .then(|| (cluster.clone(), key))
         }
         _ => None,
     };

@@ -79,6 +79,25 @@ end
 return 0
 ";
 
+/// The lease scripts, hashed once (Redis runs them by their SHA).
+pub(super) struct Scripts {
+    acquire: redis::Script,
+    renew: redis::Script,
+    advance: redis::Script,
+    release: redis::Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Scripts {
+            acquire: redis::Script::new(ACQUIRE),
+            renew: redis::Script::new(RENEW),
+            advance: redis::Script::new(ADVANCE),
+            release: redis::Script::new(RELEASE),
+        }
+    }
+}
+
 const ACCOUNT: &str = "account/";
 /// A router that reported its log position within this is alive (it
 /// reports every 2 s).
@@ -230,7 +249,9 @@ impl Cluster {
         let sent = Instant::now();
         let held = self.owned.get(name).map(|e| e.value().token.clone());
         if let Some(token) = held {
-            let renewed: i64 = redis::Script::new(RENEW)
+            let renewed: i64 = self
+                .scripts
+                .renew
                 .key(&lease)
                 .arg(&token)
                 .arg(ttl)
@@ -253,7 +274,9 @@ impl Cluster {
             balance.note_free(name, holder.is_none());
             return Ok(());
         }
-        let got: Option<String> = redis::Script::new(ACQUIRE)
+        let got: Option<String> = self
+            .scripts
+            .acquire
             .key(&lease)
             .key(self.key(&["fence", name]))
             .arg(&self.node)
@@ -309,7 +332,9 @@ impl Cluster {
             let token = self.owned.get(&lease).map(|e| e.value().token.clone());
             if let (true, Some(token)) = (synced, token) {
                 let mut conn = self.conn();
-                let _: Result<i64, _> = redis::Script::new(RELEASE)
+                let _: Result<i64, _> = self
+                    .scripts
+                    .release
                     .key(self.key(&["lease", &lease]))
                     .arg(token)
                     .invoke_async(&mut conn)
@@ -374,7 +399,9 @@ impl Cluster {
             .collect();
         self.owned.clear();
         for (name, token) in held {
-            let _: Result<i64, _> = redis::Script::new(RELEASE)
+            let _: Result<i64, _> = self
+                .scripts
+                .release
                 .key(self.key(&["lease", &name]))
                 .arg(token)
                 .invoke_async(&mut conn)
@@ -476,7 +503,9 @@ impl Cluster {
             }
             let mut w = self.conn();
             for (account, pnid, token, last) in advanced {
-                let moved: Result<i64, _> = redis::Script::new(ADVANCE)
+                let moved: Result<i64, _> = self
+                    .scripts
+                    .advance
                     .key(self.key(&["lease", &account_lease(&account)]))
                     .key(self.key(&["cursor", &pnid]))
                     .key(self.key(&["in", &pnid]))

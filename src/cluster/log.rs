@@ -288,7 +288,7 @@ const CHUNK: usize = 4 << 20;
 /// before `ARGV[2]`: `KEYS[1]` snapshot pointer, `KEYS[2]` log, `KEYS[3]`
 /// the new snapshot's list; `ARGV[1]` the log id it covers. Returns the
 /// entries trimmed.
-const INSTALL: &str = r"
+pub(super) const INSTALL: &str = r"
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[1] then
@@ -409,7 +409,8 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError(format!("snapshot: {e}")))?;
         let trim_to = self.trim_point(&covered).await?;
-        let trimmed: u64 = redis::Script::new(INSTALL)
+        let trimmed: u64 = self
+            .install_script
             .key(self.key(&["snapshot"]))
             .key(self.key(&["log"]))
             .key(&list)

@@ -66,6 +66,8 @@ pub struct Cluster {
     inbound_script: redis::Script,
     catch_up_script: redis::Script,
     rate_script: redis::Script,
+    install_script: redis::Script,
+    scripts: lease::Scripts,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -186,6 +188,8 @@ impl Cluster {
             inbound_script: redis::Script::new(INBOUND_SCRIPT),
             catch_up_script: redis::Script::new(CATCH_UP_SCRIPT),
             rate_script: redis::Script::new(RATE_SCRIPT),
+            install_script: redis::Script::new(log::INSTALL),
+            scripts: lease::Scripts::default(),
         }))
     }
 

@@ -90,6 +90,30 @@ pub struct Outbox {
     status_wanted: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
+/// Records that wait to be queued again (replay, cluster takeover): ready
+/// ones by acceptance, scheduled ones by their time, interrupted sends.
+#[derive(Default)]
+struct Waiting {
+    queued: Vec<(Millis, MessageId, AccountName, ContactId)>,
+    scheduled: Vec<(Millis, MessageId, AccountName, ContactId)>,
+    interrupted: Vec<MessageId>,
+}
+
+impl Waiting {
+    /// Note `r` if it waits (or, with `settle`, was being sent); whether
+    /// it was noted.
+    fn note(&mut self, r: &OutboundRecord, now: Millis, settle: bool) -> bool {
+        let entry = |at| (at, r.id.clone(), r.account.clone(), r.to.clone());
+        match r.status {
+            Status::Queued => self.queued.push(entry(r.created_at)),
+            Status::Scheduled => self.scheduled.push(entry(r.send_at.unwrap_or(now))),
+            Status::Sending if settle => self.interrupted.push(r.id.clone()),
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// A send the router stopped in the middle of (SPEC §9: not sent again).
 fn interrupted_error() -> RecordError {
     RecordError {
@@ -835,35 +859,38 @@ impl Outbox {
     pub fn take_over(&self, account: &Account, now: Millis) -> usize {
         let queue = self.queue(account);
         queue.clear();
-        let mut queued = Vec::new();
-        let mut scheduled = Vec::new();
-        let mut interrupted = Vec::new();
+        let mut waiting = Waiting::default();
         for r in self.records.iter() {
-            if r.account.as_str() != account.name() {
-                continue;
-            }
-            match r.status {
-                Status::Queued => queued.push((r.created_at, r.id.clone(), r.to.clone())),
-                Status::Scheduled => {
-                    scheduled.push((r.send_at.unwrap_or(now), r.id.clone(), r.to.clone()))
-                }
-                Status::Sending => interrupted.push(r.id.clone()),
-                _ => {}
+            if r.account.as_str() == account.name() {
+                waiting.note(&r, now, true);
             }
         }
-        queued.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        scheduled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (_, id, to) in queued {
-            queue.push(to, id);
+        self.requeue(waiting, now)
+    }
+
+    /// Queue what waits in acceptance order (scheduled ones by their time)
+    /// and settle the sends that were interrupted; returns how many were.
+    fn requeue(&self, mut w: Waiting, now: Millis) -> usize {
+        // Ids sort by creation within one millisecond.
+        w.queued.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        w.scheduled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, id, account, to) in w.queued {
+            if let Some(a) = self.state.account_by_name(&account) {
+                self.queue(&a).push(to, id);
+            }
         }
-        for (at, id, to) in scheduled {
-            queue.schedule(at, to, id);
+        for (at, id, account, to) in w.scheduled {
+            if let Some(a) = self.state.account_by_name(&account) {
+                self.queue(&a).schedule(at, to, id);
+            }
         }
-        for id in &interrupted {
+        for id in &w.interrupted {
             self.mark_failed(id, interrupted_error(), now);
         }
-        queue.notify.notify_one();
-        interrupted.len()
+        for a in self.state.accounts() {
+            self.queue(&a).notify.notify_one();
+        }
+        w.interrupted.len()
     }
 
     /// After the last op: rebuild indexes and queues (acceptance order,
@@ -880,10 +907,7 @@ impl Outbox {
     }
 
     fn rebuild(&self, now: Millis, settle_interrupted: bool) -> RestoredOutbox {
-        type Waiting = Vec<(Millis, MessageId, AccountName, ContactId)>;
-        let mut queued: Waiting = Vec::new();
-        let mut scheduled: Waiting = Vec::new();
-        let mut interrupted = Vec::new();
+        let mut waiting = Waiting::default();
         // Records held per account (max_records): the archive's and those
         // in memory (a settled one may be counted twice: a soft cap).
         for (account, n) in self.archive.counts_by_account() {
@@ -903,44 +927,15 @@ impl Outbox {
                 if let Some(w) = &r.wamid {
                     self.by_wamid.insert(w.clone(), r.id.clone());
                 }
-                match r.status {
-                    Status::Queued => {
-                        queued.push((r.created_at, r.id.clone(), r.account.clone(), r.to.clone()))
-                    }
-                    Status::Scheduled => scheduled.push((
-                        r.send_at.unwrap_or(now),
-                        r.id.clone(),
-                        r.account.clone(),
-                        r.to.clone(),
-                    )),
-                    Status::Sending if settle_interrupted => interrupted.push(r.id.clone()),
-                    Status::Sending => {}
-                    _ => self.archive_record(&r),
+                if !waiting.note(&r, now, settle_interrupted) {
+                    self.archive_record(&r);
                 }
             }
         }
-        // Ids sort by creation within one millisecond.
-        queued.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        scheduled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (_, id, account, to) in queued {
-            if let Some(a) = self.state.account_by_name(&account) {
-                self.queue(&a).push(to, id);
-            }
-        }
-        for (at, id, account, to) in scheduled {
-            if let Some(a) = self.state.account_by_name(&account) {
-                self.queue(&a).schedule(at, to, id);
-            }
-        }
-        for id in &interrupted {
-            self.mark_failed(id, interrupted_error(), now);
-        }
-        for a in self.state.accounts() {
-            self.queue(&a).notify.notify_one();
-        }
+        let interrupted = self.requeue(waiting, now);
         RestoredOutbox {
             records: self.records.len(),
-            interrupted: interrupted.len(),
+            interrupted,
         }
     }
 

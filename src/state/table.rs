@@ -184,6 +184,9 @@ impl Node {
     }
 
     pub fn set_user_id(&mut self, user_id: Option<&str>) {
+        if self.user_id() == user_id {
+            return;
+        }
         let name = self.name().map(str::to_string);
         self.pack(name.as_deref(), user_id);
     }
@@ -204,6 +207,10 @@ impl Node {
     }
 
     pub fn set_name(&mut self, name: Option<&str>) {
+        // Every inbound message names its sender: mostly the same name.
+        if self.name() == name {
+            return;
+        }
         let user_id = self.user_id().map(str::to_string);
         self.pack(name, user_id.as_deref());
     }

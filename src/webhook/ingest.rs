@@ -67,6 +67,25 @@ fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<u16>) {
     }
 }
 
+/// The account of a business number; in sandbox mode an unknown number
+/// becomes one. SPEC §3: an unknown number in live mode is acked, counted
+/// and ignored (`None`).
+pub(super) fn account_for(
+    ctx: &Ctx,
+    phone_number_id: &str,
+) -> Option<std::sync::Arc<crate::state::Account>> {
+    let known = ctx.state.account_by_pnid(phone_number_id).or_else(|| {
+        ctx.sandbox
+            .then(|| ctx.state.register_sandbox(phone_number_id))
+            .flatten()
+    });
+    if known.is_none() {
+        tracing::warn!(%phone_number_id, "webhook for an unknown phone_number_id ignored");
+        ctx.metrics.webhook("unknown_account");
+    }
+    known
+}
+
 /// The synchronous part of handling a notification: runs before the 200.
 pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
     let mut out = Accepted::default();
@@ -83,20 +102,9 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
             .account_update(change, account.as_ref().map(|a| a.name()));
     }
     for batch in notification.batches {
-        let known = state.account_by_pnid(&batch.phone_number_id).or_else(|| {
-            ctx.sandbox
-                .then(|| state.register_sandbox(&batch.phone_number_id))
-                .flatten()
-        });
-        let account = match known {
-            Some(a) => a,
-            None => {
-                // SPEC §3: unknown number in live mode → acked, counted, ignored.
-                tracing::warn!(phone_number_id = %batch.phone_number_id, "webhook for an unknown phone_number_id ignored");
-                metrics.webhook("unknown_account");
-                out.unknown_accounts += 1;
-                continue;
-            }
+        let Some(account) = account_for(ctx, &batch.phone_number_id) else {
+            out.unknown_accounts += 1;
+            continue;
         };
         let now = now_ms();
         for status in &batch.statuses {

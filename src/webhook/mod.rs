@@ -137,10 +137,7 @@ pub async fn receive(
     // SPEC §9: a 200 means the effect is recorded; if it cannot be, Meta retries.
     if !ctx.state.sync().await {
         ctx.metrics.webhook("storage_failed");
-        return Err(ApiError::new(
-            ErrorCode::StorageUnavailable,
-            "the router cannot record this notification now; retry later",
-        ));
+        return Err(unavailable());
     }
     ctx.metrics.webhook("ok");
     if malformed > 0 {
@@ -192,17 +189,7 @@ async fn share(
     // One append per business number, whatever the number of entries.
     let mut numbers: Vec<(&str, Vec<&str>, bool)> = Vec::new();
     for batch in &notification.batches {
-        let known = ctx
-            .state
-            .account_by_pnid(&batch.phone_number_id)
-            .or_else(|| {
-                ctx.sandbox
-                    .then(|| ctx.state.register_sandbox(&batch.phone_number_id))
-                    .flatten()
-            });
-        if known.is_none() {
-            tracing::warn!(phone_number_id = %batch.phone_number_id, "webhook for an unknown phone_number_id ignored");
-            ctx.metrics.webhook("unknown_account");
+        if ingest::account_for(ctx, &batch.phone_number_id).is_none() {
             continue;
         }
         let wamids = batch.messages.iter().map(|m| m.wamid.as_str());
