@@ -1,21 +1,25 @@
 //! Benchmarks of the hot paths (issue #2 targets on a 2-core machine):
 //! - verify → parse → route of a ~1 KB text notification: under 10 µs;
 //! - rule matching with 10 and 10,000 exact-text rules: flat;
-//! - window store insert and lookup, and the bytes one window entry costs:
-//!   under 100.
+//! - the heap bytes one open window costs in the router's state (printed
+//!   first; issue #9: a million open windows in 150 MB).
 //!
-//! `cargo bench` runs them; the window entry size is printed first.
+//! `cargo bench --bench hot_path` runs them.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use wa_router::archive::Archive;
+use wa_router::config::AccountSettings;
 use wa_router::crypto;
 use wa_router::domain::Secret;
 use wa_router::rules::Facts;
 use wa_router::rules::compile::compile;
-use wa_router::state::{ConvKey, WindowStore};
+use wa_router::state::State;
+use wa_router::telemetry::Metrics;
 use wa_router::webhook::payload;
 
 /// Counts live heap bytes, to measure what a window entry costs.
@@ -138,53 +142,73 @@ fn rule_matching(c: &mut Criterion) {
     }
 }
 
-fn windows(c: &mut Criterion) {
-    // Bytes per entry, measured: heap growth for 100,000 windows.
-    let store = WindowStore::new();
+/// A notification from contact `from` (with a BSUID when `bsuid`).
+fn contact_notification(from: &str, wamid: &str, bsuid: bool) -> Vec<u8> {
+    let mut contact = serde_json::json!({ "profile": { "name": "Bench" }, "wa_id": from });
+    if bsuid {
+        contact["user_id"] = format!("US.{from}").into();
+    }
+    let n = serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "310298475561023", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550783881", "phone_number_id": "106540352242922" },
+            "contacts": [contact],
+            "messages": [{ "from": from, "id": wamid, "timestamp": (NOW / 1000).to_string(),
+                           "type": "text", "text": { "body": "hi" } }]
+        } }] }]
+    });
+    serde_json::to_vec(&n).unwrap()
+}
+
+/// Heap bytes one open window costs in `State` (conversation, dedupe
+/// digest, BSUID link, their share of the hash tables), measured: the
+/// heap's growth for `n` inbound messages from as many contacts, with
+/// their history archived (the archive's SQLite cache included).
+fn bytes_per_open_window(n: u64, bsuid: bool) -> f64 {
+    let archive = Arc::new(Archive::open(None).unwrap());
+    let (state, _accounts) = State::new(
+        &[AccountSettings::sandbox("106540352242922")],
+        Arc::new(Metrics::new()),
+        archive.clone(),
+    );
+    let state = Arc::new(state);
+    state.start_archiving();
+    let account = state.account_by_pnid("106540352242922").unwrap();
     let before = LIVE.load(Ordering::Relaxed);
-    for i in 0..100_000u64 {
-        store.extend(
-            ConvKey::new((i % 3) as u16, &format!("1631{:07}", i)),
-            NOW,
-            NOW,
+    for i in 0..n {
+        let from = format!("1631{i:07}");
+        let body = contact_notification(&from, &format!("wamid.bench{i:012}"), bsuid);
+        for batch in payload::parse(&body).unwrap().batches {
+            for mut msg in batch.messages {
+                assert!(state.first_time(&msg.wamid, NOW));
+                state.identify(&account, &mut msg, NOW);
+                state.inbound(&account, &msg, NOW);
+            }
+        }
+    }
+    archive.sync_blocking().unwrap();
+    let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
+    assert_eq!(state.conversations(None).len() as u64, n);
+    archive.close();
+    bytes
+}
+
+fn open_windows(_: &mut Criterion) {
+    // Issue #9: 1,000,000 open windows in <= 150 MB of the whole process.
+    let n = 1_000_000;
+    for bsuid in [false, true] {
+        println!(
+            "state: {:.0} bytes per open window ({n} contacts{})",
+            bytes_per_open_window(n, bsuid),
+            if bsuid { ", each with a BSUID" } else { "" }
         );
     }
-    let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / 100_000.0;
-    println!(
-        "window store: {bytes:.1} bytes per entry (100,000 entries; key {} B + window {} B inline)",
-        std::mem::size_of::<ConvKey>(),
-        std::mem::size_of::<wa_router::state::Window>()
-    );
-    let keys: Vec<ConvKey> = (0..100_000u64)
-        .map(|i| ConvKey::new((i % 3) as u16, &format!("1631{:07}", i)))
-        .collect();
-    let mut i = 0usize;
-    c.bench_function("windows/lookup (100k entries)", |b| {
-        b.iter(|| {
-            i = (i + 7919) % keys.len();
-            black_box(store.is_open(&keys[i], NOW))
-        })
-    });
-    let mut j = 0u64;
-    c.bench_function("windows/refresh existing", |b| {
-        b.iter(|| {
-            j = (j + 7919) % 100_000;
-            black_box(store.extend(keys[j as usize].clone(), NOW + 1000, NOW + 1000))
-        })
-    });
-    let fresh = WindowStore::new();
-    let mut k = 0u64;
-    c.bench_function("windows/insert new", |b| {
-        b.iter(|| {
-            k += 1;
-            black_box(fresh.extend(ConvKey::new(0, &format!("44{k:010}")), NOW, NOW))
-        })
-    });
 }
 
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = webhook_path, rule_matching, windows
+    targets = open_windows, webhook_path, rule_matching
 }
 criterion_main!(benches);

@@ -9,11 +9,48 @@
 //! reach the one conversation, and a conversation kept under the BSUID
 //! until then is merged into the phone number's.
 
+use std::hash::BuildHasher;
+
+use dashmap::DashMap;
+
 use super::ops::StateOp;
-use super::table::Node;
+use super::table::{Node, phone_number};
 use super::{Account, State};
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
+
+/// The links BSUID → phone number, per account.
+///
+/// Most contacts come with both ids, so there is a link per contact: it is
+/// kept as a keyed 64-bit hash of (account, BSUID) → the phone as a number,
+/// 16 bytes and no heap string (two boxed strings in a map entry cost ~110
+/// bytes a contact, as much as the rest of an open window). A hash only
+/// names a candidate: a link counts when the phone's conversation carries
+/// that BSUID, checked on every lookup, so two BSUIDs sharing a hash (about
+/// 3 × 10⁻⁸ at a million links) never reach each other's conversation; the
+/// second of such a pair, and links to an id that is not a number, are kept
+/// whole in `exact`. A BSUID linked to a phone whose conversation later
+/// names another BSUID no longer resolves there (Meta gives a contact a new
+/// BSUID only with a new phone number).
+#[derive(Default)]
+pub(super) struct Links {
+    hashed: DashMap<u64, u64, foldhash::fast::RandomState>,
+    exact: DashMap<(u16, Box<str>), Box<str>>,
+    keys: std::hash::RandomState,
+    /// Tests: every BSUID gets one hash.
+    #[cfg(test)]
+    collide: std::sync::atomic::AtomicBool,
+}
+
+impl Links {
+    fn key(&self, account: u16, user_id: &str) -> u64 {
+        #[cfg(test)]
+        if self.collide.load(std::sync::atomic::Ordering::Relaxed) {
+            return 42;
+        }
+        self.keys.hash_one((account, user_id))
+    }
+}
 
 /// Whether `id` is a BSUID: a two-letter country code, a dot and up to 128
 /// letters, digits (and, for parent ids, `ENT.`) — never a phone number.
@@ -34,11 +71,75 @@ impl State {
     /// number a BSUID was linked to, or `contact` itself.
     pub fn resolve_contact(&self, account: u16, contact: &str) -> String {
         if is_bsuid(contact)
-            && let Some(phone) = self.aliases.get(&(account, contact.into()))
+            && let Some(phone) = self.linked_phone(account, contact)
         {
-            return phone.to_string();
+            return phone;
         }
         contact.to_string()
+    }
+
+    /// The phone number BSUID `user_id` is linked to.
+    pub(super) fn linked_phone(&self, account: u16, user_id: &str) -> Option<String> {
+        let links = &self.aliases;
+        if !links.exact.is_empty()
+            && let Some(phone) = links.exact.get(&(account, user_id.into()))
+        {
+            return Some(phone.to_string());
+        }
+        // Copied out: no guard of the links is held while the
+        // conversations' lock is taken.
+        let phone = links
+            .hashed
+            .get(&links.key(account, user_id))
+            .map(|p| *p)?
+            .to_string();
+        let names_it = self
+            .conversations
+            .with(account, &phone, |n| n.user_id() == Some(user_id));
+        names_it.unwrap_or(false).then_some(phone)
+    }
+
+    /// Whether `user_id` is linked to `wa_id` already (cheap: no check of
+    /// the conversation, it is a phone's own BSUID being confirmed).
+    fn is_linked(&self, account: u16, user_id: &str, wa_id: &str) -> bool {
+        let links = &self.aliases;
+        match phone_number(wa_id) {
+            Some(n) if links.exact.is_empty() => links
+                .hashed
+                .get(&links.key(account, user_id))
+                .is_some_and(|p| *p == n),
+            _ => self.linked_phone(account, user_id).as_deref() == Some(wa_id),
+        }
+    }
+
+    /// Keep the link `user_id` → `wa_id` (live and on replay).
+    pub(super) fn put_link(&self, account: u16, user_id: &str, wa_id: &str) {
+        let links = &self.aliases;
+        let exact_key = (account, Box::<str>::from(user_id));
+        let Some(n) = phone_number(wa_id) else {
+            links.exact.insert(exact_key, wa_id.into());
+            return;
+        };
+        let key = links.key(account, user_id);
+        let taken = links.hashed.get(&key).map(|p| *p).filter(|p| *p != n);
+        // Another phone holds the hash: the same BSUID moved to a new
+        // number (that phone's conversation names it), or another BSUID
+        // with the same hash (it names that one).
+        let other_bsuid = taken.is_some_and(|p| {
+            self.conversations
+                .with(account, &p.to_string(), |c| {
+                    c.user_id().is_some_and(|u| u != user_id)
+                })
+                .unwrap_or(false)
+        });
+        if other_bsuid {
+            links.exact.insert(exact_key, wa_id.into());
+        } else {
+            links.hashed.insert(key, n);
+            if !links.exact.is_empty() {
+                links.exact.remove(&exact_key);
+            }
+        }
     }
 
     /// Before an inbound message is applied: link its BSUID to its phone
@@ -60,11 +161,10 @@ impl State {
 
     /// BSUID `user_id` is the contact with phone number `wa_id`.
     pub fn link(&self, account: &Account, user_id: &str, wa_id: &str, now: Millis) {
-        let key = (account.id, Box::<str>::from(user_id));
-        if self.aliases.get(&key).is_some_and(|p| &**p == wa_id) {
+        if self.is_linked(account.id, user_id, wa_id) {
             return;
         }
-        self.aliases.insert(key, wa_id.into());
+        self.put_link(account.id, user_id, wa_id);
         self.log(|| StateOp::Link {
             account: account.name().to_string(),
             user_id: user_id.to_string(),
@@ -125,20 +225,46 @@ impl State {
         });
     }
 
-    /// Links to conversations that were forgotten go with them.
-    pub(super) fn unlink_forgotten(&self, gone: &std::collections::HashSet<(u16, &str)>) {
-        if !self.aliases.is_empty() {
-            self.aliases
-                .retain(|(account, _), phone| !gone.contains(&(*account, &**phone)));
+    /// Forget a conversation and the link to it.
+    pub(super) fn forget_conversation(&self, account: u16, contact: &str) {
+        let user_id = self
+            .conversations
+            .with(account, contact, |n| n.user_id().map(str::to_string))
+            .flatten();
+        self.conversations.remove(account, contact);
+        let links = &self.aliases;
+        if let (Some(u), Some(n)) = (user_id, phone_number(contact)) {
+            links
+                .hashed
+                .remove_if(&links.key(account, &u), |_, p| *p == n);
+        }
+        if !links.exact.is_empty() {
+            links
+                .exact
+                .retain(|(a, _), phone| !(*a == account && &**phone == contact));
         }
     }
 
-    /// Every link, for a snapshot.
+    /// Every link, for a snapshot: those a conversation confirms, and the
+    /// exact ones.
     pub(super) fn links(&self) -> Vec<(u16, String, String)> {
-        self.aliases
-            .iter()
-            .map(|e| (e.key().0, e.key().1.to_string(), e.value().to_string()))
-            .collect()
+        let links = &self.aliases;
+        let mut all = Vec::new();
+        self.conversations.for_each(|n| {
+            if let (Some(u), Some(phone)) = (n.user_id(), n.phone()) {
+                let key = links.key(n.account, u);
+                if links.hashed.get(&key).is_some_and(|p| *p == phone) {
+                    all.push((n.account, u.to_string(), phone.to_string()));
+                }
+            }
+        });
+        all.extend(
+            links
+                .exact
+                .iter()
+                .map(|e| (e.key().0, e.key().1.to_string(), e.value().to_string())),
+        );
+        all
     }
 }
 
@@ -243,6 +369,52 @@ mod tests {
             1
         );
         assert_eq!(s.resolve_contact(a.id, BSUID), BSUID);
+    }
+
+    /// Two BSUIDs with one hash (forced: every BSUID hashes alike here)
+    /// both reach their own conversation, across a snapshot.
+    #[test]
+    fn bsuids_sharing_a_hash_keep_apart() {
+        let s = State::for_test();
+        s.aliases
+            .collide
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let a = s.account_by_name("main").unwrap();
+        let (other, other_phone) = ("US.99", "4915112345678");
+        arrive(&s, &a, from("w1", Some(PHONE), 1000), 1000);
+        let msg = InboundMessage {
+            user_id: Some(other.into()),
+            ..InboundMessage::test_text("w2", other_phone, "hi", 2000)
+        };
+        arrive(&s, &a, msg, 2000);
+        assert_eq!(s.resolve_contact(a.id, BSUID), PHONE);
+        assert_eq!(s.resolve_contact(a.id, other), other_phone);
+        assert_eq!(s.aliases.exact.len(), 1, "the second is kept whole");
+        let mut links = s.links();
+        links.sort();
+        let expected = [
+            (a.id, BSUID.to_string(), PHONE.to_string()),
+            (a.id, other.to_string(), other_phone.to_string()),
+        ];
+        assert_eq!(links, expected);
+        // Forgetting one conversation takes its link only.
+        s.forget_conversation(a.id, other_phone);
+        assert_eq!(s.resolve_contact(a.id, other), other);
+        assert_eq!(s.resolve_contact(a.id, BSUID), PHONE);
+    }
+
+    #[test]
+    fn a_link_counts_while_the_phone_names_the_bsuid() {
+        let s = State::for_test();
+        let a = s.account_by_name("main").unwrap();
+        arrive(&s, &a, from("w1", Some(PHONE), 1000), 1000);
+        assert_eq!(s.resolve_contact(a.id, BSUID), PHONE);
+        s.conversations
+            .with_mut(a.id, PHONE, |n| n.set_user_id(Some("US.7")));
+        assert_eq!(s.resolve_contact(a.id, BSUID), BSUID);
+        // A text contact id is linked whole.
+        s.link(&a, "US.8", "wa-text-id", 2000);
+        assert_eq!(s.resolve_contact(a.id, "US.8"), "wa-text-id");
     }
 
     #[test]

@@ -424,10 +424,7 @@ impl State {
         // What is left under a BSUID linked to a phone number since (its
         // history until archived) is shown with the phone number's.
         found.retain(|(account, contact, _)| {
-            !(super::contacts::is_bsuid(contact)
-                && self
-                    .aliases
-                    .contains_key(&(*account, contact.as_str().into())))
+            !(super::contacts::is_bsuid(contact) && self.linked_phone(*account, contact).is_some())
         });
         found
             .into_iter()

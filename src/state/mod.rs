@@ -46,7 +46,7 @@ use dedupe::Dedupe;
 use idempotency::Idempotent;
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotencyOutcome, fingerprint};
 use ops::{InboundWire, StateOp};
-pub use window::{ConvKey, WINDOW_MS, Window, WindowStore};
+pub use window::{WINDOW_MS, Window};
 
 const DEDUPE_TTL_MS: Millis = 7 * 24 * 3600 * 1000;
 const DEDUPE_CAPACITY: usize = 1_000_000;
@@ -67,7 +67,7 @@ pub struct State {
     /// Where history and settled records go (crate::archive).
     archive: Arc<Archive>,
     /// BSUID → phone number, per account (`contacts`).
-    aliases: DashMap<(u16, Box<str>), Box<str>>,
+    aliases: contacts::Links,
     /// Template states and categories Meta reported, by (name, language).
     templates: DashMap<(Box<str>, Box<str>), templates::TemplateInfo>,
 }
@@ -93,7 +93,7 @@ impl State {
             journal: std::sync::OnceLock::new(),
             pending: DashMap::new(),
             archive,
-            aliases: DashMap::new(),
+            aliases: contacts::Links::default(),
             templates: DashMap::new(),
         };
         // The configuration holds at most MAX_ACCOUNTS (checked on load).

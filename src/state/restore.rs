@@ -206,15 +206,13 @@ impl State {
                 wa_id,
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
-                    self.aliases
-                        .insert((a.id, user_id.as_str().into()), wa_id.as_str().into());
+                    self.put_link(a.id, &user_id, &wa_id);
                     self.merge(a.id, &user_id, &wa_id, 0);
                 }
             }
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
-                    self.conversations.remove(a.id, &contact);
-                    self.unlink_forgotten(&[(a.id, contact.as_str())].into());
+                    self.forget_conversation(a.id, &contact);
                 }
             }
         }
@@ -338,14 +336,11 @@ impl State {
             }
         });
         for (account, contact) in &old_convs {
-            self.conversations.remove(*account, contact);
+            self.forget_conversation(*account, contact);
             self.log(|| StateOp::Forget {
                 account: self.account_name(*account),
                 contact: contact.clone(),
             });
-        }
-        if !old_convs.is_empty() {
-            self.unlink_forgotten(&old_convs.iter().map(|(a, c)| (*a, c.as_str())).collect());
         }
         old_convs.len()
     }

@@ -48,6 +48,14 @@ impl<'a> Key<'a> {
     }
 }
 
+/// `contact` as a number, when it is a phone number as the table keeps one.
+pub fn phone_number(contact: &str) -> Option<u64> {
+    match Key::of(contact) {
+        Key::Digits(n) => Some(n),
+        Key::Text(_) => None,
+    }
+}
+
 /// The rarely used part of a conversation (see the module docs).
 #[derive(Debug, Default, Clone)]
 pub struct Extra {
@@ -124,6 +132,14 @@ impl Node {
         ) {
             (0, Some(s)) => Key::Text(s),
             (n, _) => Key::Digits(n),
+        }
+    }
+
+    /// The contact as a number, when it is one (a phone number).
+    pub fn phone(&self) -> Option<u64> {
+        match self.key() {
+            Key::Digits(n) => Some(n),
+            Key::Text(_) => None,
         }
     }
 
