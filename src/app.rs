@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use actix_web::dev::Service as _;
 use actix_web::{App as ActixApp, HttpResponse, HttpServer, web};
 use tokio::sync::watch;
 
@@ -268,7 +269,13 @@ impl App {
             .map_or(2, |n| n.get())
             .clamp(1, 8);
         let server = HttpServer::new(move || {
+            // Runs on each HTTP worker's thread.
+            crate::memory::collect_on_this_thread();
             ActixApp::new()
+                .wrap_fn(|req, srv| {
+                    crate::memory::busy();
+                    srv.call(req)
+                })
                 .app_data(webhook.clone())
                 .app_data(api.clone())
                 .app_data(ops_data.clone())
@@ -635,6 +642,9 @@ fn spawn_maintenance(
                 _ = stop.changed() => break,
             }
             ticks += 1;
+            // What grew with a spike gives its room back once it is gone.
+            shared.outbox.shrink_if_sparse();
+            shared.state.shrink_if_sparse();
             if ticks.is_multiple_of(12) {
                 let now = crate::domain::now_ms();
                 let records = shared.outbox.prune(now, shared.settings.retention);

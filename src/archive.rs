@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -39,6 +39,8 @@ const BATCH: usize = 8192;
 pub const API_MAX_BACKLOG_ROWS: u64 = 32_768;
 /// How long the writer gathers rows before it commits them.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long the writer waits idle before it gives its page cache back.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An outbound record as the archive keeps it.
 #[derive(Debug, Clone)]
@@ -100,7 +102,7 @@ enum Cmd {
 
 /// The archive (see the module documentation).
 pub struct Archive {
-    read: Mutex<Connection>,
+    read: Arc<Mutex<Connection>>,
     tx: Mutex<Option<Sender<Cmd>>>,
     hooks: Arc<Hooks>,
     /// Rows handed over and not yet committed.
@@ -177,20 +179,21 @@ impl Archive {
         let durable = temp.is_none();
         let write = open_conn(&path, durable).map_err(err)?;
         write.execute_batch(SCHEMA).map_err(err)?;
-        let read = open_conn(&path, durable).map_err(err)?;
+        let read = Arc::new(Mutex::new(open_conn(&path, durable).map_err(err)?));
         let (tx, rx) = channel();
         let hooks = Arc::new(Hooks::default());
         let backlog = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicBool::new(false));
         let writer = {
             let (hooks, backlog, failed) = (hooks.clone(), backlog.clone(), failed.clone());
+            let read = read.clone();
             std::thread::Builder::new()
                 .name("archive".into())
-                .spawn(move || write_loop(write, rx, &hooks, &backlog, &failed, durable))
+                .spawn(move || write_loop(write, &read, rx, &hooks, &backlog, &failed, durable))
                 .map_err(|e| e.to_string())?
         };
         Ok(Archive {
-            read: Mutex::new(read),
+            read,
             tx: Mutex::new(Some(tx)),
             hooks,
             backlog,
@@ -443,13 +446,34 @@ impl Drop for Archive {
 /// journal still has them) and fails `sync`, so no snapshot drops them.
 fn write_loop(
     mut conn: Connection,
+    read: &Mutex<Connection>,
     rx: Receiver<Cmd>,
     hooks: &Hooks,
     backlog: &AtomicU64,
     failed: &AtomicBool,
     durable: bool,
 ) {
-    while let Ok(first) = rx.recv() {
+    let mut cached = false;
+    loop {
+        // Idle for a second after writing: give the page cache back (up to
+        // 16 MiB each for this connection and the reader's); a later batch
+        // reads the pages it needs again.
+        let first = match rx.recv_timeout(IDLE) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => {
+                crate::memory::collect_if_due();
+                if std::mem::take(&mut cached) {
+                    let _ = conn.release_memory();
+                    if let Some(r) = read.try_lock() {
+                        let _ = r.release_memory();
+                    }
+                    crate::memory::trim_system_heap();
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        cached = true;
         // Gather for up to GATHER (or BATCH rows, or until someone waits
         // for a sync): a commit rewrites every page it touched, so few
         // large transactions cost the writer far less than many small ones.

@@ -199,6 +199,7 @@ fn serve(config: Option<&Path>, overrides: Overrides, format: LogFormat) -> Exit
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(crate::memory::collect_if_due)
         .build()
     {
         Ok(r) => r,

@@ -16,6 +16,7 @@ pub mod events;
 pub mod ids;
 pub mod inbound;
 pub mod journal;
+pub mod memory;
 pub mod message;
 pub mod ops;
 pub mod outbound;

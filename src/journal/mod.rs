@@ -652,7 +652,13 @@ impl Writer {
                         next = rx.try_recv().ok();
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Quiet: the buffer a spike grew (up to 8 MiB) goes.
+                    if buf.is_empty() && buf.capacity() > 1 << 20 {
+                        buf = Vec::with_capacity(1 << 20);
+                    }
+                    crate::memory::collect_if_due();
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     self.flush(&mut buf, true);
                     return;

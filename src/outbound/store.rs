@@ -970,6 +970,15 @@ impl Outbox {
         }
     }
 
+    /// Give back the room the maps grew to during a spike, once the
+    /// records of that spike went to the archive (an entry is ~480
+    /// bytes: a spike of 30,000 records in memory left ~30 MB of room).
+    pub fn shrink_if_sparse(&self) {
+        crate::memory::shrink_if_sparse(&self.records);
+        crate::memory::shrink_if_sparse(&self.by_wamid);
+        crate::memory::shrink_if_sparse(&self.orphans);
+    }
+
     /// Drop records past `retention` that have left the queue (SPEC §9
     /// bounded growth). Returns how many.
     pub fn prune(&self, now: Millis, retention: std::time::Duration) -> usize {

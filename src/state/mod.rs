@@ -166,6 +166,12 @@ impl State {
         });
     }
 
+    /// Give back the room the maps of work in flight grew to in a spike.
+    pub fn shrink_if_sparse(&self) {
+        crate::memory::shrink_if_sparse(&self.pending);
+        crate::memory::shrink_if_sparse(&self.idempotency);
+    }
+
     /// The rules of `wamid` ran.
     pub fn mark_done(&self, wamid: &str) {
         if self.pending.remove(wamid).is_some() {

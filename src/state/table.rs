@@ -1,9 +1,10 @@
 //! The conversations, kept compact: a million open windows are a million
 //! entries, so an entry is what every conversation needs and no more.
 //!
-//! Each conversation is one 64-byte [`Node`] behind one pointer in a
-//! sharded hash table (a bucket is 8 bytes; a `DashMap<key, Box<value>>`
-//! bucket was 32, and a table is half empty right after it grows). A
+//! Each conversation is one 64-byte [`Node`] in its shard's vector of
+//! nodes, found through a hash table of 4-byte positions (a
+//! `DashMap<key, Box<value>>` bucket was 32 bytes, and a table is half
+//! empty right after it grows). A
 //! phone-number contact is kept as a number, a profile name of up to 24
 //! bytes inline; the fields few conversations use (rule state, vars,
 //! handoff, consent, a text contact id, a window Meta closed early, history
@@ -349,16 +350,52 @@ impl Node {
     }
 }
 
-/// Conversations by (account, contact): a sharded table of boxed nodes.
+/// One shard: the nodes side by side in one vector (a removed node's slot
+/// is reused), found through a hash table of their 4-byte positions.
+///
+/// Not a box per node: a million nodes allocated one by one during a load
+/// share the allocator's pages with the load's short-lived allocations of
+/// the same size, and those pages stay after the load, part used; in one
+/// vector the nodes take exactly their size, and the load's pages are
+/// wholly free again once it is over.
+#[derive(Default)]
+struct Shard {
+    index: HashTable<u32>,
+    nodes: Vec<Option<Node>>,
+    vacant: Vec<u32>,
+}
+
+impl Shard {
+    fn find(&self, hash: u64, account: u16, key: Key<'_>) -> Option<usize> {
+        let nodes = &self.nodes;
+        self.index
+            .find(hash, |&i| {
+                nodes[i as usize]
+                    .as_ref()
+                    .is_some_and(|n| n.account == account && n.key() == key)
+            })
+            .map(|&i| i as usize)
+    }
+
+    fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("indexed nodes exist")
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut Node {
+        self.nodes[i].as_mut().expect("indexed nodes exist")
+    }
+}
+
+/// Conversations by (account, contact): a sharded table of nodes.
 pub struct ConvTable {
-    shards: Box<[RwLock<HashTable<Box<Node>>>]>,
+    shards: Box<[RwLock<Shard>]>,
     hasher: RandomState,
 }
 
 impl Default for ConvTable {
     fn default() -> Self {
         ConvTable {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: RandomState::default(),
         }
     }
@@ -374,7 +411,7 @@ impl ConvTable {
 
     /// The shard of a hash: bits below the 7 the table's control bytes use
     /// and far above the ones that pick a bucket.
-    fn shard(&self, hash: u64) -> &RwLock<HashTable<Box<Node>>> {
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
         &self.shards[(hash >> 51) as usize % SHARDS]
     }
 
@@ -383,9 +420,8 @@ impl ConvTable {
         let key = Key::of(contact);
         let hash = self.hash(account, key);
         let shard = self.shard(hash).read();
-        shard
-            .find(hash, |n| n.account == account && n.key() == key)
-            .map(|n| f(n))
+        let i = shard.find(hash, account, key)?;
+        Some(f(shard.node(i)))
     }
 
     /// Change one conversation, if it exists.
@@ -398,42 +434,68 @@ impl ConvTable {
         let key = Key::of(contact);
         let hash = self.hash(account, key);
         let mut shard = self.shard(hash).write();
-        shard
-            .find_mut(hash, |n| n.account == account && n.key() == key)
-            .map(|n| f(n))
+        let i = shard.find(hash, account, key)?;
+        Some(f(shard.node_mut(i)))
     }
 
     /// Change one conversation, made empty first if it does not exist.
     pub fn upsert<R>(&self, account: u16, contact: &str, f: impl FnOnce(&mut Node) -> R) -> R {
         let key = Key::of(contact);
         let hash = self.hash(account, key);
-        let mut shard = self.shard(hash).write();
-        if let Some(n) = shard.find_mut(hash, |n| n.account == account && n.key() == key) {
-            return f(n);
+        let mut guard = self.shard(hash).write();
+        if let Some(i) = guard.find(hash, account, key) {
+            return f(guard.node_mut(i));
         }
-        let node = Box::new(Node::new(account, key));
-        let mut entry = shard.insert_unique(hash, node, |n| self.hash(n.account, n.key()));
-        f(entry.get_mut())
+        let shard = &mut *guard;
+        let node = Some(Node::new(account, key));
+        let i = match shard.vacant.pop() {
+            Some(i) => {
+                shard.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                shard.nodes.push(node);
+                // A shard holds far fewer than 2^32 nodes (memory ends first).
+                (shard.nodes.len() - 1) as u32
+            }
+        };
+        let nodes = &shard.nodes;
+        shard.index.insert_unique(hash, i, |&j| {
+            let n = nodes[j as usize].as_ref().expect("indexed nodes exist");
+            self.hash(n.account, n.key())
+        });
+        f(shard.node_mut(i as usize))
     }
 
     /// Forget one conversation.
     pub fn remove(&self, account: u16, contact: &str) -> bool {
         let key = Key::of(contact);
         let hash = self.hash(account, key);
-        let mut shard = self.shard(hash).write();
-        match shard.find_entry(hash, |n| n.account == account && n.key() == key) {
-            Ok(e) => {
-                e.remove();
-                true
-            }
-            Err(_) => false,
+        let mut guard = self.shard(hash).write();
+        let shard = &mut *guard;
+        let nodes = &shard.nodes;
+        let found = shard.index.find_entry(hash, |&i| {
+            nodes[i as usize]
+                .as_ref()
+                .is_some_and(|n| n.account == account && n.key() == key)
+        });
+        let Ok(entry) = found else {
+            return false;
+        };
+        let (i, _) = entry.remove();
+        shard.nodes[i as usize] = None;
+        if i as usize == shard.nodes.len() - 1 {
+            shard.nodes.pop();
+        } else {
+            shard.vacant.push(i);
         }
+        true
     }
 
     /// Every conversation, a shard at a time (each under its read lock).
     pub fn for_each(&self, mut f: impl FnMut(&Node)) {
         for shard in self.shards.iter() {
-            for n in shard.read().iter() {
+            for n in shard.read().nodes.iter().flatten() {
                 f(n);
             }
         }
@@ -442,14 +504,14 @@ impl ConvTable {
     /// Change every conversation, a shard at a time.
     pub fn for_each_mut(&self, mut f: impl FnMut(&mut Node)) {
         for shard in self.shards.iter() {
-            for n in shard.write().iter_mut() {
+            for n in shard.write().nodes.iter_mut().flatten() {
                 f(n);
             }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
+        self.shards.iter().map(|s| s.read().index.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -502,8 +564,35 @@ mod tests {
     }
 
     #[test]
-    fn a_node_is_64_bytes() {
+    fn a_node_is_64_bytes_in_its_slot_too() {
         assert_eq!(std::mem::size_of::<Node>(), 64);
+        assert_eq!(std::mem::size_of::<Option<Node>>(), 64);
+    }
+
+    #[test]
+    fn removed_slots_are_reused() {
+        let t = ConvTable::default();
+        let slots = |t: &ConvTable| t.shards.iter().map(|s| s.read().nodes.len()).sum::<usize>();
+        for i in 1..=1000 {
+            t.upsert(1, &i.to_string(), |n| n.last_activity = i);
+        }
+        let full = slots(&t);
+        for i in (3..=1000).step_by(3) {
+            assert!(t.remove(1, &i.to_string()));
+        }
+        assert_eq!(t.len(), 667);
+        for i in (3..=1000).step_by(3) {
+            assert_eq!(t.with(1, &i.to_string(), |_| ()), None);
+            t.upsert(1, &i.to_string(), |n| n.last_activity = -i);
+        }
+        assert_eq!(slots(&t), full, "the same contacts took the vacant slots");
+        for i in 1..=1000 {
+            let kept = t.with(1, &i.to_string(), |n| n.last_activity);
+            assert_eq!(kept, Some(if i % 3 == 0 { -i } else { i }));
+        }
+        let mut seen = 0;
+        t.for_each(|_| seen += 1);
+        assert_eq!(seen, 1000);
     }
 
     #[test]
