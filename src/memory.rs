@@ -4,10 +4,9 @@
 //!
 //! mimalloc (the binary's allocator) keeps free pages per thread; a thread
 //! that goes quiet after a spike returns them only when it allocates again
-//! or collects. So every thread of the router collects now and then: the
-//! runtime's workers when they park, the HTTP workers on a timer — once a
-//! second when the router has been idle for a second, once every ten
-//! seconds while it is busy.
+//! or collects. So every thread of the router collects once the router has
+//! been idle (no request) for a second: the runtime's workers when they
+//! park, the HTTP workers on a timer, the writer threads when they wait.
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hash};
@@ -38,29 +37,20 @@ pub fn busy() {
     }
 }
 
-/// Give this thread's free pages back to the system, if it is time: see
-/// the module documentation. Cheap when it is not.
+/// Give this thread's free pages back to the system once the router has
+/// been idle for a second: once per quiet spell and thread (see the module
+/// documentation). Cheap when it is not time. Never under load: a forced
+/// collection also decommits the free pages the load would fault in again.
 pub fn collect_if_due() {
-    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
-    let now = Instant::now();
-    let idle = now_ms().saturating_sub(LAST_BUSY.load(Ordering::Relaxed)) >= 1000;
-    let every = if idle {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(10)
-    };
-    let due = LAST.with(|last| {
-        let due = last.get().is_none_or(|t| now.duration_since(t) >= every);
-        if due {
-            last.set(Some(now));
-        }
-        due
-    });
-    if due {
-        // SAFETY: mi_collect only frees this thread's unused pages; it is
-        // harmless (and does nothing) where mimalloc is not the allocator.
-        unsafe { libmimalloc_sys::mi_collect(true) };
+    thread_local!(static DONE_AFTER: Cell<u64> = const { Cell::new(u64::MAX) });
+    let busy = LAST_BUSY.load(Ordering::Relaxed);
+    if now_ms().saturating_sub(busy) < 1000 || DONE_AFTER.get() == busy {
+        return;
     }
+    DONE_AFTER.set(busy);
+    // SAFETY: mi_collect only frees this thread's unused pages; it is
+    // harmless (and does nothing) where mimalloc is not the allocator.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 /// Give the C allocator's free memory back to the system: SQLite (the
