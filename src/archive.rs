@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -39,6 +39,8 @@ const BATCH: usize = 8192;
 pub const API_MAX_BACKLOG_ROWS: u64 = 32_768;
 /// How long the writer gathers rows before it commits them.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long the writer sleeps between looks at its queue while gathering.
+const NAP: std::time::Duration = std::time::Duration::from_millis(2);
 /// How long the writer waits idle before it gives its page cache back.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -482,13 +484,22 @@ fn write_loop(
         let mut waiting = urgent(&first);
         let mut batch = vec![first];
         while batch.len() < BATCH && !waiting {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
+            match rx.try_recv() {
                 Ok(c) => {
                     waiting = urgent(&c);
                     batch.push(c);
                 }
-                Err(_) => break,
+                Err(TryRecvError::Empty) => {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    // Nap rather than block in `recv`: a receiver blocked
+                    // there is woken by every row sent, a system call on
+                    // both sides (perf: 6 % of the router's CPU under load).
+                    std::thread::sleep(left.min(NAP));
+                }
+                Err(TryRecvError::Disconnected) => break,
             }
         }
         let rows = batch
