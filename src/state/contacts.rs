@@ -12,29 +12,39 @@
 use std::hash::BuildHasher;
 
 use dashmap::DashMap;
+use hashbrown::HashTable;
+use parking_lot::RwLock;
 
 use super::ops::StateOp;
-use super::table::{Node, phone_number};
+use super::table::Node;
 use super::{Account, State};
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
 
-/// The links BSUID → phone number, per account.
+/// Shards of the links (independent locks).
+const LINK_SHARDS: usize = 16;
+
+/// One shard of the links: (key, node position) entries.
+type LinkShard = RwLock<HashTable<(u32, u32)>>;
+
+/// The links BSUID → the conversation it belongs to, per account.
 ///
 /// Most contacts come with both ids, so there is a link per contact: it is
-/// kept as a keyed 64-bit hash of (account, BSUID) → the phone as a number,
-/// 16 bytes and no heap string (two boxed strings in a map entry cost ~110
-/// bytes a contact, as much as the rest of an open window). A hash only
-/// names a candidate: a link counts when the phone's conversation carries
-/// that BSUID, checked on every lookup, so two BSUIDs sharing a hash (about
-/// 3 × 10⁻⁸ at a million links) never reach each other's conversation; the
-/// second of such a pair, and links to an id that is not a number, are kept
-/// whole in `exact`. A BSUID linked to a phone whose conversation later
-/// names another BSUID no longer resolves there (Meta gives a contact a new
-/// BSUID only with a new phone number).
-#[derive(Default)]
+/// kept as 8 bytes, a keyed 32-bit hash of (account, BSUID) and the
+/// position of the conversation's node in its table (two boxed strings in
+/// a map entry cost ~110 bytes a contact, as much as the rest of an open
+/// window; a 64-bit hash → the phone number, 16). An entry only names a
+/// candidate: a link counts when the node at that position is of the
+/// account and carries that BSUID, checked on every lookup, so BSUIDs
+/// sharing a hash never reach each other's conversation and an entry left
+/// behind by a node that changed or went answers nothing. A BSUID linked
+/// to a phone whose conversation later names another BSUID no longer
+/// resolves there (Meta gives a contact a new BSUID only with a new phone
+/// number).
 pub(super) struct Links {
-    hashed: DashMap<u64, u64, foldhash::fast::RandomState>,
+    shards: Box<[LinkShard]>,
+    /// Links to a node past the positions a table can name (2^26 nodes
+    /// in one shard: not reached in practice), kept whole.
     exact: DashMap<(u16, Box<str>), Box<str>>,
     keys: std::hash::RandomState,
     /// Tests: every BSUID gets one hash.
@@ -42,13 +52,56 @@ pub(super) struct Links {
     collide: std::sync::atomic::AtomicBool,
 }
 
+impl Default for Links {
+    fn default() -> Self {
+        Links {
+            shards: (0..LINK_SHARDS)
+                .map(|_| RwLock::new(HashTable::new()))
+                .collect(),
+            exact: DashMap::new(),
+            keys: Default::default(),
+            #[cfg(test)]
+            collide: Default::default(),
+        }
+    }
+}
+
 impl Links {
-    fn key(&self, account: u16, user_id: &str) -> u64 {
+    fn key(&self, account: u16, user_id: &str) -> u32 {
         #[cfg(test)]
         if self.collide.load(std::sync::atomic::Ordering::Relaxed) {
             return 42;
         }
-        self.keys.hash_one((account, user_id))
+        (self.keys.hash_one((account, user_id)) >> 32) as u32
+    }
+
+    /// The table's hash of a key: every bit of it mixed into every bit
+    /// (the table picks buckets by the low bits, shards by the high ones).
+    fn spread(key: u32) -> u64 {
+        let mut z = u64::from(key).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn shard(&self, key: u32) -> &LinkShard {
+        &self.shards[(key >> 28) as usize % LINK_SHARDS]
+    }
+
+    /// The link (key, position), if kept.
+    fn has(&self, key: u32, position: u32) -> bool {
+        self.shard(key)
+            .read()
+            .find(Self::spread(key), |&e| e == (key, position))
+            .is_some()
+    }
+
+    /// Drop the link (key, position), if kept.
+    fn drop_entry(&self, key: u32, position: u32) {
+        let mut shard = self.shard(key).write();
+        if let Ok(e) = shard.find_entry(Self::spread(key), |&e| e == (key, position)) {
+            e.remove();
+        }
     }
 }
 
@@ -78,7 +131,7 @@ impl State {
         contact.to_string()
     }
 
-    /// The phone number BSUID `user_id` is linked to.
+    /// The contact id (phone number) BSUID `user_id` is linked to.
     pub(super) fn linked_phone(&self, account: u16, user_id: &str) -> Option<String> {
         let links = &self.aliases;
         if !links.exact.is_empty()
@@ -86,59 +139,60 @@ impl State {
         {
             return Some(phone.to_string());
         }
-        // Copied out: no guard of the links is held while the
-        // conversations' lock is taken.
-        let phone = links
-            .hashed
-            .get(&links.key(account, user_id))
-            .map(|p| *p)?
-            .to_string();
-        let names_it = self
-            .conversations
-            .with(account, &phone, |n| n.user_id() == Some(user_id));
-        names_it.unwrap_or(false).then_some(phone)
+        let key = links.key(account, user_id);
+        // Lock order: a link shard, then a conversation shard (never the
+        // other way round).
+        let shard = links.shard(key).read();
+        shard
+            .iter_hash(Links::spread(key))
+            .filter(|(k, _)| *k == key)
+            .find_map(|&(_, position)| {
+                self.conversations
+                    .at(position, |n| {
+                        (n.account == account && n.user_id() == Some(user_id)).then(|| n.contact())
+                    })
+                    .flatten()
+            })
     }
 
-    /// Whether `user_id` is linked to `wa_id` already (cheap: no check of
-    /// the conversation, it is a phone's own BSUID being confirmed).
+    /// Whether `user_id` is linked to `wa_id` already.
     fn is_linked(&self, account: u16, user_id: &str, wa_id: &str) -> bool {
         let links = &self.aliases;
-        match phone_number(wa_id) {
-            Some(n) if links.exact.is_empty() => links
-                .hashed
-                .get(&links.key(account, user_id))
-                .is_some_and(|p| *p == n),
+        match self.conversations.position(account, wa_id) {
+            Some(p) if links.exact.is_empty() => links.has(links.key(account, user_id), p),
             _ => self.linked_phone(account, user_id).as_deref() == Some(wa_id),
         }
     }
 
-    /// Keep the link `user_id` → `wa_id` (live and on replay).
+    /// Keep the link `user_id` → `wa_id`, whose conversation exists and
+    /// carries `user_id` (live and on replay, after [`State::merge`]).
     pub(super) fn put_link(&self, account: u16, user_id: &str, wa_id: &str) {
         let links = &self.aliases;
         let exact_key = (account, Box::<str>::from(user_id));
-        let Some(n) = phone_number(wa_id) else {
+        let Some(position) = self.conversations.position(account, wa_id) else {
             links.exact.insert(exact_key, wa_id.into());
             return;
         };
         let key = links.key(account, user_id);
-        let taken = links.hashed.get(&key).map(|p| *p).filter(|p| *p != n);
-        // Another phone holds the hash: the same BSUID moved to a new
-        // number (that phone's conversation names it), or another BSUID
-        // with the same hash (it names that one).
-        let other_bsuid = taken.is_some_and(|p| {
+        let hash = Links::spread(key);
+        let names_it = |p: u32| {
             self.conversations
-                .with(account, &p.to_string(), |c| {
-                    c.user_id().is_some_and(|u| u != user_id)
-                })
+                .at(p, |n| n.account == account && n.user_id() == Some(user_id))
                 .unwrap_or(false)
-        });
-        if other_bsuid {
-            links.exact.insert(exact_key, wa_id.into());
-        } else {
-            links.hashed.insert(key, n);
-            if !links.exact.is_empty() {
-                links.exact.remove(&exact_key);
-            }
+        };
+        let mut shard = links.shard(key).write();
+        // The BSUID moved to another number: the old link goes (its
+        // conversation may still carry the BSUID).
+        while let Ok(e) = shard.find_entry(hash, |&(k, p)| k == key && p != position && names_it(p))
+        {
+            e.remove();
+        }
+        if shard.find(hash, |&e| e == (key, position)).is_none() {
+            shard.insert_unique(hash, (key, position), |&(k, _)| Links::spread(k));
+        }
+        drop(shard);
+        if !links.exact.is_empty() {
+            links.exact.remove(&exact_key);
         }
     }
 
@@ -164,13 +218,13 @@ impl State {
         if self.is_linked(account.id, user_id, wa_id) {
             return;
         }
-        self.put_link(account.id, user_id, wa_id);
         self.log(|| StateOp::Link {
             account: account.name().to_string(),
             user_id: user_id.to_string(),
             wa_id: wa_id.to_string(),
         });
         self.merge(account.id, user_id, wa_id, now);
+        self.put_link(account.id, user_id, wa_id);
     }
 
     /// Fold the conversation kept under `user_id` (if any) into `wa_id`'s.
@@ -231,12 +285,11 @@ impl State {
             .conversations
             .with(account, contact, |n| n.user_id().map(str::to_string))
             .flatten();
+        let position = self.conversations.position(account, contact);
         self.conversations.remove(account, contact);
         let links = &self.aliases;
-        if let (Some(u), Some(n)) = (user_id, phone_number(contact)) {
-            links
-                .hashed
-                .remove_if(&links.key(account, &u), |_, p| *p == n);
+        if let (Some(u), Some(p)) = (user_id, position) {
+            links.drop_entry(links.key(account, &u), p);
         }
         if !links.exact.is_empty() {
             links
@@ -245,21 +298,21 @@ impl State {
         }
     }
 
-    /// Every link, for a snapshot: those a conversation confirms, and the
-    /// exact ones.
+    /// Every link, for a snapshot: each conversation's BSUID that resolves
+    /// to it, and the exact ones.
     pub(super) fn links(&self) -> Vec<(u16, String, String)> {
-        let links = &self.aliases;
         let mut all = Vec::new();
+        // Collected first: no link shard is locked under a conversation's.
         self.conversations.for_each(|n| {
-            if let (Some(u), Some(phone)) = (n.user_id(), n.phone()) {
-                let key = links.key(n.account, u);
-                if links.hashed.get(&key).is_some_and(|p| *p == phone) {
-                    all.push((n.account, u.to_string(), phone.to_string()));
-                }
+            if let Some(u) = n.user_id() {
+                all.push((n.account, u.to_string(), n.contact()));
             }
         });
+        all.retain(|(a, u, contact)| {
+            u != contact && self.linked_phone(*a, u).as_ref() == Some(contact)
+        });
         all.extend(
-            links
+            self.aliases
                 .exact
                 .iter()
                 .map(|e| (e.key().0, e.key().1.to_string(), e.value().to_string())),
@@ -389,7 +442,9 @@ mod tests {
         arrive(&s, &a, msg, 2000);
         assert_eq!(s.resolve_contact(a.id, BSUID), PHONE);
         assert_eq!(s.resolve_contact(a.id, other), other_phone);
-        assert_eq!(s.aliases.exact.len(), 1, "the second is kept whole");
+        assert!(s.aliases.exact.is_empty());
+        let held: usize = s.aliases.shards.iter().map(|t| t.read().len()).sum();
+        assert_eq!(held, 2, "two entries, one hash");
         let mut links = s.links();
         links.sort();
         let expected = [
@@ -401,6 +456,20 @@ mod tests {
         s.forget_conversation(a.id, other_phone);
         assert_eq!(s.resolve_contact(a.id, other), other);
         assert_eq!(s.resolve_contact(a.id, BSUID), PHONE);
+    }
+
+    #[test]
+    fn a_bsuid_that_moves_to_another_number_follows_it() {
+        let s = State::for_test();
+        let a = s.account_by_name("main").unwrap();
+        let new_phone = "4915112345678";
+        arrive(&s, &a, from("w1", Some(PHONE), 1000), 1000);
+        arrive(&s, &a, from("w2", Some(new_phone), 2000), 2000);
+        assert_eq!(s.resolve_contact(a.id, BSUID), new_phone);
+        let held: usize = s.aliases.shards.iter().map(|t| t.read().len()).sum();
+        assert_eq!(held, 1, "the old link went");
+        let links = s.links();
+        assert_eq!(links, [(a.id, BSUID.to_string(), new_phone.to_string())]);
     }
 
     #[test]

@@ -206,8 +206,8 @@ impl State {
                 wa_id,
             } => {
                 if let Some(a) = self.restore_account(&account, sandbox) {
-                    self.put_link(a.id, &user_id, &wa_id);
                     self.merge(a.id, &user_id, &wa_id, 0);
+                    self.put_link(a.id, &user_id, &wa_id);
                 }
             }
             StateOp::Forget { account, contact } => {

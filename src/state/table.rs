@@ -26,6 +26,9 @@ use crate::domain::Millis;
 
 /// Shards of the table (independent locks).
 const SHARDS: usize = 64;
+/// Bits of a [`ConvTable::position`] that name the slot; the others (6)
+/// name the shard.
+const SLOT_BITS: u32 = 26;
 /// `Node::last_inbound` of a conversation that never had a window.
 const NO_WINDOW: Millis = Millis::MIN;
 
@@ -46,14 +49,6 @@ impl<'a> Key<'a> {
         } else {
             Key::Text(contact)
         }
-    }
-}
-
-/// `contact` as a number, when it is a phone number as the table keeps one.
-pub fn phone_number(contact: &str) -> Option<u64> {
-    match Key::of(contact) {
-        Key::Digits(n) => Some(n),
-        Key::Text(_) => None,
     }
 }
 
@@ -133,14 +128,6 @@ impl Node {
         ) {
             (0, Some(s)) => Key::Text(s),
             (n, _) => Key::Digits(n),
-        }
-    }
-
-    /// The contact as a number, when it is one (a phone number).
-    pub fn phone(&self) -> Option<u64> {
-        match self.key() {
-            Key::Digits(n) => Some(n),
-            Key::Text(_) => None,
         }
     }
 
@@ -490,6 +477,24 @@ impl ConvTable {
             shard.vacant.push(i);
         }
         true
+    }
+
+    /// Where a conversation's node is (its shard and slot), while it
+    /// exists: a removed node's slot may later hold another. `None` past
+    /// 2^26 nodes in one shard.
+    pub fn position(&self, account: u16, contact: &str) -> Option<u32> {
+        let key = Key::of(contact);
+        let hash = self.hash(account, key);
+        let s = (hash >> 51) as usize % SHARDS;
+        let i = self.shards[s].read().find(hash, account, key)?;
+        (i < 1 << SLOT_BITS).then_some(((s as u32) << SLOT_BITS) | i as u32)
+    }
+
+    /// Read the node at `position`, if one is there.
+    pub fn at<R>(&self, position: u32, f: impl FnOnce(&Node) -> R) -> Option<R> {
+        let shard = self.shards.get((position >> SLOT_BITS) as usize)?.read();
+        let slot = (position & ((1 << SLOT_BITS) - 1)) as usize;
+        shard.nodes.get(slot)?.as_ref().map(f)
     }
 
     /// Every conversation, a shard at a time (each under its read lock).
