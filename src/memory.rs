@@ -10,22 +10,15 @@
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use dashmap::DashMap;
 
-/// When a request last came, in ms since [`epoch`].
-static LAST_BUSY: AtomicU64 = AtomicU64::new(0);
+use crate::domain::{Millis, now_ms};
 
-fn epoch() -> Instant {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
-}
+/// When a request last came (unix ms).
+static LAST_BUSY: AtomicI64 = AtomicI64::new(0);
 
 /// A request arrived (webhook or API): the router is busy.
 pub fn busy() {
@@ -42,7 +35,7 @@ pub fn busy() {
 /// documentation). Cheap when it is not time. Never under load: a forced
 /// collection also decommits the free pages the load would fault in again.
 pub fn collect_if_due() {
-    thread_local!(static DONE_AFTER: Cell<u64> = const { Cell::new(u64::MAX) });
+    thread_local!(static DONE_AFTER: Cell<Millis> = const { Cell::new(Millis::MIN) });
     let busy = LAST_BUSY.load(Ordering::Relaxed);
     if now_ms().saturating_sub(busy) < 1000 || DONE_AFTER.get() == busy {
         return;

@@ -331,14 +331,7 @@ impl Cluster {
             let synced = hooks.sync().await;
             let token = self.owned.get(&lease).map(|e| e.value().token.clone());
             if let (true, Some(token)) = (synced, token) {
-                let mut conn = self.conn();
-                let _: Result<i64, _> = self
-                    .scripts
-                    .release
-                    .key(self.key(&["lease", &lease]))
-                    .arg(token)
-                    .invoke_async(&mut conn)
-                    .await;
+                self.give_back(&mut self.conn(), &lease, token).await;
                 self.owned.remove(&lease);
                 tracing::info!(%lease, "lease handed over");
             } else if let Some(mut held) = self.owned.get_mut(&lease) {
@@ -399,14 +392,20 @@ impl Cluster {
             .collect();
         self.owned.clear();
         for (name, token) in held {
-            let _: Result<i64, _> = self
-                .scripts
-                .release
-                .key(self.key(&["lease", &name]))
-                .arg(token)
-                .invoke_async(&mut conn)
-                .await;
+            self.give_back(&mut conn, &name, token).await;
         }
+    }
+
+    /// Give lease `name` back if `token` still holds it. Best effort: with
+    /// Redis away, the lease runs out by its time to live.
+    async fn give_back(&self, conn: &mut redis::aio::ConnectionManager, name: &str, token: String) {
+        let _: Result<i64, _> = self
+            .scripts
+            .release
+            .key(self.key(&["lease", name]))
+            .arg(token)
+            .invoke_async(conn)
+            .await;
     }
 
     /// Read the inbound streams of the accounts held, in order, from their

@@ -47,6 +47,7 @@ pub(super) struct Links {
     /// in one shard: not reached in practice), kept whole.
     exact: DashMap<(u16, Box<str>), Box<str>>,
     keys: std::hash::RandomState,
+    spread: foldhash::fast::RandomState,
     /// Tests: every BSUID gets one hash.
     #[cfg(test)]
     collide: std::sync::atomic::AtomicBool,
@@ -60,6 +61,7 @@ impl Default for Links {
                 .collect(),
             exact: DashMap::new(),
             keys: Default::default(),
+            spread: Default::default(),
             #[cfg(test)]
             collide: Default::default(),
         }
@@ -75,13 +77,10 @@ impl Links {
         (self.keys.hash_one((account, user_id)) >> 32) as u32
     }
 
-    /// The table's hash of a key: every bit of it mixed into every bit
-    /// (the table picks buckets by the low bits, shards by the high ones).
-    fn spread(key: u32) -> u64 {
-        let mut z = u64::from(key).wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    /// The table's hash of a key (the table picks buckets by its low
+    /// bits, [`Links::shard`] by the key's high ones).
+    fn spread(&self, key: u32) -> u64 {
+        self.spread.hash_one(key)
     }
 
     fn shard(&self, key: u32) -> &LinkShard {
@@ -92,14 +91,14 @@ impl Links {
     fn has(&self, key: u32, position: u32) -> bool {
         self.shard(key)
             .read()
-            .find(Self::spread(key), |&e| e == (key, position))
+            .find(self.spread(key), |&e| e == (key, position))
             .is_some()
     }
 
     /// Drop the link (key, position), if kept.
     fn drop_entry(&self, key: u32, position: u32) {
         let mut shard = self.shard(key).write();
-        if let Ok(e) = shard.find_entry(Self::spread(key), |&e| e == (key, position)) {
+        if let Ok(e) = shard.find_entry(self.spread(key), |&e| e == (key, position)) {
             e.remove();
         }
     }
@@ -144,7 +143,7 @@ impl State {
         // other way round).
         let shard = links.shard(key).read();
         shard
-            .iter_hash(Links::spread(key))
+            .iter_hash(links.spread(key))
             .filter(|(k, _)| *k == key)
             .find_map(|&(_, position)| {
                 self.conversations
@@ -174,7 +173,7 @@ impl State {
             return;
         };
         let key = links.key(account, user_id);
-        let hash = Links::spread(key);
+        let hash = links.spread(key);
         let names_it = |p: u32| {
             self.conversations
                 .at(p, |n| n.account == account && n.user_id() == Some(user_id))
@@ -188,7 +187,7 @@ impl State {
             e.remove();
         }
         if shard.find(hash, |&e| e == (key, position)).is_none() {
-            shard.insert_unique(hash, (key, position), |&(k, _)| Links::spread(k));
+            shard.insert_unique(hash, (key, position), |&(k, _)| links.spread(k));
         }
         drop(shard);
         if !links.exact.is_empty() {
@@ -281,15 +280,12 @@ impl State {
 
     /// Forget a conversation and the link to it.
     pub(super) fn forget_conversation(&self, account: u16, contact: &str) {
-        let user_id = self
-            .conversations
-            .with(account, contact, |n| n.user_id().map(str::to_string))
-            .flatten();
-        let position = self.conversations.position(account, contact);
-        self.conversations.remove(account, contact);
+        let removed = self.conversations.take(account, contact);
         let links = &self.aliases;
-        if let (Some(u), Some(p)) = (user_id, position) {
-            links.drop_entry(links.key(account, &u), p);
+        if let Some((position, node)) = removed
+            && let Some(u) = node.user_id()
+        {
+            links.drop_entry(links.key(account, u), position);
         }
         if !links.exact.is_empty() {
             links

@@ -398,8 +398,18 @@ impl ConvTable {
 
     /// The shard of a hash: bits below the 7 the table's control bytes use
     /// and far above the ones that pick a bucket.
+    fn shard_index(hash: u64) -> usize {
+        (hash >> 51) as usize % SHARDS
+    }
+
     fn shard(&self, hash: u64) -> &RwLock<Shard> {
-        &self.shards[(hash >> 51) as usize % SHARDS]
+        &self.shards[Self::shard_index(hash)]
+    }
+
+    /// A node's position: its shard and slot in 32 bits (`None` past 2^26
+    /// nodes in one shard).
+    fn encode(shard: usize, slot: usize) -> Option<u32> {
+        (slot < 1 << SLOT_BITS).then_some(((shard as u32) << SLOT_BITS) | slot as u32)
     }
 
     /// Read one conversation.
@@ -456,9 +466,16 @@ impl ConvTable {
 
     /// Forget one conversation.
     pub fn remove(&self, account: u16, contact: &str) -> bool {
+        self.take(account, contact).is_some()
+    }
+
+    /// Forget one conversation: its node and the position it had, if it
+    /// existed.
+    pub fn take(&self, account: u16, contact: &str) -> Option<(u32, Node)> {
         let key = Key::of(contact);
         let hash = self.hash(account, key);
-        let mut guard = self.shard(hash).write();
+        let s = Self::shard_index(hash);
+        let mut guard = self.shards[s].write();
         let shard = &mut *guard;
         let nodes = &shard.nodes;
         let found = shard.index.find_entry(hash, |&i| {
@@ -466,17 +483,14 @@ impl ConvTable {
                 .as_ref()
                 .is_some_and(|n| n.account == account && n.key() == key)
         });
-        let Ok(entry) = found else {
-            return false;
-        };
-        let (i, _) = entry.remove();
-        shard.nodes[i as usize] = None;
+        let (i, _) = found.ok()?.remove();
+        let node = shard.nodes[i as usize].take()?;
         if i as usize == shard.nodes.len() - 1 {
             shard.nodes.pop();
         } else {
             shard.vacant.push(i);
         }
-        true
+        Some((Self::encode(s, i as usize).unwrap_or(u32::MAX), node))
     }
 
     /// Where a conversation's node is (its shard and slot), while it
@@ -485,9 +499,9 @@ impl ConvTable {
     pub fn position(&self, account: u16, contact: &str) -> Option<u32> {
         let key = Key::of(contact);
         let hash = self.hash(account, key);
-        let s = (hash >> 51) as usize % SHARDS;
+        let s = Self::shard_index(hash);
         let i = self.shards[s].read().find(hash, account, key)?;
-        (i < 1 << SLOT_BITS).then_some(((s as u32) << SLOT_BITS) | i as u32)
+        Self::encode(s, i)
     }
 
     /// Read the node at `position`, if one is there.
