@@ -575,11 +575,19 @@ async fn run(args: Args) {
         .map(|t| format!("http://127.0.0.1:{}/webhook", t.port))
         .collect();
 
-    // Bodies: distinct messages, signed up front.
-    let ts = (std::time::SystemTime::now()
+    // Bodies: distinct messages, signed up front. Their timestamp (Meta's
+    // whole seconds) is the second after the router started, and the load
+    // waits for it: customers write during the load, not before the router
+    // started (a message stamped before it is one an earlier process may
+    // have answered, and the router looks for that answer in its archive).
+    let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()) as i64;
+        .expect("clock");
+    let ts = since_epoch.as_secs() as i64 + 1;
+    let next_second = Duration::from_secs(1).saturating_sub(Duration::from_nanos(
+        since_epoch.subsec_nanos().into(),
+    ));
+    let stamped = Instant::now() + next_second;
     let bodies: Vec<(web::Bytes, String)> = (0..args.messages)
         .map(|i| {
             let b = webhook(i, ts, args.contacts);
@@ -587,6 +595,7 @@ async fn run(args: Args) {
             (web::Bytes::from(b), sig)
         })
         .collect();
+    tokio::time::sleep_until(stamped.into()).await;
     let (_, cpu_before) = usage();
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load {
