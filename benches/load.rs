@@ -76,6 +76,8 @@ struct Args {
     messages: usize,
     label: String,
     wait_s: u64,
+    /// How long after the last reply the idle RSS is read.
+    settle_s: u64,
     contacts: usize,
     /// `--target cluster`: this many routers on the Redis at `redis_url`.
     routers: usize,
@@ -101,6 +103,7 @@ fn parse_args() -> Args {
         messages: 400_000,
         label: String::new(),
         wait_s: 120,
+        settle_s: 5,
         contacts: CONTACTS,
         routers: 1,
         redis_url: None,
@@ -129,6 +132,7 @@ fn parse_args() -> Args {
             "--messages" => a.messages = v.parse().expect("--messages N"),
             "--label" => a.label = v,
             "--wait" => a.wait_s = v.parse().expect("--wait N"),
+            "--settle" => a.settle_s = v.parse().expect("--settle SECONDS"),
             "--contacts" => a.contacts = v.parse().expect("--contacts N"),
             "--routers" => a.routers = v.parse().expect("--routers N"),
             "--redis-url" => a.redis_url = Some(v),
@@ -139,7 +143,7 @@ fn parse_args() -> Args {
                      [--routers N --redis-url URL --redis-pid PID] \
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
-                     --messages N, --label TEXT, --wait SECONDS, --contacts N"
+                     --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N"
                 );
                 std::process::exit(0);
             }
@@ -696,7 +700,7 @@ async fn run(args: Args) {
     peak_rss = peak_rss.max(rss_end);
     // Steady state: what the process holds once the work is done (the
     // router archives what finished in the background).
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
     let rss_idle = usage().0;
     // Per-contact order of echo replies (their sequence is in the text).
     let mut last: std::collections::HashMap<&str, u64> = Default::default();

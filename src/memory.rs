@@ -4,9 +4,11 @@
 //!
 //! mimalloc (the binary's allocator) keeps free pages per thread; a thread
 //! that goes quiet after a spike returns them only when it allocates again
-//! or collects. So every thread of the router collects once the router has
-//! been idle (no request) for a second: the runtime's workers when they
-//! park, the HTTP workers on a timer, the writer threads when they wait.
+//! or collects. So every thread of the router collects when the router has
+//! been idle (no request) for 1, 2, 4, 8, 16 seconds and every 16 s after
+//! (when it does anything at all): the runtime's workers
+//! when they park, the HTTP workers on a timer, the writer threads when
+//! they wait.
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hash};
@@ -30,21 +32,37 @@ pub fn busy() {
     }
 }
 
-/// Give this thread's free pages back to the system once the router has
-/// been idle for a second: once per quiet spell and thread (see the module
-/// documentation). Cheap when it is not time. Never under load: a forced
-/// collection also decommits the free pages the load would fault in again.
+/// Give this thread's free pages back to the system while the router is
+/// idle (no request): after 1, 2, 4, 8, 16 seconds of a quiet spell and
+/// every 16 s after, on each thread (see the module documentation). Not
+/// once only: what a load leaves behind is freed late too — the Graph
+/// client drops its pooled connections when the pool's idle timeout (30 s)
+/// ends them, and a thread that freed them and parked keeps their pages
+/// until it collects. Cheap when it is not time.
+/// Never under load: a forced collection also decommits the free pages the
+/// load would fault in again.
 pub fn collect_if_due() {
-    thread_local!(static DONE_AFTER: Cell<Millis> = const { Cell::new(Millis::MIN) });
+    // This thread's quiet spell (when its last request came) and how long
+    // into it the next collection is due.
+    thread_local!(static DUE: Cell<(Millis, Millis)> = const { Cell::new((Millis::MIN, 0)) });
     let busy = LAST_BUSY.load(Ordering::Relaxed);
-    if now_ms().saturating_sub(busy) < 1000 || DONE_AFTER.get() == busy {
+    let quiet_for = now_ms().saturating_sub(busy);
+    let (spell, due) = DUE.get();
+    let due = if spell == busy { due } else { FIRST_COLLECT_MS };
+    if quiet_for < due {
+        DUE.set((busy, due));
         return;
     }
-    DONE_AFTER.set(busy);
+    DUE.set((busy, quiet_for + quiet_for.min(MAX_COLLECT_GAP_MS)));
     // SAFETY: mi_collect only frees this thread's unused pages; it is
     // harmless (and does nothing) where mimalloc is not the allocator.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
+
+/// How long the router is idle before threads first collect (ms).
+const FIRST_COLLECT_MS: Millis = 1000;
+/// The longest gap between two collections of a quiet spell (ms).
+const MAX_COLLECT_GAP_MS: Millis = 16_000;
 
 /// Give the C allocator's free memory back to the system: SQLite (the
 /// archive) allocates through it, not through mimalloc, and its page

@@ -82,6 +82,9 @@ pub fn send_body(to: &str, content: &Content) -> Value {
     body
 }
 
+/// How long an idle connection to the Graph API stays pooled.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
 pub struct GraphClient {
     http: reqwest::Client,
     base: String,
@@ -102,6 +105,11 @@ impl GraphClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
+            // A spike of sends opens up to `max_in_flight` HTTP/1.1
+            // connections (HTTP/2 needs one); each idle one keeps ~10 KB
+            // in the pool until it is dropped, even after the peer closed
+            // it. 30 s outlasts the default pace (10 s) between two sends.
+            .pool_idle_timeout(POOL_IDLE)
             .user_agent(concat!("wa-router/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
