@@ -2,15 +2,20 @@
 //! to 7 days): one inbound message → at most one run of the rules.
 //!
 //! An id is kept as the first 64 bits of its SHA-256 with the second it
-//! was seen: 12 bytes an entry instead of the id's ~60 characters plus two
-//! copies of the bookkeeping, so a million ids fit in some 30 MB. With a
-//! million ids kept, a new id is mistaken for a seen one with a chance of
-//! 10^6 / 2^64 ≈ 5 × 10^-14: at a million messages a day, once in some
-//! 50,000 years.
+//! was seen. With a million ids kept, a new id is mistaken for a seen one
+//! with a chance of 10^6 / 2^64 ≈ 5 × 10^-14: at a million messages a day,
+//! once in some 50,000 years.
+//!
+//! Most ids sit in two sorted arrays (digests, and the seconds at the same
+//! index): 12 bytes an id, dense. A hash table of the same ids is at most
+//! 7/8 full and, just past a doubling, half empty — some 27 bytes an id at
+//! a million. New ids go to a small hash table first; when it holds
+//! [`RECENT_MAX`] they are sorted and merged into the arrays in one pass,
+//! which also forgets what expired (and the oldest, over capacity).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
 
-use dashmap::DashMap;
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
 use crate::domain::Millis;
@@ -32,28 +37,119 @@ pub fn digest_from_hex(hex_digest: &str) -> Option<Digest> {
     bytes.get(..8)?.try_into().ok()
 }
 
+/// New ids held in the hash table before they are merged into the sorted
+/// arrays: a merge rewrites the arrays (a million ids: a few ms), so it
+/// happens once per this many new ids.
+const RECENT_MAX: usize = 32_768;
+
 /// Ids seen within `ttl`, at most `capacity` of them (the oldest are
 /// forgotten first, a tenth at a time).
 pub struct Dedupe {
-    /// digest → seconds (since the Unix epoch) it was seen.
-    /// (foldhash, seeded per process: the digests are already uniform.)
-    seen: DashMap<Digest, u32, foldhash::fast::RandomState>,
+    inner: Mutex<Inner>,
     capacity: usize,
     ttl_ms: Millis,
-    inserts: AtomicUsize,
+}
+
+struct Inner {
+    /// Digest → second seen, for ids not yet merged.
+    /// (foldhash, seeded per process: the digests are already uniform.)
+    recent: HashMap<u64, u32, foldhash::fast::RandomState>,
+    /// Merged ids, ascending; `seen[i]` is the second `sorted[i]` was seen.
+    sorted: Vec<u64>,
+    seen: Vec<u32>,
+    /// The second past which a merge is due to forget expired ids.
+    next_expiry: u32,
 }
 
 fn secs(ms: Millis) -> u32 {
     (ms.max(0) / 1000).min(u32::MAX as Millis) as u32
 }
 
+impl Inner {
+    fn len(&self) -> usize {
+        self.recent.len() + self.sorted.len()
+    }
+
+    /// Merge the recent ids into the sorted arrays, forgetting those seen
+    /// more than `ttl` seconds before `now`, then the oldest while more
+    /// than `keep` remain.
+    fn merge(&mut self, now: u32, ttl: u32, keep: usize) {
+        let mut fresh: Vec<(u64, u32)> = self.recent.drain().collect();
+        fresh.sort_unstable_by_key(|(d, _)| *d);
+        let total = self.sorted.len() + fresh.len();
+        let mut sorted = Vec::with_capacity(total);
+        let mut seen = Vec::with_capacity(total);
+        let old = std::mem::take(&mut self.sorted);
+        let old_seen = std::mem::take(&mut self.seen);
+        let live = |at: u32| now.saturating_sub(at) <= ttl;
+        let mut old = old.into_iter().zip(old_seen).peekable();
+        let mut fresh = fresh.into_iter().peekable();
+        loop {
+            let next = match (old.peek(), fresh.peek()) {
+                (Some(a), Some(b)) if a.0 < b.0 => old.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => fresh.next(),
+                (Some(_), None) => old.next(),
+                (None, None) => break,
+            };
+            if let Some((d, at)) = next.filter(|(_, at)| live(*at)) {
+                sorted.push(d);
+                seen.push(at);
+            }
+        }
+        if sorted.len() > keep {
+            forget_oldest(&mut sorted, &mut seen, keep);
+        }
+        sorted.shrink_to_fit();
+        seen.shrink_to_fit();
+        // The oldest expires then; expiry merges come at most ten times a
+        // ttl (an id may be kept up to a tenth of the ttl longer).
+        self.next_expiry = seen
+            .iter()
+            .min()
+            .map_or(u32::MAX, |m| m.saturating_add(ttl).saturating_add(1))
+            .max(now.saturating_add(ttl / 10));
+        self.sorted = sorted;
+        self.seen = seen;
+    }
+}
+
+/// Keep the `keep` ids seen last (of those seen in the same second as the
+/// newest forgotten one, the first in digest order).
+fn forget_oldest(sorted: &mut Vec<u64>, seen: &mut Vec<u32>, keep: usize) {
+    let drop = sorted.len() - keep;
+    let mut ages = seen.clone();
+    let (_, cutoff, _) = ages.select_nth_unstable(drop - 1);
+    let cutoff = *cutoff;
+    // Those before the cutoff second go; of that second, as many as needed.
+    let mut at_cutoff = drop - seen.iter().filter(|at| **at < cutoff).count();
+    let mut kept = 0;
+    for i in 0..sorted.len() {
+        let at = seen[i];
+        let gone = at < cutoff || (at == cutoff && at_cutoff > 0);
+        if at == cutoff && gone {
+            at_cutoff -= 1;
+        }
+        if !gone {
+            sorted[kept] = sorted[i];
+            seen[kept] = at;
+            kept += 1;
+        }
+    }
+    sorted.truncate(kept);
+    seen.truncate(kept);
+}
+
 impl Dedupe {
     pub fn new(capacity: usize, ttl_ms: Millis) -> Self {
         Dedupe {
-            seen: DashMap::default(),
+            inner: Mutex::new(Inner {
+                recent: HashMap::default(),
+                sorted: Vec::new(),
+                seen: Vec::new(),
+                next_expiry: u32::MAX,
+            }),
             capacity: capacity.max(1),
             ttl_ms,
-            inserts: AtomicUsize::new(0),
         }
     }
 
@@ -65,63 +161,55 @@ impl Dedupe {
 
     /// [`Dedupe::first_time`] for an id already digested.
     pub fn first_time_digest(&self, d: Digest, now: Millis) -> bool {
-        use dashmap::mapref::entry::Entry;
+        let d = u64::from_be_bytes(d);
         let at = secs(now);
         let ttl = secs(self.ttl_ms);
-        match self.seen.entry(d) {
-            Entry::Occupied(mut e) => {
-                if at.saturating_sub(*e.get()) <= ttl {
-                    return false;
-                }
-                e.insert(at);
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        // Seen before: still remembered if within the ttl, else seen anew.
+        let earlier = match inner.sorted.binary_search(&d) {
+            Ok(i) => Some(&mut inner.seen[i]),
+            Err(_) => inner.recent.get_mut(&d),
+        };
+        if let Some(seen) = earlier {
+            if at.saturating_sub(*seen) <= ttl {
+                return false;
             }
-            Entry::Vacant(e) => {
-                e.insert(at);
-            }
+            *seen = at;
+            return true;
         }
-        // Forget expired ids now and then (amortised: one scan per tenth
-        // of the capacity), and the oldest whenever the map is full.
-        let n = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_multiple_of((self.capacity / 10).max(1)) || self.seen.len() > self.capacity {
-            self.forget_old(at);
+        inner.recent.insert(d, at);
+        // Full: the oldest tenth (or more) goes at once, not one by one.
+        let full = inner.recent.len() >= RECENT_MAX.min(self.capacity);
+        if full || inner.len() > self.capacity || at > inner.next_expiry {
+            let keep = if inner.len() > self.capacity {
+                self.capacity - self.capacity / 10
+            } else {
+                self.capacity
+            };
+            inner.merge(at, ttl, keep);
         }
         true
     }
 
-    fn forget_old(&self, now: u32) {
-        let ttl = secs(self.ttl_ms);
-        self.seen.retain(|_, at| now.saturating_sub(*at) <= ttl);
-        // Still full: drop the oldest tenth or more, by age.
-        let mut keep_within = ttl;
-        while self.seen.len() > self.capacity - self.capacity / 10 && keep_within > 0 {
-            keep_within = keep_within * 9 / 10;
-            self.seen
-                .retain(|_, at| now.saturating_sub(*at) <= keep_within);
-        }
-        // All seen within the same second: drop any, not one by one later.
-        let target = self.capacity - self.capacity / 10;
-        let mut excess = self.seen.len().saturating_sub(target);
-        if excess > 0 {
-            self.seen.retain(|_, _| {
-                excess = excess.saturating_sub(1);
-                excess == 0
-            });
-        }
-    }
-
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.inner.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.len() == 0
     }
 
     /// Every remembered digest with the time (ms) it was seen.
     pub fn entries(&self) -> Vec<(Digest, Millis)> {
-        self.seen
+        let inner = self.inner.lock();
+        let ms = |d: u64, at: u32| (d.to_be_bytes(), Millis::from(at) * 1000);
+        inner
+            .sorted
             .iter()
-            .map(|e| (*e.key(), Millis::from(*e.value()) * 1000))
+            .zip(&inner.seen)
+            .map(|(d, at)| ms(*d, *at))
+            .chain(inner.recent.iter().map(|(d, at)| ms(*d, *at)))
             .collect()
     }
 }
@@ -153,6 +241,58 @@ mod tests {
         assert_eq!(digest_from_hex(&full[..16]), Some(digest(id)));
         assert_eq!(digest_from_hex("abc"), None);
         assert_eq!(digest_from_hex("00"), None);
+    }
+
+    /// Distinct digests (not hashes of text: fast in a debug build).
+    fn id(i: u64) -> Digest {
+        (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555).to_be_bytes()
+    }
+
+    #[test]
+    fn ids_stay_seen_across_merges() {
+        let d = Dedupe::new(1_000_000, 1000 * S);
+        let n = 3 * RECENT_MAX as u64 + 5;
+        for i in 0..n {
+            assert!(d.first_time_digest(id(i), S), "{i} is new");
+        }
+        assert_eq!(d.len() as u64, n);
+        assert!(!d.inner.lock().sorted.is_empty(), "merged");
+        for i in 0..n {
+            assert!(!d.first_time_digest(id(i), 2 * S), "{i} was seen");
+        }
+        assert!(d.first_time_digest(id(n), 2 * S));
+        let mut entries = d.entries();
+        entries.sort();
+        entries.dedup();
+        assert_eq!(entries.len() as u64, n + 1, "a snapshot lists each once");
+    }
+
+    #[test]
+    fn a_full_memory_forgets_the_oldest_tenth() {
+        let cap = 50_000;
+        let d = Dedupe::new(cap, 1_000_000 * S);
+        for i in 0..60_000u64 {
+            assert!(d.first_time_digest(id(i), (i as Millis / 10) * S));
+            assert!(d.len() <= cap, "{} ids held", d.len());
+        }
+        assert!(d.len() >= cap - cap / 10 - RECENT_MAX);
+        for i in 60_000 - 20_000..60_000 {
+            assert!(!d.first_time_digest(id(i), 6_000 * S), "{i}: recent, kept");
+        }
+        assert!(d.first_time_digest(id(0), 6_000 * S), "the oldest went");
+    }
+
+    #[test]
+    fn an_id_seen_again_after_the_ttl_is_new_again() {
+        let d = Dedupe::new(1_000_000, 10 * S);
+        for i in 0..RECENT_MAX as u64 + 1 {
+            assert!(d.first_time_digest(id(i), 0));
+        }
+        // id(0) is in the sorted arrays now, the last one in the table.
+        assert!(!d.first_time_digest(id(0), 10 * S));
+        assert!(d.first_time_digest(id(0), 11 * S));
+        assert!(!d.first_time_digest(id(0), 12 * S));
+        assert!(d.first_time_digest(id(RECENT_MAX as u64), 11 * S));
     }
 
     #[test]
