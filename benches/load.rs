@@ -588,9 +588,8 @@ async fn run(args: Args) {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock");
     let ts = since_epoch.as_secs() as i64 + 1;
-    let next_second = Duration::from_secs(1).saturating_sub(Duration::from_nanos(
-        since_epoch.subsec_nanos().into(),
-    ));
+    let next_second = Duration::from_secs(1)
+        .saturating_sub(Duration::from_nanos(since_epoch.subsec_nanos().into()));
     let stamped = Instant::now() + next_second;
     let bodies: Vec<(web::Bytes, String)> = (0..args.messages)
         .map(|i| {

@@ -209,6 +209,7 @@ fn serve(config: Option<&Path>, overrides: Overrides, format: LogFormat) -> Exit
         }
     };
     runtime.block_on(async move {
+        crate::memory::wake_workers_when_quiet();
         let listen = settings.listen.clone();
         let routes = settings.routes_path.display().to_string();
         let app = match App::build(settings).await {
