@@ -73,14 +73,18 @@ impl QuietSteps {
 
     /// Whether a step is due now (and if so, the next one is set).
     fn due(&mut self) -> bool {
-        let busy = LAST_BUSY.load(Ordering::Relaxed);
+        self.due_at(LAST_BUSY.load(Ordering::Relaxed), now_ms())
+    }
+
+    /// [`QuietSteps::due`] with the last request at `busy`, at `now`.
+    fn due_at(&mut self, busy: Millis, now: Millis) -> bool {
         if self.spell != busy {
             *self = QuietSteps {
                 spell: busy,
                 due: FIRST_COLLECT_MS,
             };
         }
-        let quiet_for = now_ms().saturating_sub(busy);
+        let quiet_for = now.saturating_sub(busy);
         if quiet_for < self.due {
             return false;
         }
@@ -188,6 +192,28 @@ mod tests {
         assert_eq!(map.len(), 1_000);
         assert!((0..1_000).all(|k| map.get(&k).is_some_and(|v| v[0] == 1)));
         assert!(!shrink_if_sparse(&map), "small: left alone");
+    }
+
+    #[test]
+    fn collections_come_at_growing_steps_of_a_quiet_spell() {
+        let mut steps = QuietSteps::new();
+        let busy = 1_000_000;
+        // Polled every 100 ms through 100 s of quiet: the seconds at which
+        // a collection is due.
+        let due: Vec<Millis> = (1..=1000)
+            .map(|i| i * 100)
+            .filter(|quiet| steps.due_at(busy, busy + quiet))
+            .collect();
+        assert_eq!(
+            due,
+            [
+                1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 48_000, 64_000, 80_000, 96_000
+            ]
+        );
+        // A request starts a new spell: the steps start over, and none is
+        // due within a second of a request (under load: never).
+        assert!(!steps.due_at(busy + 200_000, busy + 200_500));
+        assert!(steps.due_at(busy + 200_000, busy + 201_000));
     }
 
     #[test]
