@@ -11,6 +11,7 @@ pub mod reload;
 pub mod render;
 pub mod route;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::inbound::InboundMessage;
 use crate::message::validate::validate;
 use crate::message::{Content, MessageType};
 pub use matcher::{Facts, Hit, Prepared};
-use render::{RenderInput, Templates, Text};
+use render::{Context, RenderInput, Templates, Text};
 
 /// Consent keywords (normalized) and replies (SPEC §4).
 #[derive(Debug)]
@@ -142,8 +143,9 @@ impl Ruleset {
         vars: &BTreeMap<String, String>,
     ) -> Plan {
         let rule = &self.rules[hit.rule];
-        let mut input_vars = vars.clone();
-        let mut state_now = state.to_string();
+        // Borrowed until a rule changes them; contexts built on first use.
+        let mut input_vars = Cow::Borrowed(vars);
+        let mut state_now = Cow::Borrowed(state);
         let base = |state: &str, vars: &BTreeMap<String, String>| {
             render::context(&RenderInput {
                 message: msg,
@@ -155,23 +157,28 @@ impl Ruleset {
         };
         let mut new_state = None;
         if let Some(t) = &rule.set_state {
-            let ctx = base(&state_now, &input_vars);
-            let s = self.templates.render(t, &ctx).unwrap_or_default();
-            state_now = s.clone();
+            let make = || base(&state_now, &input_vars);
+            let s = self
+                .templates
+                .render(t, &Context::new(&make))
+                .unwrap_or_default();
+            state_now = Cow::Owned(s.clone());
             new_state = Some(s);
         }
         let mut set_vars = Vec::new();
         if !rule.set.is_empty() {
-            let ctx = base(&state_now, &input_vars);
+            let make = || base(&state_now, &input_vars);
+            let ctx = Context::new(&make);
             for (name, t) in &rule.set {
                 let v = self.templates.render(t, &ctx).unwrap_or_default();
                 set_vars.push((name.clone(), v));
             }
             for (k, v) in &set_vars {
-                input_vars.insert(k.clone(), v.clone());
+                input_vars.to_mut().insert(k.clone(), v.clone());
             }
         }
-        let ctx = base(&state_now, &input_vars);
+        let make = || base(&state_now, &input_vars);
+        let ctx = Context::new(&make);
         let sends = rule
             .sends
             .iter()
@@ -194,7 +201,7 @@ impl Ruleset {
         &self,
         s: &SendTemplate,
         msg: &InboundMessage,
-        ctx: &minijinja::Value,
+        ctx: &Context<'_>,
     ) -> Result<Content, String> {
         let mut object = s.object.clone();
         for (pointer, text) in &s.slots {
@@ -223,22 +230,28 @@ impl Ruleset {
             ConsentKeyword::OptIn => self.consent.opt_in_reply.as_ref()?,
         };
         let vars = BTreeMap::new();
-        let ctx = render::context(&RenderInput {
-            message: msg,
-            account,
-            captures: &[],
-            state: "",
-            vars: &vars,
-        });
-        Some(self.templates.render(text, &ctx).and_then(|body| {
-            let object = serde_json::json!({ "body": body });
-            validate("text", &object).map_err(|e| e.to_string())?;
-            Ok(Content {
-                kind: MessageType::Text,
-                object,
-                context_id: None,
+        let make = || {
+            render::context(&RenderInput {
+                message: msg,
+                account,
+                captures: &[],
+                state: "",
+                vars: &vars,
             })
-        }))
+        };
+        Some(
+            self.templates
+                .render(text, &Context::new(&make))
+                .and_then(|body| {
+                    let object = serde_json::json!({ "body": body });
+                    validate("text", &object).map_err(|e| e.to_string())?;
+                    Ok(Content {
+                        kind: MessageType::Text,
+                        object,
+                        context_id: None,
+                    })
+                }),
+        )
     }
 }
 

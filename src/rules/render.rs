@@ -56,8 +56,8 @@ impl Templates {
         Ok(Text::Template(name))
     }
 
-    /// Render `text` with `ctx`.
-    pub fn render(&self, text: &Text, ctx: &Value) -> Result<String, String> {
+    /// Render `text` with `ctx` (built only if `text` is a template).
+    pub fn render(&self, text: &Text, ctx: &Context<'_>) -> Result<String, String> {
         match text {
             Text::Literal(s) => Ok(s.clone()),
             Text::Template(name) => {
@@ -65,9 +65,29 @@ impl Templates {
                     .env
                     .get_template(name)
                     .map_err(|e| template_error(&e))?;
-                t.render(ctx).map_err(|e| template_error(&e))
+                t.render(ctx.get()).map_err(|e| template_error(&e))
             }
         }
+    }
+}
+
+/// A template context, built on first use: a rule whose strings are all
+/// literal (most replies) builds none.
+pub struct Context<'a> {
+    make: &'a dyn Fn() -> Value,
+    value: std::cell::OnceCell<Value>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(make: &'a dyn Fn() -> Value) -> Self {
+        Context {
+            make,
+            value: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn get(&self) -> &Value {
+        self.value.get_or_init(self.make)
     }
 }
 
@@ -144,7 +164,7 @@ mod tests {
     fn render(source: &str, input: &RenderInput<'_>) -> Result<String, String> {
         let mut t = Templates::default();
         let text = t.add(source)?;
-        t.render(&text, &context(input))
+        t.render(&text, &Context::new(&|| context(input)))
     }
 
     #[test]
