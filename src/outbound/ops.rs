@@ -4,6 +4,8 @@
 //! `Update` is new: a status change writes the record's changing fields,
 //! not its content, tags and metadata again.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -12,9 +14,9 @@ use crate::domain::Millis;
 use crate::message::MessageType;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum OutboxOp {
+pub enum OutboxOp<'a> {
     /// A whole record (new records, snapshots).
-    Record(Box<RecordWire>),
+    Record(Box<RecordWire<'a>>),
     /// The changing fields of a record (an upsert of those fields).
     Update(Box<UpdateWire>),
     /// A record past retention or `max_records` was dropped.
@@ -22,16 +24,16 @@ pub enum OutboxOp {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecordWire {
-    pub id: String,
-    pub account: String,
-    pub to: String,
-    pub content: ContentWire,
+pub struct RecordWire<'a> {
+    pub id: Cow<'a, str>,
+    pub account: Cow<'a, str>,
+    pub to: Cow<'a, str>,
+    pub content: ContentWire<'a>,
     pub status: StatusWire,
-    pub wamid: Option<String>,
-    pub source: String,
-    pub tags: Vec<String>,
-    pub metadata: Option<Value>,
+    pub wamid: Option<Cow<'a, str>>,
+    pub source: Cow<'a, str>,
+    pub tags: Cow<'a, [String]>,
+    pub metadata: Option<Cow<'a, Value>>,
     pub attempts: u32,
     pub error: Option<ErrorWire>,
     pub history: Vec<(StatusWire, Millis)>,
@@ -40,11 +42,11 @@ pub struct RecordWire {
     pub expires_at: Millis,
     pub bypass_consent: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub typing: Option<String>,
+    pub typing: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pricing: Option<Value>,
+    pub pricing: Option<Cow<'a, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation: Option<Value>,
+    pub conversation: Option<Cow<'a, Value>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,11 +64,11 @@ pub struct UpdateWire {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContentWire {
+pub struct ContentWire<'a> {
     /// Meta's type name (`text`, `template` …).
     pub kind: MessageType,
-    pub object: Value,
-    pub context_id: Option<String>,
+    pub object: Cow<'a, Value>,
+    pub context_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,22 +124,24 @@ fn history_wire(r: &OutboundRecord) -> Vec<(StatusWire, Millis)> {
         .collect()
 }
 
-impl From<&OutboundRecord> for RecordWire {
-    fn from(r: &OutboundRecord) -> Self {
+/// A view of the record, for writing it (nothing copied but its history).
+impl<'a> From<&'a OutboundRecord> for RecordWire<'a> {
+    fn from(r: &'a OutboundRecord) -> Self {
+        let text = |s: &'a str| Cow::Borrowed(s);
         RecordWire {
-            id: r.id.to_string(),
-            account: r.account.to_string(),
-            to: r.to.to_string(),
+            id: text(&r.id),
+            account: text(&r.account),
+            to: text(&r.to),
             content: ContentWire {
                 kind: r.content.kind,
-                object: r.content.object.clone(),
-                context_id: r.content.context_id.as_ref().map(ToString::to_string),
+                object: Cow::Borrowed(&r.content.object),
+                context_id: r.content.context_id.as_deref().map(text),
             },
             status: StatusWire(r.status),
-            wamid: r.wamid.as_ref().map(ToString::to_string),
-            source: r.source.clone(),
-            tags: r.tags.clone(),
-            metadata: r.metadata.clone(),
+            wamid: r.wamid.as_deref().map(text),
+            source: text(&r.source),
+            tags: Cow::Borrowed(&r.tags),
+            metadata: r.metadata.as_ref().map(Cow::Borrowed),
             attempts: r.attempts,
             error: r.error.as_ref().map(error_wire),
             history: history_wire(r),
@@ -145,29 +149,29 @@ impl From<&OutboundRecord> for RecordWire {
             send_at: r.send_at,
             expires_at: r.expires_at,
             bypass_consent: r.bypass_consent,
-            typing: r.typing.as_ref().map(ToString::to_string),
-            pricing: r.pricing.clone(),
-            conversation: r.conversation.clone(),
+            typing: r.typing.as_deref().map(text),
+            pricing: r.pricing.as_ref().map(Cow::Borrowed),
+            conversation: r.conversation.as_ref().map(Cow::Borrowed),
         }
     }
 }
 
-impl From<RecordWire> for OutboundRecord {
-    fn from(r: RecordWire) -> Self {
+impl From<RecordWire<'_>> for OutboundRecord {
+    fn from(r: RecordWire<'_>) -> Self {
         OutboundRecord {
-            id: r.id.into(),
-            account: r.account.into(),
-            to: r.to.into(),
+            id: r.id.into_owned().into(),
+            account: r.account.into_owned().into(),
+            to: r.to.into_owned().into(),
             content: Content {
                 kind: r.content.kind,
-                object: r.content.object,
-                context_id: r.content.context_id.map(Into::into),
+                object: r.content.object.into_owned(),
+                context_id: r.content.context_id.map(|c| c.into_owned().into()),
             },
             status: r.status.0,
-            wamid: r.wamid.map(Into::into),
-            source: r.source,
-            tags: r.tags,
-            metadata: r.metadata,
+            wamid: r.wamid.map(|w| w.into_owned().into()),
+            source: r.source.into_owned(),
+            tags: r.tags.into_owned(),
+            metadata: r.metadata.map(Cow::into_owned),
             attempts: r.attempts,
             error: r.error.map(error_of),
             history: r.history.into_iter().map(|(s, at)| (s.0, at)).collect(),
@@ -175,9 +179,9 @@ impl From<RecordWire> for OutboundRecord {
             send_at: r.send_at,
             expires_at: r.expires_at,
             bypass_consent: r.bypass_consent,
-            typing: r.typing.map(Into::into),
-            pricing: r.pricing,
-            conversation: r.conversation,
+            typing: r.typing.map(|t| t.into_owned().into()),
+            pricing: r.pricing.map(Cow::into_owned),
+            conversation: r.conversation.map(Cow::into_owned),
         }
     }
 }

@@ -283,7 +283,7 @@ impl Outbox {
         queues[i].clone()
     }
 
-    fn log(&self, op: impl FnOnce() -> OutboxOp) {
+    fn log<'a>(&self, op: impl FnOnce() -> OutboxOp<'a>) {
         if let Some(j) = self.state.journal() {
             j.append(&encode(Owner::Outbox, &op()));
         }
@@ -760,8 +760,8 @@ impl Outbox {
                     .restore_account(&record.account, sandbox)
                     .is_some() =>
             {
-                self.records
-                    .insert(record.id.clone().into(), OutboundRecord::from(*record));
+                let record = OutboundRecord::from(*record);
+                self.records.insert(record.id.clone(), record);
             }
             OutboxOp::Record(_) => {}
             OutboxOp::Update(update) => {
