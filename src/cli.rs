@@ -410,7 +410,7 @@ pub fn simulate_message(rules: &Ruleset, msg: &InboundMessage, conv: Simulated<'
                     opted_out: bool,
                     bypass_consent: bool| match content {
         Ok(c) => {
-            let body = send_body(&msg.from, &c);
+            let body = json!(send_body(&msg.from, &c));
             let facts = policy::Facts {
                 now,
                 is_template: c.is_template(),

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::Content;
@@ -62,24 +63,38 @@ impl GraphError {
     }
 }
 
-/// The Graph API send body for `content` to `to` (CLOUD_API.md §7.1).
-pub fn send_body(to: &str, content: &Content) -> Value {
-    let mut body = json!({
-        "messaging_product": "whatsapp",
-        "recipient_type": "individual",
-        "type": content.kind,
-    });
-    // A contact known only by BSUID gets it as `recipient` (CLOUD_API.md §7).
-    if crate::state::contacts::is_bsuid(to) {
-        body["recipient"] = json!(to);
-    } else {
-        body["to"] = json!(to);
+/// The Graph API send body for `content` to `to` (CLOUD_API.md §7.1),
+/// serialised straight from the record (nothing copied).
+pub fn send_body<'a>(to: &'a str, content: &'a Content) -> SendBody<'a> {
+    SendBody { to, content }
+}
+
+/// See [`send_body`].
+pub struct SendBody<'a> {
+    to: &'a str,
+    content: &'a Content,
+}
+
+impl Serialize for SendBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let c = self.content;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("messaging_product", "whatsapp")?;
+        map.serialize_entry("recipient_type", "individual")?;
+        map.serialize_entry("type", &c.kind)?;
+        // A contact known only by BSUID gets it as `recipient` (CLOUD_API.md §7).
+        if crate::state::contacts::is_bsuid(self.to) {
+            map.serialize_entry("recipient", self.to)?;
+        } else {
+            map.serialize_entry("to", self.to)?;
+        }
+        map.serialize_entry(c.kind.as_str(), &c.object)?;
+        if let Some(id) = &c.context_id {
+            map.serialize_entry("context", &json!({ "message_id": id }))?;
+        }
+        map.end()
     }
-    body[content.kind.as_str()] = content.object.clone();
-    if let Some(id) = &content.context_id {
-        body["context"] = json!({ "message_id": id });
-    }
-    body
 }
 
 /// How long an idle connection to the Graph API stays pooled.
@@ -132,7 +147,7 @@ impl GraphClient {
         &self,
         phone_number_id: &str,
         token: &Secret,
-        body: &Value,
+        body: &impl Serialize,
     ) -> Result<Value, GraphError> {
         let started = Instant::now();
         let result = self
@@ -195,7 +210,7 @@ impl GraphClient {
         &self,
         phone_number_id: &str,
         token: &Secret,
-        body: &Value,
+        body: &impl Serialize,
     ) -> Result<String, GraphError> {
         let answer = self.post(phone_number_id, token, body).await?;
         answer
@@ -233,5 +248,46 @@ fn transport_message(e: reqwest::Error) -> String {
     } else {
         // Without the URL: it holds nothing secret, but keep logs short.
         e.without_url().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageType;
+
+    #[test]
+    fn the_send_body_names_the_recipient_the_content_and_the_quote() {
+        let content = Content {
+            kind: MessageType::Interactive,
+            object: json!({ "type": "button", "body": { "text": "Hi" } }),
+            context_id: Some("wamid.IN".into()),
+        };
+        assert_eq!(
+            json!(send_body("16315551181", &content)),
+            json!({
+                "messaging_product": "whatsapp",
+                "recipient_type": "individual",
+                "type": "interactive",
+                "to": "16315551181",
+                "interactive": { "type": "button", "body": { "text": "Hi" } },
+                "context": { "message_id": "wamid.IN" },
+            })
+        );
+        let content = Content {
+            kind: MessageType::Text,
+            object: json!({ "body": "x" }),
+            context_id: None,
+        };
+        assert_eq!(
+            json!(send_body("US.20394857102938475610", &content)),
+            json!({
+                "messaging_product": "whatsapp",
+                "recipient_type": "individual",
+                "type": "text",
+                "recipient": "US.20394857102938475610",
+                "text": { "body": "x" },
+            })
+        );
     }
 }
