@@ -258,7 +258,7 @@ fn webhook(i: usize, ts: i64, contacts: usize) -> Vec<u8> {
             "metadata": { "display_phone_number": "15550000000", "phone_number_id": PNID },
             // As Meta sends it since 2026: with the business-scoped user id
             // (pywa 4 requires it).
-            "contacts": [{ "profile": { "name": "Bench" }, "wa_id": from, "user_id": format!("US.{from}") }],
+            "contacts": [{ "profile": { "name": "Bench" }, "wa_id": from, "user_id": format!("US.{from:0>20}") }],
             "messages": [msg]
         } }] }]
     }))
