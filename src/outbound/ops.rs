@@ -18,7 +18,7 @@ pub enum OutboxOp<'a> {
     /// A whole record (new records, snapshots).
     Record(Box<RecordWire<'a>>),
     /// The changing fields of a record (an upsert of those fields).
-    Update(Box<UpdateWire>),
+    Update(Box<UpdateWire<'a>>),
     /// A record past retention or `max_records` was dropped.
     ForgetRecord { id: String },
 }
@@ -50,17 +50,17 @@ pub struct RecordWire<'a> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UpdateWire {
-    pub id: String,
+pub struct UpdateWire<'a> {
+    pub id: Cow<'a, str>,
     pub status: StatusWire,
-    pub wamid: Option<String>,
+    pub wamid: Option<Cow<'a, str>>,
     pub attempts: u32,
     pub error: Option<ErrorWire>,
     pub history: Vec<(StatusWire, Millis)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pricing: Option<Value>,
+    pub pricing: Option<Cow<'a, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation: Option<Value>,
+    pub conversation: Option<Cow<'a, Value>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,34 +186,35 @@ impl From<RecordWire<'_>> for OutboundRecord {
     }
 }
 
-impl From<&OutboundRecord> for UpdateWire {
-    fn from(r: &OutboundRecord) -> Self {
+/// A view of the record's changing fields, for writing them.
+impl<'a> From<&'a OutboundRecord> for UpdateWire<'a> {
+    fn from(r: &'a OutboundRecord) -> Self {
         UpdateWire {
-            id: r.id.to_string(),
+            id: Cow::Borrowed(&r.id),
             status: StatusWire(r.status),
-            wamid: r.wamid.as_ref().map(ToString::to_string),
+            wamid: r.wamid.as_deref().map(Cow::Borrowed),
             attempts: r.attempts,
             error: r.error.as_ref().map(error_wire),
             history: history_wire(r),
-            pricing: r.pricing.clone(),
-            conversation: r.conversation.clone(),
+            pricing: r.pricing.as_ref().map(Cow::Borrowed),
+            conversation: r.conversation.as_ref().map(Cow::Borrowed),
         }
     }
 }
 
-impl UpdateWire {
+impl UpdateWire<'_> {
     /// Apply onto the record it names.
     pub fn apply(self, r: &mut OutboundRecord) {
         r.status = self.status.0;
-        r.wamid = self.wamid.map(Into::into);
+        r.wamid = self.wamid.map(|w| w.into_owned().into());
         r.attempts = self.attempts;
         r.error = self.error.map(error_of);
         r.history = self.history.into_iter().map(|(s, at)| (s.0, at)).collect();
         if self.pricing.is_some() {
-            r.pricing = self.pricing;
+            r.pricing = self.pricing.map(Cow::into_owned);
         }
         if self.conversation.is_some() {
-            r.conversation = self.conversation;
+            r.conversation = self.conversation.map(Cow::into_owned);
         }
     }
 }

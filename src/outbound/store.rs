@@ -769,7 +769,7 @@ impl Outbox {
                 // again after the replay); one dropped later (retention)
                 // has no update to take.
                 self.reload(&update.id);
-                if let Some(mut r) = self.records.get_mut(update.id.as_str()) {
+                if let Some(mut r) = self.records.get_mut(&*update.id) {
                     update.apply(&mut r);
                 }
             }
@@ -825,7 +825,7 @@ impl Outbox {
             OutboxOp::Update(update) => {
                 let id = update.id.clone();
                 self.reload(&id);
-                let changed = self.records.get_mut(id.as_str()).and_then(|mut r| {
+                let changed = self.records.get_mut(&*id).and_then(|mut r| {
                     let before = r.status;
                     update.apply(&mut r);
                     (r.status != before).then(|| r.clone())

@@ -181,8 +181,9 @@ impl Dedupe {
         inner.recent.insert(d, at);
         // Full: the oldest tenth (or more) goes at once, not one by one.
         let full = inner.recent.len() >= RECENT_MAX.min(self.capacity);
-        if full || inner.len() > self.capacity || at > inner.next_expiry {
-            let keep = if inner.len() > self.capacity {
+        let over = inner.len() > self.capacity;
+        if full || over || at > inner.next_expiry {
+            let keep = if over {
                 self.capacity - self.capacity / 10
             } else {
                 self.capacity
