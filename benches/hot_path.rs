@@ -146,7 +146,7 @@ fn rule_matching(c: &mut Criterion) {
 fn contact_notification(from: &str, wamid: &str, bsuid: bool) -> Vec<u8> {
     let mut contact = serde_json::json!({ "profile": { "name": "Bench" }, "wa_id": from });
     if bsuid {
-        contact["user_id"] = format!("US.{from}").into();
+        contact["user_id"] = format!("US.{from:0>20}").into();
     }
     let n = serde_json::json!({
         "object": "whatsapp_business_account",

@@ -382,6 +382,23 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 
 /// Open `data_dir`: replay the journal into `state`, attach the journal,
 /// and write a fresh snapshot so the next start replays little.
+/// A journal record decoded for the store that wrote it.
+enum Replayed {
+    State(crate::state::ops::StateOp),
+    Outbox(crate::outbound::ops::OutboxOp<'static>),
+    Events(crate::events::ops::EventOp),
+}
+
+fn decode_record(payload: &[u8]) -> Result<Replayed, String> {
+    let (owner, json) = crate::persist::decode(payload)?;
+    let error = |e: serde_json::Error| e.to_string();
+    Ok(match owner {
+        Owner::State => Replayed::State(serde_json::from_slice(json).map_err(error)?),
+        Owner::Outbox => Replayed::Outbox(serde_json::from_slice(json).map_err(error)?),
+        Owner::Events => Replayed::Events(serde_json::from_slice(json).map_err(error)?),
+    })
+}
+
 async fn open_storage(
     state: &State,
     outbox: &Arc<Outbox>,
@@ -393,14 +410,12 @@ async fn open_storage(
     crate::journal::remove_stale_snapshots(dir);
     let log_bytes = crate::journal::log_bytes(dir);
     // Startup: nothing else runs yet, so replaying inline blocks no one.
-    // Each record goes to the store that wrote it (crate::persist).
-    let (ops, next) = crate::journal::replay(dir, |payload| {
-        let (owner, json) = crate::persist::decode(payload)?;
-        match owner {
-            Owner::State => state.restore(json, sandbox),
-            Owner::Outbox => outbox.restore(json, sandbox),
-            Owner::Events => events.restore(json),
-        }
+    // Each record goes to the store that wrote it (crate::persist),
+    // decoded on the replay's reader thread.
+    let (ops, next) = crate::journal::replay_decoded(dir, decode_record, |record| match record {
+        Replayed::State(op) => state.restore_op(op, sandbox),
+        Replayed::Outbox(op) => outbox.restore_op(op, sandbox),
+        Replayed::Events(op) => events.restore_op(op),
     })
     .map_err(|e| StartError::Storage(format!("{e} (move the file aside to start without it)")))?;
     // Attach the journal first: settling interrupted sends is journaled too.

@@ -233,6 +233,12 @@ impl Events {
     /// Apply one journaled record (the JSON of an [`EventOp`]).
     pub fn restore(&self, json: &[u8]) -> Result<(), String> {
         let op: EventOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        self.restore_op(op);
+        Ok(())
+    }
+
+    /// Apply one journaled record, decoded.
+    pub(crate) fn restore_op(&self, op: EventOp) {
         let mut restoring = self.restoring.lock();
         match op {
             EventOp::Event {
@@ -247,7 +253,6 @@ impl Events {
                 restoring.remove(&(target, id));
             }
         }
-        Ok(())
     }
 
     /// After the last record: queue the events not delivered before the

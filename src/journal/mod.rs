@@ -364,6 +364,50 @@ pub fn replay(
     Ok((applied, next))
 }
 
+/// Records decoded a batch at a time on the reader thread.
+const REPLAY_BATCH: usize = 1024;
+
+/// [`replay`] on two threads: a reader reads, checks and `decode`s the
+/// records while the calling thread `apply`s them, in order (a restart
+/// with 1,000,000 conversations spent about a third of its time reading
+/// and parsing). A record `decode` refuses stops the replay as corrupt,
+/// at its offset; the records before it are applied.
+pub fn replay_decoded<T: Send>(
+    dir: &Path,
+    decode: impl Fn(&[u8]) -> Result<T, String> + Send,
+    mut apply: impl FnMut(T),
+) -> Result<(u64, u64), JournalError> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Vec<T>>(8);
+        let reader = std::thread::Builder::new()
+            .name("wa-router-replay".into())
+            .spawn_scoped(scope, move || {
+                let mut batch = Vec::with_capacity(REPLAY_BATCH);
+                let read = replay(dir, |payload| {
+                    batch.push(decode(payload)?);
+                    if batch.len() == REPLAY_BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
+                        // The applier stops only by panicking.
+                        tx.send(full)
+                            .map_err(|_| "the replay stopped".to_string())?;
+                    }
+                    Ok(())
+                });
+                if !batch.is_empty() {
+                    let _ = tx.send(batch);
+                }
+                read
+            })
+            .map_err(|e| io_error(dir, e))?;
+        for batch in rx {
+            batch.into_iter().for_each(&mut apply);
+        }
+        reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 impl Journal {
     /// Memory mode: appends are dropped, syncs succeed at once.
     pub fn disabled() -> Self {
@@ -778,6 +822,45 @@ mod tests {
         let (applied, next) = replay(dir.path(), collect(&mut got)).unwrap();
         assert_eq!((applied, next), (100, 1));
         assert_eq!(got[99], seen(99));
+    }
+
+    /// Decoded on the reader, applied here in order across batches; a
+    /// record the decoder refuses stops the replay at its offset, after
+    /// every record before it.
+    #[test]
+    fn decoded_replay_keeps_the_order_and_stops_at_a_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = REPLAY_BATCH as u64 * 3 + 5;
+        let mut log = Vec::new();
+        for n in 0..count {
+            log.extend(frame(n.to_string().as_bytes()));
+        }
+        std::fs::write(dir.path().join(log_name(0)), &log).unwrap();
+        let decode = |p: &[u8]| -> Result<u64, String> {
+            std::str::from_utf8(p)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("not a number: {}", String::from_utf8_lossy(p)))
+        };
+        let mut got = Vec::new();
+        let (applied, next) = replay_decoded(dir.path(), decode, |n| got.push(n)).unwrap();
+        assert_eq!((applied, next), (count, 1));
+        assert_eq!(got, (0..count).collect::<Vec<_>>());
+
+        let bad_at = log.len() as u64;
+        log.extend(frame(b"x"));
+        log.extend(frame(b"7"));
+        std::fs::write(dir.path().join(log_name(0)), &log).unwrap();
+        let mut got = Vec::new();
+        let err = replay_decoded(dir.path(), decode, |n| got.push(n)).unwrap_err();
+        match err {
+            JournalError::Corrupt { offset, reason, .. } => {
+                assert_eq!(offset, bad_at);
+                assert!(reason.contains("not a number: x"), "{reason}");
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(got, (0..count).collect::<Vec<_>>());
     }
 
     #[tokio::test]

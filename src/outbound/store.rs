@@ -752,7 +752,7 @@ impl Outbox {
         Ok(())
     }
 
-    fn restore_op(&self, op: OutboxOp, sandbox: bool) {
+    pub(crate) fn restore_op(&self, op: OutboxOp, sandbox: bool) {
         match op {
             OutboxOp::Record(record)
                 if self

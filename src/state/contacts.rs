@@ -12,28 +12,30 @@
 use std::hash::BuildHasher;
 
 use dashmap::DashMap;
-use hashbrown::HashTable;
 use parking_lot::RwLock;
 
+use super::linkset::LinkSet;
 use super::ops::StateOp;
 use super::table::Node;
 use super::{Account, State};
 use crate::domain::Millis;
 use crate::inbound::InboundMessage;
 
-/// Shards of the links (independent locks).
-const LINK_SHARDS: usize = 16;
+/// Shards of the links (independent locks), picked by a key's top bits.
+const LINK_SHARD_BITS: u32 = 4;
+const LINK_SHARDS: usize = 1 << LINK_SHARD_BITS;
 
 /// One shard of the links: (key, node position) entries.
-type LinkShard = RwLock<HashTable<(u32, u32)>>;
+type LinkShard = RwLock<LinkSet>;
 
 /// The links BSUID → the conversation it belongs to, per account.
 ///
 /// Most contacts come with both ids, so there is a link per contact: it is
 /// kept as 8 bytes, a keyed 32-bit hash of (account, BSUID) and the
-/// position of the conversation's node in its table (two boxed strings in
-/// a map entry cost ~110 bytes a contact, as much as the rest of an open
-/// window; a 64-bit hash → the phone number, 16). An entry only names a
+/// position of the conversation's node in its table, in a sorted vector
+/// ([`LinkSet`]; two boxed strings in a map entry cost ~110 bytes a
+/// contact, as much as the rest of an open window; a 64-bit hash → the
+/// phone number, 16; the pairs in a hash table, 18). An entry only names a
 /// candidate: a link counts when the node at that position is of the
 /// account and carries that BSUID, checked on every lookup, so BSUIDs
 /// sharing a hash never reach each other's conversation and an entry left
@@ -47,7 +49,6 @@ pub(super) struct Links {
     /// in one shard: not reached in practice), kept whole.
     exact: DashMap<(u16, Box<str>), Box<str>>,
     keys: std::hash::RandomState,
-    spread: foldhash::fast::RandomState,
     /// Tests: every BSUID gets one hash.
     #[cfg(test)]
     collide: std::sync::atomic::AtomicBool,
@@ -57,11 +58,10 @@ impl Default for Links {
     fn default() -> Self {
         Links {
             shards: (0..LINK_SHARDS)
-                .map(|_| RwLock::new(HashTable::new()))
+                .map(|_| RwLock::new(LinkSet::with_fixed_bits(LINK_SHARD_BITS)))
                 .collect(),
             exact: DashMap::new(),
             keys: Default::default(),
-            spread: Default::default(),
             #[cfg(test)]
             collide: Default::default(),
         }
@@ -77,30 +77,18 @@ impl Links {
         (self.keys.hash_one((account, user_id)) >> 32) as u32
     }
 
-    /// The table's hash of a key (the table picks buckets by its low
-    /// bits, [`Links::shard`] by the key's high ones).
-    fn spread(&self, key: u32) -> u64 {
-        self.spread.hash_one(key)
-    }
-
     fn shard(&self, key: u32) -> &LinkShard {
-        &self.shards[(key >> 28) as usize % LINK_SHARDS]
+        &self.shards[(key >> (32 - LINK_SHARD_BITS)) as usize]
     }
 
     /// The link (key, position), if kept.
     fn has(&self, key: u32, position: u32) -> bool {
-        self.shard(key)
-            .read()
-            .find(self.spread(key), |&e| e == (key, position))
-            .is_some()
+        self.shard(key).read().contains(key, position)
     }
 
     /// Drop the link (key, position), if kept.
     fn drop_entry(&self, key: u32, position: u32) {
-        let mut shard = self.shard(key).write();
-        if let Ok(e) = shard.find_entry(self.spread(key), |&e| e == (key, position)) {
-            e.remove();
-        }
+        self.shard(key).write().remove(key, position);
     }
 }
 
@@ -142,16 +130,13 @@ impl State {
         // Lock order: a link shard, then a conversation shard (never the
         // other way round).
         let shard = links.shard(key).read();
-        shard
-            .iter_hash(links.spread(key))
-            .filter(|(k, _)| *k == key)
-            .find_map(|&(_, position)| {
-                self.conversations
-                    .at(position, |n| {
-                        (n.account == account && n.user_id() == Some(user_id)).then(|| n.contact())
-                    })
-                    .flatten()
-            })
+        shard.positions(key).find_map(|position| {
+            self.conversations
+                .at(position, |n| {
+                    (n.account == account && n.has_user_id(user_id)).then(|| n.contact())
+                })
+                .flatten()
+        })
     }
 
     /// Whether `user_id` is linked to `wa_id` already.
@@ -173,22 +158,22 @@ impl State {
             return;
         };
         let key = links.key(account, user_id);
-        let hash = links.spread(key);
         let names_it = |p: u32| {
             self.conversations
-                .at(p, |n| n.account == account && n.user_id() == Some(user_id))
+                .at(p, |n| n.account == account && n.has_user_id(user_id))
                 .unwrap_or(false)
         };
         let mut shard = links.shard(key).write();
         // The BSUID moved to another number: the old link goes (its
         // conversation may still carry the BSUID).
-        while let Ok(e) = shard.find_entry(hash, |&(k, p)| k == key && p != position && names_it(p))
-        {
-            e.remove();
+        let moved: Vec<u32> = shard
+            .positions(key)
+            .filter(|&p| p != position && names_it(p))
+            .collect();
+        for p in moved {
+            shard.remove(key, p);
         }
-        if shard.find(hash, |&e| e == (key, position)).is_none() {
-            shard.insert_unique(hash, (key, position), |&(k, _)| links.spread(k));
-        }
+        shard.insert(key, position);
         drop(shard);
         if !links.exact.is_empty() {
             links.exact.remove(&exact_key);
@@ -261,9 +246,8 @@ impl State {
         if msg.user_id.is_none() && msg.username.is_none() {
             return;
         }
-        let user_id = n.user_id();
         let username = n.extra().and_then(|e| e.username.as_deref());
-        let fresh_id = msg.user_id.as_deref().filter(|u| Some(*u) != user_id);
+        let fresh_id = msg.user_id.as_deref().filter(|u| !n.has_user_id(u));
         let fresh_name = msg.username.as_deref().filter(|u| Some(*u) != username);
         if fresh_id.is_none() && fresh_name.is_none() {
             return;
@@ -273,7 +257,7 @@ impl State {
         self.log(|| StateOp::ContactIds {
             account: account.name().to_string(),
             contact: msg.from.to_string(),
-            user_id: n.user_id().map(str::to_string),
+            user_id: n.user_id().map(Into::into),
             username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
         });
     }
@@ -285,7 +269,7 @@ impl State {
         if let Some((position, node)) = removed
             && let Some(u) = node.user_id()
         {
-            links.drop_entry(links.key(account, u), position);
+            links.drop_entry(links.key(account, &u), position);
         }
         if !links.exact.is_empty() {
             links
@@ -301,7 +285,7 @@ impl State {
         // Collected first: no link shard is locked under a conversation's.
         self.conversations.for_each(|n| {
             if let Some(u) = n.user_id() {
-                all.push((n.account, u.to_string(), n.contact()));
+                all.push((n.account, String::from(u), n.contact()));
             }
         });
         all.retain(|(a, u, contact)| {

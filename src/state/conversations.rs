@@ -339,7 +339,7 @@ impl State {
                 (
                     c.recent().cloned().collect::<Vec<_>>(),
                     c.recent_seq(),
-                    c.user_id().map(str::to_string),
+                    c.user_id().map(Into::into),
                 )
             })
             .unwrap_or_default();

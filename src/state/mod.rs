@@ -15,6 +15,7 @@ pub mod contacts;
 pub mod conversations;
 pub mod dedupe;
 pub mod idempotency;
+mod linkset;
 pub mod ops;
 pub mod restore;
 pub mod table;

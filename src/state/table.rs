@@ -1,7 +1,7 @@
 //! The conversations, kept compact: a million open windows are a million
 //! entries, so an entry is what every conversation needs and no more.
 //!
-//! Each conversation is one 64-byte [`Node`] in its shard's vector of
+//! Each conversation is one 72-byte [`Node`] in its shard's vector of
 //! nodes, found through a hash table of 4-byte positions (a
 //! `DashMap<key, Box<value>>` bucket was 32 bytes, and a table is half
 //! empty right after it grows). A
@@ -13,6 +13,7 @@
 //! from as many contacts, dedupe included): 456 → 184 bytes per open window.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
 use std::hash::BuildHasher;
 
 use compact_str::CompactString;
@@ -88,7 +89,61 @@ impl Extra {
     }
 }
 
-/// One conversation (64 bytes).
+/// A BSUID of the usual form (two capital letters, a dot, 1 to 20
+/// digits: Meta's are `CC.` + 20 digits) in 10 bytes; all zero for none.
+///
+/// The digit strings are numbered by length, then value (the 10 of one
+/// digit first, so leading zeros survive): under 1.12 × 10^20 of them,
+/// 67 bits; with the 676 letter pairs and the zero for "none", 77 bits.
+/// Kept in the node it costs 10 bytes a contact; in the name's string
+/// (23 characters after the name) it made nearly every contact's name a
+/// 32-byte heap string.
+type PackedBsuid = [u8; 10];
+
+/// Digit strings shorter than `len` digits (of 1 digit or more).
+fn shorter_than(len: u32) -> u128 {
+    (10u128.pow(len) - 10) / 9
+}
+
+/// `id` packed, if it has the usual form.
+fn pack_bsuid(id: &str) -> Option<PackedBsuid> {
+    let b = id.as_bytes();
+    let digits = b.get(3..).filter(|d| (1..=20).contains(&d.len()))?;
+    if !(b[0].is_ascii_uppercase()
+        && b[1].is_ascii_uppercase()
+        && b[2] == b'.'
+        && digits.iter().all(u8::is_ascii_digit))
+    {
+        return None;
+    }
+    let value = digits
+        .iter()
+        .fold(0u128, |v, d| v * 10 + u128::from(d - b'0'));
+    let letters = u128::from(b[0] - b'A') * 26 + u128::from(b[1] - b'A');
+    let code = 1 + letters + 676 * (shorter_than(digits.len() as u32) + value);
+    let mut packed = PackedBsuid::default();
+    packed.copy_from_slice(&code.to_le_bytes()[..10]);
+    Some(packed)
+}
+
+/// The BSUID `packed` holds, if any.
+fn unpack_bsuid(packed: &PackedBsuid) -> Option<CompactString> {
+    let mut bytes = [0u8; 16];
+    bytes[..10].copy_from_slice(packed);
+    let code = u128::from_le_bytes(bytes).checked_sub(1)?;
+    let (letters, index) = ((code % 676) as u32, code / 676);
+    let len = (1..20).find(|&l| index < shorter_than(l + 1)).unwrap_or(20);
+    let value = index - shorter_than(len);
+    let mut id = CompactString::default();
+    for letter in [letters / 26, letters % 26] {
+        id.push(char::from(b'A' + letter as u8));
+    }
+    id.push('.');
+    let _ = write!(id, "{value:0width$}", width = len as usize);
+    Some(id)
+}
+
+/// One conversation (72 bytes).
 #[derive(Debug)]
 pub struct Node {
     /// The contact as a number, or 0 when it is text (`Extra::contact`).
@@ -101,6 +156,8 @@ pub struct Node {
     /// Entries ever added to the history (journal deltas are numbered by it).
     recent_seq: u32,
     pub account: u16,
+    /// The contact's BSUID when it has the usual form (others go in `name`).
+    bsuid: PackedBsuid,
 }
 
 impl Node {
@@ -113,6 +170,7 @@ impl Node {
             extra: None,
             recent_seq: 0,
             account,
+            bsuid: PackedBsuid::default(),
         };
         match key {
             Key::Digits(n) => node.digits = n,
@@ -172,8 +230,8 @@ impl Node {
         self.tidy();
     }
 
-    /// The profile name. `name` holds it and, after a NUL, the contact's
-    /// BSUID: since 2026 Meta names one for most contacts, and kept here it
+    /// The profile name. `name` holds it and, after a NUL, a BSUID that
+    /// does not pack into `bsuid` (none of Meta's so far): kept here it
     /// costs a few bytes where the rarely used box would cost ~200.
     pub fn name(&self) -> Option<&str> {
         let both = self.name.as_deref()?;
@@ -181,24 +239,43 @@ impl Node {
         (!name.is_empty()).then_some(name)
     }
 
-    /// The contact's BSUID (Meta's business-scoped user id), when known.
-    pub fn user_id(&self) -> Option<&str> {
+    /// A BSUID kept after the name (one that does not pack).
+    fn spilled_user_id(&self) -> Option<&str> {
         let (_, id) = self.name.as_deref()?.split_once('\0')?;
         (!id.is_empty()).then_some(id)
     }
 
-    pub fn set_user_id(&mut self, user_id: Option<&str>) {
-        if self.user_id() == user_id {
-            return;
-        }
-        let name = self.name().map(str::to_string);
-        self.pack(name.as_deref(), user_id);
+    /// The contact's BSUID (Meta's business-scoped user id), when known.
+    pub fn user_id(&self) -> Option<CompactString> {
+        unpack_bsuid(&self.bsuid).or_else(|| self.spilled_user_id().map(Into::into))
     }
 
-    fn pack(&mut self, name: Option<&str>, user_id: Option<&str>) {
+    /// Whether the contact's BSUID is `id` (compared packed: nothing made).
+    pub fn has_user_id(&self, id: &str) -> bool {
+        match pack_bsuid(id) {
+            Some(packed) => self.bsuid == packed,
+            None => self.spilled_user_id() == Some(id),
+        }
+    }
+
+    pub fn set_user_id(&mut self, user_id: Option<&str>) {
+        let unchanged = match user_id {
+            Some(id) => self.has_user_id(id),
+            None => self.bsuid == PackedBsuid::default() && self.spilled_user_id().is_none(),
+        };
+        if unchanged {
+            return;
+        }
+        let packed = user_id.and_then(pack_bsuid);
+        self.bsuid = packed.unwrap_or_default();
+        let name = self.name().map(str::to_string);
+        self.pack(name.as_deref(), user_id.filter(|_| packed.is_none()));
+    }
+
+    fn pack(&mut self, name: Option<&str>, spilled_id: Option<&str>) {
         // A NUL in a name would read as the separator.
         let name = name.map(|n| n.replace('\0', ""));
-        self.name = match (name.as_deref().filter(|n| !n.is_empty()), user_id) {
+        self.name = match (name.as_deref().filter(|n| !n.is_empty()), spilled_id) {
             (None, None) => None,
             (Some(n), None) => Some(CompactString::from(n)),
             (n, Some(id)) => {
@@ -215,8 +292,8 @@ impl Node {
         if self.name() == name {
             return;
         }
-        let user_id = self.user_id().map(str::to_string);
-        self.pack(name, user_id.as_deref());
+        let spilled = self.spilled_user_id().map(str::to_string);
+        self.pack(name, spilled.as_deref());
     }
 
     pub fn extra(&self) -> Option<&Extra> {
@@ -299,7 +376,7 @@ impl Node {
             recent_seq: self.recent_seq(),
             last_activity: self.last_activity,
             window: self.window(),
-            user_id: self.user_id().map(str::to_string),
+            user_id: self.user_id().map(Into::into),
             username: e.and_then(|e| e.username.as_deref().map(str::to_string)),
             marketing_opt_out: e.is_some_and(|e| e.marketing_opt_out),
         }
@@ -542,30 +619,45 @@ impl ConvTable {
 mod tests {
     use super::*;
 
-    /// The profile name and the BSUID share one slot; neither disturbs the
-    /// other, and neither keeps the rarely used box alive.
+    fn ids(n: &Node) -> (Option<String>, Option<String>) {
+        (n.name().map(str::to_string), n.user_id().map(Into::into))
+    }
+
+    fn both(name: Option<&str>, id: Option<&str>) -> (Option<String>, Option<String>) {
+        (name.map(str::to_string), id.map(str::to_string))
+    }
+
+    /// The profile name and the BSUID (packed, or after the name when it
+    /// does not pack): neither disturbs the other, and neither keeps the
+    /// rarely used box alive.
     #[test]
-    fn name_and_bsuid_share_a_slot() {
+    fn name_and_bsuid_keep_apart() {
         let mut n = Node::new(1, Key::of("16315551181"));
-        assert_eq!((n.name(), n.user_id()), (None, None));
+        assert_eq!(ids(&n), both(None, None));
         n.set_user_id(Some("US.13491208655302741918"));
-        assert_eq!(
-            (n.name(), n.user_id()),
-            (None, Some("US.13491208655302741918"))
-        );
+        assert_eq!(ids(&n), both(None, Some("US.13491208655302741918")));
+        assert!(n.name.is_none(), "a Meta BSUID is packed");
         n.set_name(Some("Ana"));
-        assert_eq!(
-            (n.name(), n.user_id()),
-            (Some("Ana"), Some("US.13491208655302741918"))
-        );
+        assert_eq!(ids(&n), both(Some("Ana"), Some("US.13491208655302741918")));
+        for odd in ["US.A1b2C3", "US.ENT.123", "US.123456789012345678901"] {
+            n.set_user_id(Some(odd));
+            assert_eq!(ids(&n), both(Some("Ana"), Some(odd)));
+            assert!(n.has_user_id(odd) && !n.has_user_id("US.1"));
+        }
         n.set_user_id(Some("US.1"));
-        assert_eq!((n.name(), n.user_id()), (Some("Ana"), Some("US.1")));
+        assert_eq!(ids(&n), both(Some("Ana"), Some("US.1")));
+        assert_eq!(n.name.as_deref(), Some("Ana"), "the spilled id is gone");
         n.set_name(Some("A\0na"));
-        assert_eq!((n.name(), n.user_id()), (Some("Ana"), Some("US.1")));
+        assert_eq!(ids(&n), both(Some("Ana"), Some("US.1")));
         n.set_name(None);
-        assert_eq!((n.name(), n.user_id()), (None, Some("US.1")));
+        assert_eq!(ids(&n), both(None, Some("US.1")));
+        n.set_user_id(Some("GB.x"));
+        n.set_name(Some("Bo"));
+        assert_eq!(ids(&n), both(Some("Bo"), Some("GB.x")));
         n.set_user_id(None);
-        assert_eq!((n.name(), n.user_id()), (None, None));
+        assert_eq!(ids(&n), both(Some("Bo"), None));
+        n.set_name(None);
+        assert_eq!(ids(&n), both(None, None));
         assert!(n.extra().is_none());
         let c = {
             n.set_name(Some("Ana"));
@@ -578,14 +670,49 @@ mod tests {
         );
         let mut m = Node::new(1, Key::of("16315551182"));
         m.set_fields(c);
-        assert_eq!((m.name(), m.user_id()), (Some("Ana"), Some("US.2")));
+        assert_eq!(ids(&m), both(Some("Ana"), Some("US.2")));
         assert!(m.extra().is_none(), "ids alone keep no box");
     }
 
+    /// Every BSUID of the usual form comes back as it went in (leading
+    /// zeros, one to twenty digits, any letters); others do not pack.
     #[test]
-    fn a_node_is_64_bytes_in_its_slot_too() {
-        assert_eq!(std::mem::size_of::<Node>(), 64);
-        assert_eq!(std::mem::size_of::<Option<Node>>(), 64);
+    fn bsuids_pack_and_unpack_exactly() {
+        let mut ids: Vec<String> = ["US.0", "US.00", "US.9", "ZZ.99999999999999999999"]
+            .map(String::from)
+            .to_vec();
+        ids.push("AA.00000000000000000000".into());
+        ids.push("US.13491208655302741918".into());
+        for len in 1..=20 {
+            ids.push(format!("BR.{}", "7".repeat(len)));
+            ids.push(format!("GB.0{}", "5".repeat(len - 1)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for id in &ids {
+            let packed = pack_bsuid(id).unwrap_or_else(|| panic!("{id} packs"));
+            assert_ne!(packed, PackedBsuid::default());
+            assert!(seen.insert(packed), "{id} packs apart from the others");
+            assert_eq!(unpack_bsuid(&packed).as_deref(), Some(id.as_str()));
+        }
+        for odd in [
+            "US.",
+            "us.1",
+            "U.12",
+            "US-1",
+            "US.1a",
+            "US.ENT.1",
+            "US.123456789012345678901",
+            "16315551181",
+        ] {
+            assert_eq!(pack_bsuid(odd), None, "{odd}");
+        }
+        assert_eq!(unpack_bsuid(&PackedBsuid::default()), None);
+    }
+
+    #[test]
+    fn a_node_is_72_bytes_in_its_slot_too() {
+        assert_eq!(std::mem::size_of::<Node>(), 72);
+        assert_eq!(std::mem::size_of::<Option<Node>>(), 72);
     }
 
     #[test]
