@@ -380,8 +380,6 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Open `data_dir`: replay the journal into `state`, attach the journal,
-/// and write a fresh snapshot so the next start replays little.
 /// A journal record decoded for the store that wrote it.
 enum Replayed {
     State(crate::state::ops::StateOp),
@@ -399,6 +397,18 @@ fn decode_record(payload: &[u8]) -> Result<Replayed, String> {
     })
 }
 
+/// Hand a decoded record to its store (replay of the journal or, in a
+/// cluster, of the shared log).
+fn apply_record(state: &State, outbox: &Outbox, events: &Events, record: Replayed, sandbox: bool) {
+    match record {
+        Replayed::State(op) => state.restore_op(op, sandbox),
+        Replayed::Outbox(op) => outbox.restore_op(op, sandbox),
+        Replayed::Events(op) => events.restore_op(op),
+    }
+}
+
+/// Open `data_dir`: replay the journal into `state`, attach the journal,
+/// and write a fresh snapshot so the next start replays little.
 async fn open_storage(
     state: &State,
     outbox: &Arc<Outbox>,
@@ -412,10 +422,8 @@ async fn open_storage(
     // Startup: nothing else runs yet, so replaying inline blocks no one.
     // Each record goes to the store that wrote it (crate::persist),
     // decoded on the replay's reader thread.
-    let (ops, next) = crate::journal::replay_decoded(dir, decode_record, |record| match record {
-        Replayed::State(op) => state.restore_op(op, sandbox),
-        Replayed::Outbox(op) => outbox.restore_op(op, sandbox),
-        Replayed::Events(op) => events.restore_op(op),
+    let (ops, next) = crate::journal::replay_decoded(dir, decode_record, |record| {
+        apply_record(state, outbox, events, record, sandbox)
     })
     .map_err(|e| StartError::Storage(format!("{e} (move the file aside to start without it)")))?;
     // Attach the journal first: settling interrupted sends is journaled too.
@@ -460,12 +468,8 @@ async fn open_cluster(
     let started = std::time::Instant::now();
     let (last, ops) = cluster
         .replay(|payload| {
-            let (owner, json) = crate::persist::decode(payload)?;
-            match owner {
-                Owner::State => state.restore(json, sandbox),
-                Owner::Outbox => outbox.restore(json, sandbox),
-                Owner::Events => events.restore(json),
-            }
+            apply_record(state, outbox, events, decode_record(payload)?, sandbox);
+            Ok(())
         })
         .await
         .map_err(|e| StartError::Storage(e.to_string()))?;

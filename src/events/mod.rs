@@ -230,14 +230,7 @@ impl Events {
         Ok(())
     }
 
-    /// Apply one journaled record (the JSON of an [`EventOp`]).
-    pub fn restore(&self, json: &[u8]) -> Result<(), String> {
-        let op: EventOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-        self.restore_op(op);
-        Ok(())
-    }
-
-    /// Apply one journaled record, decoded.
+    /// Apply one journaled record.
     pub(crate) fn restore_op(&self, op: EventOp) {
         let mut restoring = self.restoring.lock();
         match op {

@@ -744,14 +744,8 @@ pub struct RestoredOutbox {
 }
 
 impl Outbox {
-    /// Apply one journaled record (the JSON of an [`OutboxOp`]).
-    /// `sandbox`: unknown accounts are registered again.
-    pub fn restore(&self, json: &[u8], sandbox: bool) -> Result<(), String> {
-        let op: OutboxOp = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-        self.restore_op(op, sandbox);
-        Ok(())
-    }
-
+    /// Apply one journaled record. `sandbox`: unknown accounts are
+    /// registered again.
     pub(crate) fn restore_op(&self, op: OutboxOp, sandbox: bool) {
         match op {
             OutboxOp::Record(record)

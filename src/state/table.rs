@@ -259,17 +259,14 @@ impl Node {
     }
 
     pub fn set_user_id(&mut self, user_id: Option<&str>) {
-        let unchanged = match user_id {
-            Some(id) => self.has_user_id(id),
-            None => self.bsuid == PackedBsuid::default() && self.spilled_user_id().is_none(),
-        };
-        if unchanged {
+        let packed = user_id.and_then(pack_bsuid).unwrap_or_default();
+        let spilled = user_id.filter(|_| packed == PackedBsuid::default());
+        if self.bsuid == packed && self.spilled_user_id() == spilled {
             return;
         }
-        let packed = user_id.and_then(pack_bsuid);
-        self.bsuid = packed.unwrap_or_default();
+        self.bsuid = packed;
         let name = self.name().map(str::to_string);
-        self.pack(name.as_deref(), user_id.filter(|_| packed.is_none()));
+        self.pack(name.as_deref(), spilled);
     }
 
     fn pack(&mut self, name: Option<&str>, spilled_id: Option<&str>) {
