@@ -84,6 +84,9 @@ struct Args {
     redis_url: Option<String>,
     /// Counted with the routers' RSS and CPU.
     redis_pid: Option<u32>,
+    /// After the replies: a `delivered` status for every send, posted
+    /// closed-loop on the same connections (what a campaign gets back).
+    statuses: bool,
 }
 
 fn parse_args() -> Args {
@@ -108,6 +111,7 @@ fn parse_args() -> Args {
         routers: 1,
         redis_url: None,
         redis_pid: None,
+        statuses: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -137,13 +141,19 @@ fn parse_args() -> Args {
             "--routers" => a.routers = v.parse().expect("--routers N"),
             "--redis-url" => a.redis_url = Some(v),
             "--redis-pid" => a.redis_pid = Some(v.parse().expect("--redis-pid PID")),
+            "--statuses" => {
+                a.statuses = true;
+                i += 1;
+                continue;
+            }
             "--help" | "-h" => {
                 println!(
                     "options: --target memory|durable|cluster|peer [--peer-cmd CMD --peer-port N] \
                      [--routers N --redis-url URL --redis-pid PID] \
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
-                     --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N"
+                     --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N, \
+                     --statuses"
                 );
                 std::process::exit(0);
             }
@@ -162,6 +172,8 @@ struct Seen {
     /// Echo replies as they reached the mock, before its latency: (time,
     /// the message number they answer), for inbound → Graph latency.
     arrivals: Mutex<Vec<(Instant, u64)>>,
+    /// Each wamid the mock answered: (its number, the contact).
+    wamids: Mutex<Vec<(usize, String)>>,
     requests: AtomicUsize,
 }
 
@@ -207,11 +219,15 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
         .to_string();
     let seq = reply_seq(&v);
     let contacts = json!([{ "input": to, "wa_id": to, "user_id": to }]);
-    mock.seen.sends.lock().push((Instant::now(), to, seq));
+    mock.seen
+        .sends
+        .lock()
+        .push((Instant::now(), to.clone(), seq));
     if seq > 0 {
         mock.seen.arrivals.lock().push((arrived, seq));
     }
     let n = mock.counter.fetch_add(1, Ordering::Relaxed);
+    mock.seen.wamids.lock().push((n, to));
     HttpResponse::Ok().json(json!({
         "messaging_product": "whatsapp",
         "contacts": contacts,
@@ -260,6 +276,27 @@ fn webhook(i: usize, ts: i64, contacts: usize) -> Vec<u8> {
             // (pywa 4 requires it).
             "contacts": [{ "profile": { "name": "Bench" }, "wa_id": from, "user_id": format!("US.{from:0>20}") }],
             "messages": [msg]
+        } }] }]
+    }))
+    .expect("JSON")
+}
+
+/// A `delivered` status for the mock's send number `n` to `to`, as Meta
+/// sends it (with pricing).
+fn status_webhook(n: usize, to: &str, ts: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550000000", "phone_number_id": PNID },
+            "statuses": [{
+                "id": format!("wamid.bench.out.{n}"),
+                "status": "delivered",
+                "timestamp": ts.to_string(),
+                "recipient_id": to,
+                "pricing": { "billable": false, "pricing_model": "PMP",
+                             "type": "free_customer_service", "category": "service" }
+            }]
         } }] }]
     }))
     .expect("JSON")
@@ -697,6 +734,57 @@ async fn run(args: Args) {
     });
     let (rss_end, cpu_after) = usage();
     peak_rss = peak_rss.max(rss_end);
+    // Statuses: `delivered` for every send, by then mostly archived.
+    let (mut status_rate, mut status_p99, mut cpu_per_status) = (0.0, 0.0, 0.0);
+    if args.statuses {
+        let sent = seen.wamids.lock().clone();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        let bodies: Vec<(web::Bytes, String)> = sent
+            .iter()
+            .map(|(n, to)| {
+                let b = status_webhook(*n, to, ts);
+                let sig = wa_router::crypto::sign(SECRET.as_bytes(), &b);
+                (web::Bytes::from(b), sig)
+            })
+            .collect();
+        let statuses = Arc::new(Load {
+            http: load.http.clone(),
+            urls: load.urls.clone(),
+            posted: (0..bodies.len()).map(|_| AtomicU64::new(0)).collect(),
+            bodies,
+            next: AtomicUsize::new(0),
+            acked: AtomicUsize::new(0),
+            latencies: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
+        });
+        let (_, cpu_before) = usage();
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..args.connections.max(1))
+            .map(|_| {
+                let statuses = statuses.clone();
+                tokio::spawn(async move { while statuses.clone().post().await {} })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let (rss, cpu_after) = usage();
+        peak_rss = peak_rss.max(rss);
+        let acked = statuses.acked.load(Ordering::Relaxed);
+        let mut lat = statuses.latencies.lock().clone();
+        lat.sort_unstable();
+        status_rate = acked as f64 / secs;
+        status_p99 = percentile(&lat, 0.99);
+        cpu_per_status = (cpu_after - cpu_before) / acked.max(1) as f64;
+        eprintln!(
+            "statuses: {acked} of {} acked in {secs:.1} s",
+            statuses.bodies.len()
+        );
+    }
     // Steady state: what the process holds once the work is done (the
     // router archives what finished in the background).
     tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
@@ -745,10 +833,10 @@ async fn run(args: Args) {
         args.target.clone()
     };
     println!(
-        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms"
+        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms,status_acks_per_s,status_p99_ms,cpu_ms_per_status"
     );
     println!(
-        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2}",
+        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2},{status_rate:.0},{status_p99:.2},{cpu_per_status:.3}",
         target_name,
         if args.rate.is_some() {
             0

@@ -209,13 +209,16 @@ impl Outbox {
         }
     }
 
-    /// Bring an archived record back into memory (to change it). Whether
+    /// Bring an archived record back into memory (to change it): `loaded`
+    /// if the caller just read it from the archive, else read now. Whether
     /// it is in memory now.
-    fn reload(&self, id: &str) -> bool {
+    fn reload(&self, id: &str, loaded: Option<OutboundRecord>) -> bool {
         if self.records.contains_key(id) {
             return true;
         }
-        let Some(r) = self.archive.record(id).and_then(|b| Self::decode(&b)) else {
+        let loaded = loaded.filter(|r| r.id.as_str() == id);
+        let Some(r) = loaded.or_else(|| self.archive.record(id).and_then(|b| Self::decode(&b)))
+        else {
             return false;
         };
         let wamid = r.wamid.clone();
@@ -239,11 +242,13 @@ impl Outbox {
 
     /// Change a record wherever it is (memory or archive); see
     /// [`Outbox::update_record`]. A record brought back from the archive
-    /// is handed to it again afterwards, changed or not.
+    /// (`loaded`: as the caller just read it there) is handed to it again
+    /// afterwards, changed or not.
     fn update_anywhere<R>(
         &self,
         id: &str,
         now: Millis,
+        mut loaded: Option<OutboundRecord>,
         f: impl Fn(&mut OutboundRecord) -> (Option<Status>, R),
     ) -> Option<R> {
         if let Some(out) = self.update_record(id, now, &f) {
@@ -252,7 +257,7 @@ impl Outbox {
         // Not in memory: archived (or evicted by the archive's hook while
         // we looked; then it is archived too).
         for _ in 0..3 {
-            if !self.reload(id) {
+            if !self.reload(id, loaded.take()) {
                 return None;
             }
             if let Some(out) = self.update_record(id, now, &f) {
@@ -415,10 +420,16 @@ impl Outbox {
     }
 
     pub fn record_id_by_wamid(&self, wamid: &str) -> Option<MessageId> {
+        self.locate_wamid(wamid).map(|(id, _)| id)
+    }
+
+    /// The id of the record sent as `wamid`, and the record if it had to
+    /// be read from the archive (so that a change reads it once).
+    fn locate_wamid(&self, wamid: &str) -> Option<(MessageId, Option<OutboundRecord>)> {
         if let Some(id) = self.by_wamid.get(wamid) {
-            return Some(id.clone());
+            return Some((id.clone(), None));
         }
-        self.record_by_wamid(wamid).map(|r| r.id)
+        self.record_by_wamid(wamid).map(|r| (r.id.clone(), Some(r)))
     }
 
     /// Tags of the outbound message with this wamid (for `reply_to_tag`).
@@ -493,7 +504,7 @@ impl Outbox {
     /// `Err(Some(status))`: it is past cancelling.
     pub fn cancel(&self, id: &str, now: Millis) -> Result<OutboundRecord, Option<Status>> {
         let outcome = self
-            .update_anywhere(id, now, |r| {
+            .update_anywhere(id, now, None, |r| {
                 if matches!(r.status, Status::Queued | Status::Scheduled) {
                     (
                         Some(Status::Cancelled),
@@ -618,10 +629,10 @@ impl Outbox {
         }) else {
             return StatusOutcome::Ignored;
         };
-        let id = match self.record_id_by_wamid(&u.wamid) {
-            Some(id) => id,
+        let (id, loaded) = match self.locate_wamid(&u.wamid) {
+            Some(found) => found,
             None => match self.park_orphan(u, now) {
-                Some(id) => id,
+                Some(id) => (id, None),
                 None => return StatusOutcome::Unknown,
             },
         };
@@ -630,7 +641,7 @@ impl Outbox {
         } else {
             now
         };
-        let applied = self.update_anywhere(&id, at, |r| {
+        let applied = self.update_anywhere(&id, at, loaded, |r| {
             // Pricing is kept whatever the status: a late `sent` that
             // changes nothing else may still carry it.
             let billing = u.pricing.is_some() && r.pricing != u.pricing
@@ -762,7 +773,7 @@ impl Outbox {
                 // An archived record comes back to take it (and is archived
                 // again after the replay); one dropped later (retention)
                 // has no update to take.
-                self.reload(&update.id);
+                self.reload(&update.id, None);
                 if let Some(mut r) = self.records.get_mut(&*update.id) {
                     update.apply(&mut r);
                 }
@@ -818,7 +829,7 @@ impl Outbox {
             }
             OutboxOp::Update(update) => {
                 let id = update.id.clone();
-                self.reload(&id);
+                self.reload(&id, None);
                 let changed = self.records.get_mut(&*id).and_then(|mut r| {
                     let before = r.status;
                     update.apply(&mut r);
