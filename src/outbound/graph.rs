@@ -104,6 +104,9 @@ pub struct GraphClient {
     http: reqwest::Client,
     base: String,
     version: String,
+    /// Each number's `…/messages` URL, parsed once: reqwest would parse a
+    /// string URL again on every request (perf: 1 % of the router's CPU).
+    urls: dashmap::DashMap<String, reqwest::Url>,
     metrics: Arc<Metrics>,
 }
 
@@ -132,6 +135,7 @@ impl GraphClient {
             http,
             base: base.trim_end_matches('/').to_string(),
             version: version.to_string(),
+            urls: dashmap::DashMap::new(),
             metrics,
         })
     }
@@ -143,6 +147,23 @@ impl GraphClient {
         )
     }
 
+    /// A POST to the number's `…/messages`; an unparsable URL is left to
+    /// reqwest, which reports it when the request is sent.
+    fn request(&self, phone_number_id: &str) -> reqwest::RequestBuilder {
+        if let Some(url) = self.urls.get(phone_number_id) {
+            return self.http.post(url.clone());
+        }
+        let url = self.url(phone_number_id);
+        match reqwest::Url::parse(&url) {
+            Ok(parsed) => {
+                self.urls
+                    .insert(phone_number_id.to_string(), parsed.clone());
+                self.http.post(parsed)
+            }
+            Err(_) => self.http.post(url),
+        }
+    }
+
     async fn post(
         &self,
         phone_number_id: &str,
@@ -151,8 +172,7 @@ impl GraphClient {
     ) -> Result<Value, GraphError> {
         let started = Instant::now();
         let result = self
-            .http
-            .post(self.url(phone_number_id))
+            .request(phone_number_id)
             .bearer_auth(token.expose())
             .json(body)
             .send()
