@@ -87,6 +87,10 @@ struct Args {
     /// After the replies: a `delivered` status for every send, posted
     /// closed-loop on the same connections (what a campaign gets back).
     statuses: bool,
+    /// During the load: a `delivered` status for every send, a second
+    /// after the mock answered it, on the same connections (a live
+    /// campaign: statuses interleaved with inbound messages).
+    live_statuses: bool,
 }
 
 fn parse_args() -> Args {
@@ -112,6 +116,7 @@ fn parse_args() -> Args {
         redis_url: None,
         redis_pid: None,
         statuses: false,
+        live_statuses: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -146,6 +151,11 @@ fn parse_args() -> Args {
                 i += 1;
                 continue;
             }
+            "--live-statuses" => {
+                a.live_statuses = true;
+                i += 1;
+                continue;
+            }
             "--help" | "-h" => {
                 println!(
                     "options: --target memory|durable|cluster|peer [--peer-cmd CMD --peer-port N] \
@@ -153,7 +163,7 @@ fn parse_args() -> Args {
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
                      --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N, \
-                     --statuses"
+                     --statuses, --live-statuses"
                 );
                 std::process::exit(0);
             }
@@ -173,7 +183,7 @@ struct Seen {
     /// the message number they answer), for inbound → Graph latency.
     arrivals: Mutex<Vec<(Instant, u64)>>,
     /// Each wamid the mock answered: (its number, the contact).
-    wamids: Mutex<Vec<(usize, String)>>,
+    wamids: Mutex<Vec<(Instant, usize, String)>>,
     requests: AtomicUsize,
 }
 
@@ -227,7 +237,7 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
         mock.seen.arrivals.lock().push((arrived, seq));
     }
     let n = mock.counter.fetch_add(1, Ordering::Relaxed);
-    mock.seen.wamids.lock().push((n, to));
+    mock.seen.wamids.lock().push((Instant::now(), n, to));
     HttpResponse::Ok().json(json!({
         "messaging_product": "whatsapp",
         "contacts": contacts,
@@ -505,6 +515,57 @@ struct Load {
     /// When each message was posted (µs after `epoch`).
     posted: Vec<AtomicU64>,
     epoch: Instant,
+    live: Option<Live>,
+}
+
+/// `--live-statuses`: statuses posted as the sends they report come due.
+struct Live {
+    seen: Arc<Seen>,
+    /// The next send (index into `Seen::wamids`) to report.
+    cursor: AtomicUsize,
+    acked: AtomicUsize,
+    latencies: Mutex<Vec<u32>>,
+    /// How long after the send its status comes.
+    after: Duration,
+    ts: i64,
+}
+
+impl Load {
+    /// Post the status of the next send if it is due: `Some(posted)`, or
+    /// `None` when none is due.
+    async fn post_due_status(&self) -> Option<bool> {
+        let live = self.live.as_ref()?;
+        let i = live.cursor.load(Ordering::Relaxed);
+        let (at, n, to) = live.seen.wamids.lock().get(i).cloned()?;
+        if at.elapsed() < live.after {
+            return None;
+        }
+        if live
+            .cursor
+            .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            // Taken by another connection: look again.
+            return Some(false);
+        }
+        let body = status_webhook(n, &to, live.ts);
+        let sig = wa_router::crypto::sign(SECRET.as_bytes(), &body);
+        let t = Instant::now();
+        let ok = self
+            .http
+            .post(&self.urls[n % self.urls.len()])
+            .header("content-type", "application/json")
+            .header("X-Hub-Signature-256", sig)
+            .body(body)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            live.acked.fetch_add(1, Ordering::Relaxed);
+            live.latencies.lock().push(t.elapsed().as_micros() as u32);
+        }
+        Some(true)
+    }
 }
 
 impl Load {
@@ -650,6 +711,14 @@ async fn run(args: Args) {
         latencies: Mutex::new(Vec::new()),
         posted: (0..args.messages).map(|_| AtomicU64::new(0)).collect(),
         epoch: Instant::now(),
+        live: args.live_statuses.then(|| Live {
+            seen: seen.clone(),
+            cursor: AtomicUsize::new(0),
+            acked: AtomicUsize::new(0),
+            latencies: Mutex::new(Vec::new()),
+            after: Duration::from_secs(1),
+            ts: ts + 1,
+        }),
     });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
@@ -660,6 +729,9 @@ async fn run(args: Args) {
                 let (load, stop) = (load.clone(), stop.clone());
                 tasks.push(tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        if load.post_due_status().await.is_some() {
+                            continue;
+                        }
                         if !load.clone().post().await {
                             break;
                         }
@@ -699,6 +771,10 @@ async fn run(args: Args) {
     let load_secs = started.elapsed().as_secs_f64();
     let load_end = Instant::now();
     let acks = load.acked.load(Ordering::Relaxed);
+    let live_during = load
+        .live
+        .as_ref()
+        .map_or(0, |l| l.acked.load(Ordering::Relaxed));
     let during = seen
         .sends
         .lock()
@@ -727,6 +803,33 @@ async fn run(args: Args) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if load.live.is_some() {
+        // The statuses of the sends of the load's last second, and of
+        // the trailing replies.
+        let tasks: Vec<_> = (0..args.connections.max(1))
+            .map(|_| {
+                let (load, seen) = (load.clone(), seen.clone());
+                tokio::spawn(async move {
+                    loop {
+                        if load.post_due_status().await.is_some() {
+                            continue;
+                        }
+                        let cursor = load
+                            .live
+                            .as_ref()
+                            .map_or(0, |l| l.cursor.load(Ordering::Relaxed));
+                        if cursor >= seen.wamids.lock().len() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
     let sends = seen.sends.lock().clone();
     let replies = sends.len();
     let lag = sends.last().map_or(0.0, |(t, _, _)| {
@@ -736,6 +839,17 @@ async fn run(args: Args) {
     peak_rss = peak_rss.max(rss_end);
     // Statuses: `delivered` for every send, by then mostly archived.
     let (mut status_rate, mut status_p99, mut cpu_per_status) = (0.0, 0.0, 0.0);
+    if let Some(live) = &load.live {
+        let mut lat = live.latencies.lock().clone();
+        lat.sort_unstable();
+        status_rate = live_during as f64 / load_secs;
+        status_p99 = percentile(&lat, 0.99);
+        eprintln!(
+            "live statuses: {} of {} acked",
+            live.acked.load(Ordering::Relaxed),
+            seen.wamids.lock().len()
+        );
+    }
     if args.statuses {
         let sent = seen.wamids.lock().clone();
         let ts = std::time::SystemTime::now()
@@ -744,7 +858,7 @@ async fn run(args: Args) {
             .as_secs() as i64;
         let bodies: Vec<(web::Bytes, String)> = sent
             .iter()
-            .map(|(n, to)| {
+            .map(|(_, n, to)| {
                 let b = status_webhook(*n, to, ts);
                 let sig = wa_router::crypto::sign(SECRET.as_bytes(), &b);
                 (web::Bytes::from(b), sig)
@@ -759,6 +873,7 @@ async fn run(args: Args) {
             acked: AtomicUsize::new(0),
             latencies: Mutex::new(Vec::new()),
             epoch: Instant::now(),
+            live: None,
         });
         let (_, cpu_before) = usage();
         let started = Instant::now();

@@ -205,7 +205,8 @@ impl Archive {
         })
     }
 
-    /// Called with `(id, version)` of records once committed.
+    /// Called with `(id, version)` of records once committed, and with none
+    /// after each idle second.
     pub fn on_records_committed(&self, hook: impl Fn(&[(String, u32)]) + Send + Sync + 'static) {
         let _ = self.hooks.records.set(Box::new(hook));
     }
@@ -463,6 +464,10 @@ fn write_loop(
         let first = match rx.recv_timeout(IDLE) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => {
+                // Idle: the store lets go of the records it held.
+                if let Some(hook) = hooks.records.get() {
+                    hook(&[]);
+                }
                 crate::memory::collect_if_due();
                 if std::mem::take(&mut cached) {
                     let _ = conn.release_memory();
