@@ -551,16 +551,7 @@ impl Load {
         let body = status_webhook(n, &to, live.ts);
         let sig = wa_router::crypto::sign(SECRET.as_bytes(), &body);
         let t = Instant::now();
-        let ok = self
-            .http
-            .post(&self.urls[n % self.urls.len()])
-            .header("content-type", "application/json")
-            .header("X-Hub-Signature-256", sig)
-            .body(body)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ok {
+        if self.post_signed(n, body.into(), &sig).await {
             live.acked.fetch_add(1, Ordering::Relaxed);
             live.latencies.lock().push(t.elapsed().as_micros() as u32);
         }
@@ -569,6 +560,19 @@ impl Load {
 }
 
 impl Load {
+    /// Post a signed webhook (to the routers in turn, by `n`); whether it
+    /// was answered 200.
+    async fn post_signed(&self, n: usize, body: web::Bytes, sig: &str) -> bool {
+        self.http
+            .post(&self.urls[n % self.urls.len()])
+            .header("content-type", "application/json")
+            .header("X-Hub-Signature-256", sig)
+            .body(body)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+
     /// Post the next body; `false` when none is left.
     async fn post(self: Arc<Self>) -> bool {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
@@ -580,16 +584,7 @@ impl Load {
             t.duration_since(self.epoch).as_micros() as u64,
             Ordering::Relaxed,
         );
-        let ok = self
-            .http
-            .post(&self.urls[i % self.urls.len()])
-            .header("content-type", "application/json")
-            .header("X-Hub-Signature-256", sig)
-            .body(body.clone())
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ok {
+        if self.post_signed(i, body.clone(), sig).await {
             self.acked.fetch_add(1, Ordering::Relaxed);
             self.latencies.lock().push(t.elapsed().as_micros() as u32);
         }
