@@ -105,7 +105,8 @@ pub struct GraphClient {
     base: String,
     version: String,
     /// Each number's `…/messages` URL, parsed once: reqwest would parse a
-    /// string URL again on every request (perf: 1 % of the router's CPU).
+    /// string URL again on every request (perf: 1.7 → 1.2 % of the
+    /// router's samples).
     urls: dashmap::DashMap<String, reqwest::Url>,
     metrics: Arc<Metrics>,
 }
