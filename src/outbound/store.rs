@@ -464,6 +464,11 @@ impl Outbox {
         {
             return Some(r);
         }
+        self.archived_by_wamid(wamid)
+    }
+
+    /// The record sent as `wamid`, from the archive only.
+    fn archived_by_wamid(&self, wamid: &str) -> Option<OutboundRecord> {
         self.archive
             .record_by_wamid(wamid)
             .and_then(|b| Self::decode(&b))
@@ -479,7 +484,8 @@ impl Outbox {
         if let Some(id) = self.by_wamid.get(wamid) {
             return Some((id.clone(), None));
         }
-        self.record_by_wamid(wamid).map(|r| (r.id.clone(), Some(r)))
+        self.archived_by_wamid(wamid)
+            .map(|r| (r.id.clone(), Some(r)))
     }
 
     /// Tags of the outbound message with this wamid (for `reply_to_tag`).
