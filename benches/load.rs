@@ -87,9 +87,10 @@ struct Args {
     /// After the replies: a `delivered` status for every send, posted
     /// closed-loop on the same connections (what a campaign gets back).
     statuses: bool,
-    /// During the load: a `delivered` status for every send, a second
-    /// after the mock answered it, on the same connections (a live
-    /// campaign: statuses interleaved with inbound messages).
+    /// During the load: Meta's `sent` (a quarter of a second after the
+    /// mock answered) and `delivered` (a second after) for every send, on
+    /// the same connections (a live campaign: statuses interleaved with
+    /// inbound messages).
     live_statuses: bool,
 }
 
@@ -306,9 +307,9 @@ fn webhook(i: usize, ts: i64, contacts: usize) -> Vec<u8> {
     .expect("JSON")
 }
 
-/// A `delivered` status for the mock's send number `n` to `to`, as Meta
-/// sends it (with pricing).
-fn status_webhook(n: usize, to: &str, ts: i64) -> Vec<u8> {
+/// A status (`sent`, `delivered`, …) for the mock's send number `n` to
+/// `to`, as Meta sends it (with pricing).
+fn status_webhook(n: usize, to: &str, ts: i64, status: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "object": "whatsapp_business_account",
         "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
@@ -316,7 +317,7 @@ fn status_webhook(n: usize, to: &str, ts: i64) -> Vec<u8> {
             "metadata": { "display_phone_number": "15550000000", "phone_number_id": PNID },
             "statuses": [{
                 "id": format!("wamid.bench.out.{n}"),
-                "status": "delivered",
+                "status": status,
                 "timestamp": ts.to_string(),
                 "recipient_id": to,
                 "pricing": { "billable": false, "pricing_model": "PMP",
@@ -624,40 +625,54 @@ struct Load {
 /// `--live-statuses`: statuses posted as the sends they report come due.
 struct Live {
     seen: Arc<Seen>,
-    /// The next send (index into `Seen::wamids`) to report.
-    cursor: AtomicUsize,
+    /// What Meta reports of every send, in order: each status, how long
+    /// after the send it comes, and the next send (index into
+    /// `Seen::wamids`) to report it for.
+    reports: [(&'static str, Duration, AtomicUsize); 2],
     acked: AtomicUsize,
     latencies: Mutex<Vec<u32>>,
-    /// How long after the send its status comes.
-    after: Duration,
     ts: i64,
 }
 
+impl Live {
+    /// Whether every send so far has all its statuses posted.
+    fn caught_up(&self) -> bool {
+        let sends = self.seen.wamids.lock().len();
+        self.reports
+            .iter()
+            .all(|(_, _, cursor)| cursor.load(Ordering::Relaxed) >= sends)
+    }
+}
+
 impl Load {
-    /// Post the status of the next send if it is due: `Some(posted)`, or
-    /// `None` when none is due.
+    /// Post the next status that is due: `Some(posted)`, or `None` when
+    /// none is due.
     async fn post_due_status(&self) -> Option<bool> {
         let live = self.live.as_ref()?;
-        let i = live.cursor.load(Ordering::Relaxed);
-        let (at, n, to) = live.seen.wamids.lock().get(i).cloned()?;
-        if at.elapsed() < live.after {
-            return None;
+        for (status, after, cursor) in &live.reports {
+            let i = cursor.load(Ordering::Relaxed);
+            let Some((at, n, to)) = live.seen.wamids.lock().get(i).cloned() else {
+                continue;
+            };
+            if at.elapsed() < *after {
+                continue;
+            }
+            if cursor
+                .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                // Taken by another connection: look again.
+                return Some(false);
+            }
+            let request = webhook_request(&status_webhook(n, &to, live.ts, status));
+            let t = Instant::now();
+            if self.post_signed(n, &request).await {
+                live.acked.fetch_add(1, Ordering::Relaxed);
+                live.latencies.lock().push(t.elapsed().as_micros() as u32);
+            }
+            return Some(true);
         }
-        if live
-            .cursor
-            .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            // Taken by another connection: look again.
-            return Some(false);
-        }
-        let request = webhook_request(&status_webhook(n, &to, live.ts));
-        let t = Instant::now();
-        if self.post_signed(n, &request).await {
-            live.acked.fetch_add(1, Ordering::Relaxed);
-            live.latencies.lock().push(t.elapsed().as_micros() as u32);
-        }
-        Some(true)
+        None
     }
 }
 
@@ -817,10 +832,14 @@ async fn run(args: Args) {
         epoch: Instant::now(),
         live: args.live_statuses.then(|| Live {
             seen: seen.clone(),
-            cursor: AtomicUsize::new(0),
+            // Meta's `sent` comes right after the send's answer (here a
+            // quarter of a second), `delivered` once the phone has it.
+            reports: [
+                ("sent", Duration::from_millis(250), AtomicUsize::new(0)),
+                ("delivered", Duration::from_secs(1), AtomicUsize::new(0)),
+            ],
             acked: AtomicUsize::new(0),
             latencies: Mutex::new(Vec::new()),
-            after: Duration::from_secs(1),
             ts: ts + 1,
         }),
     });
@@ -912,17 +931,13 @@ async fn run(args: Args) {
         // the trailing replies.
         let tasks: Vec<_> = (0..args.connections.max(1))
             .map(|_| {
-                let (load, seen) = (load.clone(), seen.clone());
+                let load = load.clone();
                 tokio::spawn(async move {
                     loop {
                         if load.post_due_status().await.is_some() {
                             continue;
                         }
-                        let cursor = load
-                            .live
-                            .as_ref()
-                            .map_or(0, |l| l.cursor.load(Ordering::Relaxed));
-                        if cursor >= seen.wamids.lock().len() {
+                        if load.live.as_ref().is_none_or(Live::caught_up) {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -951,7 +966,7 @@ async fn run(args: Args) {
         eprintln!(
             "live statuses: {} of {} acked",
             live.acked.load(Ordering::Relaxed),
-            seen.wamids.lock().len()
+            seen.wamids.lock().len() * live.reports.len()
         );
     }
     if args.statuses {
@@ -962,7 +977,7 @@ async fn run(args: Args) {
             .as_secs() as i64;
         let requests: Vec<Vec<u8>> = sent
             .iter()
-            .map(|(_, n, to)| webhook_request(&status_webhook(*n, to, ts)))
+            .map(|(_, n, to)| webhook_request(&status_webhook(*n, to, ts, "delivered")))
             .collect();
         let statuses = Arc::new(Load {
             pools: pools.clone(),

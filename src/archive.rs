@@ -83,7 +83,7 @@ pub struct RecordQuery<'a> {
     pub limit: usize,
 }
 
-type RecordHook = Box<dyn Fn(&[(String, u32)]) + Send + Sync>;
+type RecordHook = Box<dyn Fn(&[(String, u32)], bool) + Send + Sync>;
 type HistoryHook = Box<dyn Fn(&[(String, String, u64)]) + Send + Sync>;
 
 #[derive(Default)]
@@ -205,9 +205,13 @@ impl Archive {
         })
     }
 
-    /// Called with `(id, version)` of records once committed, and with none
-    /// after each idle second.
-    pub fn on_records_committed(&self, hook: impl Fn(&[(String, u32)]) + Send + Sync + 'static) {
+    /// Called after each commit with the `(id, version)` of the records it
+    /// committed (and `false`), and after each idle second with none (and
+    /// `true`).
+    pub fn on_records_committed(
+        &self,
+        hook: impl Fn(&[(String, u32)], bool) + Send + Sync + 'static,
+    ) {
         let _ = self.hooks.records.set(Box::new(hook));
     }
 
@@ -464,9 +468,9 @@ fn write_loop(
         let first = match rx.recv_timeout(IDLE) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => {
-                // Idle: the store lets go of the records it held.
+                // Idle: the store writes the records that wait.
                 if let Some(hook) = hooks.records.get() {
-                    hook(&[]);
+                    hook(&[], true);
                 }
                 crate::memory::collect_if_due();
                 if std::mem::take(&mut cached) {
@@ -528,8 +532,10 @@ fn write_loop(
                     _ => {}
                 }
             }
-            if let (Some(hook), false) = (hooks.records.get(), records.is_empty()) {
-                hook(&records);
+            // Even with no record in it: the store writes the records that
+            // came due meanwhile.
+            if let Some(hook) = hooks.records.get() {
+                hook(&records, false);
             }
             if let (Some(hook), false) = (hooks.history.get(), history.is_empty()) {
                 hook(&history);
@@ -654,7 +660,7 @@ mod tests {
         let a = Archive::open(None).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        a.on_records_committed(move |rows| s.lock().extend_from_slice(rows));
+        a.on_records_committed(move |rows, _| s.lock().extend_from_slice(rows));
         for (id, acc, st, tags) in [
             ("a1", "main", "sent", &["x"][..]),
             ("a2", "main", "read", &[][..]),

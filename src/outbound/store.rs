@@ -10,7 +10,7 @@
 //! journal op is appended there, so the journal keeps the order of
 //! changes; no guard is held across `.await`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -35,13 +35,18 @@ const ORPHAN_CAPACITY: usize = 10_000;
 /// Statuses of messages this router did not send (other apps on the same
 /// number) would otherwise stay forever.
 pub const ORPHAN_TTL_MS: Millis = 10 * 60 * 1000;
-/// How long an archived record stays in memory for the statuses that
-/// follow a send (`sent`, `delivered`: usually within seconds).
-const HOLD_MS: Millis = 10_000;
-/// Archived records held in memory at most (≈ 4 KB each with their
-/// indexes, measured: about 30 MB): at Meta's upgraded 1,000 messages/s
-/// a hold of 8 s.
-const HOLD_MAX: usize = 8_192;
+/// How long a settled record stays in memory before it is written to the
+/// archive: Meta's statuses of a send (`sent`, `delivered`) come within
+/// seconds, and each would otherwise write the record again (and read it
+/// back first, once it had left memory).
+const SETTLE_MS: Millis = 10_000;
+/// Settled records waiting for the archive at most (≈ 4 KB each with
+/// their indexes, measured: about 30 MB): at Meta's upgraded 1,000
+/// messages/s a wait of 8 s. Past it the oldest are written at once.
+const SETTLE_MAX: usize = 8_192;
+/// With nothing settled for this long, the waiting records are written
+/// at once: memory goes back to the live work when a spike ends.
+const SETTLE_QUIET_MS: Millis = 1_000;
 
 /// What applying a Meta status did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,25 +94,46 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
     /// Where status changes go for `message.status` events, if anywhere.
     status_changes: mpsc::UnboundedSender<OutboundRecord>,
-    /// Where settled records go; they leave memory once it has them and
-    /// their hold is over (see [`HOLD_MS`]).
+    /// Where settled records go, [`SETTLE_MS`] after they settled; they
+    /// leave memory once it has their last version.
     archive: Arc<Archive>,
-    /// Archived records still in memory for their statuses.
-    held: Mutex<Held>,
+    /// Settled records not yet handed to the archive.
+    settling: Mutex<Settling>,
     /// When this process started (unix ms).
     started_at: Millis,
     /// Whether status changes are wanted now ([`Outbox::report_statuses_when`]).
     status_wanted: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
-/// Archived records held in memory: each once, in the order of its first
-/// commit, with the version the archive has now.
+/// Settled records waiting for the archive: each once, in the order it
+/// settled (changes meanwhile are written with it).
 #[derive(Default)]
-struct Held {
-    /// (leave at, id), oldest first.
-    queue: std::collections::VecDeque<(Millis, String)>,
-    /// id → the version last committed.
-    version: HashMap<String, u32>,
+struct Settling {
+    /// (write at, id), oldest first.
+    queue: VecDeque<(Millis, MessageId)>,
+    ids: HashSet<MessageId>,
+    /// When a record last joined.
+    last: Millis,
+}
+
+impl Settling {
+    /// Take the records to write now: those due at `now`, the oldest past
+    /// [`SETTLE_MAX`], or all of them when `quiet` and none joined for
+    /// [`SETTLE_QUIET_MS`].
+    fn take_due(&mut self, now: Millis, quiet: bool) -> Vec<MessageId> {
+        let all = quiet && now - self.last >= SETTLE_QUIET_MS;
+        let mut due = Vec::new();
+        while let Some((at, _)) = self.queue.front() {
+            if !(all || *at <= now || self.queue.len() > SETTLE_MAX) {
+                break;
+            }
+            if let Some((_, id)) = self.queue.pop_front() {
+                self.ids.remove(&id);
+                due.push(id);
+            }
+        }
+        due
+    }
 }
 
 /// Records that wait to be queued again (replay, cluster takeover): ready
@@ -162,7 +188,7 @@ impl Outbox {
                 metrics,
                 status_changes: tx,
                 archive: state.archive().clone(),
-                held: Mutex::default(),
+                settling: Mutex::default(),
                 started_at: crate::domain::now_ms(),
                 status_wanted: std::sync::OnceLock::new(),
                 state,
@@ -171,53 +197,42 @@ impl Outbox {
         )
     }
 
-    /// Drop a record from memory once the archive committed it and its
-    /// hold is over, unless it changed (or went back to the queue)
-    /// meanwhile. Call once, on the shared outbox, before anything is
-    /// stored.
+    /// Write settled records to the archive as they come due and drop
+    /// them from memory once it committed them, unless they changed (or
+    /// went back to the queue) meanwhile. Call once, on the shared outbox,
+    /// before anything is stored.
     pub fn start_archiving(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
-        self.archive.on_records_committed(move |rows| {
+        self.archive.on_records_committed(move |rows, idle| {
             let Some(me) = me.upgrade() else {
                 return;
             };
-            me.hold_archived(rows, crate::domain::now_ms());
+            me.archive_committed(rows, idle, crate::domain::now_ms());
         });
     }
 
-    /// Hold records the archive just committed (`rows`; none: the archive
-    /// is idle) and drop from memory those whose hold is over: after
-    /// [`HOLD_MS`], past [`HOLD_MAX`] records, or as soon as the archive
-    /// is idle. Meta's `sent` and `delivered` come within seconds of the
-    /// send: held, they change the record in memory instead of reading it
-    /// back from the archive (two SQLite lookups and a decode each).
-    fn hold_archived(&self, rows: &[(String, u32)], now: Millis) {
-        let mut held = self.held.lock();
-        let held = &mut *held;
+    /// The archive committed `rows` (or has been `idle` for a second):
+    /// drop them from memory, and hand it the settled records that are
+    /// due (see [`Settling::take_due`]). Runs on the archive's thread after
+    /// each commit and each idle second.
+    fn archive_committed(&self, rows: &[(String, u32)], idle: bool, now: Millis) {
         for (id, version) in rows {
-            // A record committed again (a status changed it) keeps its
-            // place: its hold runs from its first commit.
-            if held.version.insert(id.clone(), *version).is_none() {
-                held.queue.push_back((now + HOLD_MS, id.clone()));
-            }
+            self.evict_archived(id, *version);
         }
-        let idle = rows.is_empty();
-        while let Some((at, _)) = held.queue.front() {
-            if !(idle || *at <= now || held.queue.len() > HOLD_MAX) {
-                break;
-            }
-            let Some((_, id)) = held.queue.pop_front() else {
-                break;
-            };
-            if let Some(version) = held.version.remove(&id) {
-                self.evict_archived(&id, version);
+        let due = self.settling.lock().take_due(now, idle);
+        for id in due {
+            if let Some(r) = self.records.get(&id) {
+                self.write_archive(&r);
             }
         }
     }
 
     fn evict_archived(&self, id: &str, version: u32) {
-        let Some((_, r)) = self.records.remove_if(id, |_, r| {
-            r.status.is_settled() && r.history.len() as u32 == version
+        // A record waiting to be written again (changed since) stays.
+        let Some((_, r)) = self.records.remove_if(id, |id, r| {
+            r.status.is_settled()
+                && r.history.len() as u32 == version
+                && !self.settling.lock().ids.contains(id)
         }) else {
             return;
         };
@@ -227,8 +242,23 @@ impl Outbox {
         }
     }
 
-    /// Hand a settled record to the archive.
-    fn archive_record(&self, r: &OutboundRecord) {
+    /// Have a settled record written to the archive [`SETTLE_MS`] from
+    /// now, with the changes it gets until then (Meta's statuses of the
+    /// send). Takes no record's lock: callers may hold this one's.
+    fn archive_soon(&self, r: &OutboundRecord) {
+        if !r.status.is_settled() {
+            return;
+        }
+        let now = crate::domain::now_ms();
+        let mut s = self.settling.lock();
+        s.last = now;
+        if s.ids.insert(r.id.clone()) {
+            s.queue.push_back((now + SETTLE_MS, r.id.clone()));
+        }
+    }
+
+    /// Hand a settled record to the archive now.
+    fn write_archive(&self, r: &OutboundRecord) {
         if !r.status.is_settled() {
             return;
         }
@@ -312,7 +342,7 @@ impl Outbox {
             }
             if let Some(out) = self.update_record(id, now, &f) {
                 if let Some(r) = self.records.get(id) {
-                    self.archive_record(&r);
+                    self.archive_soon(&r);
                 }
                 return Some(out);
             }
@@ -380,7 +410,7 @@ impl Outbox {
         if status.is_settled()
             && let Some(r) = self.records.get(&id)
         {
-            self.archive_record(&r);
+            self.archive_soon(&r);
         }
         self.state.note_outbound(account.id, &to, conv_recent, now);
         let position = match status {
@@ -525,7 +555,7 @@ impl Outbox {
         // never change).
         self.log(|| OutboxOp::Update(Box::new(UpdateWire::from(&*r))));
         if status.is_some() {
-            self.archive_record(&r);
+            self.archive_soon(&r);
         }
         Some(out)
     }
@@ -733,7 +763,7 @@ impl Outbox {
             && let Some(r) = self.records.get(id.as_str())
         {
             // Changed without a new status: hand the archive the new row.
-            self.archive_record(&r);
+            self.archive_soon(&r);
         }
         match applied {
             Some((account, to)) => {
@@ -869,7 +899,7 @@ impl Outbox {
                 let (status, to, send_at) = (record.status, record.to.clone(), record.send_at);
                 self.records.insert(id.clone(), record);
                 if let Some(r) = self.records.get(id.as_str()) {
-                    self.archive_record(&r);
+                    self.archive_soon(&r);
                 }
                 self.order.lock().insert(id.clone());
                 if owns(account.name()) {
@@ -902,7 +932,7 @@ impl Outbox {
                     {
                         self.queue(&a).remove(&r.to, &r.id);
                     }
-                    self.archive_record(r);
+                    self.archive_soon(r);
                 }
                 return Ok(changed);
             }
@@ -989,7 +1019,7 @@ impl Outbox {
                     self.by_wamid.insert(w.clone(), r.id.clone());
                 }
                 if !waiting.note(&r, now, settle_interrupted) {
-                    self.archive_record(&r);
+                    self.archive_soon(&r);
                 }
             }
         }
@@ -1120,38 +1150,81 @@ mod tests {
     }
 
     #[test]
-    fn archived_records_stay_for_their_statuses_until_the_hold_the_cap_or_idleness_ends() {
+    fn settled_records_come_due_after_the_wait_past_the_cap_or_when_quiet() {
+        let mut s = Settling::default();
+        let join = |s: &mut Settling, id: &str, now: Millis| {
+            s.last = now;
+            if s.ids.insert(MessageId::from(id)) {
+                s.queue.push_back((now + SETTLE_MS, MessageId::from(id)));
+            }
+        };
+        let ids = |v: Vec<MessageId>| {
+            v.into_iter()
+                .map(MessageId::into_string)
+                .collect::<Vec<_>>()
+        };
+        join(&mut s, "a", 0);
+        join(&mut s, "b", 5_000);
+        // Joining again keeps the first place.
+        join(&mut s, "a", 6_000);
+        assert!(s.take_due(SETTLE_MS - 1, false).is_empty());
+        assert_eq!(ids(s.take_due(SETTLE_MS, false)), ["a"]);
+        // Idle, but a record joined less than a second ago: only what is due.
+        assert!(s.take_due(6_000 + SETTLE_QUIET_MS - 1, true).is_empty());
+        assert_eq!(ids(s.take_due(6_000 + SETTLE_QUIET_MS, true)), ["b"]);
+        assert!(s.ids.is_empty());
+        // Past the cap the oldest come due at once.
+        for i in 0..=SETTLE_MAX {
+            join(&mut s, &format!("x{i}"), 20_000);
+        }
+        assert_eq!(ids(s.take_due(20_000, false)), ["x0"]);
+        assert_eq!(s.queue.len(), SETTLE_MAX);
+    }
+
+    /// A settled record is written once, with the statuses it got while
+    /// it waited, and leaves memory when the archive committed that
+    /// version; one changed since stays until its new version is in.
+    #[tokio::test]
+    async fn settled_records_are_written_once_with_their_statuses() {
         let o = outbox();
-        for id in ["a", "b", "c", "d"] {
+        for id in ["a", "b"] {
             o.restore_op(
                 OutboxOp::Record(Box::new((&record(id, Status::Sent, 10)).into())),
                 false,
             );
         }
-        o.finish_restore(1000);
-        let held = |id: &str| o.records.contains_key(id);
-        // Committed: held, not dropped.
-        o.hold_archived(&[("a".into(), 1), ("b".into(), 1)], 0);
-        assert!(held("a") && held("b"));
-        // `a` delivered and committed again: its hold still ends 10 s after
-        // its first commit, and it leaves with the version committed last.
-        o.update_record("a", 5_000, |_| (Some(Status::Delivered), ()));
-        o.hold_archived(&[("a".into(), 2)], 5_000);
-        o.hold_archived(&[("c".into(), 1)], HOLD_MS - 1);
-        assert!(held("a") && held("b") && held("c"));
-        o.hold_archived(&[], HOLD_MS);
-        assert!(!held("a") && !held("b") && !held("c") && held("d"));
-        // Changed after its last commit (version 1 committed, 2 in memory):
-        // stays until that change is committed.
-        o.hold_archived(&[("d".into(), 1)], HOLD_MS);
-        o.update_record("d", HOLD_MS, |_| (Some(Status::Delivered), ()));
-        o.hold_archived(&[], 3 * HOLD_MS);
-        assert!(held("d"));
-        o.hold_archived(&[("d".into(), 2)], 3 * HOLD_MS);
-        // Past the cap the oldest leaves at once.
-        let others: Vec<(String, u32)> = (0..HOLD_MAX).map(|i| (format!("x{i}"), 1)).collect();
-        o.hold_archived(&others, 3 * HOLD_MS);
-        assert!(!held("d"));
+        let now = crate::domain::now_ms();
+        o.finish_restore(now);
+        let in_memory = |id: &str| o.records.contains_key(id);
+        let version = |id: &str| o.records.get(id).unwrap().history.len() as u32;
+        o.archive_committed(&[], false, now);
+        assert_eq!(o.archive.backlog(), 0, "nothing written before its time");
+        o.update_record("a", now, |_| (Some(Status::Delivered), ()));
+        o.update_record("a", now, |_| (Some(Status::Read), ()));
+        o.archive_committed(&[], false, now + SETTLE_MS);
+        assert_eq!(o.archive.backlog(), 2, "each record once");
+        o.archive.sync().await.unwrap();
+        let archived = Outbox::decode(&o.archive.record("a").unwrap()).unwrap();
+        assert_eq!(archived.status, Status::Read);
+        // `b` changed after it was written: it stays until that is in.
+        let (va, vb) = (version("a"), version("b"));
+        o.update_record("b", now, |_| (Some(Status::Delivered), ()));
+        o.archive_committed(
+            &[("a".into(), va), ("b".into(), vb)],
+            false,
+            now + SETTLE_MS,
+        );
+        assert!(!in_memory("a") && in_memory("b"));
+        assert_eq!(
+            o.record("a").unwrap().status,
+            Status::Read,
+            "from the archive"
+        );
+        o.archive_committed(&[], true, now + SETTLE_MS + SETTLE_QUIET_MS);
+        o.archive.sync().await.unwrap();
+        o.archive_committed(&[("b".into(), version("b"))], false, now + SETTLE_MS);
+        assert!(!in_memory("b"));
+        assert_eq!(o.record("b").unwrap().status, Status::Delivered);
     }
 
     #[test]
@@ -1251,8 +1324,8 @@ mod tests {
         }
     }
 
-    /// Whether `id` left memory within 5 s (held records leave when the
-    /// archive has been idle for a second).
+    /// Whether `id` left memory within 5 s (settled records are written
+    /// once nothing settled for a second and the archive is idle).
     async fn leaves_memory(o: &Outbox, id: &str) -> bool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while o.records.contains_key(id) {
@@ -1264,8 +1337,8 @@ mod tests {
         true
     }
 
-    /// A settled record leaves memory once the archive committed it (and
-    /// its hold ended) and is still found: by id, by wamid, and as an
+    /// A settled record leaves memory once the archive committed it and
+    /// is still found: by id, by wamid, and as an
     /// earlier process's rule reply.
     #[tokio::test]
     async fn archived_records_leave_memory_and_are_still_found() {
@@ -1279,7 +1352,7 @@ mod tests {
             )),
             false,
         );
-        o.archive_record(&o.record(earlier.as_str()).unwrap());
+        o.archive_soon(&o.record(earlier.as_str()).unwrap());
         o.archive.sync().await.unwrap();
         assert!(leaves_memory(&o, earlier.as_str()).await, "left memory");
         assert_eq!(o.record(earlier.as_str()).unwrap().status, Status::Sent);
