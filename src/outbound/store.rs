@@ -134,6 +134,12 @@ impl Settling {
         }
         due
     }
+
+    /// Take every waiting record.
+    fn take_all(&mut self) -> Vec<MessageId> {
+        self.ids.clear();
+        self.queue.drain(..).map(|(_, id)| id).collect()
+    }
 }
 
 /// Records that wait to be queued again (replay, cluster takeover): ready
@@ -434,6 +440,14 @@ impl Outbox {
         let queue = self.queue(account);
         let held = queue.records.load(Ordering::Relaxed);
         let excess = held.saturating_sub(keep);
+        // The settled records waiting for the archive are among the
+        // oldest: written now, the archive drops them with the others.
+        let waiting = self.settling.lock().take_all();
+        for id in waiting {
+            if let Some(r) = self.records.get(&id) {
+                self.write_archive(&r);
+            }
+        }
         self.archive.evict_oldest(account.name(), excess);
         queue.records.fetch_sub(excess, Ordering::Relaxed);
         self.metrics.records_evicted(excess);
