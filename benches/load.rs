@@ -681,22 +681,29 @@ impl Load {
     /// an idle connection or a new one; whether it was answered 200.
     async fn post_signed(&self, n: usize, request: &[u8]) -> bool {
         let pool = &self.pools[n % self.pools.len()];
-        let idle = pool.idle.lock().pop();
-        let mut conn = match idle {
-            Some(c) => c,
-            None => match Conn::open(pool.addr).await {
-                Ok(c) => c,
-                Err(_) => return false,
-            },
-        };
-        match conn.exchange(request).await {
-            Ok((status, reusable)) => {
-                if reusable {
-                    pool.idle.lock().push(conn);
+        let mut idle = pool.idle.lock().pop();
+        loop {
+            let reused = idle.is_some();
+            let mut conn = match idle.take() {
+                Some(c) => c,
+                None => match Conn::open(pool.addr).await {
+                    Ok(c) => c,
+                    Err(_) => return false,
+                },
+            };
+            match conn.exchange(request).await {
+                Ok((status, reusable)) => {
+                    if reusable {
+                        pool.idle.lock().push(conn);
+                    }
+                    return status == 200;
                 }
-                status == 200
+                // An idle connection the server closed (its keep-alive
+                // ran out) before answering anything: once more on a new
+                // one, as HTTP clients do.
+                Err(_) if reused && conn.buf.is_empty() => {}
+                Err(_) => return false,
             }
-            Err(_) => false,
         }
     }
 
