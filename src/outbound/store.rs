@@ -117,6 +117,15 @@ struct Settling {
 }
 
 impl Settling {
+    /// `id` settled (again) at `now`: written [`SETTLE_MS`] after it first
+    /// joined.
+    fn join(&mut self, id: &MessageId, now: Millis) {
+        self.last = now;
+        if self.ids.insert(id.clone()) {
+            self.queue.push_back((now + SETTLE_MS, id.clone()));
+        }
+    }
+
     /// Take the records to write now: those due at `now`, the oldest past
     /// [`SETTLE_MAX`], or all of them when `quiet` and none joined for
     /// [`SETTLE_QUIET_MS`].
@@ -255,12 +264,7 @@ impl Outbox {
         if !r.status.is_settled() {
             return;
         }
-        let now = crate::domain::now_ms();
-        let mut s = self.settling.lock();
-        s.last = now;
-        if s.ids.insert(r.id.clone()) {
-            s.queue.push_back((now + SETTLE_MS, r.id.clone()));
-        }
+        self.settling.lock().join(&r.id, crate::domain::now_ms());
     }
 
     /// Hand a settled record to the archive now.
@@ -1166,12 +1170,7 @@ mod tests {
     #[test]
     fn settled_records_come_due_after_the_wait_past_the_cap_or_when_quiet() {
         let mut s = Settling::default();
-        let join = |s: &mut Settling, id: &str, now: Millis| {
-            s.last = now;
-            if s.ids.insert(MessageId::from(id)) {
-                s.queue.push_back((now + SETTLE_MS, MessageId::from(id)));
-            }
-        };
+        let join = |s: &mut Settling, id: &str, now: Millis| s.join(&MessageId::from(id), now);
         let ids = |v: Vec<MessageId>| {
             v.into_iter()
                 .map(MessageId::into_string)
