@@ -73,6 +73,8 @@ struct Args {
     fault_500: f64,
     router_rate: u32,
     max_in_flight: usize,
+    /// The router's `[http] max_backlog` (its default if not given).
+    max_backlog: Option<usize>,
     messages: usize,
     label: String,
     wait_s: u64,
@@ -108,6 +110,7 @@ fn parse_args() -> Args {
         fault_500: 0.0,
         router_rate: 1_000_000,
         max_in_flight: 1024,
+        max_backlog: None,
         messages: 400_000,
         label: String::new(),
         wait_s: 120,
@@ -139,6 +142,7 @@ fn parse_args() -> Args {
             "--fault-500" => a.fault_500 = v.parse().expect("--fault-500 F"),
             "--router-rate" => a.router_rate = v.parse().expect("--router-rate N"),
             "--max-in-flight" => a.max_in_flight = v.parse().expect("--max-in-flight N"),
+            "--max-backlog" => a.max_backlog = Some(v.parse().expect("--max-backlog N")),
             "--messages" => a.messages = v.parse().expect("--messages N"),
             "--label" => a.label = v,
             "--wait" => a.wait_s = v.parse().expect("--wait N"),
@@ -162,7 +166,7 @@ fn parse_args() -> Args {
                     "options: --target memory|durable|cluster|peer [--peer-cmd CMD --peer-port N] \
                      [--routers N --redis-url URL --redis-pid PID] \
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
-                     --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, \
+                     --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, --max-backlog N, \
                      --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N, \
                      --statuses, --live-statuses"
                 );
@@ -388,8 +392,12 @@ async fn start_router(
          [meta]\napp_secret = \"{SECRET}\"\nverify_token = \"bench\"\ngraph_url = \"{graph_url}\"\n\
          [[accounts]]\nname = \"main\"\nphone_number_id = \"{PNID}\"\naccess_token = \"bench-token\"\n\
          pace = \"0s\"\nrate = {}\nmax_in_flight = {}\nmax_queue = 10000000\nmax_records = 10000000\n\
-         [api]\nkeys = [\"bench-key\"]\n[sender]\ntimeout = \"10s\"\n{cluster}",
-        args.router_rate, args.max_in_flight
+         [api]\nkeys = [\"bench-key\"]\n[sender]\ntimeout = \"10s\"\n{http}{cluster}",
+        args.router_rate,
+        args.max_in_flight,
+        http = args
+            .max_backlog
+            .map_or(String::new(), |n| format!("[http]\nmax_backlog = {n}\n"))
     );
     std::fs::write(dir.path().join("wa-router.toml"), config).expect("config");
     let log = dir.path().join("router.log");
