@@ -35,8 +35,10 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 pub const FILE: &str = "archive.sqlite3";
 /// Rows committed in one transaction at most.
 const BATCH: usize = 8192;
-/// Rows waiting for the writer past which API sends wait (up to 5 s).
-pub const API_MAX_BACKLOG_ROWS: u64 = 32_768;
+/// Rows waiting for the writer past which webhooks and API sends wait
+/// (up to 5 s): finished work slows intake down instead of piling up in
+/// memory (≈ 1 KB a row: some 32 MB).
+pub const MAX_BACKLOG_ROWS: u64 = 32_768;
 /// How long the writer gathers rows before it commits them.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long the writer sleeps between looks at its queue while gathering.

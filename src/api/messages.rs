@@ -81,7 +81,7 @@ pub async fn send(
     ctx.state
         .archive()
         .keep_up(
-            crate::archive::API_MAX_BACKLOG_ROWS,
+            crate::archive::MAX_BACKLOG_ROWS,
             std::time::Duration::from_secs(5),
         )
         .await;

@@ -42,11 +42,6 @@ pub struct Ctx {
 /// anyway (nothing is refused for being busy: Meta would only retry).
 const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A message leaves about three rows for the archive (its history entry,
-/// the reply's, the reply's record); this bounds the archive's backlog to
-/// some 5 × `max_backlog` messages.
-const ARCHIVE_ROWS_PER_BACKLOG: usize = 16;
-
 impl Ctx {
     /// Work acknowledged or due and not done yet (see `[http] max_backlog`).
     fn backlog(&self) -> usize {
@@ -54,11 +49,13 @@ impl Ctx {
     }
 
     /// Behind: more than `max_backlog` acknowledged or due and not done, or
-    /// the archive more than [`ARCHIVE_ROWS_PER_BACKLOG`] times that many
-    /// rows behind (finished work waits in memory until it is archived).
+    /// the archive more than [`crate::archive::MAX_BACKLOG_ROWS`] rows
+    /// behind (finished work waits in memory until it is archived). Not a
+    /// multiple of `max_backlog`: a small one (replies sooner under a
+    /// spike) then made webhooks wait for each commit of the archive.
     fn behind(&self) -> bool {
         self.backlog() > self.max_backlog
-            || self.state.archive().backlog() > (self.max_backlog * ARCHIVE_ROWS_PER_BACKLOG) as u64
+            || self.state.archive().backlog() > crate::archive::MAX_BACKLOG_ROWS
     }
 
     /// Wait while the router runs more than `max_backlog` behind, so that
