@@ -158,11 +158,11 @@ pub const DEFAULT_MAX_RECORDS: usize = 5_000_000;
 /// Meta's default throughput per business number (messages/s).
 pub const DEFAULT_RATE: u32 = 80;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
-/// `[http] max_backlog`: under a spike what a reply waits behind. Measured
-/// at 64 connections (BENCHMARKS.md): 200 answers the customer in ≈ 50 ms
-/// where 2,000 took ≈ 250 ms (memory mode) and 400 ms (durable), for the
-/// same acks/s.
-pub const DEFAULT_MAX_BACKLOG: usize = 200;
+/// `[http] max_backlog`. Each account with a long queue counts a tenth of
+/// a second of its `rate` (100 at 1,000/s) whether or not the router is
+/// behind, so the default leaves room for many campaigns at once; a
+/// smaller one answers customers sooner under a spike (BENCHMARKS.md).
+pub const DEFAULT_MAX_BACKLOG: usize = 2000;
 
 impl AccountSettings {
     /// The least time between two send starts: `pace`, or `1/rate` if
