@@ -591,8 +591,10 @@ impl Outbox {
     }
 
     /// Sends that are due but not started, over all accounts; per account
-    /// at most what its `rate` starts in a tenth of a second, so a queue
-    /// that waits for its pace or rate does not count.
+    /// at most what its `rate` starts in a tenth of a second, so a long
+    /// queue that waits for its pace or rate counts that much and no more
+    /// (it counts whether or not the router is behind: see `max_backlog`
+    /// in the README).
     pub fn due_backlog(&self, now: Millis) -> usize {
         self.state
             .accounts()
