@@ -561,14 +561,12 @@ impl Conn {
     /// Send one request and read its answer: the status, and whether the
     /// connection can take the next request.
     async fn exchange(&mut self, request: &[u8]) -> std::io::Result<(u16, bool)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
         self.stream.write_all(request).await?;
         self.buf.clear();
         loop {
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
+            self.read_more().await?;
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut resp = httparse::Response::new(&mut headers);
             let head = match resp.parse(&self.buf) {
@@ -600,11 +598,18 @@ impl Conn {
                 if done {
                     return Ok((status, !close));
                 }
-                if self.stream.read_buf(&mut self.buf).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
+                self.read_more().await?;
             }
         }
+    }
+
+    /// Read what the server sent next; the end of the stream is an error.
+    async fn read_more(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncReadExt;
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
     }
 }
 

@@ -235,7 +235,13 @@ impl Outbox {
             self.evict_archived(id, *version);
         }
         let due = self.settling.lock().take_due(now, idle);
-        for id in due {
+        self.write_waiting(due);
+    }
+
+    /// Hand these records, taken from the wait, to the archive now (those
+    /// still in memory). Call with no record's lock held.
+    fn write_waiting(&self, ids: Vec<MessageId>) {
+        for id in ids {
             if let Some(r) = self.records.get(&id) {
                 self.write_archive(&r);
             }
@@ -447,11 +453,7 @@ impl Outbox {
         // The settled records waiting for the archive are among the
         // oldest: written now, the archive drops them with the others.
         let waiting = self.settling.lock().take_all();
-        for id in waiting {
-            if let Some(r) = self.records.get(&id) {
-                self.write_archive(&r);
-            }
-        }
+        self.write_waiting(waiting);
         self.archive.evict_oldest(account.name(), excess);
         queue.records.fetch_sub(excess, Ordering::Relaxed);
         self.metrics.records_evicted(excess);
