@@ -158,11 +158,12 @@ pub const DEFAULT_MAX_RECORDS: usize = 5_000_000;
 /// Meta's default throughput per business number (messages/s).
 pub const DEFAULT_RATE: u32 = 80;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
-/// `[http] max_backlog`. Each account with a long queue counts a tenth of
-/// a second of its `rate` (100 at 1,000/s) whether or not the router is
-/// behind, so the default leaves room for many campaigns at once; a
-/// smaller one answers customers sooner under a spike (BENCHMARKS.md).
-pub const DEFAULT_MAX_BACKLOG: usize = 2000;
+/// `[http] max_backlog`. A queue that waits for its pace, rate or a pause
+/// counts nothing; one held by `max_in_flight` (Graph answers slower than
+/// its rate) counts a tenth of a second of its `rate` (100 at 1,000/s), so
+/// the default leaves room for a few such campaigns at once; under a
+/// spike it is what a reply waits behind (BENCHMARKS.md).
+pub const DEFAULT_MAX_BACKLOG: usize = 500;
 
 impl AccountSettings {
     /// The least time between two send starts: `pace`, or `1/rate` if

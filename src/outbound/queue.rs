@@ -27,6 +27,10 @@ pub struct AccountQueue {
     pub notify: Notify,
     /// Unix ms of the last send start (-1: none yet).
     last_send: AtomicI64,
+    /// The sender waits for its schedule (pace, rate, an account pause or
+    /// another router's lease) until this Unix ms: what is ready then is
+    /// not work the router has fallen behind on.
+    held_until: AtomicI64,
     /// Outbound records of this account held, in memory and archived (`max_records`).
     pub(crate) records: AtomicUsize,
 }
@@ -94,6 +98,7 @@ impl Default for AccountQueue {
             inner: Mutex::default(),
             notify: Notify::new(),
             last_send: AtomicI64::new(-1),
+            held_until: AtomicI64::new(0),
             records: AtomicUsize::new(0),
         }
     }
@@ -172,16 +177,6 @@ impl AccountQueue {
 
     pub fn in_flight(&self) -> usize {
         self.inner.lock().in_flight
-    }
-
-    /// Contacts whose next message may start now (0 while the account is
-    /// paused): work that is due, not work that waits for its schedule.
-    pub fn due(&self, now: Millis) -> usize {
-        let q = self.inner.lock();
-        if q.paused_until > now {
-            return 0;
-        }
-        q.ready.len()
     }
 
     /// The message [`take`](Self::take) would start next, if any.
@@ -308,6 +303,26 @@ impl AccountQueue {
         self.last_send.store(now, Ordering::Relaxed);
     }
 
+    /// The sender starts nothing before `until` (its pace, rate, a pause
+    /// or another router's lease say so).
+    pub fn hold_until(&self, until: Millis) {
+        self.held_until.store(until, Ordering::Relaxed);
+    }
+
+    /// Ready messages that the router could start now and has not: 0 while
+    /// the sender waits for its schedule (see [`hold_until`](Self::hold_until))
+    /// or the account is paused, else the ready contacts.
+    pub fn overdue(&self, now: Millis) -> usize {
+        if self.held_until.load(Ordering::Relaxed) > now {
+            return 0;
+        }
+        let q = self.inner.lock();
+        if q.paused_until > now {
+            return 0;
+        }
+        q.ready.len()
+    }
+
     pub fn last_send(&self) -> Option<Millis> {
         let v = self.last_send.load(Ordering::Relaxed);
         (v >= 0).then_some(v)
@@ -423,6 +438,27 @@ mod tests {
         assert_eq!(q.paused_until(50), Some(100));
         assert_eq!(q.promote_due(100), None);
         assert_eq!(q.paused_until(100), None);
+    }
+
+    #[test]
+    fn ready_messages_are_overdue_unless_the_schedule_or_a_pause_holds_them() {
+        let q = q_with(&[("a", "a1"), ("a", "a2"), ("b", "b1")]);
+        assert_eq!(q.overdue(10), 2, "a and b may start");
+        q.hold_until(50);
+        assert_eq!(q.overdue(10), 0, "the sender waits for its pace or rate");
+        assert_eq!(q.overdue(50), 2, "its start is late");
+        assert_eq!(take(&q).as_deref(), Some("a1"));
+        assert_eq!(q.overdue(60), 1, "a is busy");
+        q.finish(
+            &"a".into(),
+            "a1",
+            Finished::Retry {
+                until: 100,
+                pause: true,
+                slow_down: false,
+            },
+        );
+        assert_eq!(q.overdue(60), 0, "paused");
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
         {
             // Another router sends for this account; taking the lease
             // over wakes the queue.
+            queue.hold_until(now_ms() + 250);
             if !sleep_until(250, Some(&queue), &mut stop).await {
                 break;
             }
@@ -106,6 +107,8 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
             .or_else(|| queue.last_send().map(|l| l + pace).filter(|t| *t > now))
             .or_else(|| rate.next(now));
         if let Some(t) = not_before {
+            // Waiting for the schedule, not for the router (`max_backlog`).
+            queue.hold_until(t);
             if !sleep_until(t - now, None, &mut stop).await {
                 break;
             }

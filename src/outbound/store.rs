@@ -592,18 +592,19 @@ impl Outbox {
         }
     }
 
-    /// Sends that are due but not started, over all accounts; per account
-    /// at most what its `rate` starts in a tenth of a second, so a long
-    /// queue that waits for its pace or rate counts that much and no more
-    /// (it counts whether or not the router is behind: see `max_backlog`
-    /// in the README).
+    /// Sends the router could start and has not, over all accounts: none
+    /// from a queue whose sender waits for its pace, rate or a pause (a
+    /// long campaign queue is not the router falling behind), and per
+    /// account at most what its `rate` starts in a tenth of a second. A
+    /// queue held by `max_in_flight` counts: its sends wait for Graph's
+    /// answers (see `max_backlog` in the README).
     pub fn due_backlog(&self, now: Millis) -> usize {
         self.state
             .accounts()
             .iter()
             .map(|a| {
                 let per_tenth = (a.settings.rate as usize).div_ceil(10);
-                self.queue(a).due(now).min(per_tenth)
+                self.queue(a).overdue(now).min(per_tenth)
             })
             .sum()
     }

@@ -331,3 +331,39 @@ async fn webhooks_wait_while_the_router_is_behind_and_nothing_is_lost() {
     let metrics = app.metrics_text().await;
     assert!(metrics.contains("result=\"backlog_wait\""), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_waits_for_its_pace_does_not_hold_webhooks() {
+    let app = spawn_with(Options {
+        routes: GREETING.into(),
+        pace: "1h",
+        extra: "[http]\nmax_backlog = 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let log = scripted(&app, ok).await;
+    // A campaign: the first message goes, the other two wait an hour for
+    // the pace, ready to start (more than max_backlog).
+    let ids = [
+        queue(&app, &contact(1), "c1").await,
+        queue(&app, &contact(2), "c2").await,
+        queue(&app, &contact(3), "c3").await,
+    ];
+    wait_sent(&app, &ids[..1]).await;
+    let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
+    assert_eq!(queues["queues"][0]["depth"], 2, "{queues}");
+    // Waiting for the pace is not the router falling behind: webhooks are
+    // acknowledged without waiting for the campaign.
+    for i in 4..7 {
+        app.say(&contact(i), "hi").await;
+        app.rules_idle().await;
+    }
+    let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
+    assert_eq!(
+        queues["queues"][0]["depth"], 5,
+        "the replies queue: {queues}"
+    );
+    let metrics = app.metrics_text().await;
+    assert!(!metrics.contains("result=\"backlog_wait\""), "{metrics}");
+    assert_eq!(names(&log), ["c1"]);
+}
