@@ -157,7 +157,16 @@ pub const DEFAULT_MAX_QUEUE: usize = 10_000;
 pub const DEFAULT_MAX_RECORDS: usize = 5_000_000;
 /// Meta's default throughput per business number (messages/s).
 pub const DEFAULT_RATE: u32 = 80;
+/// `max_in_flight` when unset: half a second of the account's `rate`
+/// (Graph answers in 100–300 ms), at least this many.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+/// The default `max_in_flight` of an account sending `rate` a second: so
+/// many sends awaiting answers that a Graph API answering within half a
+/// second does not hold the number below its rate (500 at 1,000/s).
+pub fn default_max_in_flight(rate: u32) -> usize {
+    (rate as usize / 2).max(DEFAULT_MAX_IN_FLIGHT)
+}
 /// `[http] max_backlog`. A queue that waits for its pace, rate or a pause
 /// counts nothing; one held by `max_in_flight` (Graph answers slower than
 /// its rate) counts a tenth of a second of its `rate` (100 at 1,000/s), so
@@ -181,7 +190,7 @@ impl AccountSettings {
             access_token: None,
             pace: DEFAULT_PACE,
             rate: DEFAULT_RATE,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight: default_max_in_flight(DEFAULT_RATE),
             max_queue: DEFAULT_MAX_QUEUE,
             max_records: DEFAULT_MAX_RECORDS,
             default: false,
@@ -488,6 +497,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 &format!("account {:?}: access_token", a.name.0),
             ));
         }
+        let rate = a.rate.as_ref().map_or(DEFAULT_RATE, |r| *r.get_ref());
         let account = AccountSettings {
             name: a.name.0.clone(),
             phone_number_id: a.phone_number_id.0.clone(),
@@ -496,11 +506,11 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 .as_ref()
                 .map(|t| Secret::new(t.get_ref().0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
-            rate: a.rate.as_ref().map_or(DEFAULT_RATE, |r| *r.get_ref()),
+            rate,
             max_in_flight: a
                 .max_in_flight
                 .as_ref()
-                .map_or(DEFAULT_MAX_IN_FLIGHT, |m| *m.get_ref()),
+                .map_or(default_max_in_flight(rate), |m| *m.get_ref()),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             max_records: a.max_records.unwrap_or(DEFAULT_MAX_RECORDS),
             default: a.default,
@@ -942,6 +952,21 @@ mod tests {
     }
 
     #[test]
+    fn max_in_flight_defaults_to_half_a_second_of_the_rate() {
+        let account = |extra: &str| {
+            let text = format!(
+                "[sandbox]\npublic_credentials = true\n\
+                 [[accounts]]\nname = \"a\"\nphone_number_id = \"1\"\n{extra}"
+            );
+            let s = parse(&text).unwrap();
+            (s.accounts[0].rate, s.accounts[0].max_in_flight)
+        };
+        assert_eq!(account(""), (80, 64));
+        assert_eq!(account("rate = 1000\n"), (1000, 500));
+        assert_eq!(account("rate = 1000\nmax_in_flight = 8\n"), (1000, 8));
+    }
+
+    #[test]
     fn unknown_keys_are_errors_with_line_and_column() {
         let err = parse("listen = \"127.0.0.1:1\"\n\n[sender]\nmax_atempts = 3\n").unwrap_err();
         let text = err.to_string();
@@ -985,6 +1010,7 @@ backoff = "100ms"
         assert!(s.data_dir.is_none());
         assert_eq!(s.meta.app_secrets.len(), 2);
         assert_eq!(s.accounts[0].pace, Duration::from_millis(200));
+        assert_eq!((s.accounts[0].rate, s.accounts[0].max_in_flight), (80, 64));
         assert!(s.accounts[0].default);
         assert_eq!(s.sender.backoff, Duration::from_millis(100));
         assert!(

@@ -367,3 +367,21 @@ async fn a_queue_that_waits_for_its_pace_does_not_hold_webhooks() {
     assert!(!metrics.contains("result=\"backlog_wait\""), "{metrics}");
     assert_eq!(names(&log), ["c1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_number_keeps_half_a_second_of_its_rate_in_flight() {
+    // No max_in_flight set: at rate = 1000 it is 500, not 64, so a slow
+    // Graph API does not hold an upgraded number below its rate.
+    let app = app_with("rate = 1000\n").await;
+    let _log = scripted(&app, |s| ok(s).set_delay(Duration::from_secs(3))).await;
+    for i in 0..80 {
+        queue(&app, &contact(i), &format!("u{i}")).await;
+    }
+    let q = wait_for(10, "80 sends in flight", || async {
+        let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
+        let q = queues["queues"][0].clone();
+        (q["in_flight"] == 80).then_some(q)
+    })
+    .await;
+    assert_eq!(q["max_in_flight"], 500, "{q}");
+}
