@@ -92,10 +92,13 @@ pub struct AccountSettings {
     /// Minimum interval between two send starts.
     pub pace: Duration,
     /// Sends started per second at most (Meta's throughput: 80 by default,
-    /// 1000 for upgraded numbers).
+    /// 1000 for upgraded numbers); see [`rate_for`](Self::rate_for).
     pub rate: u32,
-    /// Sends awaiting Meta's answer at once, at most.
-    pub max_in_flight: usize,
+    /// `rate` was set in the file: Meta's throughput upgrade leaves it.
+    pub rate_set: bool,
+    /// Sends awaiting Meta's answer at once, at most (`None`: half a
+    /// second of the rate, see [`default_max_in_flight`]).
+    pub max_in_flight: Option<usize>,
     pub max_queue: usize,
     /// Finished outbound records kept; past it the oldest finished ones
     /// are dropped before `retention`.
@@ -160,6 +163,10 @@ pub const DEFAULT_RATE: u32 = 80;
 /// `max_in_flight` when unset: half a second of the account's `rate`
 /// (Graph answers in 100–300 ms), at least this many.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// Meta's throughput of an upgraded number (messages/s): the `rate` of an
+/// account that sets none, once Meta announced the upgrade
+/// (`phone_number_quality_update`, `THROUGHPUT_UPGRADE`).
+pub const UPGRADED_RATE: u32 = 1000;
 
 /// The default `max_in_flight` of an account sending `rate` a second: so
 /// many sends awaiting answers that a Graph API answering within half a
@@ -175,10 +182,26 @@ pub fn default_max_in_flight(rate: u32) -> usize {
 pub const DEFAULT_MAX_BACKLOG: usize = 500;
 
 impl AccountSettings {
+    /// Send starts per second at most: `rate` as set, else Meta's default
+    /// and, once Meta announced the number's upgrade, [`UPGRADED_RATE`].
+    pub fn rate_for(&self, upgraded: bool) -> u32 {
+        if upgraded && !self.rate_set {
+            UPGRADED_RATE
+        } else {
+            self.rate
+        }
+    }
+
+    /// Sends awaiting Meta's answer at once, at most.
+    pub fn max_in_flight_for(&self, upgraded: bool) -> usize {
+        self.max_in_flight
+            .unwrap_or_else(|| default_max_in_flight(self.rate_for(upgraded)))
+    }
+
     /// The least time between two send starts: `pace`, or `1/rate` if
     /// that is longer.
-    pub fn spacing(&self) -> Duration {
-        let per_rate = Duration::from_secs(1) / self.rate.max(1);
+    pub fn spacing(&self, upgraded: bool) -> Duration {
+        let per_rate = Duration::from_secs(1) / self.rate_for(upgraded).max(1);
         self.pace.max(per_rate)
     }
 
@@ -190,7 +213,8 @@ impl AccountSettings {
             access_token: None,
             pace: DEFAULT_PACE,
             rate: DEFAULT_RATE,
-            max_in_flight: default_max_in_flight(DEFAULT_RATE),
+            rate_set: false,
+            max_in_flight: None,
             max_queue: DEFAULT_MAX_QUEUE,
             max_records: DEFAULT_MAX_RECORDS,
             default: false,
@@ -497,7 +521,6 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 &format!("account {:?}: access_token", a.name.0),
             ));
         }
-        let rate = a.rate.as_ref().map_or(DEFAULT_RATE, |r| *r.get_ref());
         let account = AccountSettings {
             name: a.name.0.clone(),
             phone_number_id: a.phone_number_id.0.clone(),
@@ -506,11 +529,9 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 .as_ref()
                 .map(|t| Secret::new(t.get_ref().0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
-            rate,
-            max_in_flight: a
-                .max_in_flight
-                .as_ref()
-                .map_or(default_max_in_flight(rate), |m| *m.get_ref()),
+            rate: a.rate.as_ref().map_or(DEFAULT_RATE, |r| *r.get_ref()),
+            rate_set: a.rate.is_some(),
+            max_in_flight: a.max_in_flight.as_ref().map(|m| *m.get_ref()),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             max_records: a.max_records.unwrap_or(DEFAULT_MAX_RECORDS),
             default: a.default,
@@ -952,18 +973,26 @@ mod tests {
     }
 
     #[test]
-    fn max_in_flight_defaults_to_half_a_second_of_the_rate() {
+    fn max_in_flight_defaults_to_half_a_second_of_the_rate_meta_may_raise() {
         let account = |extra: &str| {
             let text = format!(
                 "[sandbox]\npublic_credentials = true\n\
                  [[accounts]]\nname = \"a\"\nphone_number_id = \"1\"\n{extra}"
             );
             let s = parse(&text).unwrap();
-            (s.accounts[0].rate, s.accounts[0].max_in_flight)
+            let a = &s.accounts[0];
+            (
+                a.rate_for(false),
+                a.max_in_flight_for(false),
+                a.max_in_flight_for(true),
+            )
         };
-        assert_eq!(account(""), (80, 64));
-        assert_eq!(account("rate = 1000\n"), (1000, 500));
-        assert_eq!(account("rate = 1000\nmax_in_flight = 8\n"), (1000, 8));
+        // Unset, Meta's upgrade raises the rate and with it max_in_flight.
+        assert_eq!(account(""), (80, 64, 500));
+        // A rate set in the file stays as set.
+        assert_eq!(account("rate = 1000\n"), (1000, 500, 500));
+        assert_eq!(account("rate = 200\n"), (200, 100, 100));
+        assert_eq!(account("rate = 1000\nmax_in_flight = 8\n"), (1000, 8, 8));
     }
 
     #[test]
@@ -1010,7 +1039,8 @@ backoff = "100ms"
         assert!(s.data_dir.is_none());
         assert_eq!(s.meta.app_secrets.len(), 2);
         assert_eq!(s.accounts[0].pace, Duration::from_millis(200));
-        assert_eq!((s.accounts[0].rate, s.accounts[0].max_in_flight), (80, 64));
+        assert_eq!(s.accounts[0].rate_for(false), 80);
+        assert_eq!(s.accounts[0].max_in_flight_for(false), 64);
         assert!(s.accounts[0].default);
         assert_eq!(s.sender.backoff, Duration::from_millis(100));
         assert!(

@@ -87,7 +87,7 @@ pub async fn queues(_key: ApiKey, ctx: web::Data<Ctx>) -> Result<HttpResponse, A
         .map(|a| {
             let stats = ctx.outbox.queue(a).stats();
             let pace_ms = a.settings.pace.as_millis() as i64;
-            let spacing = a.settings.spacing().as_millis() as i64;
+            let spacing = a.spacing().as_millis() as i64;
             let paused_until = stats.paused_until.filter(|t| *t > now);
             let next_send = if stats.depth > stats.in_flight {
                 let free = stats.last_send.map_or(now, |l| (l + spacing).max(now));
@@ -102,9 +102,9 @@ pub async fn queues(_key: ApiKey, ctx: web::Data<Ctx>) -> Result<HttpResponse, A
                 next_send_at: next_send.map(rfc3339),
                 pace: format_duration(a.settings.pace),
                 pace_ms,
-                rate: a.settings.rate,
+                rate: a.rate(),
                 in_flight: stats.in_flight,
-                max_in_flight: a.settings.max_in_flight,
+                max_in_flight: a.max_in_flight(),
                 paused_until: paused_until.map(rfc3339),
                 max_queue: a.settings.max_queue,
                 sandbox: a.is_sandbox(),

@@ -234,7 +234,7 @@ pub fn enqueue(
     // message at once and its own send would count against it.
     // A lower bound: one send start per spacing (pace, rate), after an
     // account pause; a contact's earlier messages may hold it longer.
-    let spacing = account.settings.spacing().as_millis() as Millis;
+    let spacing = account.spacing().as_millis() as Millis;
     let stats = queue.stats();
     let ahead = stats.depth.saturating_sub(stats.in_flight) as Millis;
     let next_free = queue

@@ -77,8 +77,8 @@ pub struct Prepared {
 /// Run the sender of `account` until `stop` turns true.
 pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Receiver<bool>) {
     let pace = account.settings.pace.as_millis() as Millis;
-    let mut rate = RateSlots::new(account.settings.rate);
-    let max_in_flight = account.settings.max_in_flight.max(1);
+    let mut rate_now = account.rate();
+    let mut rate = RateSlots::new(rate_now);
     let queue = sender.outbox.queue(&account);
     loop {
         if *stop.borrow() {
@@ -96,6 +96,11 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
             continue;
         }
         let now = now_ms();
+        if account.rate() != rate_now {
+            // Meta upgraded the number (and the file sets no `rate`).
+            rate_now = account.rate();
+            rate = RateSlots::new(rate_now);
+        }
         let next_due = queue.promote_due(now);
         if queue.take_slow_downs() > 0 {
             rate.slow_down(now);
@@ -114,7 +119,7 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
             }
             continue;
         }
-        let started = if queue.in_flight() < max_in_flight {
+        let started = if queue.in_flight() < account.max_in_flight().max(1) {
             queue.take()
         } else {
             None

@@ -603,7 +603,7 @@ impl Outbox {
             .accounts()
             .iter()
             .map(|a| {
-                let per_tenth = (a.settings.rate as usize).div_ceil(10);
+                let per_tenth = (a.rate() as usize).div_ceil(10);
                 self.queue(a).overdue(now).min(per_tenth)
             })
             .sum()

@@ -19,6 +19,18 @@ pub const MAX_SANDBOX_ACCOUNTS: usize = 1_000;
 pub struct Account {
     pub id: u16,
     pub settings: AccountSettings,
+    /// What Meta's webhooks told of the number (journaled).
+    number: parking_lot::RwLock<Number>,
+}
+
+/// What Meta's webhooks told of a business number.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Number {
+    /// `metadata.display_phone_number` of its notifications: how
+    /// `phone_number_quality_update` names it.
+    pub display_phone_number: Option<String>,
+    /// Meta announced its throughput upgrade (1,000 messages/s).
+    pub upgraded: bool,
 }
 
 impl Account {
@@ -27,6 +39,29 @@ impl Account {
     }
     pub fn is_sandbox(&self) -> bool {
         self.settings.access_token.is_none()
+    }
+
+    pub fn number(&self) -> Number {
+        self.number.read().clone()
+    }
+
+    fn upgraded(&self) -> bool {
+        self.number.read().upgraded
+    }
+
+    /// Send starts per second at most, now (see `AccountSettings::rate_for`).
+    pub fn rate(&self) -> u32 {
+        self.settings.rate_for(self.upgraded())
+    }
+
+    /// Sends awaiting Meta's answer at once, at most, now.
+    pub fn max_in_flight(&self) -> usize {
+        self.settings.max_in_flight_for(self.upgraded())
+    }
+
+    /// The least time between two send starts, now.
+    pub fn spacing(&self) -> std::time::Duration {
+        self.settings.spacing(self.upgraded())
     }
 }
 
@@ -57,7 +92,11 @@ impl State {
         {
             return None;
         }
-        let account = Arc::new(Account { id, settings });
+        let account = Arc::new(Account {
+            id,
+            settings,
+            number: parking_lot::RwLock::default(),
+        });
         inner.by_name.insert(account.settings.name.clone(), id);
         inner
             .by_pnid
@@ -125,9 +164,67 @@ impl State {
             .cloned()
     }
 
+    /// The number's `display_phone_number`, as a notification for it
+    /// gives it; journaled when it is new or changed.
+    pub fn note_display_number(&self, account: &Account, display: &str) {
+        if display.is_empty()
+            || account.number.read().display_phone_number.as_deref() == Some(display)
+        {
+            return;
+        }
+        self.set_number(account, |n| {
+            n.display_phone_number = Some(display.to_string())
+        });
+    }
+
+    /// Meta announced a throughput upgrade of the number it names by its
+    /// display number (`phone_number_quality_update`): the account whose
+    /// notifications carry that number, if any.
+    pub fn throughput_upgrade(&self, display: &str) -> Option<Arc<Account>> {
+        let account = self
+            .accounts()
+            .into_iter()
+            .find(|a| a.number.read().display_phone_number.as_deref() == Some(display))?;
+        if !account.upgraded() {
+            self.set_number(&account, |n| n.upgraded = true);
+        }
+        Some(account)
+    }
+
+    /// Change what is known of the account's number, and journal it.
+    fn set_number(&self, account: &Account, change: impl FnOnce(&mut Number)) {
+        let number = {
+            let mut n = account.number.write();
+            change(&mut n);
+            n.clone()
+        };
+        self.log(|| number_op(account, number));
+    }
+
+    /// A journaled [`StateOp::Number`] applied.
+    pub(super) fn restore_number(&self, account: &Account, number: Number) {
+        *account.number.write() = number;
+    }
+
+    /// Accounts whose number has more to journal than its name.
+    pub(super) fn numbers(&self) -> impl Iterator<Item = StateOp> {
+        self.accounts().into_iter().filter_map(|a| {
+            let n = a.number();
+            (n != Number::default()).then(|| number_op(&a, n))
+        })
+    }
+
     pub(super) fn account_name(&self, id: u16) -> String {
         self.account(id)
             .map(|a| a.name().to_string())
             .unwrap_or_default()
+    }
+}
+
+fn number_op(account: &Account, n: Number) -> StateOp {
+    StateOp::Number {
+        account: account.name().to_string(),
+        display_phone_number: n.display_phone_number,
+        upgraded: n.upgraded,
     }
 }

@@ -86,6 +86,13 @@ pub enum StateOp {
         status: Option<String>,
         category: Option<String>,
     },
+    /// What Meta's webhooks told of an account's number: its display
+    /// number, and whether Meta announced its throughput upgrade.
+    Number {
+        account: String,
+        display_phone_number: Option<String>,
+        upgraded: bool,
+    },
     /// BSUID `user_id` is the contact with phone number `wa_id`: one
     /// conversation, kept under the phone number (a conversation kept
     /// under the BSUID until then merged into it).

@@ -200,6 +200,19 @@ impl State {
             } => {
                 self.template_update(&name, &language, status.as_deref(), category.as_deref());
             }
+            StateOp::Number {
+                account,
+                display_phone_number,
+                upgraded,
+            } => {
+                if let Some(a) = self.restore_account(&account, sandbox) {
+                    let number = super::accounts::Number {
+                        display_phone_number,
+                        upgraded,
+                    };
+                    self.restore_number(&a, number);
+                }
+            }
             StateOp::Link {
                 account,
                 user_id,
@@ -255,6 +268,9 @@ impl State {
                     phone_number_id: a.settings.phone_number_id.clone(),
                 });
             }
+        }
+        for op in self.numbers() {
+            put(op);
         }
         for (digest, at) in self.dedupe.entries() {
             put(StateOp::SeenDigest {

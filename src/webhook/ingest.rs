@@ -20,7 +20,8 @@ pub struct Accepted {
 
 /// What an account-level change changes for sending: a template's status
 /// or category; a contact's marketing preference (`account`: the account
-/// the change names by its phone number id, if any).
+/// the change names by its phone number id, if any); a number's throughput
+/// upgrade (named by its display number).
 fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<u16>) {
     let v = &change.value;
     let text = |v: &serde_json::Value, k: &str| {
@@ -41,6 +42,21 @@ fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<u16>) {
                 let category = text(v, "new_category");
                 ctx.state
                     .template_update(&name, &language, None, category.as_deref());
+            }
+        }
+        "phone_number_quality_update" if v["event"] == "THROUGHPUT_UPGRADE" => {
+            let number = text(v, "display_phone_number").unwrap_or_default();
+            match ctx.state.throughput_upgrade(&number) {
+                Some(a) => tracing::info!(
+                    account = a.name(),
+                    rate = a.rate(),
+                    max_in_flight = a.max_in_flight(),
+                    "Meta upgraded the number's throughput"
+                ),
+                None => tracing::warn!(
+                    display_phone_number = %number,
+                    "Meta upgraded the throughput of a number no notification named yet; its account keeps its rate"
+                ),
             }
         }
         "user_preferences" => {
@@ -106,6 +122,7 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
             out.unknown_accounts += 1;
             continue;
         };
+        state.note_display_number(&account, &batch.display_phone_number);
         let now = now_ms();
         for status in &batch.statuses {
             match ctx.outbox.apply_status(status, now) {

@@ -28,6 +28,8 @@ pub enum ParseError {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub phone_number_id: String,
+    /// `metadata.display_phone_number` ("" when absent).
+    pub display_phone_number: String,
     pub messages: Vec<InboundMessage>,
     pub statuses: Vec<StatusUpdate>,
 }
@@ -107,6 +109,7 @@ struct ValueIn<'a> {
 #[serde(default)]
 struct MetadataIn {
     phone_number_id: Option<String>,
+    display_phone_number: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -294,16 +297,14 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
                 out.malformed += 1;
                 continue;
             };
-            let Some(pnid) = value
-                .metadata
-                .and_then(|m| m.phone_number_id)
-                .filter(|p| !p.is_empty())
-            else {
+            let metadata = value.metadata.unwrap_or_default();
+            let Some(pnid) = metadata.phone_number_id.filter(|p| !p.is_empty()) else {
                 out.malformed += 1;
                 continue;
             };
             let mut batch = Batch {
                 phone_number_id: pnid,
+                display_phone_number: metadata.display_phone_number.unwrap_or_default(),
                 ..Batch::default()
             };
             for raw in value.messages {

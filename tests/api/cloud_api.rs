@@ -395,6 +395,63 @@ async fn a_template_paused_by_webhook_fails_the_next_send_without_a_graph_call()
     app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
 }
 
+fn throughput_upgrade(display_phone_number: &str) -> Value {
+    account_change(
+        "phone_number_quality_update",
+        json!({ "display_phone_number": display_phone_number, "event": "THROUGHPUT_UPGRADE",
+                "max_daily_conversations_per_business": "TIER_UNLIMITED" }),
+    )
+}
+
+async fn rate_and_in_flight(app: &TestApp) -> (Value, Value) {
+    let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
+    let q = &queues["queues"][0];
+    (q["rate"].clone(), q["max_in_flight"].clone())
+}
+
+/// Issue #9: Meta's throughput upgrade (announced by display number)
+/// raises an account that sets no `rate` from 80 to 1,000 messages/s, and
+/// its `max_in_flight` with it; the change still reaches `account` targets.
+#[tokio::test]
+async fn a_throughput_upgrade_raises_an_unset_rate_to_1000() {
+    let app = spawn_with(Options {
+        targets: vec![("ops", r#"["account"]"#)],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(rate_and_in_flight(&app).await, (json!(80), json!(64)));
+    // No notification named the number yet: its display number is unknown.
+    app.deliver(&throughput_upgrade("15550783881")).await;
+    assert_eq!(rate_and_in_flight(&app).await, (json!(80), json!(64)));
+    // A message for the number carries its display number; then the
+    // upgrade finds it (and one for another number does not).
+    app.say(ANA, "hi").await;
+    app.deliver(&throughput_upgrade("15550000000")).await;
+    assert_eq!(rate_and_in_flight(&app).await, (json!(80), json!(64)));
+    app.deliver(&throughput_upgrade("15550783881")).await;
+    assert_eq!(rate_and_in_flight(&app).await, (json!(1000), json!(500)));
+    let events = app.wait_events("ops", "account.update", 3).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.body["field"] == "phone_number_quality_update"),
+        "{events:?}"
+    );
+}
+
+/// A `rate` set in the file is the user's own limit: the upgrade leaves it.
+#[tokio::test]
+async fn a_throughput_upgrade_leaves_a_rate_set_in_the_file() {
+    let app = spawn_with(Options {
+        account_extra: "rate = 20\n".into(),
+        ..Options::default()
+    })
+    .await;
+    app.say(ANA, "hi").await;
+    app.deliver(&throughput_upgrade("15550783881")).await;
+    assert_eq!(rate_and_in_flight(&app).await, (json!(20), json!(64)));
+}
+
 /// Issue #10.4: a `stop` in the user's marketing preferences is an
 /// opt-out of marketing templates only.
 #[tokio::test]

@@ -437,6 +437,48 @@ async fn webhook_effects_survive_a_sigkill_and_are_not_repeated() {
     assert_eq!(replies, want, "one inbound message, at most one reply");
 }
 
+async fn queue_rate(r: &Router) -> Value {
+    let (_, queues) = r.api(reqwest::Method::GET, "/v1/queues", None).await;
+    queues["queues"][0]["rate"].clone()
+}
+
+/// Issue #9: what Meta told of the number (its display number, its
+/// throughput upgrade) survives a SIGKILL and a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throughput_upgrade_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _arrivals) = graph_mock().await;
+    let config = || {
+        write_config(dir.path(), &graph.uri(), "50ms", "", "");
+        // No `rate` of its own: the account follows Meta's.
+        let file = dir.path().join("wa-router.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replacen("rate = 1000\n", "", 1)).unwrap();
+    };
+    config();
+    let mut r = Router::spawn(dir.path()).await;
+    assert_eq!(queue_rate(&r).await, 80);
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        200
+    );
+    let upgrade = json!({ "object": "whatsapp_business_account",
+        "entry": [{ "id": "310298475561023", "time": now_s(), "changes": [{
+            "field": "phone_number_quality_update",
+            "value": { "display_phone_number": "15550783881", "event": "THROUGHPUT_UPGRADE" } }] }] });
+    assert_eq!(r.webhook(&upgrade).await, 200);
+    assert_eq!(queue_rate(&r).await, 1000);
+    r.kill();
+    // From the journal; then a clean stop writes a snapshot, read at the
+    // next start.
+    let mut r = Router::spawn(dir.path()).await;
+    assert_eq!(queue_rate(&r).await, 1000);
+    assert_eq!(r.stop(), 0);
+    let r = Router::spawn(dir.path()).await;
+    assert_eq!(queue_rate(&r).await, 1000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_exits_0_and_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
