@@ -38,13 +38,6 @@ impl GraphError {
         }
     }
 
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            GraphError::Status { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
     /// A short description without secrets or message content.
     pub fn describe(&self) -> String {
         match self {

@@ -61,6 +61,31 @@ pub fn classify(e: &GraphError) -> Class {
 /// throughput (130429). The pair rate limit (131056) slows one contact only.
 const ACCOUNT_RATE_CODES: &[i64] = &[4, 80007, 130429];
 const PAIR_RATE_CODE: i64 = 131056;
+/// The number is in maintenance (e.g. its throughput upgrade), for up to a
+/// minute by Meta's word: the whole account waits.
+const MAINTENANCE_CODE: i64 = 131057;
+/// The least wait after a maintenance answer, in `[sender] backoff`s (20 s
+/// at the default 1 s): the default five attempts then span more than
+/// Meta's minute of maintenance, and sends that had not started yet
+/// spend none.
+const MAINTENANCE_BACKOFFS: u32 = 20;
+
+/// The least wait Meta asks for before the next attempt: its
+/// `Retry-After`, or for a number in maintenance (131057)
+/// [`MAINTENANCE_BACKOFFS`] × `backoff`.
+pub fn least_wait(e: &GraphError, backoff: Duration) -> Option<Duration> {
+    match e {
+        GraphError::Status {
+            retry_after: Some(ra),
+            ..
+        } => Some(*ra),
+        GraphError::Status {
+            code: Some(MAINTENANCE_CODE),
+            ..
+        } => Some(backoff.saturating_mul(MAINTENANCE_BACKOFFS)),
+        _ => None,
+    }
+}
 
 /// What a transient failure asks of the whole account (the failed message
 /// itself always waits, first of its contact).
@@ -69,8 +94,8 @@ pub enum AccountLimit {
     /// Nothing: only that contact waits (server errors, timeouts, the pair
     /// rate limit 131056).
     None,
-    /// Meta named a wait (`Retry-After`): no send of the account starts
-    /// before it ends.
+    /// Meta named a wait (`Retry-After`), or the number is in maintenance
+    /// (131057): no send of the account starts before it ends.
     Pause,
     /// Meta's rate limit without a wait (HTTP 429, codes 4, 80007,
     /// 130429): the account's rate halves, then grows back.
@@ -87,6 +112,7 @@ pub fn account_limit(e: &GraphError) -> AccountLimit {
             ..
         } => match code {
             Some(PAIR_RATE_CODE) => AccountLimit::None,
+            Some(MAINTENANCE_CODE) => AccountLimit::Pause,
             _ if retry_after.is_some() => AccountLimit::Pause,
             Some(c) if ACCOUNT_RATE_CODES.contains(c) => AccountLimit::SlowDown,
             _ if *http == 429 => AccountLimit::SlowDown,
@@ -146,6 +172,15 @@ mod tests {
             transient_hint: false,
         };
         assert_eq!(account_limit(&with_retry_after), L::Pause);
+        let second = Duration::from_secs(1);
+        assert_eq!(least_wait(&with_retry_after, second), Some(2 * second));
+        // A number in maintenance: the account waits 20 backoffs.
+        assert_eq!(account_limit(&status(500, Some(131057))), L::Pause);
+        assert_eq!(
+            least_wait(&status(500, Some(131057)), second),
+            Some(20 * second)
+        );
+        assert_eq!(least_wait(&status(503, None), second), None);
         let transport = GraphError::Transport {
             message: "refused".into(),
         };

@@ -16,7 +16,7 @@ use super::graph::GraphClient;
 use super::graph::send_body;
 use super::policy::{PolicyError, check_record};
 use super::queue::{AccountQueue, Finished};
-use super::retry::{AccountLimit, Class, account_limit, classify, delay};
+use super::retry::{AccountLimit, Class, account_limit, classify, delay, least_wait};
 use super::store::Outbox;
 use super::{OutboundRecord, RecordError, Status};
 use crate::config::SenderSettings;
@@ -336,12 +336,8 @@ pub async fn execute(sender: &Sender, account: &Account, prepared: Prepared) -> 
                 message: e.describe(),
             };
             if classify(&e) == Class::Transient && attempts < sender.settings.max_attempts {
-                let wait = delay(
-                    attempts,
-                    sender.settings.backoff,
-                    e.retry_after(),
-                    fastrand::f64(),
-                );
+                let backoff = sender.settings.backoff;
+                let wait = delay(attempts, backoff, least_wait(&e, backoff), fastrand::f64());
                 let account = account_limit(&e);
                 tracing::warn!(error = %error.message, attempts, retry_in_ms = wait.as_millis() as u64, account = ?account, "transient send failure");
                 outbox.update_record(id, now, |r| {

@@ -253,6 +253,47 @@ async fn a_429_with_retry_after_pauses_the_whole_account() {
     );
 }
 
+/// 131057: the number is in maintenance (Meta upgrades its throughput, up
+/// to a minute). The whole account waits 20 × `backoff` (here 20 ms), so
+/// its attempts outlast the maintenance (here three maintenance answers,
+/// then the last of `max_attempts = 4` gets through) and sends not yet
+/// started spend none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_in_maintenance_pauses_the_account_and_its_message_gets_through() {
+    let app = app_with("rate = 1000\n").await;
+    let log = scripted(&app, |s| {
+        if s.name == "upgrading" && s.attempt <= 3 {
+            graph_error(500, 131057)
+        } else {
+            ok(s)
+        }
+    })
+    .await;
+    let upgrading = queue(&app, &contact(1), "upgrading").await;
+    answered_with_error(&app, &upgrading).await;
+    let other = queue(&app, &contact(2), "other").await;
+    wait_sent(&app, &[upgrading.clone(), other]).await;
+    assert_eq!(app.record(&upgrading).await["attempts"], 4, "max_attempts");
+    let paused = first_at(&log, "other", 1) - first_at(&log, "upgrading", 1);
+    assert!(
+        paused >= Duration::from_millis(380),
+        "the account was not paused: {paused:?}"
+    );
+    for attempt in 2..=4 {
+        let waited =
+            first_at(&log, "upgrading", attempt) - first_at(&log, "upgrading", attempt - 1);
+        assert!(
+            waited >= Duration::from_millis(380),
+            "attempt {attempt} after {waited:?}"
+        );
+    }
+    assert_eq!(
+        names(&log).iter().filter(|n| *n == "other").count(),
+        1,
+        "other was sent once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pair_rate_limit_slows_only_that_contact() {
     let app = app_with("rate = 1000\n").await;
