@@ -373,6 +373,16 @@ mod tests {
         q
     }
 
+    /// `a`'s send of `id` answered with a wait for the whole account.
+    fn pause_after(q: &AccountQueue, id: &str, until: Millis) {
+        let how = Finished::Retry {
+            until,
+            pause: true,
+            slow_down: false,
+        };
+        q.finish(&"a".into(), id, how);
+    }
+
     fn take(q: &AccountQueue) -> Option<String> {
         q.take().map(|(id, _)| id.to_string())
     }
@@ -426,15 +436,7 @@ mod tests {
     fn an_account_retry_pauses_the_account() {
         let q = q_with(&[("a", "a1"), ("b", "b1")]);
         assert_eq!(take(&q).as_deref(), Some("a1"));
-        q.finish(
-            &"a".into(),
-            "a1",
-            Finished::Retry {
-                until: 100,
-                pause: true,
-                slow_down: false,
-            },
-        );
+        pause_after(&q, "a1", 100);
         assert_eq!(q.paused_until(50), Some(100));
         assert_eq!(q.promote_due(100), None);
         assert_eq!(q.paused_until(100), None);
@@ -449,15 +451,7 @@ mod tests {
         assert_eq!(q.overdue(50), 2, "its start is late");
         assert_eq!(take(&q).as_deref(), Some("a1"));
         assert_eq!(q.overdue(60), 1, "a is busy");
-        q.finish(
-            &"a".into(),
-            "a1",
-            Finished::Retry {
-                until: 100,
-                pause: true,
-                slow_down: false,
-            },
-        );
+        pause_after(&q, "a1", 100);
         assert_eq!(q.overdue(60), 0, "paused");
     }
 

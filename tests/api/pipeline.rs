@@ -102,6 +102,20 @@ async fn queue(app: &TestApp, to: &str, name: &str) -> String {
     body["id"].as_str().unwrap().to_string()
 }
 
+/// Queue one message to each of `contacts` contacts, then wait until
+/// `in_flight` sends await Meta's answer; returns the queue's report.
+async fn queue_until_in_flight(app: &TestApp, contacts: usize, in_flight: usize) -> Value {
+    for i in 0..contacts {
+        queue(app, &contact(i), &format!("q{i}")).await;
+    }
+    wait_for(10, &format!("{in_flight} sends in flight"), || async {
+        let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
+        let q = queues["queues"][0].clone();
+        (q["in_flight"] == in_flight).then_some(q)
+    })
+    .await
+}
+
 async fn wait_sent(app: &TestApp, ids: &[String]) {
     for id in ids {
         app.wait_status(id, "sent").await;
@@ -324,15 +338,7 @@ async fn the_pair_rate_limit_slows_only_that_contact() {
 async fn queues_report_rate_and_sends_in_flight() {
     let app = app_with("rate = 250\nmax_in_flight = 3\n").await;
     let _log = scripted(&app, |s| ok(s).set_delay(Duration::from_secs(2))).await;
-    for i in 0..5 {
-        queue(&app, &contact(i), &format!("q{i}")).await;
-    }
-    let q = wait_for(10, "three sends in flight", || async {
-        let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
-        let q = queues["queues"][0].clone();
-        (q["in_flight"] == 3).then_some(q)
-    })
-    .await;
+    let q = queue_until_in_flight(&app, 5, 3).await;
     assert_eq!(
         (q["rate"].as_u64(), q["max_in_flight"].as_u64()),
         (Some(250), Some(3))
@@ -415,14 +421,6 @@ async fn an_upgraded_number_keeps_half_a_second_of_its_rate_in_flight() {
     // Graph API does not hold an upgraded number below its rate.
     let app = app_with("rate = 1000\n").await;
     let _log = scripted(&app, |s| ok(s).set_delay(Duration::from_secs(3))).await;
-    for i in 0..80 {
-        queue(&app, &contact(i), &format!("u{i}")).await;
-    }
-    let q = wait_for(10, "80 sends in flight", || async {
-        let (_, queues) = app.api(reqwest::Method::GET, "/v1/queues", None).await;
-        let q = queues["queues"][0].clone();
-        (q["in_flight"] == 80).then_some(q)
-    })
-    .await;
+    let q = queue_until_in_flight(&app, 80, 80).await;
     assert_eq!(q["max_in_flight"], 500, "{q}");
 }
