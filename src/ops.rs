@@ -100,13 +100,19 @@ pub async fn readyz(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
     ops_authorized(&req, &ctx)?;
-    let queues: Vec<(String, usize, usize)> = ctx
+    let queues = ctx
         .state
         .accounts()
         .iter()
         .map(|a| {
             let s = ctx.outbox.queue(a).stats();
-            (a.name().to_string(), s.depth, s.scheduled)
+            crate::telemetry::QueueGauges {
+                account: a.name().to_string(),
+                queued: s.depth,
+                scheduled: s.scheduled,
+                in_flight: s.in_flight,
+                rate: a.rate(),
+            }
         })
         .collect();
     let body = ctx.metrics.render(&crate::telemetry::ScrapeGauges {

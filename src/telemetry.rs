@@ -61,12 +61,22 @@ struct AccountLabel {
     account: String,
 }
 
+/// One account's queue at scrape time.
+#[derive(Debug, Default)]
+pub struct QueueGauges {
+    pub account: String,
+    pub queued: usize,
+    pub scheduled: usize,
+    pub in_flight: usize,
+    /// Send starts per second at most, now (Meta's upgrade raises it).
+    pub rate: u32,
+}
+
 /// Values read at scrape time.
 #[derive(Debug, Default)]
 pub struct ScrapeGauges {
     pub open_windows: usize,
-    /// (account, queued, scheduled)
-    pub queues: Vec<(String, usize, usize)>,
+    pub queues: Vec<QueueGauges>,
     /// (target, events, bytes)
     pub backlog: Vec<(String, usize, usize)>,
     pub body_buffered: usize,
@@ -85,6 +95,8 @@ pub struct Metrics {
     outbound: Family<StatusLabel, Counter>,
     queue_depth: Family<AccountLabel, Gauge>,
     scheduled: Family<AccountLabel, Gauge>,
+    in_flight: Family<AccountLabel, Gauge>,
+    rate: Family<AccountLabel, Gauge>,
     open_windows: Gauge,
     graph_latency: Histogram,
     event_deliveries: Family<ResultLabel, Counter>,
@@ -124,6 +136,8 @@ impl Metrics {
             rule_matches: Family::default(),
             outbound: Family::default(),
             queue_depth: Family::default(),
+            in_flight: Family::default(),
+            rate: Family::default(),
             scheduled: Family::default(),
             open_windows: Gauge::default(),
             graph_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -165,6 +179,16 @@ impl Metrics {
             "queue_depth",
             "Messages queued per account",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "sends_in_flight",
+            "Sends awaiting Meta's answer per account",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "send_rate",
+            "Send starts per second at most per account (rate; Meta's throughput upgrade raises an unset one)",
+            m.rate.clone(),
         );
         r.register(
             "scheduled_messages",
@@ -300,17 +324,14 @@ impl Metrics {
                 .set(*bytes as i64);
         }
         let queues = &g.queues;
-        for (account, depth, scheduled) in queues {
-            self.queue_depth
-                .get_or_create(&AccountLabel {
-                    account: account.clone(),
-                })
-                .set(*depth as i64);
-            self.scheduled
-                .get_or_create(&AccountLabel {
-                    account: account.clone(),
-                })
-                .set(*scheduled as i64);
+        for q in queues {
+            let label = AccountLabel {
+                account: q.account.clone(),
+            };
+            self.queue_depth.get_or_create(&label).set(q.queued as i64);
+            self.scheduled.get_or_create(&label).set(q.scheduled as i64);
+            self.in_flight.get_or_create(&label).set(q.in_flight as i64);
+            self.rate.get_or_create(&label).set(i64::from(q.rate));
         }
         let mut out = String::new();
         let registry = self.registry.lock();

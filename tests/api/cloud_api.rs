@@ -430,6 +430,11 @@ async fn a_throughput_upgrade_raises_an_unset_rate_to_1000() {
     assert_eq!(rate_and_in_flight(&app).await, (json!(80), json!(64)));
     app.deliver(&throughput_upgrade("15550783881")).await;
     assert_eq!(rate_and_in_flight(&app).await, (json!(1000), json!(500)));
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains("wa_router_send_rate{account=\"main\"} 1000"),
+        "{metrics}"
+    );
     let events = app.wait_events("ops", "account.update", 3).await;
     assert!(
         events

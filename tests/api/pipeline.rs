@@ -339,6 +339,13 @@ async fn queues_report_rate_and_sends_in_flight() {
     let app = app_with("rate = 250\nmax_in_flight = 3\n").await;
     let _log = scripted(&app, |s| ok(s).set_delay(Duration::from_secs(2))).await;
     let q = queue_until_in_flight(&app, 5, 3).await;
+    let metrics = app.metrics_text().await;
+    for line in [
+        "wa_router_sends_in_flight{account=\"main\"} 3",
+        "wa_router_send_rate{account=\"main\"} 250",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     assert_eq!(
         (q["rate"].as_u64(), q["max_in_flight"].as_u64()),
         (Some(250), Some(3))
