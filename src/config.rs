@@ -91,11 +91,9 @@ pub struct AccountSettings {
     pub access_token: Option<Secret>,
     /// Minimum interval between two send starts.
     pub pace: Duration,
-    /// Sends started per second at most (Meta's throughput: 80 by default,
-    /// 1000 for upgraded numbers); see [`rate_for`](Self::rate_for).
-    pub rate: u32,
-    /// `rate` was set in the file: Meta's throughput upgrade leaves it.
-    pub rate_set: bool,
+    /// Sends started per second at most, as set in the file (`None`:
+    /// Meta's throughput, see [`rate_for`](Self::rate_for)).
+    pub rate: Option<u32>,
     /// Sends awaiting Meta's answer at once, at most (`None`: half a
     /// second of the rate, see [`default_max_in_flight`]).
     pub max_in_flight: Option<usize>,
@@ -185,10 +183,10 @@ impl AccountSettings {
     /// Send starts per second at most: `rate` as set, else Meta's default
     /// and, once Meta announced the number's upgrade, [`UPGRADED_RATE`].
     pub fn rate_for(&self, upgraded: bool) -> u32 {
-        if upgraded && !self.rate_set {
-            UPGRADED_RATE
-        } else {
-            self.rate
+        match self.rate {
+            Some(rate) => rate,
+            None if upgraded => UPGRADED_RATE,
+            None => DEFAULT_RATE,
         }
     }
 
@@ -212,8 +210,7 @@ impl AccountSettings {
             phone_number_id: phone_number_id.to_string(),
             access_token: None,
             pace: DEFAULT_PACE,
-            rate: DEFAULT_RATE,
-            rate_set: false,
+            rate: None,
             max_in_flight: None,
             max_queue: DEFAULT_MAX_QUEUE,
             max_records: DEFAULT_MAX_RECORDS,
@@ -529,8 +526,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
                 .as_ref()
                 .map(|t| Secret::new(t.get_ref().0.clone())),
             pace: a.pace.map_or(DEFAULT_PACE, |d| d.0),
-            rate: a.rate.as_ref().map_or(DEFAULT_RATE, |r| *r.get_ref()),
-            rate_set: a.rate.is_some(),
+            rate: a.rate.as_ref().map(|r| *r.get_ref()),
             max_in_flight: a.max_in_flight.as_ref().map(|m| *m.get_ref()),
             max_queue: a.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             max_records: a.max_records.unwrap_or(DEFAULT_MAX_RECORDS),

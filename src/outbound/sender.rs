@@ -96,9 +96,10 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
             continue;
         }
         let now = now_ms();
-        if account.rate() != rate_now {
+        let rate_in_force = account.rate();
+        if rate_in_force != rate_now {
             // Meta upgraded the number (and the file sets no `rate`).
-            rate_now = account.rate();
+            rate_now = rate_in_force;
             rate = RateSlots::new(rate_now);
         }
         let next_due = queue.promote_due(now);

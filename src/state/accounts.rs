@@ -19,8 +19,11 @@ pub const MAX_SANDBOX_ACCOUNTS: usize = 1_000;
 pub struct Account {
     pub id: u16,
     pub settings: AccountSettings,
-    /// What Meta's webhooks told of the number (journaled).
-    number: parking_lot::RwLock<Number>,
+    /// `metadata.display_phone_number` of its notifications (journaled).
+    display_phone_number: parking_lot::RwLock<Option<String>>,
+    /// Meta announced its throughput upgrade (journaled); read at every
+    /// send start and webhook, hence an atomic.
+    upgraded: std::sync::atomic::AtomicBool,
 }
 
 /// What Meta's webhooks told of a business number.
@@ -42,11 +45,18 @@ impl Account {
     }
 
     pub fn number(&self) -> Number {
-        self.number.read().clone()
+        Number {
+            display_phone_number: self.display_phone_number.read().clone(),
+            upgraded: self.upgraded(),
+        }
     }
 
     fn upgraded(&self) -> bool {
-        self.number.read().upgraded
+        self.upgraded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn shows(&self, display: &str) -> bool {
+        self.display_phone_number.read().as_deref() == Some(display)
     }
 
     /// Send starts per second at most, now (see `AccountSettings::rate_for`).
@@ -95,7 +105,8 @@ impl State {
         let account = Arc::new(Account {
             id,
             settings,
-            number: parking_lot::RwLock::default(),
+            display_phone_number: parking_lot::RwLock::default(),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
         });
         inner.by_name.insert(account.settings.name.clone(), id);
         inner
@@ -167,51 +178,41 @@ impl State {
     /// The number's `display_phone_number`, as a notification for it
     /// gives it; journaled when it is new or changed.
     pub fn note_display_number(&self, account: &Account, display: &str) {
-        if display.is_empty()
-            || account.number.read().display_phone_number.as_deref() == Some(display)
-        {
+        if display.is_empty() || account.shows(display) {
             return;
         }
-        self.set_number(account, |n| {
-            n.display_phone_number = Some(display.to_string())
-        });
+        *account.display_phone_number.write() = Some(display.to_string());
+        self.log(|| number_op(account));
     }
 
     /// Meta announced a throughput upgrade of the number it names by its
     /// display number (`phone_number_quality_update`): the account whose
     /// notifications carry that number, if any.
     pub fn throughput_upgrade(&self, display: &str) -> Option<Arc<Account>> {
-        let account = self
-            .accounts()
-            .into_iter()
-            .find(|a| a.number.read().display_phone_number.as_deref() == Some(display))?;
-        if !account.upgraded() {
-            self.set_number(&account, |n| n.upgraded = true);
+        let account = self.accounts().into_iter().find(|a| a.shows(display))?;
+        if !account
+            .upgraded
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.log(|| number_op(&account));
         }
         Some(account)
     }
 
-    /// Change what is known of the account's number, and journal it.
-    fn set_number(&self, account: &Account, change: impl FnOnce(&mut Number)) {
-        let number = {
-            let mut n = account.number.write();
-            change(&mut n);
-            n.clone()
-        };
-        self.log(|| number_op(account, number));
-    }
-
     /// A journaled [`StateOp::Number`] applied.
     pub(super) fn restore_number(&self, account: &Account, number: Number) {
-        *account.number.write() = number;
+        *account.display_phone_number.write() = number.display_phone_number;
+        account
+            .upgraded
+            .store(number.upgraded, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Accounts whose number has more to journal than its name.
     pub(super) fn numbers(&self) -> impl Iterator<Item = StateOp> {
-        self.accounts().into_iter().filter_map(|a| {
-            let n = a.number();
-            (n != Number::default()).then(|| number_op(&a, n))
-        })
+        self.accounts()
+            .into_iter()
+            .filter(|a| a.number() != Number::default())
+            .map(|a| number_op(&a))
     }
 
     pub(super) fn account_name(&self, id: u16) -> String {
@@ -221,7 +222,8 @@ impl State {
     }
 }
 
-fn number_op(account: &Account, n: Number) -> StateOp {
+fn number_op(account: &Account) -> StateOp {
+    let n = account.number();
     StateOp::Number {
         account: account.name().to_string(),
         display_phone_number: n.display_phone_number,
