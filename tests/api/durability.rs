@@ -182,6 +182,11 @@ pub(crate) async fn settled(r: &Router, ids: &[String], secs: u64) -> Vec<Value>
             let (status, rec) = r
                 .api(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
                 .await;
+            // The API key's rate limit may answer a poll of many ids: ask
+            // again on the next round.
+            if status == 429 {
+                return None;
+            }
             assert_eq!(status, 200, "message {id} was lost");
             if rec["status"] != "sent" && rec["status"] != "failed" {
                 return None;
