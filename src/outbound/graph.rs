@@ -158,12 +158,13 @@ impl GraphClient {
         }
     }
 
+    /// POST `body`; a 2xx answer's body, or the error Meta named.
     async fn post(
         &self,
         phone_number_id: &str,
         token: &Secret,
         body: &impl Serialize,
-    ) -> Result<Value, GraphError> {
+    ) -> Result<impl AsRef<[u8]>, GraphError> {
         let started = Instant::now();
         let result = self
             .request(phone_number_id)
@@ -183,35 +184,12 @@ impl GraphClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                let bytes = resp.bytes().await.map_err(|e| GraphError::Transport {
-                    message: transport_message(e),
-                });
-                match bytes {
-                    Err(e) => Err(e),
-                    Ok(bytes) => {
-                        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                        if (200..300).contains(&status) {
-                            Ok(value)
-                        } else {
-                            let err = value.get("error");
-                            Err(GraphError::Status {
-                                http: status,
-                                code: err.and_then(|e| e.get("code")).and_then(Value::as_i64),
-                                message: err
-                                    .and_then(|e| e.get("message"))
-                                    .and_then(Value::as_str)
-                                    .unwrap_or("no error message")
-                                    .chars()
-                                    .take(300)
-                                    .collect(),
-                                retry_after,
-                                transient_hint: err
-                                    .and_then(|e| e.get("is_transient"))
-                                    .and_then(Value::as_bool)
-                                    .unwrap_or(false),
-                            })
-                        }
-                    }
+                match resp.bytes().await {
+                    Err(e) => Err(GraphError::Transport {
+                        message: transport_message(e),
+                    }),
+                    Ok(bytes) if (200..300).contains(&status) => Ok(bytes),
+                    Ok(bytes) => Err(status_error(status, retry_after, &bytes)),
                 }
             }
         };
@@ -227,10 +205,11 @@ impl GraphClient {
         body: &impl Serialize,
     ) -> Result<String, GraphError> {
         let answer = self.post(phone_number_id, token, body).await?;
-        answer
-            .pointer("/messages/0/id")
-            .and_then(Value::as_str)
-            .map(str::to_string)
+        // Only `messages[0].id` is read: no tree of the whole answer is built.
+        serde_json::from_slice::<SendAnswer>(answer.as_ref())
+            .ok()
+            .and_then(|a| a.messages.into_iter().next())
+            .map(|m| m.id)
             .ok_or_else(|| GraphError::BadAnswer {
                 message: "no messages[0].id in the answer".into(),
             })
@@ -251,6 +230,39 @@ impl GraphClient {
             body["typing_indicator"] = json!({ "type": "text" });
         }
         self.post(phone_number_id, token, &body).await.map(|_| ())
+    }
+}
+
+/// The part of a send's answer the router reads (CLOUD_API.md §7.1).
+#[derive(serde::Deserialize)]
+struct SendAnswer {
+    messages: Vec<SentMessage>,
+}
+
+#[derive(serde::Deserialize)]
+struct SentMessage {
+    id: String,
+}
+
+/// A non-2xx answer as a [`GraphError`] (CLOUD_API.md §9).
+fn status_error(http: u16, retry_after: Option<Duration>, body: &[u8]) -> GraphError {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let err = value.get("error");
+    GraphError::Status {
+        http,
+        code: err.and_then(|e| e.get("code")).and_then(Value::as_i64),
+        message: err
+            .and_then(|e| e.get("message"))
+            .and_then(Value::as_str)
+            .unwrap_or("no error message")
+            .chars()
+            .take(300)
+            .collect(),
+        retry_after,
+        transient_hint: err
+            .and_then(|e| e.get("is_transient"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     }
 }
 

@@ -210,7 +210,10 @@ impl Ruleset {
                 *slot = Value::String(rendered);
             }
         }
-        validate(s.kind.as_str(), &object).map_err(|e| e.to_string())?;
+        // Without a template the object is the one checked at load.
+        if !s.slots.is_empty() {
+            validate(s.kind.as_str(), &object).map_err(|e| e.to_string())?;
+        }
         Ok(Content {
             kind: s.kind,
             object,
