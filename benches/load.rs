@@ -517,6 +517,16 @@ fn proc_usage(pid: u32) -> (f64, f64) {
     (rss_kb / 1024.0, cpu_ticks * 10.0)
 }
 
+/// CPU ms this process (load generator and mock Graph API, not the
+/// system under test, which is a child) has used so far.
+fn harness_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -841,6 +851,7 @@ async fn run(args: Args) {
         .collect();
     tokio::time::sleep_until(stamped.into()).await;
     let (_, cpu_before) = usage();
+    let harness_before = harness_cpu_ms();
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load {
         pools: pools.clone(),
@@ -975,6 +986,7 @@ async fn run(args: Args) {
         t.saturating_duration_since(load_end).as_secs_f64()
     });
     let (rss_end, cpu_after) = usage();
+    let harness_after = harness_cpu_ms();
     peak_rss = peak_rss.max(rss_end);
     // Statuses: `delivered` for every send, by then mostly archived.
     let (mut status_rate, mut status_p99, mut cpu_per_status) = (0.0, 0.0, 0.0);
@@ -1066,11 +1078,15 @@ async fn run(args: Args) {
         })
         .collect();
     e2e.sort_unstable();
-    let cpu_per_reply = if replies > 0 {
-        (cpu_after - cpu_before) / replies as f64
-    } else {
-        0.0
+    let per_reply = |ms: f64| {
+        if replies > 0 {
+            ms / replies as f64
+        } else {
+            0.0
+        }
     };
+    let cpu_per_reply = per_reply(cpu_after - cpu_before);
+    let harness_per_reply = per_reply(harness_after - harness_before);
     let label = if args.label.is_empty() {
         args.target.clone()
     } else {
@@ -1082,10 +1098,10 @@ async fn run(args: Args) {
         args.target.clone()
     };
     println!(
-        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms,status_acks_per_s,status_p99_ms,cpu_ms_per_status"
+        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms,status_acks_per_s,status_p99_ms,cpu_ms_per_status,harness_cpu_ms_per_reply"
     );
     println!(
-        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2},{status_rate:.0},{status_p99:.2},{cpu_per_status:.3}",
+        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2},{status_rate:.0},{status_p99:.2},{cpu_per_status:.3},{harness_per_reply:.3}",
         target_name,
         if args.rate.is_some() {
             0
