@@ -150,9 +150,18 @@ fn open_conn(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", if durable { "NORMAL" } else { "OFF" })?;
     // 16 MiB of page cache: the B-tree pages a batch touches stay in it.
     conn.pragma_update(None, "cache_size", -16384)?;
-    // Checkpoint every 16 MiB of WAL rather than 4: a page changed by many
-    // commits is copied into the database once.
-    conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
+    // Memory mode: checkpoint every 16 MiB of WAL rather than 4 (a page
+    // changed by many commits is copied into the database once). Durable:
+    // SQLite's 4 MiB. A checkpoint fsyncs the WAL and the database, and
+    // the journal's fdatasync, which every ack waits for, queues behind
+    // that on the disk: at 16 MiB a checkpoint held acks for 30-70 ms
+    // (ack p99 28-39 ms at 2,000 webhooks/s), at 4 MiB 10-20 ms (p99
+    // 15-17 ms), for about a fifth more bytes written.
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        if durable { 1000 } else { 4096 },
+    )?;
     Ok(conn)
 }
 
