@@ -164,6 +164,56 @@ async fn a_permanent_error_fails_at_once_with_the_graph_code() {
     );
 }
 
+/// A 2xx answer is read for `messages[0].id` only: Meta's extra fields
+/// (`message_status`) are fine; an answer without the id fails the
+/// message at once (it may have been sent: never retried) and says so.
+#[tokio::test]
+async fn a_send_is_sent_with_meta_s_wamid_and_an_answer_without_one_fails_it() {
+    let app = spawn_app(GREETING).await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(json!({ "text": { "body": "accepted" } })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "messaging_product": "whatsapp",
+            "contacts": [{ "input": ANA, "wa_id": ANA }],
+            "messages": [{ "id": "wamid.HBgLMTYzMTU1NTExODEVAgARGBI", "message_status": "accepted" }]
+        })))
+        .with_priority(1)
+        .mount(&app.graph)
+        .await;
+    for (text, answer) in [
+        (
+            "empty",
+            json!({ "messaging_product": "whatsapp", "messages": [] }),
+        ),
+        ("numeric", json!({ "messages": [{ "id": 42 }] })),
+        ("nothing", json!({})),
+    ] {
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({ "text": { "body": text } })))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .with_priority(1)
+            .mount(&app.graph)
+            .await;
+    }
+    app.open_window(ANA).await;
+    let (_, sent) = app.send_text(ANA, "accepted").await;
+    let record = app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
+    assert_eq!(record["wamid"], "wamid.HBgLMTYzMTU1NTExODEVAgARGBI");
+    for text in ["empty", "numeric", "nothing"] {
+        let (_, sent) = app.send_text(ANA, text).await;
+        let record = app
+            .wait_status(sent["id"].as_str().unwrap(), "failed")
+            .await;
+        assert_eq!(record["attempts"], 1, "{text}");
+        assert_eq!(record["error"]["code"], "graph_error", "{text}");
+        assert_eq!(
+            record["error"]["message"],
+            "unexpected Graph API answer: no messages[0].id in the answer",
+            "{text}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_131047_answer_fails_the_message_and_closes_the_window() {
     let app = spawn_app(GREETING).await;
