@@ -182,7 +182,7 @@ impl State {
             return;
         }
         *account.display_phone_number.write() = Some(display.to_string());
-        self.log(|| number_op(account));
+        self.log(|| number_op(account, account.number()));
     }
 
     /// Meta announced a throughput upgrade of the number it names by its
@@ -194,7 +194,7 @@ impl State {
             .upgraded
             .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            self.log(|| number_op(&account));
+            self.log(|| number_op(&account, account.number()));
         }
         Some(account)
     }
@@ -209,10 +209,10 @@ impl State {
 
     /// Accounts whose number has more to journal than its name.
     pub(super) fn numbers(&self) -> impl Iterator<Item = StateOp> {
-        self.accounts()
-            .into_iter()
-            .filter(|a| a.number() != Number::default())
-            .map(|a| number_op(&a))
+        self.accounts().into_iter().filter_map(|a| {
+            let n = a.number();
+            (n != Number::default()).then(|| number_op(&a, n))
+        })
     }
 
     pub(super) fn account_name(&self, id: u16) -> String {
@@ -222,8 +222,7 @@ impl State {
     }
 }
 
-fn number_op(account: &Account) -> StateOp {
-    let n = account.number();
+fn number_op(account: &Account, n: Number) -> StateOp {
     StateOp::Number {
         account: account.name().to_string(),
         display_phone_number: n.display_phone_number,

@@ -334,13 +334,6 @@ async fn the_api_sends_to_a_bsuid_as_recipient_and_refuses_other_recipients() {
     assert_eq!(status, 400, "{err}");
 }
 
-/// A WABA-level notification of `field` with `value` (no phone number).
-fn account_change(field: &str, value: Value) -> Value {
-    json!({ "object": "whatsapp_business_account",
-            "entry": [{ "id": "310298475561023", "time": now_s(),
-                        "changes": [{ "field": field, "value": value }] }] })
-}
-
 fn template_status(name: &str, event: &str, category: &str) -> Value {
     account_change(
         "message_template_status_update",
@@ -393,14 +386,6 @@ async fn a_template_paused_by_webhook_fails_the_next_send_without_a_graph_call()
     let (status, sent) = app.send_template(ANA, "spring_sale").await;
     assert_eq!(status, 202, "{sent}");
     app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
-}
-
-fn throughput_upgrade(display_phone_number: &str) -> Value {
-    account_change(
-        "phone_number_quality_update",
-        json!({ "display_phone_number": display_phone_number, "event": "THROUGHPUT_UPGRADE",
-                "max_daily_conversations_per_business": "TIER_UNLIMITED" }),
-    )
 }
 
 async fn rate_and_in_flight(app: &TestApp) -> (Value, Value) {

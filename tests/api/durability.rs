@@ -468,11 +468,7 @@ async fn a_throughput_upgrade_survives_a_restart() {
             .await,
         200
     );
-    let upgrade = json!({ "object": "whatsapp_business_account",
-        "entry": [{ "id": "310298475561023", "time": now_s(), "changes": [{
-            "field": "phone_number_quality_update",
-            "value": { "display_phone_number": "15550783881", "event": "THROUGHPUT_UPGRADE" } }] }] });
-    assert_eq!(r.webhook(&upgrade).await, 200);
+    assert_eq!(r.webhook(&throughput_upgrade("15550783881")).await, 200);
     assert_eq!(queue_rate(&r).await, 1000);
     r.kill();
     // From the journal; then a clean stop writes a snapshot, read at the

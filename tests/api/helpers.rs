@@ -596,3 +596,20 @@ impl TestApp {
         .await
     }
 }
+
+/// A WABA-level notification of `field` with `value` (no phone number).
+pub fn account_change(field: &str, value: Value) -> Value {
+    json!({ "object": "whatsapp_business_account",
+            "entry": [{ "id": "310298475561023", "time": now_s(),
+                        "changes": [{ "field": field, "value": value }] }] })
+}
+
+/// Meta's announcement of a number's throughput upgrade, naming it by its
+/// display number.
+pub fn throughput_upgrade(display_phone_number: &str) -> Value {
+    account_change(
+        "phone_number_quality_update",
+        json!({ "display_phone_number": display_phone_number, "event": "THROUGHPUT_UPGRADE",
+                "max_daily_conversations_per_business": "TIER_UNLIMITED" }),
+    )
+}
