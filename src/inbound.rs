@@ -109,6 +109,51 @@ pub struct InboundMessage {
     pub raw: Box<serde_json::value::RawValue>,
 }
 
+/// Meta's word, in a `system` message, that the contact's ids changed
+/// (CLOUD_API.md §5.2, §12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityChange {
+    /// `user_changed_number`: the contact's new phone number, and their
+    /// new BSUID when Meta gives it.
+    Number {
+        wa_id: String,
+        user_id: Option<String>,
+    },
+    /// `user_changed_user_id`: the contact's new BSUID.
+    UserId(String),
+}
+
+impl InboundMessage {
+    /// The change of ids a `system` message announces, read from the
+    /// message as Meta sent it; `None` for every other message.
+    pub fn identity_change(&self) -> Option<IdentityChange> {
+        #[derive(serde::Deserialize)]
+        struct Msg {
+            system: System,
+        }
+        #[derive(serde::Deserialize)]
+        struct System {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            wa_id: Option<String>,
+            user_id: Option<String>,
+        }
+        if self.raw_type != "system" {
+            return None;
+        }
+        let s = serde_json::from_str::<Msg>(self.raw.get()).ok()?.system;
+        let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+        match s.kind.as_deref()? {
+            "user_changed_number" => Some(IdentityChange::Number {
+                wa_id: given(s.wa_id)?,
+                user_id: given(s.user_id),
+            }),
+            "user_changed_user_id" => given(s.user_id).map(IdentityChange::UserId),
+            _ => None,
+        }
+    }
+}
+
 /// A delivery status of an outbound message.
 #[derive(Debug, Clone)]
 pub struct StatusUpdate {

@@ -19,7 +19,7 @@ use super::ops::StateOp;
 use super::table::Node;
 use super::{Account, State};
 use crate::domain::Millis;
-use crate::inbound::InboundMessage;
+use crate::inbound::{IdentityChange, InboundMessage};
 
 /// Shards of the links (independent locks), picked by a key's top bits.
 const LINK_SHARD_BITS: u32 = 4;
@@ -197,6 +197,77 @@ impl State {
         }
     }
 
+    /// Before a `system` message is applied: when it announces the
+    /// contact's new phone number or BSUID, their conversation follows
+    /// ([`State::renumber`], or a link of the new BSUID to the number),
+    /// and the message is filed under the new id.
+    pub fn follow_identity(&self, account: &Account, msg: &mut InboundMessage, now: Millis) {
+        let Some(change) = msg.identity_change() else {
+            return;
+        };
+        let current = self.resolve_contact(account.id, &msg.from);
+        match change {
+            IdentityChange::Number { wa_id, user_id } => {
+                let wa_id: String = wa_id.chars().filter(char::is_ascii_digit).collect();
+                if wa_id.is_empty() || wa_id == current {
+                    return;
+                }
+                self.renumber(account, &current, &wa_id, now);
+                msg.from = wa_id.into();
+                // The new BSUID is linked to the new number as the
+                // message is identified.
+                msg.user_id = user_id.filter(|u| is_bsuid(u));
+            }
+            IdentityChange::UserId(user_id) if is_bsuid(&user_id) => {
+                if is_bsuid(&current) {
+                    // Known by BSUID only: the conversation moves over.
+                    self.renumber(account, &current, &user_id, now);
+                    msg.from = user_id.clone().into();
+                } else {
+                    // Linked to the number as the message is identified.
+                    msg.from = current.into();
+                }
+                msg.user_id = Some(user_id);
+            }
+            IdentityChange::UserId(_) => {}
+        }
+    }
+
+    /// Meta's `user_id_update`: the contact's BSUID `previous` is now
+    /// `current` (`wa_id`: their phone number, when Meta gives it). A
+    /// contact the router never talked to is left alone.
+    pub fn new_user_id(
+        &self,
+        account: &Account,
+        wa_id: Option<&str>,
+        previous: &str,
+        current: &str,
+        now: Millis,
+    ) {
+        if !is_bsuid(current) || previous == current {
+            return;
+        }
+        let phone = wa_id
+            .filter(|w| !w.is_empty() && !is_bsuid(w))
+            .map(str::to_string)
+            .or_else(|| self.linked_phone(account.id, previous));
+        let Some(phone) = phone else {
+            // Known by BSUID only: the conversation moves to the new one.
+            self.renumber(account, previous, current, now);
+            return;
+        };
+        // A conversation kept under the old BSUID, never linked: it was
+        // this number's, so it merges first.
+        if self.linked_phone(account.id, previous).is_none()
+            && self.conversations.position(account.id, previous).is_some()
+        {
+            self.link(account, previous, &phone, now);
+        }
+        if self.conversations.position(account.id, &phone).is_some() {
+            self.link(account, current, &phone, now);
+        }
+    }
+
     /// BSUID `user_id` is the contact with phone number `wa_id`.
     pub fn link(&self, account: &Account, user_id: &str, wa_id: &str, now: Millis) {
         if self.is_linked(account.id, user_id, wa_id) {
@@ -217,15 +288,7 @@ impl State {
         let old = self
             .conversations
             .with(account, user_id, |n| n.to_conversation(true));
-        self.conversations.upsert(account, wa_id, |n| {
-            if let Some(old) = old {
-                merge_into(n, old);
-            }
-            set_ids(n, Some(user_id), None);
-            if n.last_activity == 0 {
-                n.last_activity = now;
-            }
-        });
+        self.fold(account, old, wa_id, Some(user_id), now);
         // What stays under the BSUID: its history not yet archived (the
         // archive's hook trims it; `recent` reads it with the phone
         // number's), then nothing, and it goes.
@@ -237,6 +300,68 @@ impl State {
         if husk == Some(false) {
             self.conversations.remove(account, user_id);
         }
+    }
+
+    /// `old` (a conversation kept under another id) into `to`'s, created
+    /// if need be, which takes BSUID `user_id` when one is given.
+    fn fold(
+        &self,
+        account: u16,
+        old: Option<super::Conversation>,
+        to: &str,
+        user_id: Option<&str>,
+        now: Millis,
+    ) {
+        self.conversations.upsert(account, to, |n| {
+            if let Some(old) = old {
+                merge_into(n, old);
+            }
+            set_ids(n, user_id, None);
+            if n.last_activity == 0 {
+                n.last_activity = now;
+            }
+        });
+    }
+
+    /// The contact kept under `from` is now `to`: Meta's `system`
+    /// `user_changed_number` (a new phone number), or a new BSUID of a
+    /// contact known by BSUID only (`user_changed_user_id`,
+    /// `user_id_update`). Their conversation moves over as a link merges
+    /// ([`merge_into`]: window, consent, state, vars, handoff); `false`
+    /// when there is none to move. What stays under `from` is an empty
+    /// conversation that keeps its history (listed under `from`) and its
+    /// history's numbering, so a number given to someone else later
+    /// continues it rather than overwriting it; retention prunes it.
+    pub fn renumber(&self, account: &Account, from: &str, to: &str, now: Millis) -> bool {
+        if from == to || self.conversations.position(account.id, from).is_none() {
+            return false;
+        }
+        self.log(|| StateOp::Renumber {
+            account: account.name().to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+        });
+        self.move_conversation(account.id, from, to, now);
+        true
+    }
+
+    /// Replayed as [`StateOp::Renumber`].
+    pub(super) fn move_conversation(&self, account: u16, from: &str, to: &str, now: Millis) {
+        let Some(old) = self
+            .conversations
+            .with(account, from, |n| n.to_conversation(false))
+        else {
+            return;
+        };
+        let last_activity = old.last_activity;
+        self.fold(account, Some(old), to, is_bsuid(to).then_some(to), now);
+        self.conversations.with_mut(account, from, |n| {
+            n.set_fields(super::Conversation {
+                last_activity,
+                ..super::Conversation::default()
+            });
+            n.set_window(None);
+        });
     }
 
     /// Keep the contact's BSUID and username on their conversation `n`
@@ -355,6 +480,7 @@ mod tests {
     }
 
     fn arrive(s: &State, a: &Account, mut msg: InboundMessage, now: Millis) -> String {
+        s.follow_identity(a, &mut msg, now);
         s.identify(a, &mut msg, now);
         s.inbound(a, &msg, now);
         msg.from.to_string()
@@ -474,5 +600,121 @@ mod tests {
         assert!(!is_bsuid("us.123"));
         assert!(!is_bsuid("US."));
         assert!(!is_bsuid("US.12 3"));
+    }
+
+    const NEW_PHONE: &str = "16315550147";
+    const NEW_ID: &str = "US.77120394856601928374";
+
+    /// Meta's `system` message from `from`, as the webhook parses it.
+    fn system(wamid: &str, from: &str, system: serde_json::Value, at: Millis) -> InboundMessage {
+        let raw = serde_json::json!({ "from": from, "id": wamid, "type": "system",
+                                      "system": system });
+        InboundMessage {
+            kind: crate::inbound::InboundKind::Unsupported,
+            raw_type: "system".into(),
+            text: None,
+            opens_window: false,
+            raw: serde_json::value::RawValue::from_string(raw.to_string()).unwrap(),
+            ..InboundMessage::test_text(wamid, from, "", at)
+        }
+    }
+
+    fn snapshot_of(s: &State) -> State {
+        let restored = State::for_test();
+        for record in s.dump_ops() {
+            let (_, json) = crate::persist::decode(&record).unwrap();
+            restored.restore(json, false).unwrap();
+        }
+        restored
+    }
+
+    #[test]
+    fn a_changed_number_takes_the_conversation_along() {
+        let s = State::for_test();
+        let a = s.account_by_name("main").unwrap();
+        arrive(&s, &a, from("w1", Some(PHONE), 1000), 1000);
+        s.set_state(a.id, PHONE, "menu".into(), 1000);
+        s.set_opted_out(a.id, PHONE, true, 1000, 1000);
+        let window = s.window(a.id, PHONE).expect("opened by w1");
+        let change = serde_json::json!({ "type": "user_changed_number", "wa_id": NEW_PHONE,
+                                         "user_id": NEW_ID, "body": "changed" });
+        let filed = arrive(&s, &a, system("w2", PHONE, change, 2000), 2000);
+        assert_eq!(
+            filed, NEW_PHONE,
+            "the message is filed under the new number"
+        );
+        for s in [&s, &snapshot_of(&s)] {
+            let c = s.conversation(&a, NEW_PHONE).unwrap();
+            assert_eq!(c.window, Some(window), "the window moved");
+            let c = c.conversation;
+            assert_eq!(c.state, "menu");
+            assert!(c.opted_out, "consent moves with the person");
+            assert_eq!(c.user_id.as_deref(), Some(NEW_ID));
+            assert_eq!(s.resolve_contact(a.id, NEW_ID), NEW_PHONE);
+            let old = s.conversation(&a, PHONE).expect("its history stays");
+            assert_eq!(old.window, None);
+            assert_eq!(old.conversation.state, "");
+            assert!(!old.conversation.opted_out);
+        }
+        // Someone given the old number later starts afresh, and the old
+        // history's numbering goes on.
+        let before = s
+            .conversations
+            .with(a.id, PHONE, |n| n.recent_seq())
+            .unwrap();
+        assert!(before >= 1);
+        arrive(
+            &s,
+            &a,
+            InboundMessage::test_text("w3", PHONE, "hello", 3000),
+            3000,
+        );
+        let after = s
+            .conversations
+            .with(a.id, PHONE, |n| n.recent_seq())
+            .unwrap();
+        assert_eq!(after, before + 1);
+        assert!(!s.conversation(&a, PHONE).unwrap().conversation.opted_out);
+    }
+
+    #[test]
+    fn a_new_bsuid_is_linked_or_takes_the_conversation_along() {
+        let s = State::for_test();
+        let a = s.account_by_name("main").unwrap();
+        // A contact with a phone number: the new BSUID reaches it.
+        arrive(&s, &a, from("w1", Some(PHONE), 1000), 1000);
+        let change = serde_json::json!({ "type": "user_changed_user_id", "user_id": NEW_ID });
+        assert_eq!(
+            arrive(&s, &a, system("w2", PHONE, change, 2000), 2000),
+            PHONE
+        );
+        assert_eq!(s.resolve_contact(a.id, NEW_ID), PHONE);
+        assert_eq!(s.resolve_contact(a.id, BSUID), BSUID, "the old one no more");
+        // A contact known by BSUID only: the conversation moves to the new
+        // one (Meta's `user_id_update`).
+        let (only, next) = ("GB.111", "GB.222");
+        let msg = InboundMessage {
+            user_id: Some(only.into()),
+            ..InboundMessage::test_text("w3", only, "hi", 3000)
+        };
+        arrive(&s, &a, msg, 3000);
+        s.set_state(a.id, only, "menu".into(), 3000);
+        s.new_user_id(&a, None, only, next, 4000);
+        for s in [&s, &snapshot_of(&s)] {
+            let c = s.conversation(&a, next).unwrap().conversation;
+            assert_eq!(
+                (c.state.as_str(), c.user_id.as_deref()),
+                ("menu", Some(next))
+            );
+            assert!(s.window(a.id, next).is_some());
+        }
+        // With the phone number given, the new BSUID is linked to it.
+        s.new_user_id(&a, Some(PHONE), NEW_ID, "US.5", 5000);
+        assert_eq!(s.resolve_contact(a.id, "US.5"), PHONE);
+        // A contact the router never talked to is left alone.
+        let count = s.conversations(None).len();
+        s.new_user_id(&a, None, "US.6", "US.7", 6000);
+        s.new_user_id(&a, Some("4900"), "US.6", "US.7", 6000);
+        assert_eq!(s.conversations(None).len(), count);
     }
 }

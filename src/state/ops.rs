@@ -101,6 +101,14 @@ pub enum StateOp {
         user_id: String,
         wa_id: String,
     },
+    /// The contact kept under `from` is now `to` (a new phone number, or a
+    /// new BSUID of a contact known by BSUID only): their conversation
+    /// moved over.
+    Renumber {
+        account: String,
+        from: String,
+        to: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

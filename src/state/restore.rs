@@ -223,6 +223,11 @@ impl State {
                     self.put_link(a.id, &user_id, &wa_id);
                 }
             }
+            StateOp::Renumber { account, from, to } => {
+                if let Some(a) = self.restore_account(&account, sandbox) {
+                    self.move_conversation(a.id, &from, &to, 0);
+                }
+            }
             StateOp::Forget { account, contact } => {
                 if let Some(a) = self.account_by_name(&account) {
                     self.forget_conversation(a.id, &contact);

@@ -18,11 +18,11 @@ pub struct Accepted {
     pub unknown_accounts: usize,
 }
 
-/// What an account-level change changes for sending: a template's status
-/// or category; a contact's marketing preference (`account`: the account
+/// What an account-level change changes: a template's status or category;
+/// a contact's marketing preference or new BSUID (`account`: the account
 /// the change names by its phone number id, if any); a number's throughput
 /// upgrade (named by its display number).
-fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<u16>) {
+fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<&crate::state::Account>) {
     let v = &change.value;
     let text = |v: &serde_json::Value, k: &str| {
         v[k].as_str().filter(|s| !s.is_empty()).map(str::to_string)
@@ -71,11 +71,31 @@ fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<u16>) {
                 let Some(contact) = text(p, "wa_id").or_else(|| text(p, "user_id")) else {
                     continue;
                 };
-                let contact = ctx.state.resolve_contact(account, &contact);
+                let contact = ctx.state.resolve_contact(account.id, &contact);
                 match p["value"].as_str() {
-                    Some("stop") => ctx.state.set_marketing_stop(account, &contact, true, now),
-                    Some("resume") => ctx.state.set_marketing_stop(account, &contact, false, now),
+                    Some("stop") => ctx
+                        .state
+                        .set_marketing_stop(account.id, &contact, true, now),
+                    Some("resume") => ctx
+                        .state
+                        .set_marketing_stop(account.id, &contact, false, now),
                     _ => {}
+                }
+            }
+        }
+        "user_id_update" => {
+            let Some(account) = account else {
+                return;
+            };
+            let now = now_ms();
+            for u in v["user_id_update"].as_array().into_iter().flatten() {
+                let ids = &u["user_id"];
+                if let (Some(previous), Some(current)) =
+                    (text(ids, "previous"), text(ids, "current"))
+                {
+                    let wa_id = text(u, "wa_id");
+                    ctx.state
+                        .new_user_id(account, wa_id.as_deref(), &previous, &current, now);
                 }
             }
         }
@@ -112,7 +132,7 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
             .phone_number_id
             .as_deref()
             .and_then(|p| state.account_by_pnid(p));
-        account_change(ctx, change, account.as_ref().map(|a| a.id));
+        account_change(ctx, change, account.as_deref());
         metrics.webhook("account_change");
         ctx.events
             .account_update(change, account.as_ref().map(|a| a.name()));
@@ -139,6 +159,9 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
                 continue;
             }
             metrics.inbound(msg.kind.as_str());
+            // A contact's new number or BSUID (a `system` message): their
+            // conversation follows.
+            state.follow_identity(&account, &mut msg, now);
             // A BSUID linked to a phone number reaches that conversation.
             state.identify(&account, &mut msg, now);
             let view = state.inbound(&account, &msg, now);

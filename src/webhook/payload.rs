@@ -72,6 +72,7 @@ pub const ACCOUNT_FIELDS: &[&str] = &[
     "phone_number_quality_update",
     "account_update",
     "user_preferences",
+    "user_id_update",
 ];
 
 /// One account-level change.
@@ -562,6 +563,37 @@ mod tests {
     }
 
     #[test]
+    fn system_messages_name_the_contact_s_new_ids() {
+        use crate::inbound::IdentityChange;
+        assert_eq!(
+            one("system.json").identity_change(),
+            Some(IdentityChange::Number {
+                wa_id: "16315550147".into(),
+                user_id: Some("US.77120394856601928374".into()),
+            })
+        );
+        assert_eq!(one("text.json").identity_change(), None);
+        let with = |system: &str| {
+            let body = format!(
+                r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"metadata":{{"phone_number_id":"1"}},"messages":[{{"from":"15551234567","id":"wamid.X","timestamp":"1","type":"system","system":{system}}}]}}}}]}}]}}"#
+            );
+            parse(body.as_bytes()).unwrap().batches[0].messages[0].identity_change()
+        };
+        assert_eq!(
+            with(r#"{"type":"user_changed_user_id","user_id":"US.1"}"#),
+            Some(IdentityChange::UserId("US.1".into()))
+        );
+        for unknown in [
+            r#"{"type":"customer_identity_changed","identity":"x"}"#,
+            r#"{"type":"user_changed_number","wa_id":""}"#,
+            r#"{"type":"user_changed_user_id"}"#,
+            r#"{"body":"no type"}"#,
+        ] {
+            assert_eq!(with(unknown), None, "{unknown}");
+        }
+    }
+
+    #[test]
     fn batches_and_statuses() {
         let n = parse(&fixture("batch_multi_entry.json")).unwrap();
         let messages: usize = n.batches.iter().map(|b| b.messages.len()).sum();
@@ -585,6 +617,9 @@ mod tests {
         let other = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"smb_app_state_sync","value":{}}]}]}"#;
         let n = parse(other).unwrap();
         assert_eq!((n.other_fields, n.account_changes.len()), (1, 0));
+        let update = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"user_id_update","value":{"messaging_product":"whatsapp","metadata":{"phone_number_id":"7"},"user_id_update":[]}}]}]}"#;
+        let n = parse(update).unwrap();
+        assert_eq!(n.account_changes[0].phone_number_id.as_deref(), Some("7"));
     }
 
     #[test]

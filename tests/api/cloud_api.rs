@@ -238,12 +238,7 @@ async fn wait_graph_sends(app: &TestApp, count: usize) -> Vec<Value> {
 /// BSUID to a phone number, the conversations merge and either id reaches it.
 #[tokio::test]
 async fn a_contact_known_only_by_bsuid_is_answered_by_recipient_and_merges_when_linked() {
-    let app = spawn_with(Options {
-        routes: USERNAME_GREETING.into(),
-        targets: vec![("agents", r#"["message"]"#)],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_greeting().await;
     app.deliver(&from_user("hi", None)).await;
     let sends = wait_graph_sends(&app, 1).await;
     assert_eq!(sends[0]["recipient"], CAROL_ID, "{sends:?}");
@@ -309,6 +304,152 @@ async fn a_contact_known_only_by_bsuid_is_answered_by_recipient_and_merges_when_
     let contact = &events[0].body["contact"];
     assert_eq!(contact["user_id"], CAROL_ID);
     assert_eq!(contact["username"], "carol.b");
+}
+
+const CAROL_NEW_PHONE: &str = "16315550147";
+const CAROL_NEW_ID: &str = "US.77120394856601928374";
+
+/// A message from a contact known by BSUID `user_id` only.
+fn from_bsuid(user_id: &str, text: &str) -> Value {
+    let mut n = from_user(text, None);
+    let value = &mut n["entry"][0]["changes"][0]["value"];
+    value["contacts"][0]["user_id"] = json!(user_id);
+    value["messages"][0]["from_user_id"] = json!(user_id);
+    n
+}
+
+/// Meta's `system` message from `from` (no `contacts[]`, as Meta sends it).
+fn system_message(from: &str, system: Value) -> Value {
+    notification(
+        vec![
+            json!({ "from": from, "id": new_wamid(), "timestamp": now_s().to_string(),
+                     "type": "system", "system": system }),
+        ],
+        vec![],
+    )
+}
+
+async fn spawn_greeting() -> TestApp {
+    spawn_with(Options {
+        routes: USERNAME_GREETING.into(),
+        targets: vec![("agents", r#"["message"]"#)],
+        ..Options::default()
+    })
+    .await
+}
+
+/// A contact who changes their number (Meta's `system`
+/// `user_changed_number`) keeps their conversation: window, state and new
+/// BSUID are on the new number, where replies and API sends go; the old
+/// number keeps only its history.
+#[tokio::test]
+async fn a_contact_who_changes_number_keeps_their_conversation_on_the_new_one() {
+    let app = spawn_greeting().await;
+    app.deliver(&from_user("hi", Some(CAROL_PHONE))).await;
+    let sends = wait_graph_sends(&app, 1).await;
+    assert_eq!(sends[0]["to"], CAROL_PHONE);
+    app.deliver(&system_message(
+        CAROL_PHONE,
+        json!({ "body": "User Carol changed from 16315551183 to 16315550147",
+                "wa_id": CAROL_NEW_PHONE, "user_id": CAROL_NEW_ID,
+                "type": "user_changed_number" }),
+    ))
+    .await;
+    for id in [CAROL_NEW_PHONE, CAROL_NEW_ID] {
+        let c = app.conversation(id).await.expect("the new number's");
+        assert_eq!(c["wa_id"], CAROL_NEW_PHONE, "{c}");
+        assert_eq!(c["state"], "greeted", "{c}");
+        assert_eq!(c["window"]["open"], true, "{c}");
+        assert_eq!(c["contact"]["user_id"], CAROL_NEW_ID);
+    }
+    let old = app
+        .conversation(CAROL_PHONE)
+        .await
+        .expect("its history stays");
+    assert_eq!(
+        (&old["state"], &old["window"]["open"]),
+        (&json!(""), &json!(false)),
+        "{old}"
+    );
+    // The window came along: a free-form send to the new number, which
+    // has not written yet, goes out.
+    let (status, sent) = app.send_text(CAROL_NEW_PHONE, "welcome back").await;
+    assert_eq!(status, 202, "{sent}");
+    let sends = wait_graph_sends(&app, 2).await;
+    assert_eq!(sends[1]["to"], CAROL_NEW_PHONE, "{sends:?}");
+    // The new BSUID alone reaches the new number.
+    app.deliver(&from_bsuid(CAROL_NEW_ID, "again")).await;
+    let sends = wait_graph_sends(&app, 3).await;
+    assert_eq!(sends[2]["to"], CAROL_NEW_PHONE, "{sends:?}");
+    // The system message itself is in the new number's history.
+    let (status, msgs) = app
+        .api(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/main/{CAROL_NEW_PHONE}/messages"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{msgs}");
+    assert!(
+        msgs["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["type"] == "unsupported"),
+        "{msgs}"
+    );
+}
+
+/// A new BSUID (Meta's `user_id_update`, or a `system`
+/// `user_changed_user_id`): a contact known by BSUID only keeps their
+/// conversation under the new one; a contact with a number is reached by
+/// the new one.
+#[tokio::test]
+async fn a_new_bsuid_keeps_the_contact_s_conversation() {
+    let app = spawn_greeting().await;
+    app.deliver(&from_user("hi", None)).await;
+    let sends = wait_graph_sends(&app, 1).await;
+    assert_eq!(sends[0]["recipient"], CAROL_ID);
+    let mut update = notification(vec![], vec![]);
+    update["entry"][0]["changes"][0] = json!({ "field": "user_id_update", "value": {
+        "messaging_product": "whatsapp",
+        "metadata": { "display_phone_number": "15550783881", "phone_number_id": PNID },
+        "user_id_update": [{ "detail": "user id changed",
+                             "user_id": { "previous": CAROL_ID, "current": CAROL_NEW_ID },
+                             "timestamp": now_s().to_string() }] } });
+    app.deliver(&update).await;
+    let c = app.conversation(CAROL_NEW_ID).await.expect("moved");
+    assert_eq!(
+        (&c["wa_id"], &c["state"]),
+        (&json!(CAROL_NEW_ID), &json!("greeted")),
+        "{c}"
+    );
+    app.deliver(&from_bsuid(CAROL_NEW_ID, "again")).await;
+    let sends = wait_graph_sends(&app, 2).await;
+    assert_eq!(sends[1]["recipient"], CAROL_NEW_ID, "{sends:?}");
+    // A contact with a number: its new BSUID alone reaches it.
+    let next = "US.5550001";
+    app.say(ANA, "hi").await;
+    let sends = wait_graph_sends(&app, 3).await;
+    assert_eq!(sends[2]["to"], ANA);
+    app.deliver(&system_message(
+        ANA,
+        json!({ "body": "User changed their user id", "user_id": next,
+                "type": "user_changed_user_id" }),
+    ))
+    .await;
+    app.deliver(&from_bsuid(next, "again")).await;
+    let sends = wait_graph_sends(&app, 4).await;
+    assert_eq!(sends[3]["to"], ANA, "{sends:?}");
+    let c = app
+        .conversation(next)
+        .await
+        .expect("reached by the new BSUID");
+    assert_eq!(
+        (&c["wa_id"], &c["contact"]["user_id"]),
+        (&json!(ANA), &json!(next)),
+        "{c}"
+    );
 }
 
 #[tokio::test]

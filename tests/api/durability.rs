@@ -480,6 +480,54 @@ async fn a_throughput_upgrade_survives_a_restart() {
     assert_eq!(queue_rate(&r).await, 1000);
 }
 
+/// A conversation's consent and whether its window is open.
+async fn consent(r: &Router, wa_id: &str) -> (Value, Value) {
+    let path = format!("/v1/conversations/main/{wa_id}");
+    let (status, c) = r.api(reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{c}");
+    (c["opted_out"].clone(), c["window"]["open"].clone())
+}
+
+/// A contact's change of number (Meta's `system` `user_changed_number`)
+/// survives a SIGKILL (replayed from the journal) and a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_number_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _arrivals) = graph_mock().await;
+    let new_number = "16315550147";
+    let mut r = Router::start(dir.path(), &graph.uri(), "50ms", "").await;
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        200
+    );
+    let (status, _) = r
+        .api(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/main/{ANA}/opt-out"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let change = message(
+        ANA,
+        "system",
+        json!({ "body": "changed", "wa_id": new_number, "type": "user_changed_number" }),
+    );
+    assert_eq!(r.webhook(&notification(vec![change], vec![])).await, 200);
+    let moved = (json!(true), json!(true));
+    let left = (json!(false), json!(false));
+    assert_eq!(consent(&r, new_number).await, moved);
+    r.kill();
+    let mut r = Router::spawn(dir.path()).await;
+    assert_eq!(consent(&r, new_number).await, moved, "from the journal");
+    assert_eq!(consent(&r, ANA).await, left);
+    assert_eq!(r.stop(), 0);
+    let r = Router::spawn(dir.path()).await;
+    assert_eq!(consent(&r, new_number).await, moved, "from the snapshot");
+    assert_eq!(consent(&r, ANA).await, left);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_exits_0_and_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
