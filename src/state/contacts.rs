@@ -327,14 +327,14 @@ impl State {
     /// `user_changed_number` (a new phone number), or a new BSUID of a
     /// contact known by BSUID only (`user_changed_user_id`,
     /// `user_id_update`). Their conversation moves over as a link merges
-    /// ([`merge_into`]: window, consent, state, vars, handoff); `false`
-    /// when there is none to move. What stays under `from` is an empty
+    /// ([`merge_into`]: window, consent, state, vars, handoff), if there
+    /// is one. What stays under `from` is an empty
     /// conversation that keeps its history (listed under `from`) and its
     /// history's numbering, so a number given to someone else later
     /// continues it rather than overwriting it; retention prunes it.
-    pub fn renumber(&self, account: &Account, from: &str, to: &str, now: Millis) -> bool {
+    pub fn renumber(&self, account: &Account, from: &str, to: &str, now: Millis) {
         if from == to || self.conversations.position(account.id, from).is_none() {
-            return false;
+            return;
         }
         self.log(|| StateOp::Renumber {
             account: account.name().to_string(),
@@ -342,7 +342,6 @@ impl State {
             to: to.to_string(),
         });
         self.move_conversation(account.id, from, to, now);
-        true
     }
 
     /// Replayed as [`StateOp::Renumber`].
