@@ -583,8 +583,12 @@ impl crate::cluster::LeaseHooks for ClusterHooks {
         }
     }
 
-    fn inbound(&self, phone_number_id: &str, body: &[u8]) {
-        webhook::accept_shared(&self.webhook, phone_number_id, body);
+    fn inbound<'a>(
+        &'a self,
+        phone_number_id: &'a str,
+        body: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(webhook::accept_shared(&self.webhook, phone_number_id, body))
     }
 
     fn command(&self, phone_number_id: &str, json: &[u8]) {

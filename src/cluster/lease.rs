@@ -28,8 +28,14 @@ pub trait LeaseHooks: Send + Sync + 'static {
     /// its end: settle interrupted sends, rebuild the queue, route what
     /// was acknowledged and not yet routed.
     fn take_over(&self, account: &str);
-    /// One notification body from the inbound stream of `phone_number_id`.
-    fn inbound(&self, phone_number_id: &str, body: &[u8]);
+    /// One notification body from the inbound stream of `phone_number_id`
+    /// (resolves once applied; rarely waits: see
+    /// `webhook::ingest::rules_before_identity_changes`).
+    fn inbound<'a>(
+        &'a self,
+        phone_number_id: &'a str,
+        body: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
     /// One [`super::Command`] (JSON) from that stream.
     fn command(&self, phone_number_id: &str, json: &[u8]);
     /// Resolves once what `inbound` did is in the log.
@@ -481,7 +487,7 @@ impl Cluster {
                 };
                 for e in &page {
                     if let Some(body) = e.field("b") {
-                        hooks.inbound(&h.1, body);
+                        hooks.inbound(&h.1, body).await;
                     } else if let Some(command) = e.field("c") {
                         hooks.command(&h.1, command);
                     }

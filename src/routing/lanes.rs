@@ -24,17 +24,27 @@ pub struct Job {
     pub replayed: bool,
 }
 
+/// What a lane carries: a message, or a barrier answered once every
+/// message queued before it in the lane has been routed.
+// Nearly every item is a message: boxing it would cost an allocation each
+// for the sake of the rare barrier.
+#[allow(clippy::large_enum_variant)]
+pub enum Item {
+    Job(Job),
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The senders of the lanes; the workers are started by the app
 /// ([`super::run_lane`]).
 pub struct Lanes {
-    senders: Vec<mpsc::UnboundedSender<Job>>,
+    senders: Vec<mpsc::UnboundedSender<Item>>,
     hasher: std::collections::hash_map::RandomState,
     /// Jobs pushed and not yet finished (queued or running).
     pending: AtomicUsize,
 }
 
 impl Lanes {
-    pub fn new() -> (Self, Vec<mpsc::UnboundedReceiver<Job>>) {
+    pub fn new() -> (Self, Vec<mpsc::UnboundedReceiver<Item>>) {
         let (senders, receivers) = (0..LANES).map(|_| mpsc::unbounded_channel()).unzip();
         (
             Lanes {
@@ -46,18 +56,33 @@ impl Lanes {
         )
     }
 
+    /// The lane of a conversation.
+    fn lane(&self, account: u16, contact: &str) -> &mpsc::UnboundedSender<Item> {
+        let mut h = self.hasher.build_hasher();
+        account.hash(&mut h);
+        contact.hash(&mut h);
+        &self.senders[(h.finish() % self.senders.len() as u64) as usize]
+    }
+
     /// Queue `job` behind the earlier messages of its conversation.
     pub fn push(&self, job: Job) {
-        let mut h = self.hasher.build_hasher();
-        job.account.id.hash(&mut h);
-        job.msg.from.hash(&mut h);
-        let lane = (h.finish() % self.senders.len() as u64) as usize;
+        let lane = self.lane(job.account.id, job.msg.from.as_str());
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = self.senders[lane].send(job) {
+        if let Err(e) = lane.send(Item::Job(job)) {
             self.finished();
             // Only during shutdown, after the workers stopped.
-            tracing::error!(wamid = %e.0.msg.wamid, "rule lane closed; message not routed");
+            if let Item::Job(job) = e.0 {
+                tracing::error!(wamid = %job.msg.wamid, "rule lane closed; message not routed");
+            }
         }
+    }
+
+    /// Resolves once the rules of every message of the conversation with
+    /// `contact` queued so far have run (at once if the lanes are closed).
+    pub fn barrier(&self, account: u16, contact: &str) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.lane(account, contact).send(Item::Barrier(tx));
+        rx
     }
 
     /// Inbound messages whose rules have not finished running.

@@ -22,7 +22,7 @@ use crate::rules::route::{ConversationFacts, Outcome, route};
 use crate::rules::{ConsentKeyword, Rules};
 use crate::state::{Account, State};
 use crate::telemetry::Metrics;
-pub use lanes::{Job, LANES, Lanes};
+pub use lanes::{Item, Job, LANES, Lanes};
 
 /// What the routing step uses.
 pub struct Router {
@@ -40,8 +40,15 @@ pub struct Router {
 }
 
 /// Run a lane: process its jobs in order until the channel closes.
-pub async fn run_lane(router: Arc<Router>, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    while let Some(job) = jobs.recv().await {
+pub async fn run_lane(router: Arc<Router>, mut jobs: mpsc::UnboundedReceiver<Item>) {
+    while let Some(item) = jobs.recv().await {
+        let job = match item {
+            Item::Job(job) => job,
+            Item::Barrier(reached) => {
+                let _ = reached.send(());
+                continue;
+            }
+        };
         let wamid = job.msg.wamid.clone();
         // The live stream (the console) sees every inbound message as the
         // rules left its conversation.

@@ -122,6 +122,56 @@ pub(super) fn account_for(
     known
 }
 
+/// Longest a notification that changes a contact's ids waits for the
+/// rules of the contact's earlier messages.
+const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Before a notification that changes a contact's number or BSUID is
+/// applied: let the rules of the contact's earlier messages run (up to
+/// [`IDENTITY_WAIT`]), so what they do lands in the conversation before it
+/// moves and the contact's messages after the change find it moved.
+pub async fn rules_before_identity_changes(ctx: &Ctx, notification: &Notification) {
+    let mut barriers = Vec::new();
+    for batch in &notification.batches {
+        let Some(account) = ctx.state.account_by_pnid(&batch.phone_number_id) else {
+            continue;
+        };
+        for msg in batch.messages.iter().filter(|m| m.raw_type == "system") {
+            if msg.identity_change().is_some() {
+                let contact = ctx.state.resolve_contact(account.id, &msg.from);
+                barriers.push(ctx.lanes.barrier(account.id, &contact));
+            }
+        }
+    }
+    for change in notification
+        .account_changes
+        .iter()
+        .filter(|c| c.field == "user_id_update")
+    {
+        let Some(account) = change
+            .phone_number_id
+            .as_deref()
+            .and_then(|p| ctx.state.account_by_pnid(p))
+        else {
+            continue;
+        };
+        for u in change.value["user_id_update"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(previous) = u["user_id"]["previous"].as_str() {
+                let contact = ctx.state.resolve_contact(account.id, previous);
+                barriers.push(ctx.lanes.barrier(account.id, &contact));
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + IDENTITY_WAIT;
+    for barrier in barriers {
+        let _ = tokio::time::timeout_at(deadline, barrier).await;
+    }
+}
+
 /// The synchronous part of handling a notification: runs before the 200.
 pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
     let mut out = Accepted::default();

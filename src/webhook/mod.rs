@@ -130,6 +130,7 @@ pub async fn receive(
         return share(&ctx, cluster, notification, body).await;
     }
     ctx.keep_up().await;
+    ingest::rules_before_identity_changes(&ctx, &notification).await;
     let accepted = ingest::accept(&ctx, notification);
     // SPEC §9: a 200 means the effect is recorded; if it cannot be, Meta retries.
     if !ctx.state.sync().await {
@@ -165,7 +166,9 @@ fn unavailable() -> ApiError {
 /// Cluster mode, before the `200`: each business number's messages and
 /// statuses go to its inbound stream in Redis (message ids marked seen in
 /// the same step); the lease holder of the account applies them
-/// ([`accept_shared`]). Account-level changes are applied here.
+/// ([`accept_shared`]), and with them the account-level changes about the
+/// number's contacts ([`payload::AccountChange::per_number`]), in order.
+/// Other account-level changes are applied here.
 async fn share(
     ctx: &Ctx,
     cluster: &crate::cluster::Cluster,
@@ -176,15 +179,33 @@ async fn share(
         ctx.metrics.webhook("storage_failed");
         return Err(unavailable());
     }
-    if !notification.account_changes.is_empty() {
+    let (per_number, here): (Vec<_>, Vec<_>) = std::mem::take(&mut notification.account_changes)
+        .into_iter()
+        .partition(|c| {
+            c.per_number()
+                && c.phone_number_id
+                    .as_deref()
+                    .is_some_and(|p| ctx.state.account_by_pnid(p).is_some())
+        });
+    if !here.is_empty() {
         let changes = payload::Notification {
-            account_changes: std::mem::take(&mut notification.account_changes),
+            account_changes: here,
             ..Default::default()
         };
         ingest::accept(ctx, changes);
     }
     // One append per business number, whatever the number of entries.
+    // (number, its message ids, whether to append without a new message:
+    // statuses or contact changes to apply).
     let mut numbers: Vec<(&str, Vec<&str>, bool)> = Vec::new();
+    for pnid in per_number
+        .iter()
+        .filter_map(|c| c.phone_number_id.as_deref())
+    {
+        if !numbers.iter().any(|(p, _, _)| *p == pnid) {
+            numbers.push((pnid, Vec::new(), true));
+        }
+    }
     for batch in &notification.batches {
         if ingest::account_for(ctx, &batch.phone_number_id).is_none() {
             continue;
@@ -234,11 +255,14 @@ async fn share(
 /// Cluster mode, on the lease holder of the account of `phone_number_id`:
 /// apply that number's part of a notification read from its inbound stream
 /// (verified by the router that answered it).
-pub fn accept_shared(ctx: &Ctx, phone_number_id: &str, body: &[u8]) {
+pub async fn accept_shared(ctx: &Ctx, phone_number_id: &str, body: &[u8]) {
     match payload::parse(body) {
         Ok(mut n) => {
             n.batches.retain(|b| b.phone_number_id == phone_number_id);
-            n.account_changes.clear();
+            n.account_changes.retain(|c| {
+                c.per_number() && c.phone_number_id.as_deref() == Some(phone_number_id)
+            });
+            ingest::rules_before_identity_changes(ctx, &n).await;
             ingest::accept(ctx, n);
         }
         Err(e) => tracing::error!(error = %e, "an inbound stream entry is not a notification"),

@@ -87,6 +87,16 @@ pub struct AccountChange {
     pub value: Value,
 }
 
+impl AccountChange {
+    /// A change about a number's contacts that names the number (a
+    /// marketing preference, a new BSUID): in a cluster it goes to the
+    /// number's lease holder in order with the number's messages.
+    pub fn per_number(&self) -> bool {
+        self.phone_number_id.is_some()
+            && matches!(self.field.as_str(), "user_preferences" | "user_id_update")
+    }
+}
+
 #[derive(Deserialize)]
 struct ChangeIn<'a> {
     #[serde(default, borrow)]

@@ -309,15 +309,6 @@ async fn a_contact_known_only_by_bsuid_is_answered_by_recipient_and_merges_when_
 const CAROL_NEW_PHONE: &str = "16315550147";
 const CAROL_NEW_ID: &str = "US.77120394856601928374";
 
-/// A message from a contact known by BSUID `user_id` only.
-fn from_bsuid(user_id: &str, text: &str) -> Value {
-    let mut n = from_user(text, None);
-    let value = &mut n["entry"][0]["changes"][0]["value"];
-    value["contacts"][0]["user_id"] = json!(user_id);
-    value["messages"][0]["from_user_id"] = json!(user_id);
-    n
-}
-
 /// Meta's `system` message from `from` (no `contacts[]`, as Meta sends it).
 fn system_message(from: &str, system: Value) -> Value {
     notification(
@@ -410,14 +401,7 @@ async fn a_new_bsuid_keeps_the_contact_s_conversation() {
     app.deliver(&from_user("hi", None)).await;
     let sends = wait_graph_sends(&app, 1).await;
     assert_eq!(sends[0]["recipient"], CAROL_ID);
-    let mut update = notification(vec![], vec![]);
-    update["entry"][0]["changes"][0] = json!({ "field": "user_id_update", "value": {
-        "messaging_product": "whatsapp",
-        "metadata": { "display_phone_number": "15550783881", "phone_number_id": PNID },
-        "user_id_update": [{ "detail": "user id changed",
-                             "user_id": { "previous": CAROL_ID, "current": CAROL_NEW_ID },
-                             "timestamp": now_s().to_string() }] } });
-    app.deliver(&update).await;
+    app.deliver(&user_id_update(CAROL_ID, CAROL_NEW_ID)).await;
     let c = app.conversation(CAROL_NEW_ID).await.expect("moved");
     assert_eq!(
         (&c["wa_id"], &c["state"]),

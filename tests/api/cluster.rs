@@ -918,3 +918,41 @@ async fn the_live_stream_of_either_router_shows_what_the_other_did() {
         .await;
     assert_eq!(status["to"], ANA);
 }
+
+/// A contact's new BSUID (`user_id_update`) posted to the router that does
+/// not hold the account, between two messages posted there too: the lease
+/// holder applies it in order with the number's messages, so the second
+/// message finds the conversation the first one started.
+#[tokio::test]
+async fn a_new_bsuid_posted_to_the_other_router_applies_in_order_with_the_messages() {
+    let Some(redis) = TestRedis::get() else {
+        return;
+    };
+    let (a, b) = pair(&redis, STATEFUL, "10ms").await;
+    let (old, new) = ("US.4410001", "US.4410002");
+    b.deliver(&from_bsuid(old, "hi")).await;
+    b.deliver(&user_id_update(old, new)).await;
+    b.deliver(&from_bsuid(new, "again")).await;
+    let sent = wait_for(10, "two replies", || async {
+        let s: Vec<Value> = a
+            .graph
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter(|b| b.get("recipient").is_some())
+            .collect();
+        (s.len() >= 2).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        (&sent[0]["recipient"], &sent[0]["text"]["body"]),
+        (&json!(old), &json!("Hello"))
+    );
+    assert_eq!(
+        (&sent[1]["recipient"], &sent[1]["text"]["body"]),
+        (&json!(new), &json!("Welcome back")),
+        "the state set under the old BSUID holds under the new one"
+    );
+}

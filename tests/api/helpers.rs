@@ -18,6 +18,24 @@ pub const PNID: &str = "106540352242922";
 pub const ANA: &str = "16315551181";
 pub const BOB: &str = "16315551182";
 
+/// `hi` sets the state `greeted`; `again` is answered only in that state.
+pub const STATEFUL: &str = r#"
+[[rule]]
+name = "greet"
+when = { text = "hi" }
+set_state = "greeted"
+[[rule.send]]
+type = "text"
+body = "Hello"
+
+[[rule]]
+name = "again"
+when = { text = "again", state = "greeted" }
+[[rule.send]]
+type = "text"
+body = "Welcome back"
+"#;
+
 pub const GREETING: &str = r#"
 [[rule]]
 name = "greet"
@@ -612,4 +630,29 @@ pub fn throughput_upgrade(display_phone_number: &str) -> Value {
         json!({ "display_phone_number": display_phone_number, "event": "THROUGHPUT_UPGRADE",
                 "max_daily_conversations_per_business": "TIER_UNLIMITED" }),
     )
+}
+
+/// A message from a contact known by BSUID `user_id` only (no phone
+/// number), named Carol.
+pub fn from_bsuid(user_id: &str, text: &str) -> Value {
+    let mut n = notification(vec![], vec![]);
+    let value = &mut n["entry"][0]["changes"][0]["value"];
+    value["contacts"] = json!([{ "profile": { "name": "Carol" }, "user_id": user_id }]);
+    value["messages"] = json!([{ "from_user_id": user_id, "id": new_wamid(),
+                                 "timestamp": now_s().to_string(), "type": "text",
+                                 "text": { "body": text } }]);
+    n
+}
+
+/// Meta's `user_id_update` for the test number: BSUID `previous` is now
+/// `current`.
+pub fn user_id_update(previous: &str, current: &str) -> Value {
+    let mut n = notification(vec![], vec![]);
+    n["entry"][0]["changes"][0] = json!({ "field": "user_id_update", "value": {
+        "messaging_product": "whatsapp",
+        "metadata": { "display_phone_number": "15550783881", "phone_number_id": PNID },
+        "user_id_update": [{ "detail": "user id changed",
+                             "user_id": { "previous": previous, "current": current },
+                             "timestamp": now_s().to_string() }] } });
+    n
 }
