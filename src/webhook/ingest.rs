@@ -133,11 +133,12 @@ const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub async fn rules_before_identity_changes(ctx: &Ctx, notification: &Notification) {
     let mut barriers = Vec::new();
     for batch in &notification.batches {
-        let Some(account) = ctx.state.account_by_pnid(&batch.phone_number_id) else {
-            continue;
-        };
-        for msg in batch.messages.iter().filter(|m| m.raw_type == "system") {
-            if msg.identity_change().is_some() {
+        let changes = batch
+            .messages
+            .iter()
+            .filter(|m| m.raw_type == "system" && m.identity_change().is_some());
+        for msg in changes {
+            if let Some(account) = ctx.state.account_by_pnid(&batch.phone_number_id) {
                 let contact = ctx.state.resolve_contact(account.id, &msg.from);
                 barriers.push(ctx.lanes.barrier(account.id, &contact));
             }
