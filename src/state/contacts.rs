@@ -247,10 +247,11 @@ impl State {
         if !is_bsuid(current) || previous == current {
             return;
         }
+        let linked = self.linked_phone(account.id, previous);
         let phone = wa_id
             .filter(|w| !w.is_empty() && !is_bsuid(w))
             .map(str::to_string)
-            .or_else(|| self.linked_phone(account.id, previous));
+            .or_else(|| linked.clone());
         let Some(phone) = phone else {
             // Known by BSUID only: the conversation moves to the new one.
             self.renumber(account, previous, current, now);
@@ -258,9 +259,7 @@ impl State {
         };
         // A conversation kept under the old BSUID, never linked: it was
         // this number's, so it merges first.
-        if self.linked_phone(account.id, previous).is_none()
-            && self.conversations.position(account.id, previous).is_some()
-        {
+        if linked.is_none() && self.conversations.position(account.id, previous).is_some() {
             self.link(account, previous, &phone, now);
         }
         if self.conversations.position(account.id, &phone).is_some() {
@@ -502,11 +501,7 @@ mod tests {
         assert_eq!(arrive(&s, &a, from("w3", None, 3000), 3000), PHONE);
         assert_eq!(s.conversations(None).len(), 1, "one conversation listed");
         // A fresh state from the snapshot knows the link and the ids.
-        let restored = State::for_test();
-        for record in s.dump_ops() {
-            let (_, json) = crate::persist::decode(&record).unwrap();
-            restored.restore(json, false).unwrap();
-        }
+        let restored = snapshot_of(&s);
         assert_eq!(restored.resolve_contact(a.id, BSUID), PHONE);
         let c = restored.conversation(&a, PHONE).unwrap().conversation;
         assert_eq!(

@@ -88,15 +88,9 @@ fn account_change(ctx: &Ctx, change: &AccountChange, account: Option<&crate::sta
                 return;
             };
             let now = now_ms();
-            for u in v["user_id_update"].as_array().into_iter().flatten() {
-                let ids = &u["user_id"];
-                if let (Some(previous), Some(current)) =
-                    (text(ids, "previous"), text(ids, "current"))
-                {
-                    let wa_id = text(u, "wa_id");
-                    ctx.state
-                        .new_user_id(account, wa_id.as_deref(), &previous, &current, now);
-                }
+            for (wa_id, previous, current) in change.user_id_updates() {
+                ctx.state
+                    .new_user_id(account, wa_id, previous, current, now);
             }
         }
         _ => {}
@@ -136,7 +130,7 @@ pub async fn rules_before_identity_changes(ctx: &Ctx, notification: &Notificatio
         let changes = batch
             .messages
             .iter()
-            .filter(|m| m.raw_type == "system" && m.identity_change().is_some());
+            .filter(|m| m.identity_change().is_some());
         for msg in changes {
             if let Some(account) = ctx.state.account_by_pnid(&batch.phone_number_id) {
                 let contact = ctx.state.resolve_contact(account.id, &msg.from);
@@ -144,24 +138,13 @@ pub async fn rules_before_identity_changes(ctx: &Ctx, notification: &Notificatio
             }
         }
     }
-    for change in notification
-        .account_changes
-        .iter()
-        .filter(|c| c.field == "user_id_update")
-    {
-        let Some(account) = change
-            .phone_number_id
-            .as_deref()
-            .and_then(|p| ctx.state.account_by_pnid(p))
-        else {
-            continue;
-        };
-        for u in change.value["user_id_update"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if let Some(previous) = u["user_id"]["previous"].as_str() {
+    for change in &notification.account_changes {
+        for (_, previous, _) in change.user_id_updates() {
+            let account = change
+                .phone_number_id
+                .as_deref()
+                .and_then(|p| ctx.state.account_by_pnid(p));
+            if let Some(account) = account {
                 let contact = ctx.state.resolve_contact(account.id, previous);
                 barriers.push(ctx.lanes.barrier(account.id, &contact));
             }

@@ -95,6 +95,27 @@ impl AccountChange {
         self.phone_number_id.is_some()
             && matches!(self.field.as_str(), "user_preferences" | "user_id_update")
     }
+
+    /// The entries of a `user_id_update` (none for other fields): the
+    /// contact's phone number when Meta gives it, the previous and the
+    /// current BSUID. Entries without both BSUIDs are skipped.
+    pub fn user_id_updates(&self) -> impl Iterator<Item = (Option<&str>, &str, &str)> {
+        fn text<'v>(v: &'v Value, k: &str) -> Option<&'v str> {
+            v.get(k)?.as_str().filter(|s| !s.is_empty())
+        }
+        let entries = match self.field.as_str() {
+            "user_id_update" => self.value["user_id_update"].as_array(),
+            _ => None,
+        };
+        entries.into_iter().flatten().filter_map(move |u| {
+            let ids = u.get("user_id")?;
+            Some((
+                text(u, "wa_id"),
+                text(ids, "previous")?,
+                text(ids, "current")?,
+            ))
+        })
+    }
 }
 
 #[derive(Deserialize)]
