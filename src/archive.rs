@@ -33,8 +33,10 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 
 /// The archive's file name in `data_dir`.
 pub const FILE: &str = "archive.sqlite3";
+/// The page size of a new archive.
+const PAGE_BYTES: i64 = 16_384;
 /// Rows committed in one transaction at most.
-const BATCH: usize = 8192;
+const BATCH: usize = 32_768;
 /// Rows waiting for the writer past which webhooks and API sends wait
 /// (up to 5 s): finished work slows intake down instead of piling up in
 /// memory (≈ 1 KB a row: some 32 MB).
@@ -144,12 +146,19 @@ CREATE UNIQUE INDEX IF NOT EXISTS history_conversation ON history(account, conta
 fn open_conn(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // 16 KiB pages (a new archive only: an existing one keeps its size):
+    // the random-key indexes dirty a page per row once they outgrow a
+    // batch, and a commit writes each dirty page once, so four times the
+    // rows a page cost the writer a third to a half less a message
+    // (`cargo bench --bench archive`, BENCHMARKS.md).
+    conn.pragma_update(None, "page_size", PAGE_BYTES)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Commits need no fsync: the journal holds everything until `sync`.
     // Memory mode: nothing survives a stop anyway.
     conn.pragma_update(None, "synchronous", if durable { "NORMAL" } else { "OFF" })?;
-    // 16 MiB of page cache: the B-tree pages a batch touches stay in it.
-    conn.pragma_update(None, "cache_size", -16384)?;
+    // 64 MiB of page cache: the index pages a batch touches stay in it
+    // (given back after an idle second, see `write_loop`).
+    conn.pragma_update(None, "cache_size", -65536)?;
     // Memory mode: checkpoint every 16 MiB of WAL rather than 4 (a page
     // changed by many commits is copied into the database once). Durable:
     // SQLite's 4 MiB. A checkpoint fsyncs the WAL and the database, and
@@ -160,7 +169,7 @@ fn open_conn(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     conn.pragma_update(
         None,
         "wal_autocheckpoint",
-        if durable { 1000 } else { 4096 },
+        (if durable { 4 } else { 16 } << 20) / PAGE_BYTES,
     )?;
     Ok(conn)
 }
@@ -474,7 +483,7 @@ fn write_loop(
     let mut cached = false;
     loop {
         // Idle for a second after writing: give the page cache back (up to
-        // 16 MiB each for this connection and the reader's); a later batch
+        // 64 MiB each for this connection and the reader's); a later batch
         // reads the pages it needs again.
         let first = match rx.recv_timeout(IDLE) {
             Ok(c) => c,
