@@ -33,7 +33,7 @@ fn cpu_seconds() -> f64 {
 
 fn fill(archive: &Archive, messages: usize) {
     let (record, entry) = (vec![b'r'; RECORD_BYTES], vec![b'h'; HISTORY_BYTES]);
-    for i in 0..messages {
+    for _ in 0..messages {
         let to = (10_000_000_000 + fastrand::u64(..1_000_000_000)).to_string();
         archive.put_record(RecordRow {
             id: MessageId::generate().to_string(),
@@ -41,7 +41,7 @@ fn fill(archive: &Archive, messages: usize) {
             to: to.clone(),
             status: "read",
             wamid: Some(format!("wamid.HBgL{:032x}", fastrand::u128(..))),
-            created_at: i as i64,
+            created_at: wa_router::domain::now_ms(),
             tags: Vec::new(),
             body: record.clone(),
             version: 1,
@@ -51,7 +51,7 @@ fn fill(archive: &Archive, messages: usize) {
                 account: "main".into(),
                 contact: to.clone(),
                 seq,
-                at: i as i64,
+                at: wa_router::domain::now_ms(),
                 body: entry.clone(),
             });
         }

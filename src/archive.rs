@@ -13,6 +13,18 @@
 //! last snapshot; [`Archive::sync`] makes the archive durable before a
 //! snapshot drops the logs that hold it.
 //!
+//! Parts: the rows go into a sequence of parts, each a pair of tables
+//! (records, history) with their own indexes, a new one started once the
+//! newest holds [`PART_ROWS`] rows. Records are filed by the time in their
+//! id, history entries by the time they were made, so a row written again
+//! lands where it was. The indexes are keyed at random (recipient, wamid,
+//! conversation): in one ever-growing table each row soon costs a page
+//! read and a page write, while a part's indexes stay about as large as
+//! the page cache, so what a message costs the writer stays the same as
+//! the archive grows (`cargo bench --bench archive`). Reads look into the
+//! parts newest first; pruning drops a part whole once all of it is past
+//! retention.
+//!
 //! This module knows no record type: rows carry their JSON body and the few
 //! columns it is searched by.
 
@@ -21,15 +33,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
+
+use crate::ids::MessageId;
 
 // Indexes are few on purpose: each costs the writer on every row. Listing
 // walks the primary key (ids sort by time) newest first and filters;
 // `recipient` is the one selective filter, `wamid` serves late statuses.
 // History rows are appended (rowid) and found through a narrow index, so
 // the pages a batch dirties at random are index pages, not whole rows.
-// Pruning scans (once an hour).
+// Pruning drops whole parts and scans the one it cuts into (once an hour).
 
 /// The archive's file name in `data_dir`.
 pub const FILE: &str = "archive.sqlite3";
@@ -117,10 +131,53 @@ pub struct Archive {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Memory mode: the temporary directory to remove.
     temp: Option<PathBuf>,
+    /// The parts as of the last commit, oldest first (never empty).
+    parts: Arc<RwLock<Vec<Part>>>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records (
+/// Rows (records and history entries) a part takes before the writer
+/// starts the next one.
+pub const PART_ROWS: u64 = 1_000_000;
+
+/// The archive's list of parts.
+const PARTS_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS parts (n INTEGER PRIMARY KEY, since INTEGER NOT NULL);";
+
+/// One part of the archive: its two tables hold the records whose ids
+/// sort from `since`'s time on and the history entries from `since` (ms)
+/// on, up to the next part's `since`. Part 0 (since 0) has the tables of
+/// archives made before there were parts.
+#[derive(Debug, Clone)]
+struct Part {
+    n: i64,
+    since: i64,
+    /// The smallest record id routed here.
+    floor: String,
+    records: String,
+    history: String,
+}
+
+impl Part {
+    fn new(n: i64, since: i64) -> Self {
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("_{n}")
+        };
+        Part {
+            n,
+            since,
+            floor: MessageId::time_floor(since),
+            records: format!("records{suffix}"),
+            history: format!("history{suffix}"),
+        }
+    }
+
+    fn schema(&self) -> String {
+        let (r, h) = (&self.records, &self.history);
+        format!(
+            "
+CREATE TABLE IF NOT EXISTS {r} (
     id TEXT PRIMARY KEY,
     account TEXT NOT NULL,
     recipient TEXT NOT NULL,
@@ -130,9 +187,9 @@ CREATE TABLE IF NOT EXISTS records (
     tags TEXT NOT NULL,
     body BLOB NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS records_recipient ON records(recipient, id);
-CREATE TABLE IF NOT EXISTS history (
+CREATE INDEX IF NOT EXISTS {r}_wamid ON {r}(wamid) WHERE wamid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {r}_recipient ON {r}(recipient, id);
+CREATE TABLE IF NOT EXISTS {h} (
     n INTEGER PRIMARY KEY,
     account TEXT NOT NULL,
     contact TEXT NOT NULL,
@@ -140,8 +197,57 @@ CREATE TABLE IF NOT EXISTS history (
     at INTEGER NOT NULL,
     body BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS history_conversation ON history(account, contact, seq);
-";
+CREATE UNIQUE INDEX IF NOT EXISTS {h}_conversation ON {h}(account, contact, seq);
+"
+        )
+    }
+
+    /// Rows in its tables.
+    fn rows(&self, conn: &Connection) -> rusqlite::Result<u64> {
+        let count = |t: &str| {
+            conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+        };
+        Ok((count(&self.records)? + count(&self.history)?) as u64)
+    }
+}
+
+/// The part a record goes to: the newest whose floor its id reaches
+/// (ids that sort below every floor: the oldest).
+fn part_for_id<'a>(parts: &'a [Part], id: &str) -> &'a Part {
+    parts
+        .iter()
+        .rev()
+        .find(|p| p.floor.as_str() <= id)
+        .unwrap_or(&parts[0])
+}
+
+/// The part a history entry made at `at` goes to.
+fn part_for_time(parts: &[Part], at: i64) -> &Part {
+    parts
+        .iter()
+        .rev()
+        .find(|p| p.since <= at)
+        .unwrap_or(&parts[0])
+}
+
+/// The parts of the archive in `conn`, oldest first (made if missing).
+fn load_parts(conn: &Connection) -> rusqlite::Result<Vec<Part>> {
+    conn.execute_batch(PARTS_SCHEMA)?;
+    let mut parts = conn
+        .prepare("SELECT n, since FROM parts ORDER BY n")?
+        .query_map([], |r| Ok(Part::new(r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        conn.execute("INSERT INTO parts (n, since) VALUES (0, 0)", [])?;
+        parts.push(Part::new(0, 0));
+    }
+    for p in &parts {
+        conn.execute_batch(&p.schema())?;
+    }
+    Ok(parts)
+}
 
 fn open_conn(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -152,6 +258,9 @@ fn open_conn(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     // rows a page cost the writer a third to a half less a message
     // (`cargo bench --bench archive`, BENCHMARKS.md).
     conn.pragma_update(None, "page_size", PAGE_BYTES)?;
+    // Statements are per part: a read that spans the parts prepares each
+    // part's once, not again on every read.
+    conn.set_prepared_statement_cache_capacity(256);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Commits need no fsync: the journal holds everything until `sync`.
     // Memory mode: nothing survives a stop anyway.
@@ -178,6 +287,12 @@ impl Archive {
     /// Open (or create) the archive in `dir`; `None`: memory mode, a file
     /// in a private temporary directory removed on drop.
     pub fn open(dir: Option<&Path>) -> Result<Self, String> {
+        Self::open_parted(dir, PART_ROWS)
+    }
+
+    /// [`Archive::open`] with a new part every `part_rows` rows (tests and
+    /// benchmarks).
+    pub fn open_parted(dir: Option<&Path>, part_rows: u64) -> Result<Self, String> {
         let (path, temp) = match dir {
             Some(d) => (d.join(FILE), None),
             None => {
@@ -200,7 +315,9 @@ impl Archive {
         let err = |e: rusqlite::Error| format!("{}: {e}", path.display());
         let durable = temp.is_none();
         let write = open_conn(&path, durable).map_err(err)?;
-        write.execute_batch(SCHEMA).map_err(err)?;
+        let list = load_parts(&write).map_err(err)?;
+        let filled = list[list.len() - 1].rows(&write).map_err(err)?;
+        let parts = Arc::new(RwLock::new(list));
         let read = Arc::new(Mutex::new(open_conn(&path, durable).map_err(err)?));
         let (tx, rx) = channel();
         let hooks = Arc::new(Hooks::default());
@@ -208,10 +325,17 @@ impl Archive {
         let failed = Arc::new(AtomicBool::new(false));
         let writer = {
             let (hooks, backlog, failed) = (hooks.clone(), backlog.clone(), failed.clone());
-            let read = read.clone();
+            let (read, parts) = (read.clone(), parts.clone());
+            let writer = Writer {
+                conn: write,
+                parts,
+                filled,
+                part_rows: part_rows.max(1),
+                durable,
+            };
             std::thread::Builder::new()
                 .name("archive".into())
-                .spawn(move || write_loop(write, &read, rx, &hooks, &backlog, &failed, durable))
+                .spawn(move || write_loop(writer, &read, rx, &hooks, &backlog, &failed))
                 .map_err(|e| e.to_string())?
         };
         Ok(Archive {
@@ -222,6 +346,7 @@ impl Archive {
             failed,
             writer: Mutex::new(Some(writer)),
             temp,
+            parts,
         })
     }
 
@@ -320,28 +445,50 @@ impl Archive {
         self.send(Cmd::Evict(account.to_string(), n));
     }
 
+    /// The parts as of the last commit, oldest first.
+    fn parts(&self) -> Vec<Part> {
+        self.parts.read().clone()
+    }
+
     /// Records per account.
     pub fn counts_by_account(&self) -> Vec<(String, u64)> {
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
         let conn = self.read.lock();
-        let result = conn
-            .prepare("SELECT account, count(*) FROM records GROUP BY account")
-            .and_then(|mut s| {
-                s.query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            });
-        result.unwrap_or_default()
+        for p in self.parts() {
+            let result = conn
+                .prepare_cached(&format!(
+                    "SELECT account, count(*) FROM {} GROUP BY account",
+                    p.records
+                ))
+                .and_then(|mut s| {
+                    s.query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                });
+            for (account, n) in read_or_log(result).unwrap_or_default() {
+                *counts.entry(account).or_default() += n;
+            }
+        }
+        counts.into_iter().collect()
     }
 
     /// The body of record `id`.
     pub fn record(&self, id: &str) -> Option<Vec<u8>> {
-        self.query_one("SELECT body FROM records WHERE id = ?1", id)
+        let parts = self.parts();
+        let p = part_for_id(&parts, id);
+        self.query_one(&format!("SELECT body FROM {} WHERE id = ?1", p.records), id)
     }
 
-    /// The body of the record sent as `wamid`.
+    /// The body of the record sent as `wamid` (newest part first: late
+    /// statuses are of recent sends).
     pub fn record_by_wamid(&self, wamid: &str) -> Option<Vec<u8>> {
-        self.query_one("SELECT body FROM records WHERE wamid = ?1", wamid)
+        self.parts().iter().rev().find_map(|p| {
+            self.query_one(
+                &format!("SELECT body FROM {} WHERE wamid = ?1", p.records),
+                wamid,
+            )
+        })
     }
 
     fn query_one(&self, sql: &str, key: &str) -> Option<Vec<u8>> {
@@ -349,18 +496,33 @@ impl Archive {
         let result = conn
             .prepare_cached(sql)
             .and_then(|mut s| s.query_row([key], |r| r.get::<_, Vec<u8>>(0)).optional());
-        match result {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::error!(error = %e, "archive read failed");
-                None
-            }
-        }
+        read_or_log(result).flatten()
     }
 
-    /// Record bodies matching `q`, newest (highest id) first.
+    /// Record bodies matching `q`, newest (highest id) first: the parts
+    /// newest first (a part's ids all sort above the older parts').
     pub fn records(&self, q: &RecordQuery<'_>) -> Vec<Vec<u8>> {
-        let mut sql = String::from("SELECT body FROM records WHERE 1=1");
+        let mut found = Vec::new();
+        let parts = self.parts();
+        for (i, p) in parts.iter().enumerate().rev() {
+            if found.len() >= q.limit {
+                break;
+            }
+            // The oldest part also has the ids that sort below every floor.
+            if i > 0 && q.before.is_some_and(|b| b <= p.floor.as_str()) {
+                continue;
+            }
+            let q = RecordQuery {
+                limit: q.limit - found.len(),
+                ..q.clone()
+            };
+            found.extend(self.records_in(p, &q));
+        }
+        found
+    }
+
+    fn records_in(&self, p: &Part, q: &RecordQuery<'_>) -> Vec<Vec<u8>> {
+        let mut sql = format!("SELECT body FROM {} WHERE 1=1", p.records);
         let mut args: Vec<&str> = Vec::new();
         for (value, clause) in [
             (q.account, " AND account = ?"),
@@ -383,32 +545,38 @@ impl Archive {
             s.query_map(params_from_iter(args), |r| r.get::<_, Vec<u8>>(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()
         });
-        result.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "archive read failed");
-            Vec::new()
-        })
+        read_or_log(result).unwrap_or_default()
     }
 
     /// The last `limit` history entries of a conversation: `(seq, body)`,
     /// oldest first.
+    ///
+    /// The parts newest first, until `limit` are found: entries are filed
+    /// by the time they were made, which follows their numbering unless
+    /// the clock went back across the start of a part.
     pub fn history(&self, account: &str, contact: &str, limit: usize) -> Vec<(u64, Vec<u8>)> {
+        let mut rows: Vec<(u64, Vec<u8>)> = Vec::new();
         let conn = self.read.lock();
-        let result = conn
-            .prepare_cached(
-                "SELECT seq, body FROM history WHERE account = ?1 AND contact = ?2 \
-                 ORDER BY seq DESC LIMIT ?3",
-            )
-            .and_then(|mut s| {
-                s.query_map(rusqlite::params![account, contact, limit as i64], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            });
-        let mut rows = result.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "archive read failed");
-            Vec::new()
-        });
-        rows.reverse();
+        for p in self.parts().iter().rev() {
+            if rows.len() >= limit {
+                break;
+            }
+            let result = conn
+                .prepare_cached(&format!(
+                    "SELECT seq, body FROM {} WHERE account = ?1 AND contact = ?2 \
+                     ORDER BY seq DESC LIMIT ?3",
+                    p.history
+                ))
+                .and_then(|mut s| {
+                    let left = (limit - rows.len()) as i64;
+                    s.query_map(rusqlite::params![account, contact, left], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                });
+            rows.extend(read_or_log(result).unwrap_or_default());
+        }
+        rows.sort_unstable_by_key(|(seq, _)| *seq);
         rows
     }
 
@@ -421,7 +589,14 @@ impl Archive {
             })
             .unwrap_or(0) as u64
         };
-        (count("records"), count("history"))
+        self.parts().iter().fold((0, 0), |(r, h), p| {
+            (r + count(&p.records), h + count(&p.history))
+        })
+    }
+
+    /// How many parts the archive has.
+    pub fn part_count(&self) -> usize {
+        self.parts.read().len()
     }
 
     /// Stop the writer after it committed everything handed over.
@@ -431,6 +606,13 @@ impl Archive {
             let _ = w.join();
         }
     }
+}
+
+/// A read's result, its error logged.
+fn read_or_log<T>(result: rusqlite::Result<T>) -> Option<T> {
+    result
+        .map_err(|e| tracing::error!(error = %e, "archive read failed"))
+        .ok()
 }
 
 /// Memory mode's temporary archives of routers that are gone (killed
@@ -472,13 +654,12 @@ impl Drop for Archive {
 /// hooks. A failed commit leaves the rows in memory (nothing is lost; the
 /// journal still has them) and fails `sync`, so no snapshot drops them.
 fn write_loop(
-    mut conn: Connection,
+    mut w: Writer,
     read: &Mutex<Connection>,
     rx: Receiver<Cmd>,
     hooks: &Hooks,
     backlog: &AtomicU64,
     failed: &AtomicBool,
-    durable: bool,
 ) {
     let mut cached = false;
     loop {
@@ -494,7 +675,7 @@ fn write_loop(
                 }
                 crate::memory::collect_if_due();
                 if std::mem::take(&mut cached) {
-                    let _ = conn.release_memory();
+                    let _ = w.conn.release_memory();
                     if let Some(r) = read.try_lock() {
                         let _ = r.release_memory();
                     }
@@ -535,9 +716,9 @@ fn write_loop(
             .iter()
             .filter(|c| matches!(c, Cmd::Record(_) | Cmd::History(_)))
             .count() as u64;
-        let sync = durable && batch.iter().any(|c| matches!(c, Cmd::Sync(_)));
+        let sync = w.durable && batch.iter().any(|c| matches!(c, Cmd::Sync(_)));
         let mut pruned = 0usize;
-        let result = commit(&mut conn, &batch, sync, &mut pruned);
+        let result = w.commit(&batch, sync, &mut pruned);
         backlog.fetch_sub(rows, Ordering::Relaxed);
         if let Err(e) = &result {
             failed.store(true, Ordering::Relaxed);
@@ -575,38 +756,59 @@ fn write_loop(
     }
 }
 
-fn commit(
-    conn: &mut Connection,
-    batch: &[Cmd],
+/// The writer thread's connection and what it knows of the parts.
+struct Writer {
+    conn: Connection,
+    /// Shared with the readers; changed only after a commit that changed
+    /// the parts (or, pruning, before the commit that drops one).
+    parts: Arc<RwLock<Vec<Part>>>,
+    /// Rows in the newest part.
+    filled: u64,
+    part_rows: u64,
     durable: bool,
-    pruned: &mut usize,
-) -> Result<(), String> {
-    let e = |e: rusqlite::Error| e.to_string();
-    if durable {
-        // This commit's fsync makes every earlier one durable too.
-        conn.pragma_update(None, "synchronous", "FULL").map_err(e)?;
-    }
-    let txn = conn.transaction().map_err(e)?;
-    {
-        let mut put_record = txn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO records \
-                 (id, account, recipient, status, wamid, created_at, tags, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+}
+
+impl Writer {
+    /// One transaction: the batch's rows into their parts, a new part
+    /// first if the newest is full. `durable`: with an fsync.
+    fn commit(&mut self, batch: &[Cmd], durable: bool, pruned: &mut usize) -> Result<(), String> {
+        let e = |e: rusqlite::Error| e.to_string();
+        if durable {
+            // This commit's fsync makes every earlier one durable too.
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(e)?;
+        }
+        let mut parts = self.parts.read().clone();
+        let before = parts.clone();
+        let mut filled = self.filled;
+        let txn = self.conn.transaction().map_err(e)?;
+        if filled >= self.part_rows {
+            let last = &parts[parts.len() - 1];
+            let next = Part::new(last.n + 1, crate::domain::now_ms().max(last.since + 1));
+            txn.execute_batch(&next.schema()).map_err(e)?;
+            txn.execute(
+                "INSERT INTO parts (n, since) VALUES (?1, ?2)",
+                [next.n, next.since],
             )
             .map_err(e)?;
-        let mut put_history = txn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO history (account, contact, seq, at, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(e)?;
+            parts.push(next);
+            filled = 0;
+        }
+        let newest = parts[parts.len() - 1].n;
         for c in batch {
             match c {
                 Cmd::Record(r) => {
+                    let p = part_for_id(&parts, &r.id);
                     let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into());
-                    put_record
-                        .execute(rusqlite::params![
+                    txn.prepare_cached(&format!(
+                        "INSERT OR REPLACE INTO {} \
+                         (id, account, recipient, status, wamid, created_at, tags, body) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        p.records
+                    ))
+                    .and_then(|mut s| {
+                        s.execute(rusqlite::params![
                             r.id,
                             r.account,
                             r.to,
@@ -616,45 +818,117 @@ fn commit(
                             tags,
                             r.body
                         ])
-                        .map_err(e)?;
+                    })
+                    .map_err(e)?;
+                    filled += u64::from(p.n == newest);
                 }
                 Cmd::History(h) => {
-                    put_history
-                        .execute(rusqlite::params![
+                    let p = part_for_time(&parts, h.at);
+                    txn.prepare_cached(&format!(
+                        "INSERT OR REPLACE INTO {} (account, contact, seq, at, body) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        p.history
+                    ))
+                    .and_then(|mut s| {
+                        s.execute(rusqlite::params![
                             h.account,
                             h.contact,
                             h.seq as i64,
                             h.at,
                             h.body
                         ])
-                        .map_err(e)?;
+                    })
+                    .map_err(e)?;
+                    filled += u64::from(p.n == newest);
                 }
                 Cmd::Prune(below, cutoff, _) => {
-                    *pruned += txn
-                        .execute("DELETE FROM records WHERE id < ?1", [below])
-                        .map_err(e)?;
-                    *pruned += txn
-                        .execute("DELETE FROM history WHERE at < ?1", [cutoff])
-                        .map_err(e)?;
+                    *pruned += prune(&txn, &mut parts, below, *cutoff).map_err(e)?;
+                    // Readers stop looking into dropped parts now (what
+                    // they held is past retention), not into new ones yet.
+                    self.parts
+                        .write()
+                        .retain(|p| parts.iter().any(|kept| kept.n == p.n));
                 }
                 Cmd::Evict(account, n) => {
-                    txn.execute(
-                        "DELETE FROM records WHERE id IN \
-                         (SELECT id FROM records WHERE account = ?1 ORDER BY id LIMIT ?2)",
-                        rusqlite::params![account, *n as i64],
-                    )
-                    .map_err(e)?;
+                    let mut left = *n;
+                    for p in &parts {
+                        if left == 0 {
+                            break;
+                        }
+                        left -= txn
+                            .execute(
+                                &format!(
+                                    "DELETE FROM {r} WHERE id IN \
+                                     (SELECT id FROM {r} WHERE account = ?1 ORDER BY id LIMIT ?2)",
+                                    r = p.records
+                                ),
+                                rusqlite::params![account, left as i64],
+                            )
+                            .map_err(e)?
+                            .min(left);
+                    }
                 }
                 Cmd::Sync(_) => {}
             }
         }
+        match txn.commit() {
+            Ok(()) => {
+                *self.parts.write() = parts;
+                self.filled = filled;
+            }
+            Err(err) => {
+                *self.parts.write() = before;
+                return Err(e(err));
+            }
+        }
+        if durable {
+            self.conn
+                .pragma_update(None, "synchronous", "NORMAL")
+                .map_err(e)?;
+        }
+        Ok(())
     }
-    txn.commit().map_err(e)?;
-    if durable {
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(e)?;
+}
+
+/// Delete records whose ids sort below `below` and history entries made
+/// before `cutoff`: a part (not the newest) that holds nothing else is
+/// dropped whole, the others are searched. How many rows.
+fn prune(
+    txn: &rusqlite::Transaction<'_>,
+    parts: &mut Vec<Part>,
+    below: &str,
+    cutoff: i64,
+) -> rusqlite::Result<usize> {
+    let mut pruned = 0;
+    let mut i = 0;
+    while i < parts.len() {
+        let p = &parts[i];
+        let whole = parts
+            .get(i + 1)
+            .is_some_and(|next| next.floor.as_str() <= below && next.since <= cutoff);
+        if whole {
+            pruned += p.rows(txn)? as usize;
+            txn.execute_batch(&format!(
+                "DROP TABLE {}; DROP TABLE {};",
+                p.records, p.history
+            ))?;
+            txn.execute("DELETE FROM parts WHERE n = ?1", [p.n])?;
+            parts.remove(i);
+            continue;
+        }
+        // The oldest part also has what sorts below every part's start.
+        if i == 0 || p.floor.as_str() < below {
+            pruned += txn.execute(&format!("DELETE FROM {} WHERE id < ?1", p.records), [below])?;
+        }
+        if i == 0 || p.since < cutoff {
+            pruned += txn.execute(
+                &format!("DELETE FROM {} WHERE at < ?1", p.history),
+                [cutoff],
+            )?;
+        }
+        i += 1;
     }
-    Ok(())
+    Ok(pruned)
 }
 
 #[cfg(test)]
@@ -732,6 +1006,100 @@ mod tests {
         assert_eq!(a.history("main", "1", 50), vec![(7, b"h".to_vec())]);
         assert_eq!(a.prune("a3", 6).await, 3, "a1, a2 and the entry at 5");
         assert_eq!(a.counts(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_full_part_starts_the_next_and_every_read_spans_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::domain::now_ms();
+        let (old, new) = (now - 10_000, now + 60_000);
+        let id = |t: i64, k: &str| format!("{}-{k}", MessageId::time_floor(t));
+        let record = |t: i64, k: &str, to: &str| RecordRow {
+            to: to.into(),
+            created_at: t,
+            body: k.as_bytes().to_vec(),
+            ..row(&id(t, k), "main", "sent", &[])
+        };
+        let entry = |seq: u64, at: i64| HistoryRow {
+            account: "main".into(),
+            contact: "1".into(),
+            seq,
+            at,
+            body: format!("h{seq}").into_bytes(),
+        };
+        {
+            let a = Archive::open_parted(Some(dir.path()), 4).unwrap();
+            for k in ["o1", "o2", "o3"] {
+                a.put_record(record(old, k, "1"));
+            }
+            a.put_history(entry(1, old));
+            a.put_history(entry(2, old));
+            a.sync().await.unwrap();
+            assert_eq!(a.part_count(), 1);
+            // The first part is full: the next commit starts another; a
+            // record changed later goes back to its own part.
+            a.put_record(record(new, "n1", "2"));
+            a.put_history(entry(3, new));
+            a.put_record(RecordRow {
+                status: "read",
+                ..record(old, "o2", "1")
+            });
+            a.sync().await.unwrap();
+            assert_eq!(a.part_count(), 2);
+            assert_eq!(a.counts(), (4, 3), "o2 replaced, not doubled");
+        }
+        let a = Archive::open_parted(Some(dir.path()), 4).unwrap();
+        assert_eq!(a.part_count(), 2, "the parts are kept");
+        let bodies = |q: RecordQuery| -> Vec<String> {
+            a.records(&q)
+                .into_iter()
+                .map(|b| String::from_utf8(b).unwrap())
+                .collect()
+        };
+        let all = |limit| RecordQuery {
+            limit,
+            ..Default::default()
+        };
+        assert_eq!(bodies(all(10)), ["n1", "o3", "o2", "o1"]);
+        assert_eq!(bodies(all(2)), ["n1", "o3"]);
+        let n1 = id(new, "n1");
+        assert_eq!(
+            bodies(RecordQuery {
+                before: Some(&n1),
+                ..all(2)
+            }),
+            ["o3", "o2"]
+        );
+        assert_eq!(
+            bodies(RecordQuery {
+                status: Some("read"),
+                ..all(10)
+            }),
+            ["o2"]
+        );
+        assert_eq!(a.record(&id(old, "o1")).as_deref(), Some(&b"o1"[..]));
+        assert_eq!(a.record(&n1).as_deref(), Some(&b"n1"[..]));
+        let wamid = format!("wamid.{}", id(old, "o3"));
+        assert_eq!(a.record_by_wamid(&wamid).as_deref(), Some(&b"o3"[..]));
+        let seqs = |limit| -> Vec<u64> {
+            a.history("main", "1", limit)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        };
+        assert_eq!(seqs(50), [1, 2, 3]);
+        assert_eq!(seqs(2), [2, 3]);
+        // The oldest go first, across parts.
+        a.evict_oldest("main", 2);
+        a.sync().await.unwrap();
+        assert_eq!(bodies(all(10)), ["n1", "o3"]);
+        assert_eq!(a.counts_by_account(), [("main".to_string(), 2)]);
+        // A part with nothing left after pruning is dropped whole.
+        assert_eq!(a.prune(&MessageId::time_floor(new), new).await, 3);
+        assert_eq!(a.part_count(), 1);
+        assert_eq!(a.counts(), (1, 1));
+        assert_eq!(seqs(50), [3]);
+        assert_eq!(a.record(&n1).as_deref(), Some(&b"n1"[..]));
     }
 
     #[tokio::test]

@@ -885,7 +885,7 @@ enum Stop {
 async fn fill_the_disk_then_restart(how: Stop) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    if !mount_tmpfs(&data, "256k") {
+    if !mount_tmpfs(&data, "1m") {
         return;
     }
     let _unmount = Unmount(data.clone());
