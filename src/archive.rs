@@ -140,8 +140,9 @@ pub struct Archive {
 pub const PART_ROWS: u64 = 1_000_000;
 
 /// The archive's list of parts.
-const PARTS_SCHEMA: &str =
-    "CREATE TABLE IF NOT EXISTS parts (n INTEGER PRIMARY KEY, since INTEGER NOT NULL);";
+/// `rows`: how many the writer put into the part while it was the newest.
+const PARTS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS parts \
+     (n INTEGER PRIMARY KEY, since INTEGER NOT NULL, rows INTEGER NOT NULL DEFAULT 0);";
 
 /// One part of the archive: its two tables hold the records whose ids
 /// sort from `since`'s time on and the history entries from `since` (ms)
@@ -316,7 +317,14 @@ impl Archive {
         let durable = temp.is_none();
         let write = open_conn(&path, durable).map_err(err)?;
         let list = load_parts(&write).map_err(err)?;
-        let filled = list[list.len() - 1].rows(&write).map_err(err)?;
+        let filled: u64 = write
+            .query_row(
+                "SELECT max(rows) FROM parts WHERE n = ?1",
+                [list[list.len() - 1].n],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map_err(err)?
+            .unwrap_or(0) as u64;
         let parts = Arc::new(RwLock::new(list));
         let read = Arc::new(Mutex::new(open_conn(&path, durable).map_err(err)?));
         let (tx, rx) = channel();
@@ -871,6 +879,11 @@ impl Writer {
                 Cmd::Sync(_) => {}
             }
         }
+        txn.execute(
+            "UPDATE parts SET rows = ?1 WHERE n = ?2",
+            [filled as i64, newest],
+        )
+        .map_err(e)?;
         match txn.commit() {
             Ok(()) => {
                 *self.parts.write() = parts;
@@ -1100,6 +1113,17 @@ mod tests {
         assert_eq!(a.counts(), (1, 1));
         assert_eq!(seqs(50), [3]);
         assert_eq!(a.record(&n1).as_deref(), Some(&b"n1"[..]));
+        // How full the newest part is survives a restart: two more rows
+        // fill it, and the next commit starts another.
+        drop(a);
+        let a = Archive::open_parted(Some(dir.path()), 4).unwrap();
+        for k in ["n2", "n3"] {
+            a.put_record(record(new, k, "2"));
+        }
+        a.sync().await.unwrap();
+        assert_eq!(a.part_count(), 1);
+        a.sync().await.unwrap();
+        assert_eq!(a.part_count(), 2);
     }
 
     #[tokio::test]
