@@ -1127,6 +1127,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_archive_made_before_parts_is_part_0() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The tables as the archive made them before there were parts.
+            let conn = Connection::open(dir.path().join(FILE)).unwrap();
+            conn.execute_batch(&Part::new(0, 0).schema()).unwrap();
+            conn.execute(
+                "INSERT INTO records VALUES ('msg_old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64')",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO history (account, contact, seq, at, body) VALUES ('main', '1', 1, 1, X'6831')",
+                [],
+            )
+            .unwrap();
+        }
+        let a = Archive::open_parted(Some(dir.path()), 1).unwrap();
+        assert_eq!(a.part_count(), 1);
+        assert_eq!(a.record("msg_old").as_deref(), Some(&b"old"[..]));
+        assert_eq!(a.record_by_wamid("wamid.old").as_deref(), Some(&b"old"[..]));
+        a.put_record(row(&MessageId::generate().to_string(), "main", "sent", &[]));
+        a.sync().await.unwrap();
+        a.sync().await.unwrap();
+        assert_eq!(a.part_count(), 2, "the next part follows part 0");
+        assert_eq!(a.counts(), (2, 1));
+        assert_eq!(a.history("main", "1", 10), vec![(1, b"h1".to_vec())]);
+    }
+
+    #[tokio::test]
     async fn memory_mode_leaves_no_file_behind() {
         let a = Archive::open(None).unwrap();
         let dir = a.temp.clone().unwrap();
