@@ -1148,7 +1148,7 @@ mod tests {
         assert_eq!(a.part_count(), 1);
         assert_eq!(a.record("msg_old").as_deref(), Some(&b"old"[..]));
         assert_eq!(a.record_by_wamid("wamid.old").as_deref(), Some(&b"old"[..]));
-        a.put_record(row(&MessageId::generate().to_string(), "main", "sent", &[]));
+        a.put_record(row(MessageId::generate().as_ref(), "main", "sent", &[]));
         a.sync().await.unwrap();
         a.sync().await.unwrap();
         assert_eq!(a.part_count(), 2, "the next part follows part 0");
