@@ -132,8 +132,12 @@ pub struct Archive {
     /// Memory mode: the temporary directory to remove.
     temp: Option<PathBuf>,
     /// The parts as of the last commit, oldest first (never empty).
-    parts: Arc<RwLock<Vec<Part>>>,
+    parts: SharedParts,
 }
+
+/// The parts as the readers see them: a read takes the list (an `Arc`)
+/// and the writer swaps in a new one.
+type SharedParts = Arc<RwLock<Arc<Vec<Part>>>>;
 
 /// Rows (records and history entries) a part takes before the writer
 /// starts the next one.
@@ -156,6 +160,11 @@ struct Part {
     floor: String,
     records: String,
     history: String,
+    /// Statements run once a row or a read (made once, not per row).
+    put_record: String,
+    put_history: String,
+    by_id: String,
+    by_wamid: String,
 }
 
 impl Part {
@@ -165,12 +174,24 @@ impl Part {
         } else {
             format!("_{n}")
         };
+        let (records, history) = (format!("records{suffix}"), format!("history{suffix}"));
         Part {
             n,
             since,
             floor: MessageId::time_floor(since),
-            records: format!("records{suffix}"),
-            history: format!("history{suffix}"),
+            put_record: format!(
+                "INSERT OR REPLACE INTO {records} \
+                 (id, account, recipient, status, wamid, created_at, tags, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
+            put_history: format!(
+                "INSERT OR REPLACE INTO {history} (account, contact, seq, at, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)"
+            ),
+            by_id: format!("SELECT body FROM {records} WHERE id = ?1"),
+            by_wamid: format!("SELECT body FROM {records} WHERE wamid = ?1"),
+            records,
+            history,
         }
     }
 
@@ -317,15 +338,14 @@ impl Archive {
         let durable = temp.is_none();
         let write = open_conn(&path, durable).map_err(err)?;
         let list = load_parts(&write).map_err(err)?;
-        let filled: u64 = write
+        let filled = write
             .query_row(
-                "SELECT max(rows) FROM parts WHERE n = ?1",
+                "SELECT rows FROM parts WHERE n = ?1",
                 [list[list.len() - 1].n],
-                |r| r.get::<_, Option<i64>>(0),
+                |r| r.get::<_, i64>(0),
             )
-            .map_err(err)?
-            .unwrap_or(0) as u64;
-        let parts = Arc::new(RwLock::new(list));
+            .map_err(err)? as u64;
+        let parts = Arc::new(RwLock::new(Arc::new(list)));
         let read = Arc::new(Mutex::new(open_conn(&path, durable).map_err(err)?));
         let (tx, rx) = channel();
         let hooks = Arc::new(Hooks::default());
@@ -454,7 +474,7 @@ impl Archive {
     }
 
     /// The parts as of the last commit, oldest first.
-    fn parts(&self) -> Vec<Part> {
+    fn parts(&self) -> Arc<Vec<Part>> {
         self.parts.read().clone()
     }
 
@@ -462,7 +482,7 @@ impl Archive {
     pub fn counts_by_account(&self) -> Vec<(String, u64)> {
         let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
         let conn = self.read.lock();
-        for p in self.parts() {
+        for p in self.parts().iter() {
             let result = conn
                 .prepare_cached(&format!(
                     "SELECT account, count(*) FROM {} GROUP BY account",
@@ -483,20 +503,16 @@ impl Archive {
 
     /// The body of record `id`.
     pub fn record(&self, id: &str) -> Option<Vec<u8>> {
-        let parts = self.parts();
-        let p = part_for_id(&parts, id);
-        self.query_one(&format!("SELECT body FROM {} WHERE id = ?1", p.records), id)
+        self.query_one(&part_for_id(&self.parts(), id).by_id, id)
     }
 
     /// The body of the record sent as `wamid` (newest part first: late
     /// statuses are of recent sends).
     pub fn record_by_wamid(&self, wamid: &str) -> Option<Vec<u8>> {
-        self.parts().iter().rev().find_map(|p| {
-            self.query_one(
-                &format!("SELECT body FROM {} WHERE wamid = ?1", p.records),
-                wamid,
-            )
-        })
+        self.parts()
+            .iter()
+            .rev()
+            .find_map(|p| self.query_one(&p.by_wamid, wamid))
     }
 
     fn query_one(&self, sql: &str, key: &str) -> Option<Vec<u8>> {
@@ -769,7 +785,7 @@ struct Writer {
     conn: Connection,
     /// Shared with the readers; changed only after a commit that changed
     /// the parts (or, pruning, before the commit that drops one).
-    parts: Arc<RwLock<Vec<Part>>>,
+    parts: SharedParts,
     /// Rows in the newest part.
     filled: u64,
     part_rows: u64,
@@ -787,8 +803,8 @@ impl Writer {
                 .pragma_update(None, "synchronous", "FULL")
                 .map_err(e)?;
         }
-        let mut parts = self.parts.read().clone();
-        let before = parts.clone();
+        let before = self.parts.read().clone();
+        let mut parts = (*before).clone();
         let mut filled = self.filled;
         let txn = self.conn.transaction().map_err(e)?;
         if filled >= self.part_rows {
@@ -809,53 +825,48 @@ impl Writer {
                 Cmd::Record(r) => {
                     let p = part_for_id(&parts, &r.id);
                     let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into());
-                    txn.prepare_cached(&format!(
-                        "INSERT OR REPLACE INTO {} \
-                         (id, account, recipient, status, wamid, created_at, tags, body) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        p.records
-                    ))
-                    .and_then(|mut s| {
-                        s.execute(rusqlite::params![
-                            r.id,
-                            r.account,
-                            r.to,
-                            r.status,
-                            r.wamid,
-                            r.created_at,
-                            tags,
-                            r.body
-                        ])
-                    })
-                    .map_err(e)?;
+                    txn.prepare_cached(&p.put_record)
+                        .and_then(|mut s| {
+                            s.execute(rusqlite::params![
+                                r.id,
+                                r.account,
+                                r.to,
+                                r.status,
+                                r.wamid,
+                                r.created_at,
+                                tags,
+                                r.body
+                            ])
+                        })
+                        .map_err(e)?;
                     filled += u64::from(p.n == newest);
                 }
                 Cmd::History(h) => {
                     let p = part_for_time(&parts, h.at);
-                    txn.prepare_cached(&format!(
-                        "INSERT OR REPLACE INTO {} (account, contact, seq, at, body) \
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        p.history
-                    ))
-                    .and_then(|mut s| {
-                        s.execute(rusqlite::params![
-                            h.account,
-                            h.contact,
-                            h.seq as i64,
-                            h.at,
-                            h.body
-                        ])
-                    })
-                    .map_err(e)?;
+                    txn.prepare_cached(&p.put_history)
+                        .and_then(|mut s| {
+                            s.execute(rusqlite::params![
+                                h.account,
+                                h.contact,
+                                h.seq as i64,
+                                h.at,
+                                h.body
+                            ])
+                        })
+                        .map_err(e)?;
                     filled += u64::from(p.n == newest);
                 }
                 Cmd::Prune(below, cutoff, _) => {
                     *pruned += prune(&txn, &mut parts, below, *cutoff).map_err(e)?;
                     // Readers stop looking into dropped parts now (what
                     // they held is past retention), not into new ones yet.
-                    self.parts
-                        .write()
-                        .retain(|p| parts.iter().any(|kept| kept.n == p.n));
+                    let mut shared = self.parts.write();
+                    let kept = shared
+                        .iter()
+                        .filter(|p| parts.iter().any(|k| k.n == p.n))
+                        .cloned()
+                        .collect();
+                    *shared = Arc::new(kept);
                 }
                 Cmd::Evict(account, n) => {
                     let mut left = *n;
@@ -886,7 +897,7 @@ impl Writer {
         .map_err(e)?;
         match txn.commit() {
             Ok(()) => {
-                *self.parts.write() = parts;
+                *self.parts.write() = Arc::new(parts);
                 self.filled = filled;
             }
             Err(err) => {
