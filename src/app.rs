@@ -146,6 +146,7 @@ impl App {
             lanes: lanes.clone(),
             events: events.clone(),
             max_backlog: settings.http.max_backlog,
+            gate: Default::default(),
             cluster: cluster.clone(),
         });
         let api = Arc::new(api::Ctx {

@@ -133,6 +133,8 @@ pub struct Archive {
     temp: Option<PathBuf>,
     /// The parts as of the last commit, oldest first (never empty).
     parts: SharedParts,
+    /// Where senders wait while the writer is behind ([`Archive::keep_up`]).
+    gate: crate::domain::Gate,
 }
 
 /// The parts as the readers see them: a read takes the list (an `Arc`)
@@ -375,6 +377,7 @@ impl Archive {
             writer: Mutex::new(Some(writer)),
             temp,
             parts,
+            gate: Default::default(),
         })
     }
 
@@ -428,7 +431,9 @@ impl Archive {
     /// writer: what adds finished work slows down to what the archive
     /// takes, instead of piling it up in memory. Whether it waited.
     pub async fn keep_up(&self, max_rows: u64, limit: std::time::Duration) -> bool {
-        crate::domain::wait_while(limit, || self.backlog() > max_rows).await
+        self.gate
+            .wait_while(limit, || self.backlog() > max_rows)
+            .await
     }
 
     /// Whether a commit failed (rows then stay in memory).

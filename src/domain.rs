@@ -92,18 +92,50 @@ pub fn derived_id(prefix: &str, ms: Millis, key: &str) -> String {
     format!("{prefix}_{}", id.simple())
 }
 
-/// Wait, at most `limit`, while `busy()` holds (polled every 2 ms): how
-/// intake slows down to what the router behind it can take. Whether it
-/// had to wait at all.
-pub async fn wait_while(limit: Duration, busy: impl Fn() -> bool) -> bool {
-    if !busy() {
-        return false;
+/// Where intake waits while the router is behind, in arrival order: the
+/// first waiter polls `busy()` every 2 ms and the others queue behind it
+/// (a fair lock), so a request is never passed by later ones, and the
+/// machine polls once, not once per waiting request.
+#[derive(Debug, Default)]
+pub struct Gate {
+    turn: tokio::sync::Mutex<()>,
+    /// Requests in the queue (the one polling included).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    /// Wait, at most `limit`, while `busy()` holds or earlier requests
+    /// wait: how intake slows down to what the router behind it can take.
+    /// Whether it had to wait at all.
+    pub async fn wait_while(&self, limit: Duration, busy: impl Fn() -> bool) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.waiting.load(Ordering::Acquire) == 0 && !busy() {
+            return false;
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        // Leaves the count on every way out (a dropped request included).
+        struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _queued = Queued(&self.waiting);
+        let deadline = tokio::time::Instant::now() + limit;
+        // Out of time in the queue: taken anyway, as after polling.
+        let Ok(_turn) = tokio::time::timeout_at(deadline, self.turn.lock()).await else {
+            return true;
+        };
+        while busy() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
     }
-    let deadline = tokio::time::Instant::now() + limit;
-    while busy() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+
+    /// Requests waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
     }
-    true
 }
 
 /// Parse a duration such as `"200ms"`, `"10s"`, `"5m"`, `"36h"`, `"7d"`.
@@ -236,6 +268,61 @@ pub fn normalize_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_gate_lets_waiters_through_in_arrival_order() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let gate = Arc::new(Gate::default());
+        let busy = Arc::new(AtomicBool::new(true));
+        let passed = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let arrive = |i: usize| {
+            let (gate, busy, passed) = (gate.clone(), busy.clone(), passed.clone());
+            tokio::spawn(async move {
+                let waited = gate
+                    .wait_while(Duration::from_secs(30), || busy.load(Ordering::SeqCst))
+                    .await;
+                passed.lock().push((i, waited));
+            })
+        };
+        let mut requests = Vec::new();
+        for i in 0..4 {
+            requests.push(arrive(i));
+            while gate.waiting() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // The router caught up; one more arrives before the queue moved:
+        // it goes behind the four, not ahead of them.
+        busy.store(false, Ordering::SeqCst);
+        requests.push(arrive(4));
+        for r in requests {
+            r.await.unwrap();
+        }
+        assert_eq!(
+            *passed.lock(),
+            vec![(0, true), (1, true), (2, true), (3, true), (4, true)]
+        );
+        assert_eq!(gate.waiting(), 0);
+        // Nobody waiting and not behind: straight through.
+        assert!(!gate.wait_while(Duration::from_secs(30), || false).await);
+    }
+
+    #[tokio::test]
+    async fn the_gate_lets_everyone_through_after_the_limit() {
+        let gate = std::sync::Arc::new(Gate::default());
+        let limit = Duration::from_millis(30);
+        let started = tokio::time::Instant::now();
+        let second = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.wait_while(limit, || true).await })
+        };
+        // The first polls; the second waits its turn and gives up in the queue.
+        assert!(gate.wait_while(limit, || true).await);
+        assert!(second.await.unwrap());
+        assert!(started.elapsed() >= limit);
+        assert_eq!(gate.waiting(), 0);
+    }
 
     #[test]
     fn phones_parse_to_digits() {

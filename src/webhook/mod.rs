@@ -33,6 +33,8 @@ pub struct Ctx {
     pub events: Arc<crate::events::Events>,
     /// `[http] max_backlog`.
     pub max_backlog: usize,
+    /// Where webhooks wait while the router is behind.
+    pub gate: crate::domain::Gate,
     /// `[cluster]`: notifications go to Redis before the `200`, and the
     /// account's lease holder applies them.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
@@ -62,7 +64,7 @@ impl Ctx {
     /// acknowledging never outruns routing and sending: the answer to Meta
     /// slows down instead (up to [`BACKLOG_WAIT`]).
     async fn keep_up(&self) {
-        if crate::domain::wait_while(BACKLOG_WAIT, || self.behind()).await {
+        if self.gate.wait_while(BACKLOG_WAIT, || self.behind()).await {
             self.metrics.webhook("backlog_wait");
         }
     }
