@@ -84,14 +84,23 @@ pub enum Cmd {
 
 #[derive(Clone)]
 enum Tx {
-    File(mpsc::Sender<Cmd>),
+    /// The file writer: frames go into `pending` (no message, no wake-up:
+    /// the writer takes them when it syncs, or within [`LAZY_SYNC`]); syncs
+    /// and rotations go through the channel.
+    File {
+        tx: mpsc::Sender<Cmd>,
+        pending: Pending,
+    },
     Remote(tokio::sync::mpsc::UnboundedSender<Cmd>),
 }
+
+/// Frames appended and not yet taken by the file writer.
+type Pending = Arc<parking_lot::Mutex<Vec<u8>>>;
 
 impl Tx {
     fn send(&self, cmd: Cmd) -> Result<(), ()> {
         match self {
-            Tx::File(tx) => tx.send(cmd).map_err(|_| ()),
+            Tx::File { tx, .. } => tx.send(cmd).map_err(|_| ()),
             Tx::Remote(tx) => tx.send(cmd).map_err(|_| ()),
         }
     }
@@ -139,10 +148,15 @@ pub fn split_frames(mut buf: &[u8]) -> Result<Vec<&[u8]>, String> {
 /// Frame one payload.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 8);
+    frame_into(&mut out, payload);
+    out
+}
+
+/// Append one payload, framed, to `out`.
+fn frame_into(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
-    out
 }
 
 fn log_name(seq: u64) -> String {
@@ -428,6 +442,7 @@ impl Journal {
             .map_err(|e| io_error(&path, e))?;
         sync_dir(dir);
         let (tx, rx) = mpsc::channel();
+        let pending = Pending::default();
         let failed = Arc::new(AtomicBool::new(false));
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let log_bytes = Arc::new(AtomicU64::new(len));
@@ -439,12 +454,13 @@ impl Journal {
             failed: failed.clone(),
             log_bytes: log_bytes.clone(),
         };
+        let taken = pending.clone();
         std::thread::Builder::new()
             .name("wa-router-journal".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &taken))
             .map_err(|e| io_error(dir, e))?;
         Ok(Journal {
-            tx: Some(Tx::File(tx)),
+            tx: Some(Tx::File { tx, pending }),
             failed,
             log_bytes,
             dir: Some(dir.to_path_buf()),
@@ -490,8 +506,12 @@ impl Journal {
 
     /// Append one record (never blocks).
     pub fn append(&self, payload: &[u8]) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Cmd::Frame(frame(payload)));
+        match &self.tx {
+            Some(Tx::File { pending, .. }) => frame_into(&mut pending.lock(), payload),
+            Some(Tx::Remote(tx)) => {
+                let _ = tx.send(Cmd::Frame(frame(payload)));
+            }
+            None => {}
         }
     }
 
@@ -515,8 +535,21 @@ impl Journal {
             return Err("memory mode".into());
         };
         let (done, wait) = oneshot::channel();
-        tx.send(Cmd::Rotate(done))
-            .map_err(|_| "journal writer stopped".to_string())?;
+        let sent = match tx {
+            // What was appended before goes to the old log, ahead of the
+            // rotation; what is appended after, to the new one.
+            Tx::File { tx, pending } => {
+                let mut pending = pending.lock();
+                let before = std::mem::take(&mut *pending);
+                tx.send(Cmd::Frame(before))
+                    .and_then(|()| tx.send(Cmd::Rotate(done)))
+                    .is_ok()
+            }
+            Tx::Remote(tx) => tx.send(Cmd::Rotate(done)).is_ok(),
+        };
+        if !sent {
+            return Err("journal writer stopped".to_string());
+        }
         wait.await
             .map_err(|_| "journal writer stopped".to_string())?
     }
@@ -670,7 +703,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+    /// Frames come through `pending`, except those appended before a
+    /// rotation, which come with it ([`Journal::rotate`]).
+    fn run(mut self, rx: mpsc::Receiver<Cmd>, pending: &parking_lot::Mutex<Vec<u8>>) {
         let mut buf = Vec::with_capacity(1 << 20);
         let mut waiting: Vec<oneshot::Sender<bool>> = Vec::new();
         let mut dirty = false;
@@ -697,15 +732,31 @@ impl Writer {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Quiet: the buffer a spike grew (up to 8 MiB) goes.
+                    // Quiet: the buffers a spike grew go.
                     if buf.is_empty() && buf.capacity() > 1 << 20 {
                         buf = Vec::with_capacity(1 << 20);
                     }
+                    let mut p = pending.lock();
+                    if p.is_empty() && p.capacity() > 1 << 20 {
+                        *p = Vec::new();
+                    }
+                    drop(p);
                     crate::memory::collect_if_due();
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    buf.append(&mut pending.lock());
                     self.flush(&mut buf, true);
                     return;
+                }
+            }
+            // Everything appended so far, unless a rotation comes first
+            // (then it belongs to the next log: taken on the next round).
+            if rotate.is_none() {
+                let mut p = pending.lock();
+                if buf.is_empty() {
+                    std::mem::swap(&mut buf, &mut *p);
+                } else {
+                    buf.append(&mut p);
                 }
             }
             if !buf.is_empty() {
@@ -822,6 +873,23 @@ mod tests {
         let (applied, next) = replay(dir.path(), collect(&mut got)).unwrap();
         assert_eq!((applied, next), (100, 1));
         assert_eq!(got[99], seen(99));
+    }
+
+    /// An append wakes nobody: with no one waiting for a sync, the writer
+    /// still takes it to the disk on its own round (within `LAZY_SYNC`).
+    #[tokio::test]
+    async fn appends_reach_the_disk_without_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 0).unwrap();
+        j.append(&seen(1));
+        j.append(&seen(2));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while j.log_bytes() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut got = Vec::new();
+        replay(dir.path(), collect(&mut got)).unwrap();
+        assert_eq!(got, vec![seen(1), seen(2)]);
     }
 
     /// Decoded on the reader, applied here in order across batches; a
