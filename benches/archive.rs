@@ -1,7 +1,8 @@
 //! What the archive (finished records and conversation history in SQLite,
 //! `src/archive.rs`) costs a message as it fills. Prints figures; run
 //! with `cargo bench --bench archive` (`-- 100000 1000000` for other
-//! sizes, `-- --durable …` for an archive in a data_dir on this disk).
+//! sizes, `-- --durable …` for an archive in a data_dir on this disk;
+//! `-- --probe` for what a read that finds nothing costs as parts add up).
 //!
 //! Each message is what one answered inbound message leaves there: its
 //! reply's record (a time-sorted id, a random recipient and wamid, as in
@@ -65,6 +66,9 @@ fn fill(archive: &Archive, messages: usize) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let durable = args.iter().any(|a| a == "--durable");
+    if args.iter().any(|a| a == "--probe") {
+        return probe(durable).await;
+    }
     let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     if sizes.is_empty() {
         sizes = vec![100_000, 1_000_000];
@@ -86,6 +90,54 @@ async fn main() {
             n as f64 / secs,
             cpu * 1e6 / n as f64
         );
+        archive.close();
+    }
+}
+
+/// Messages a part holds in `probe` (3 rows each).
+const PROBE_PART_MESSAGES: usize = 3_000;
+
+/// A read that finds nothing looks into every part: a status for a wamid
+/// the archive does not hold (a message sent by another tool on the same
+/// number), the history of a contact with none. Small parts stand in for
+/// the full ones (a lookup is an index seek in each part either way).
+async fn probe(durable: bool) {
+    println!(
+        "archive: unknown wamid and empty history, by parts ({PROBE_PART_MESSAGES} messages a part)"
+    );
+    println!("parts,wamid_us,history_us");
+    for parts in [1usize, 10, 100, 300, 600] {
+        let dir = tempfile::tempdir_in(".").expect("a directory here");
+        let archive = Archive::open_parted(
+            durable.then_some(dir.path()),
+            3 * PROBE_PART_MESSAGES as u64,
+        )
+        .expect("archive opens");
+        // A commit into a full part starts the next one.
+        for _ in 0..parts {
+            fill(&archive, PROBE_PART_MESSAGES);
+            archive.sync().await.expect("archive commits");
+        }
+        let reads = 200;
+        let start = Instant::now();
+        for i in 0..reads {
+            assert!(
+                archive
+                    .record_by_wamid(&format!("wamid.unknown{i}"))
+                    .is_none()
+            );
+        }
+        let wamid = start.elapsed().as_secs_f64() * 1e6 / reads as f64;
+        let start = Instant::now();
+        for i in 0..reads {
+            assert!(
+                archive
+                    .history("main", &format!("silent{i}"), 20)
+                    .is_empty()
+            );
+        }
+        let history = start.elapsed().as_secs_f64() * 1e6 / reads as f64;
+        println!("{},{wamid:.0},{history:.0}", archive.part_count());
         archive.close();
     }
 }

@@ -808,6 +808,9 @@ impl Outbox {
     /// meanwhile (then its record id). Checked again under the orphan
     /// entry's lock, which [`State::mark_sent`] takes after indexing the
     /// wamid, so a status is never parked after its record was marked sent.
+    /// The check looks in memory only: a record marked sent meanwhile is
+    /// there, and the archive was searched just before (it would take a
+    /// look into every part, under the entry's lock).
     fn park_orphan(&self, u: &StatusUpdate, now: Millis) -> Option<MessageId> {
         if self.orphans.len() >= ORPHAN_CAPACITY {
             self.orphans
@@ -815,8 +818,8 @@ impl Outbox {
         }
         let full = self.orphans.len() >= ORPHAN_CAPACITY;
         let entry = self.orphans.entry(u.wamid.clone());
-        if let Some(id) = self.record_id_by_wamid(&u.wamid) {
-            return Some(id);
+        if let Some(id) = self.by_wamid.get(&u.wamid) {
+            return Some(id.clone());
         }
         match entry {
             dashmap::mapref::entry::Entry::Occupied(mut e) => e.get_mut().1.push(u.clone()),
