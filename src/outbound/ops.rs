@@ -79,9 +79,26 @@ pub struct ErrorWire {
 }
 
 /// A status on disk: its SPEC name capitalised (`Queued`), as format 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub struct StatusWire(pub Status);
+
+impl Serialize for StatusWire {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Written with every journaled change of a record: no allocation.
+        serializer.serialize_str(match self.0 {
+            Status::Scheduled => "Scheduled",
+            Status::Queued => "Queued",
+            Status::Sending => "Sending",
+            Status::Sent => "Sent",
+            Status::Delivered => "Delivered",
+            Status::Read => "Read",
+            Status::Failed => "Failed",
+            Status::Expired => "Expired",
+            Status::Cancelled => "Cancelled",
+        })
+    }
+}
 
 impl TryFrom<String> for StatusWire {
     type Error = String;
@@ -89,15 +106,6 @@ impl TryFrom<String> for StatusWire {
         Status::parse(&s.to_ascii_lowercase())
             .map(StatusWire)
             .ok_or_else(|| format!("unknown status {s:?}"))
-    }
-}
-
-impl From<StatusWire> for String {
-    fn from(s: StatusWire) -> String {
-        let name = s.0.as_str();
-        let mut out = name[..1].to_ascii_uppercase();
-        out.push_str(&name[1..]);
-        out
     }
 }
 
