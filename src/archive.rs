@@ -137,6 +137,8 @@ pub struct Archive {
     gate: crate::domain::Gate,
     /// The reading connection's statement cache, as last sized ([`Archive::reader`]).
     cache_for: std::sync::atomic::AtomicUsize,
+    /// Searches by wamid so far ([`Archive::record_by_wamid`]).
+    wamid_searches: AtomicU64,
 }
 
 /// Statements the reading connection keeps for an archive of `parts`
@@ -396,6 +398,7 @@ impl Archive {
             parts,
             gate: Default::default(),
             cache_for: STATEMENT_CACHE.into(),
+            wamid_searches: AtomicU64::new(0),
         })
     }
 
@@ -533,12 +536,19 @@ impl Archive {
     /// The body of the record sent as `wamid` (newest part first: late
     /// statuses are of recent sends).
     pub fn record_by_wamid(&self, wamid: &str) -> Option<Vec<u8>> {
+        self.wamid_searches.fetch_add(1, Ordering::Relaxed);
         let parts = self.parts();
         let conn = self.reader(&parts);
         parts
             .iter()
             .rev()
             .find_map(|p| Self::query_one(&conn, &p.by_wamid, wamid))
+    }
+
+    /// How many times a record was searched for by wamid (each search
+    /// looks into the parts until found, all of them if not).
+    pub fn wamid_searches(&self) -> u64 {
+        self.wamid_searches.load(Ordering::Relaxed)
     }
 
     fn query_one(conn: &Connection, sql: &str, key: &str) -> Option<Vec<u8>> {

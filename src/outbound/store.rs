@@ -35,6 +35,8 @@ const ORPHAN_CAPACITY: usize = 10_000;
 /// Statuses of messages this router did not send (other apps on the same
 /// number) would otherwise stay forever.
 pub const ORPHAN_TTL_MS: Millis = 10 * 60 * 1000;
+/// Wamids remembered as absent from the archive, at most.
+const ABSENT_CAPACITY: usize = 16_384;
 /// How long a settled record stays in memory before it is written to the
 /// archive: Meta's statuses of a send (`sent`, `delivered`) come within
 /// seconds, and each would otherwise write the record again (and read it
@@ -89,6 +91,10 @@ pub struct Outbox {
     orphans: DashMap<Wamid, (Millis, Vec<StatusUpdate>)>,
     /// Record ids in creation order (UUID v7 sorts by time), for listing.
     order: Mutex<BTreeSet<MessageId>>,
+    /// Wamids the archive was searched for and did not have (at most
+    /// [`ABSENT_CAPACITY`], then forgotten at once): see
+    /// [`Outbox::archived_by_wamid`].
+    absent: DashMap<Wamid, ()>,
     /// One queue per account, by account id.
     queues: RwLock<Vec<Arc<AccountQueue>>>,
     metrics: Arc<Metrics>,
@@ -198,6 +204,7 @@ impl Outbox {
                 records: DashMap::new(),
                 by_wamid: DashMap::new(),
                 orphans: DashMap::new(),
+                absent: DashMap::new(),
                 order: Mutex::default(),
                 queues: RwLock::default(),
                 metrics,
@@ -331,7 +338,7 @@ impl Outbox {
             self.order.lock().insert(id.into());
         }
         if let Some(w) = wamid {
-            self.by_wamid.insert(w, id.into());
+            self.index_wamid(w, id.into());
         }
         true
     }
@@ -517,11 +524,39 @@ impl Outbox {
         self.archived_by_wamid(wamid)
     }
 
-    /// The record sent as `wamid`, from the archive only.
+    /// The record sent as `wamid`, from the archive only. A wamid the
+    /// archive did not have is remembered ([`Outbox::absent`]): Meta's
+    /// `sent`, `delivered` and `read` of a message this router did not send,
+    /// or replies quoting it, search the archive (every part) once.
     fn archived_by_wamid(&self, wamid: &str) -> Option<OutboundRecord> {
-        self.archive
+        if self.absent.contains_key(wamid) {
+            return None;
+        }
+        let found = self
+            .archive
             .record_by_wamid(wamid)
-            .and_then(|b| Self::decode(&b))
+            .and_then(|b| Self::decode(&b));
+        if found.is_none() {
+            if self.absent.len() >= ABSENT_CAPACITY {
+                self.absent.clear();
+            }
+            self.absent.insert(wamid.into(), ());
+            // Indexed meanwhile (it may reach the archive later): forget
+            // the miss. `index_wamid` forgets it too, after indexing; one
+            // of the two sees the other.
+            if self.by_wamid.contains_key(wamid) {
+                self.absent.remove(wamid);
+            }
+        }
+        found
+    }
+
+    /// Index a record's wamid. Every record with a wamid is indexed while it
+    /// is in memory, before it can reach the archive: so a wamid the
+    /// archive lacked stays absent from it until indexed here.
+    fn index_wamid(&self, wamid: Wamid, id: MessageId) {
+        let indexed = self.by_wamid.entry(wamid).insert(id);
+        self.absent.remove(indexed.key().as_str());
     }
 
     pub fn record_id_by_wamid(&self, wamid: &str) -> Option<MessageId> {
@@ -695,7 +730,7 @@ impl Outbox {
             r.error = None;
             (Some(Status::Sent), ())
         });
-        self.by_wamid.insert(wamid.into(), id.into());
+        self.index_wamid(wamid.into(), id.into());
         // The wamid is indexed before the orphans are looked at: a status
         // parked concurrently is either seen here or finds the index.
         if let Some((_, (_, early))) = self.orphans.remove(wamid) {
@@ -918,7 +953,7 @@ impl Outbox {
                 }
                 let id = record.id.clone();
                 if let Some(w) = &record.wamid {
-                    self.by_wamid.insert(w.clone(), id.clone());
+                    self.index_wamid(w.clone(), id.clone());
                 }
                 let queue = self.queue(&account);
                 queue.records.fetch_add(1, Ordering::Relaxed);
@@ -949,7 +984,7 @@ impl Outbox {
                 });
                 if let Some(r) = &changed {
                     if let Some(w) = &r.wamid {
-                        self.by_wamid.insert(w.clone(), r.id.clone());
+                        self.index_wamid(w.clone(), r.id.clone());
                     }
                     if !matches!(
                         r.status,
@@ -1042,7 +1077,7 @@ impl Outbox {
                     self.queue(&a).records.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(w) = &r.wamid {
-                    self.by_wamid.insert(w.clone(), r.id.clone());
+                    self.index_wamid(w.clone(), r.id.clone());
                 }
                 if !waiting.note(&r, now, settle_interrupted) {
                     self.archive_soon(&r);
@@ -1258,6 +1293,37 @@ mod tests {
         o.archive_committed(&[("b".into(), version("b"))], false, now + SETTLE_MS);
         assert!(!in_memory("b"));
         assert_eq!(o.record("b").unwrap().status, Status::Delivered);
+    }
+
+    /// A wamid the archive lacks is searched for once (Meta's `sent`,
+    /// `delivered`, `read` of a message sent by someone else); once a
+    /// record carries it, it is found again, in memory and then in the
+    /// archive.
+    #[tokio::test]
+    async fn an_unknown_wamid_is_searched_for_once_until_a_record_has_it() {
+        let o = outbox();
+        let searches = || o.archive.wamid_searches();
+        assert_eq!(o.record_id_by_wamid("wamid.a"), None);
+        assert_eq!(o.record_id_by_wamid("wamid.a"), None);
+        assert_eq!(o.tags_of_wamid("wamid.a"), Vec::<String>::new());
+        assert_eq!(searches(), 1, "the miss is remembered");
+        // Record `a` is sent as wamid.a (restored here: the same index).
+        o.restore_op(
+            OutboxOp::Record(Box::new((&record("a", Status::Sent, 10)).into())),
+            false,
+        );
+        let now = crate::domain::now_ms();
+        o.finish_restore(now);
+        assert_eq!(o.record_id_by_wamid("wamid.a").as_deref(), Some("a"));
+        // Archived and out of memory: found in the archive, not taken
+        // for absent.
+        let version = o.records.get("a").unwrap().history.len() as u32;
+        o.archive_committed(&[], false, crate::domain::now_ms() + SETTLE_MS);
+        o.archive.sync().await.unwrap();
+        o.archive_committed(&[("a".into(), version)], false, now + SETTLE_MS);
+        assert!(!o.records.contains_key("a"));
+        assert_eq!(o.record_id_by_wamid("wamid.a").as_deref(), Some("a"));
+        assert_eq!(searches(), 2);
     }
 
     #[test]
