@@ -245,14 +245,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS {h}_conversation ON {h}(account, contact, seq)
         )
     }
 
-    /// Rows in its tables.
-    fn rows(&self, conn: &Connection) -> rusqlite::Result<u64> {
+    /// Rows in its tables: (records, history entries).
+    fn counts(&self, conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         let count = |t: &str| {
             conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
                 r.get::<_, i64>(0)
             })
         };
-        Ok((count(&self.records)? + count(&self.history)?) as u64)
+        Ok((count(&self.records)? as u64, count(&self.history)? as u64))
     }
 }
 
@@ -577,6 +577,7 @@ impl Archive {
     pub fn records(&self, q: &RecordQuery<'_>) -> Vec<Vec<u8>> {
         let mut found = Vec::new();
         let parts = self.parts();
+        let conn = self.reader(&parts);
         for (i, p) in parts.iter().enumerate().rev() {
             if found.len() >= q.limit {
                 break;
@@ -589,12 +590,12 @@ impl Archive {
                 limit: q.limit - found.len(),
                 ..q.clone()
             };
-            found.extend(self.records_in(&parts, p, &q));
+            found.extend(Self::records_in(&conn, p, &q));
         }
         found
     }
 
-    fn records_in(&self, parts: &[Part], p: &Part, q: &RecordQuery<'_>) -> Vec<Vec<u8>> {
+    fn records_in(conn: &Connection, p: &Part, q: &RecordQuery<'_>) -> Vec<Vec<u8>> {
         // Named `records` in every part (the tag clause refers to it).
         let mut sql = format!("SELECT body FROM {} AS records WHERE 1=1", p.records);
         let mut args: Vec<&str> = Vec::new();
@@ -614,7 +615,6 @@ impl Archive {
             }
         }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", q.limit));
-        let conn = self.reader(parts);
         let result = conn.prepare_cached(&sql).and_then(|mut s| {
             s.query_map(params_from_iter(args), |r| r.get::<_, Vec<u8>>(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -652,14 +652,9 @@ impl Archive {
     /// Rows in the archive: (records, history entries).
     pub fn counts(&self) -> (u64, u64) {
         let conn = self.read.lock();
-        let count = |table: &str| {
-            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .unwrap_or(0) as u64
-        };
         self.parts().iter().fold((0, 0), |(r, h), p| {
-            (r + count(&p.records), h + count(&p.history))
+            let (pr, ph) = p.counts(&conn).unwrap_or_default();
+            (r + pr, h + ph)
         })
     }
 
@@ -976,7 +971,8 @@ fn prune(
             .get(i + 1)
             .is_some_and(|next| next.floor.as_str() <= below && next.since <= cutoff);
         if whole {
-            pruned += p.rows(txn)? as usize;
+            let (records, history) = p.counts(txn)?;
+            pruned += (records + history) as usize;
             txn.execute_batch(&format!(
                 "DROP TABLE {}; DROP TABLE {};",
                 p.records, p.history
