@@ -142,6 +142,36 @@ fn rule_matching(c: &mut Criterion) {
     }
 }
 
+/// What a reply of a template costs the router: the plan of a rule whose
+/// reply names a field of the message (the context is built, the template
+/// rendered, the message checked).
+fn template_reply(c: &mut Criterion) {
+    let rules = compile(
+        "bench.toml",
+        "[[rule]]\nname = \"echo\"\nsend = [ { type = \"text\", body = \"{{ message.text }}\" } ]\n",
+        &[],
+    )
+    .unwrap();
+    let body = text_notification("Hello there");
+    let msg = payload::parse(&body).unwrap().batches[0].messages[0].clone();
+    let vars = std::collections::BTreeMap::new();
+    let facts = || Facts {
+        account: "main",
+        state: "",
+        new_conversation: false,
+        reply_tags: &[],
+    };
+    let hit = rules.first_match(&msg, facts()).unwrap();
+    let plan = rules.plan(&hit, &msg, "main", "", &vars);
+    assert_eq!(
+        plan.sends[0].as_ref().unwrap().object["body"],
+        "Hello there"
+    );
+    c.bench_function("rules/plan of a template reply", |b| {
+        b.iter(|| black_box(rules.plan(black_box(&hit), &msg, "main", "", &vars)))
+    });
+}
+
 /// A notification from contact `from` (with a BSUID when `bsuid`).
 fn contact_notification(from: &str, wamid: &str, bsuid: bool) -> Vec<u8> {
     let mut contact = serde_json::json!({ "profile": { "name": "Bench" }, "wa_id": from });
@@ -209,6 +239,6 @@ fn open_windows(_: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = open_windows, webhook_path, rule_matching
+    targets = open_windows, webhook_path, rule_matching, template_reply
 }
 criterion_main!(benches);

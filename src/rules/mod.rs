@@ -147,7 +147,7 @@ impl Ruleset {
         let mut input_vars = Cow::Borrowed(vars);
         let mut state_now = Cow::Borrowed(state);
         let base = |state: &str, vars: &BTreeMap<String, String>| {
-            render::context(&RenderInput {
+            self.templates.context(&RenderInput {
                 message: msg,
                 account,
                 captures: &hit.captures,
@@ -234,7 +234,7 @@ impl Ruleset {
         };
         let vars = BTreeMap::new();
         let make = || {
-            render::context(&RenderInput {
+            self.templates.context(&RenderInput {
                 message: msg,
                 account,
                 captures: &[],
