@@ -195,7 +195,7 @@ fn restart_fixture(dir: &Path, conversations: usize, queued: usize) {
             to: format!("44{:010}", i).into(),
             content: Content {
                 kind: wa_router::message::MessageType::Template,
-                object: json!({ "name": "t", "language": { "code": "en" } }),
+                object: json!({ "name": "t", "language": { "code": "en" } }).into(),
                 context_id: None,
             },
             status: Status::Queued,

@@ -164,7 +164,7 @@ fn template_reply(c: &mut Criterion) {
     let hit = rules.first_match(&msg, facts()).unwrap();
     let plan = rules.plan(&hit, &msg, "main", "", &vars);
     assert_eq!(
-        plan.sends[0].as_ref().unwrap().object["body"],
+        plan.sends[0].as_ref().unwrap().object.to_value()["body"],
         "Hello there"
     );
     c.bench_function("rules/plan of a template reply", |b| {

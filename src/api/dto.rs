@@ -127,7 +127,7 @@ impl From<&OutboundRecord> for RecordOut {
         let mut content = serde_json::Map::new();
         let kind = r.content.kind.as_str();
         content.insert("type".into(), kind.into());
-        content.insert(kind.into(), r.content.object.clone());
+        content.insert(kind.into(), r.content.object.to_value());
         RecordOut {
             id: r.id.to_string(),
             account: r.account.to_string(),

@@ -439,7 +439,7 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
     let typing = context_id.clone().filter(|_| typing);
     let content = Content {
         kind,
-        object,
+        object: object.into(),
         context_id,
     };
     let new = NewMessage {

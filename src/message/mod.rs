@@ -73,9 +73,59 @@ impl std::fmt::Display for MessageType {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Content {
     pub kind: MessageType,
-    pub object: Value,
+    pub object: Object,
     /// The message this one quotes.
     pub context_id: Option<Wamid>,
+}
+
+/// The object of a [`Content`], checked ([`validate`]) and kept as its
+/// JSON text: what the router does with it is write it (to Meta, the
+/// journal, the archive), which copies the text, and hold it while it is
+/// queued, in a fraction of a tree's memory. Read as a tree only where
+/// an API answer shows it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Object(Box<serde_json::value::RawValue>);
+
+impl Object {
+    /// The JSON of `value`.
+    pub fn new(value: &Value) -> Self {
+        // A `Value` always serializes.
+        Object(serde_json::value::to_raw_value(value).expect("a JSON value serializes"))
+    }
+
+    /// The object as a tree.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    /// The JSON text.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Only the fields `T` names, read from the text.
+    fn read<'a, T: serde::Deserialize<'a> + Default>(&'a self) -> T {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+}
+
+impl From<Value> for Object {
+    fn from(value: Value) -> Self {
+        Object::new(&value)
+    }
+}
+
+impl PartialEq for Object {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl std::fmt::Debug for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.json())
+    }
 }
 
 impl Content {
@@ -86,21 +136,149 @@ impl Content {
 
     /// A short text for conversation history: body, caption or template name.
     pub fn summary(&self) -> Option<String> {
+        use std::borrow::Cow;
+        // One field read from the text (borrowed unless it has escapes);
+        // the rest is skipped. Not a string there: no summary.
+        #[derive(Default, serde::Deserialize)]
+        struct Body<'a> {
+            #[serde(borrow)]
+            body: Option<Cow<'a, str>>,
+        }
+        #[derive(Default, serde::Deserialize)]
+        struct Interactive<'a> {
+            #[serde(borrow)]
+            body: Option<BodyText<'a>>,
+        }
+        #[derive(Default, serde::Deserialize)]
+        struct BodyText<'a> {
+            #[serde(borrow)]
+            text: Option<Cow<'a, str>>,
+        }
+        #[derive(Default, serde::Deserialize)]
+        struct Name<'a> {
+            #[serde(borrow)]
+            name: Option<Cow<'a, str>>,
+        }
+        #[derive(Default, serde::Deserialize)]
+        struct Emoji<'a> {
+            #[serde(borrow)]
+            emoji: Option<Cow<'a, str>>,
+        }
+        #[derive(Default, serde::Deserialize)]
+        struct Caption<'a> {
+            #[serde(borrow)]
+            caption: Option<Cow<'a, str>>,
+        }
         let o = &self.object;
         let s = match self.kind {
-            MessageType::Text => o.get("body"),
-            MessageType::Interactive => o.get("body").and_then(|b| b.get("text")),
-            MessageType::Template => o.get("name"),
-            MessageType::Reaction => o.get("emoji"),
-            _ => o.get("caption"),
+            MessageType::Text => o.read::<Body>().body,
+            MessageType::Interactive => o.read::<Interactive>().body.and_then(|b| b.text),
+            MessageType::Template => o.read::<Name>().name,
+            MessageType::Reaction => o.read::<Emoji>().emoji,
+            _ => o.read::<Caption>().caption,
         };
-        s.and_then(Value::as_str).map(str::to_string)
+        s.map(Cow::into_owned)
+    }
+
+    /// A template's name and language code (empty if not given).
+    pub fn template_key(&self) -> (String, String) {
+        #[derive(Default, serde::Deserialize)]
+        struct Language {
+            code: Option<String>,
+        }
+        #[derive(Default, serde::Deserialize)]
+        struct Key {
+            name: Option<String>,
+            language: Option<Language>,
+        }
+        let k: Key = self.object.read();
+        (
+            k.name.unwrap_or_default(),
+            k.language.and_then(|l| l.code).unwrap_or_default(),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn content(kind: MessageType, object: Value) -> Content {
+        Content {
+            kind,
+            object: object.into(),
+            context_id: None,
+        }
+    }
+
+    #[test]
+    fn summaries_read_one_field_of_the_text() {
+        use serde_json::json;
+        let cases = [
+            (
+                MessageType::Text,
+                json!({ "body": "say \"hi\" ☺\n", "preview_url": true }),
+                Some("say \"hi\" ☺\n"),
+            ),
+            (
+                MessageType::Interactive,
+                json!({ "type": "button", "body": { "text": "Pick" }, "action": { "buttons": [] } }),
+                Some("Pick"),
+            ),
+            (
+                MessageType::Template,
+                json!({ "name": "hello", "language": { "code": "en" } }),
+                Some("hello"),
+            ),
+            (
+                MessageType::Reaction,
+                json!({ "message_id": "w", "emoji": "👍" }),
+                Some("👍"),
+            ),
+            (
+                MessageType::Image,
+                json!({ "link": "https://x/y.png", "caption": "a cat" }),
+                Some("a cat"),
+            ),
+            (
+                MessageType::Location,
+                json!({ "latitude": 1.0, "longitude": 2.0 }),
+                None,
+            ),
+            (MessageType::Text, json!({ "body": 7 }), None),
+        ];
+        for (kind, object, want) in cases {
+            assert_eq!(content(kind, object).summary().as_deref(), want, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_template_key_is_its_name_and_language_code() {
+        use serde_json::json;
+        let t = content(
+            MessageType::Template,
+            json!({ "name": "order_update", "language": { "code": "pt_BR" }, "components": [] }),
+        );
+        assert_eq!(t.template_key(), ("order_update".into(), "pt_BR".into()));
+        let bare = content(MessageType::Template, json!({ "name": "x" }));
+        assert_eq!(bare.template_key(), ("x".into(), String::new()));
+    }
+
+    #[test]
+    fn an_object_is_written_as_its_json_and_read_back_from_text_or_a_tree() {
+        use serde_json::json;
+        let c = content(MessageType::Text, json!({ "body": "a \"quoted\" word" }));
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            text,
+            r#"{"kind":"text","object":{"body":"a \"quoted\" word"},"context_id":null}"#
+        );
+        assert_eq!(serde_json::from_str::<Content>(&text).unwrap(), c);
+        let tree = serde_json::to_value(&c).unwrap();
+        assert_eq!(tree["object"]["body"], "a \"quoted\" word");
+        assert_eq!(serde_json::from_value::<Content>(tree).unwrap(), c);
+        assert_eq!(c.object.to_value(), json!({ "body": "a \"quoted\" word" }));
+    }
 
     #[test]
     fn every_type_the_api_knows_has_a_message_type() {

@@ -286,7 +286,7 @@ mod tests {
     fn the_send_body_names_the_recipient_the_content_and_the_quote() {
         let content = Content {
             kind: MessageType::Interactive,
-            object: json!({ "type": "button", "body": { "text": "Hi" } }),
+            object: json!({ "type": "button", "body": { "text": "Hi" } }).into(),
             context_id: Some("wamid.IN".into()),
         };
         assert_eq!(
@@ -302,7 +302,7 @@ mod tests {
         );
         let content = Content {
             kind: MessageType::Text,
-            object: json!({ "body": "x" }),
+            object: json!({ "body": "x" }).into(),
             context_id: None,
         };
         assert_eq!(

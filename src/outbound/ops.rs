@@ -67,7 +67,7 @@ pub struct UpdateWire<'a> {
 pub struct ContentWire<'a> {
     /// Meta's type name (`text`, `template` …).
     pub kind: MessageType,
-    pub object: Cow<'a, Value>,
+    pub object: Cow<'a, crate::message::Object>,
     pub context_id: Option<Cow<'a, str>>,
 }
 
@@ -250,7 +250,7 @@ mod tests {
             to: "1".into(),
             content: Content {
                 kind: MessageType::Text,
-                object: serde_json::json!({ "body": "x".repeat(4000) }),
+                object: serde_json::json!({ "body": "x".repeat(4000) }).into(),
                 context_id: None,
             },
             status: Status::Queued,

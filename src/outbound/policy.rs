@@ -87,12 +87,12 @@ pub fn check_record(
 ) -> Result<(), PolicyError> {
     // What Meta reported of the template: one lookup, none while Meta
     // reported no template at all.
-    let t = &r.content.object;
     if r.content.is_template()
-        && let Some(info) = state.template(
-            t["name"].as_str().unwrap_or_default(),
-            t["language"]["code"].as_str().unwrap_or_default(),
-        )
+        && state.knows_templates()
+        && let Some(info) = {
+            let (name, language) = r.content.template_key();
+            state.template(&name, &language)
+        }
     {
         match info.block() {
             Some(TemplateBlock::Paused) => return Err(PolicyError::TemplatePaused),

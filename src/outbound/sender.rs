@@ -421,7 +421,7 @@ mod tests {
             to: "1".into(),
             content: Content {
                 kind: MessageType::Text,
-                object: serde_json::json!({ "body": "hello" }),
+                object: serde_json::json!({ "body": "hello" }).into(),
                 context_id: None,
             },
             source: "api".into(),

@@ -1164,7 +1164,7 @@ mod tests {
             to: "16315551181".into(),
             content: Content {
                 kind: crate::message::MessageType::Text,
-                object: serde_json::json!({ "body": "x" }),
+                object: serde_json::json!({ "body": "x" }).into(),
                 context_id: None,
             },
             status,

@@ -411,6 +411,9 @@ impl Compiler<'_> {
         }
         Some(SendTemplate {
             kind,
+            fixed: slots
+                .is_empty()
+                .then(|| crate::message::Object::new(&object)),
             object,
             slots,
             quote: s.quote,

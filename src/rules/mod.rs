@@ -57,6 +57,8 @@ pub struct Rule {
 pub struct SendTemplate {
     pub kind: MessageType,
     pub object: Value,
+    /// `object` as sent, when no string of it is a template.
+    pub fixed: Option<crate::message::Object>,
     pub slots: Vec<(String, Text)>,
     pub quote: bool,
 }
@@ -203,17 +205,21 @@ impl Ruleset {
         msg: &InboundMessage,
         ctx: &Context<'_>,
     ) -> Result<Content, String> {
-        let mut object = s.object.clone();
-        for (pointer, text) in &s.slots {
-            let rendered = self.templates.render(text, ctx)?;
-            if let Some(slot) = object.pointer_mut(pointer) {
-                *slot = Value::String(rendered);
+        let object = match &s.fixed {
+            // Without a template the object is the one checked at load.
+            Some(fixed) => fixed.clone(),
+            None => {
+                let mut object = s.object.clone();
+                for (pointer, text) in &s.slots {
+                    let rendered = self.templates.render(text, ctx)?;
+                    if let Some(slot) = object.pointer_mut(pointer) {
+                        *slot = Value::String(rendered);
+                    }
+                }
+                validate(s.kind.as_str(), &object).map_err(|e| e.to_string())?;
+                crate::message::Object::new(&object)
             }
-        }
-        // Without a template the object is the one checked at load.
-        if !s.slots.is_empty() {
-            validate(s.kind.as_str(), &object).map_err(|e| e.to_string())?;
-        }
+        };
         Ok(Content {
             kind: s.kind,
             object,
@@ -250,7 +256,7 @@ impl Ruleset {
                     validate("text", &object).map_err(|e| e.to_string())?;
                     Ok(Content {
                         kind: MessageType::Text,
-                        object,
+                        object: object.into(),
                         context_id: None,
                     })
                 }),

@@ -133,7 +133,7 @@ body = "hello {{ contact.name or 'there' }}"
         assert_eq!(plan.rule, "hi");
         assert_eq!(plan.set_state.as_deref(), Some("greeted"));
         let content = plan.sends[0].as_ref().expect("rendered");
-        assert_eq!(content.object["body"], "hello there");
+        assert_eq!(content.object.to_value()["body"], "hello there");
     }
 
     #[test]
@@ -147,7 +147,12 @@ body = "hello {{ contact.name or 'there' }}"
         let consent = d.consent.expect("a keyword");
         assert_eq!(consent.keyword, ConsentKeyword::OptOut);
         assert_eq!(
-            consent.reply.expect("a reply").expect("rendered").object["body"],
+            consent
+                .reply
+                .expect("a reply")
+                .expect("rendered")
+                .object
+                .to_value()["body"],
             "bye"
         );
     }

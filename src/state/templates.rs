@@ -86,6 +86,11 @@ impl State {
         });
     }
 
+    /// Whether Meta reported any template yet.
+    pub fn knows_templates(&self) -> bool {
+        !self.templates.is_empty()
+    }
+
     /// What is known of template `name` in `language` (or of every
     /// language of it); `None` at once while Meta reported no template.
     pub fn template(&self, name: &str, language: &str) -> Option<TemplateInfo> {
