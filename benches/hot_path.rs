@@ -236,9 +236,40 @@ fn open_windows(_: &mut Criterion) {
     }
 }
 
+/// Heap bytes `make` leaves allocated (what it returns, kept).
+fn heap_of<T>(make: impl Fn() -> T) -> isize {
+    let before = LIVE.load(Ordering::Relaxed);
+    let kept: Vec<T> = (0..1000).map(|_| make()).collect();
+    let bytes = LIVE.load(Ordering::Relaxed) - before - (1000 * std::mem::size_of::<T>()) as isize;
+    drop(kept);
+    bytes / 1000
+}
+
+/// What a queued message's content holds on the heap: the object as a
+/// JSON tree (before) and as its text (`message::Object`).
+fn queued_content(_: &mut Criterion) {
+    let buttons = serde_json::json!({
+        "type": "button",
+        "body": { "text": "Hi Ana! What do you need?" },
+        "action": { "buttons": [
+            { "type": "reply", "reply": { "id": "sales", "title": "Sales" } },
+            { "type": "reply", "reply": { "id": "support", "title": "Support" } },
+            { "type": "reply", "reply": { "id": "other", "title": "Something else" } },
+        ] }
+    });
+    let text = serde_json::json!({ "body": "You picked Sales." });
+    for (name, object) in [("3 reply buttons", buttons), ("short text", text)] {
+        println!(
+            "content of {name}: {} heap bytes as a tree, {} as text",
+            heap_of(|| object.clone()),
+            heap_of(|| wa_router::message::Object::new(&object)),
+        );
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = open_windows, webhook_path, rule_matching, template_reply
+    targets = open_windows, queued_content, webhook_path, rule_matching, template_reply
 }
 criterion_main!(benches);
