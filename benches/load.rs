@@ -94,6 +94,8 @@ struct Args {
     /// the same connections (a live campaign: statuses interleaved with
     /// inbound messages).
     live_statuses: bool,
+    /// The router's `[meta] graph_http` ("1.1" or "2"); the mock speaks both.
+    graph_http: String,
 }
 
 fn parse_args() -> Args {
@@ -121,6 +123,7 @@ fn parse_args() -> Args {
         redis_pid: None,
         statuses: false,
         live_statuses: false,
+        graph_http: "1.1".into(),
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -143,6 +146,7 @@ fn parse_args() -> Args {
             "--router-rate" => a.router_rate = v.parse().expect("--router-rate N"),
             "--max-in-flight" => a.max_in_flight = v.parse().expect("--max-in-flight N"),
             "--max-backlog" => a.max_backlog = Some(v.parse().expect("--max-backlog N")),
+            "--graph-http" => a.graph_http = v,
             "--messages" => a.messages = v.parse().expect("--messages N"),
             "--label" => a.label = v,
             "--wait" => a.wait_s = v.parse().expect("--wait N"),
@@ -168,7 +172,7 @@ fn parse_args() -> Args {
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, --max-backlog N, \
                      --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N, \
-                     --statuses, --live-statuses"
+                     --statuses, --live-statuses, --graph-http 1.1|2"
                 );
                 std::process::exit(0);
             }
@@ -389,10 +393,11 @@ async fn start_router(
     std::fs::write(dir.path().join("routes.toml"), ROUTES).expect("routes");
     let config = format!(
         "listen = \"127.0.0.1:0\"\nroutes = \"routes.toml\"\ndata_dir = \"{data_dir}\"\n\
-         [meta]\napp_secret = \"{SECRET}\"\nverify_token = \"bench\"\ngraph_url = \"{graph_url}\"\n\
+         [meta]\napp_secret = \"{SECRET}\"\nverify_token = \"bench\"\ngraph_url = \"{graph_url}\"\ngraph_http = \"{}\"\n\
          [[accounts]]\nname = \"main\"\nphone_number_id = \"{PNID}\"\naccess_token = \"bench-token\"\n\
          pace = \"0s\"\nrate = {}\nmax_in_flight = {}\nmax_queue = 10000000\nmax_records = 10000000\n\
          [api]\nkeys = [\"bench-key\"]\n[sender]\ntimeout = \"10s\"\n{http}{cluster}",
+        args.graph_http,
         args.router_rate,
         args.max_in_flight,
         http = args
@@ -780,7 +785,8 @@ async fn run(args: Args) {
     })
     .workers(1)
     .max_connection_rate(100_000)
-    .bind(("127.0.0.1", 0))
+    // HTTP/1.1, and HTTP/2 from the first byte (`--graph-http 2`).
+    .bind_auto_h2c(("127.0.0.1", 0))
     .expect("bind the mock");
     let graph_port = server.addrs()[0].port();
     let server = server.run();

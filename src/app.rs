@@ -74,6 +74,7 @@ impl App {
             GraphClient::new(
                 &settings.meta.graph_url,
                 &settings.meta.graph_version,
+                settings.meta.graph_http,
                 settings.sender.timeout,
                 metrics.clone(),
             )

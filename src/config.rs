@@ -80,7 +80,23 @@ pub struct MetaSettings {
     pub verify_token: Secret,
     pub graph_url: String,
     pub graph_version: String,
+    /// `[meta] graph_http`.
+    pub graph_http: GraphHttp,
     pub max_body: usize,
+}
+
+/// `[meta] graph_http`: how sends reach the Graph API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum GraphHttp {
+    /// HTTP/1.1: one connection per send in flight, pooled; as many sends
+    /// await Meta at once as `max_in_flight` lets.
+    #[default]
+    #[serde(rename = "1.1")]
+    Http1,
+    /// HTTP/2: the sends share one connection, at most as many at once as
+    /// Meta's server allows streams on it (its `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[serde(rename = "2")]
+    Http2,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +318,7 @@ struct MetaIn {
     verify_token: Option<Spanned<EnvString>>,
     graph_url: Option<EnvString>,
     graph_version: Option<EnvString>,
+    graph_http: Option<GraphHttp>,
     max_body: Option<Size>,
 }
 
@@ -827,6 +844,7 @@ pub fn from_str(source: &str, file: &Path) -> Result<Settings, ConfigError> {
             graph_version: meta_in
                 .graph_version
                 .map_or_else(|| "v25.0".to_string(), |v| v.0),
+            graph_http: meta_in.graph_http.unwrap_or_default(),
             max_body,
         },
         accounts,
@@ -997,6 +1015,19 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("/etc/wa/wa-router.toml:4:1:"), "{text}");
         assert!(text.contains("max_atempts"), "{text}");
+    }
+
+    #[test]
+    fn graph_http_is_1_1_or_2() {
+        let open = "[sandbox]\npublic_credentials = true\n";
+        let s = parse(&format!("{open}[meta]\ngraph_http = \"2\"\n")).unwrap();
+        assert_eq!(s.meta.graph_http, GraphHttp::Http2);
+        assert_eq!(parse(open).unwrap().meta.graph_http, GraphHttp::Http1);
+        let text = parse("[meta]\ngraph_http = \"3\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(text.starts_with("/etc/wa/wa-router.toml:2:14:"), "{text}");
+        assert!(text.contains("1.1") && text.contains('2'), "{text}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::Content;
+use crate::config::GraphHttp;
 use crate::domain::Secret;
 use crate::telemetry::Metrics;
 
@@ -108,19 +109,32 @@ impl GraphClient {
     pub fn new(
         base: &str,
         version: &str,
+        http: GraphHttp,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         // One process-wide crypto provider for rustls (ring); a second
         // install attempt (tests build several apps) is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let builder = match http {
+            // Not HTTP/2 even where Meta offers it: on one connection the
+            // sends in flight would be capped by Meta's stream limit, not
+            // by `max_in_flight` (README, `graph_http`).
+            GraphHttp::Http1 => reqwest::Client::builder().http1_only(),
+            // https: offered in TLS (HTTP/1.1 if the server declines);
+            // plain http (a proxy, a mock) has no negotiation.
+            GraphHttp::Http2 if base.starts_with("http://") => {
+                reqwest::Client::builder().http2_prior_knowledge()
+            }
+            GraphHttp::Http2 => reqwest::Client::builder(),
+        };
+        let http = builder
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
-            // A spike of sends opens up to `max_in_flight` HTTP/1.1
-            // connections (HTTP/2 needs one); each idle one keeps ~10 KB
-            // in the pool until it is dropped, even after the peer closed
-            // it. 30 s outlasts the default pace (10 s) between two sends.
+            // HTTP/1.1: a spike of sends opens up to `max_in_flight`
+            // connections; each idle one keeps ~10 KB in the pool until it
+            // is dropped, even after the peer closed it. 30 s outlasts the
+            // default pace (10 s) between two sends.
             .pool_idle_timeout(POOL_IDLE)
             .user_agent(concat!("wa-router/", env!("CARGO_PKG_VERSION")))
             .build()

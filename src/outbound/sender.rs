@@ -391,7 +391,14 @@ mod tests {
         let state = Arc::new(State::new(&[a], metrics.clone(), archive).0);
         let account = state.account_by_name("main").unwrap();
         let outbox = Arc::new(Outbox::new(state, metrics.clone()).0);
-        let graph = GraphClient::new(graph, "v21.0", Duration::from_secs(2), metrics).unwrap();
+        let graph = GraphClient::new(
+            graph,
+            "v21.0",
+            crate::config::GraphHttp::Http1,
+            Duration::from_secs(2),
+            metrics,
+        )
+        .unwrap();
         let settings = SenderSettings {
             max_attempts: 3,
             backoff: Duration::from_millis(100),

@@ -118,6 +118,8 @@ pub struct Options {
     pub targets: Vec<(&'static str, &'static str)>,
     /// Point the router at this Graph URL instead of the mock.
     pub graph_url: Option<String>,
+    /// Extra TOML in the `[meta]` table.
+    pub meta_extra: String,
 }
 
 impl Default for Options {
@@ -132,6 +134,7 @@ impl Default for Options {
             burst: 1000,
             targets: Vec::new(),
             graph_url: None,
+            meta_extra: String::new(),
         }
     }
 }
@@ -177,6 +180,7 @@ app_secret = ["old-secret", "{APP_SECRET}"]
 verify_token = "{VERIFY_TOKEN}"
 graph_url = "{graph}"
 graph_version = "v25.0"
+{meta_extra}
 [[accounts]]
 name = "main"
 phone_number_id = "{PNID}"
@@ -194,6 +198,7 @@ timeout = "2s"
 "#,
         graph = opts.graph_url.clone().unwrap_or_else(|| graph.uri()),
         pace = opts.pace,
+        meta_extra = opts.meta_extra,
         account_extra = opts.account_extra,
         extra = opts.extra,
         rate = opts.rate,

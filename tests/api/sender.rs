@@ -390,3 +390,56 @@ async fn a_graph_api_that_refuses_connections_is_retried_then_recorded_failed() 
     );
     assert!(record["error"]["graph_code"].is_null());
 }
+
+/// The first bytes a router sends to a Graph API at `graph_url` that
+/// accepts the connection and reads, with `[meta]` extra `meta`.
+async fn first_bytes_to_graph(meta: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let graph_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = spawn_with(Options {
+        graph_url: Some(graph_url),
+        meta_extra: meta.into(),
+        ..Options::default()
+    })
+    .await;
+    let (status, _) = app.send_template(ANA, "hello").await;
+    assert_eq!(status, 202);
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the router connects")
+        .unwrap();
+    let mut first = vec![0u8; 24];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut first))
+        .await
+        .expect("the router writes")
+        .unwrap();
+    first
+}
+
+#[tokio::test]
+async fn sends_use_http_1_1_unless_graph_http_is_2() {
+    // Default: HTTP/1.1 (sends in flight are not capped by a server's
+    // stream limit on one connection).
+    let first = first_bytes_to_graph("").await;
+    assert!(
+        first.starts_with(b"POST /v25.0/"),
+        "{:?}",
+        String::from_utf8_lossy(&first)
+    );
+    // "2" on plain http: HTTP/2 from the first byte (prior knowledge).
+    let first = first_bytes_to_graph("graph_http = \"2\"").await;
+    assert_eq!(&first, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    // And the mock, which speaks both, gets and answers the sends.
+    let app = spawn_with(Options {
+        meta_extra: "graph_http = \"2\"".into(),
+        ..Options::default()
+    })
+    .await;
+    app.open_window(ANA).await;
+    let (status, sent) = app.send_text(ANA, "over h2").await;
+    assert_eq!(status, 202);
+    let record = app.wait_status(sent["id"].as_str().unwrap(), "sent").await;
+    assert!(record["wamid"].is_string(), "{record}");
+    assert_eq!(app.texts_to(ANA).await, ["over h2"]);
+}
