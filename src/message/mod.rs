@@ -139,35 +139,24 @@ impl Content {
         use std::borrow::Cow;
         // One field read from the text (borrowed unless it has escapes);
         // the rest is skipped. Not a string there: no summary.
-        #[derive(Default, serde::Deserialize)]
-        struct Body<'a> {
-            #[serde(borrow)]
-            body: Option<Cow<'a, str>>,
+        macro_rules! one_field {
+            ($name:ident, $field:ident) => {
+                #[derive(Default, serde::Deserialize)]
+                struct $name<'a> {
+                    #[serde(borrow)]
+                    $field: Option<Cow<'a, str>>,
+                }
+            };
         }
+        one_field!(Body, body);
+        one_field!(BodyText, text);
+        one_field!(Name, name);
+        one_field!(Emoji, emoji);
+        one_field!(Caption, caption);
         #[derive(Default, serde::Deserialize)]
         struct Interactive<'a> {
             #[serde(borrow)]
             body: Option<BodyText<'a>>,
-        }
-        #[derive(Default, serde::Deserialize)]
-        struct BodyText<'a> {
-            #[serde(borrow)]
-            text: Option<Cow<'a, str>>,
-        }
-        #[derive(Default, serde::Deserialize)]
-        struct Name<'a> {
-            #[serde(borrow)]
-            name: Option<Cow<'a, str>>,
-        }
-        #[derive(Default, serde::Deserialize)]
-        struct Emoji<'a> {
-            #[serde(borrow)]
-            emoji: Option<Cow<'a, str>>,
-        }
-        #[derive(Default, serde::Deserialize)]
-        struct Caption<'a> {
-            #[serde(borrow)]
-            caption: Option<Cow<'a, str>>,
         }
         let o = &self.object;
         let s = match self.kind {

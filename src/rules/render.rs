@@ -199,24 +199,24 @@ impl Templates {
             None => group("reply", &[]),
         }
         group("account", &[("name", &|| Value::from(input.account))]);
-        if need.any("match") {
-            let captures: BTreeMap<&str, Value> = input
-                .captures
-                .iter()
-                .filter(|(k, _)| need.field("match", k))
-                .map(|(k, v)| (k.as_str(), Value::from(v.as_str())))
-                .collect();
-            root.insert("match", Value::from(captures));
-        }
-        if need.any("vars") {
-            let vars: BTreeMap<&str, Value> = input
-                .vars
-                .iter()
-                .filter(|(k, _)| need.field("vars", k))
-                .map(|(k, v)| (k.as_str(), Value::from(v.as_str())))
-                .collect();
-            root.insert("vars", Value::from(vars));
-        }
+        // Groups of names the rule file chose (captures, variables).
+        let mut named = |name: &'static str, pairs: &mut dyn Iterator<Item = (&str, &str)>| {
+            if need.any(name) {
+                let map: BTreeMap<&str, Value> = pairs
+                    .filter(|(k, _)| need.field(name, k))
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect();
+                root.insert(name, Value::from(map));
+            }
+        };
+        named(
+            "match",
+            &mut input.captures.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        named(
+            "vars",
+            &mut input.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         if need.any("state") {
             root.insert("state", Value::from(input.state));
         }
