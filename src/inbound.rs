@@ -166,10 +166,10 @@ pub struct StatusUpdate {
     pub error: Option<(i64, String)>,
     /// Meta's `pricing` object, as sent (`billable`, `pricing_model`,
     /// `type`, `category`): on `sent` and on one of `delivered`/`read`.
-    pub pricing: Option<serde_json::Value>,
+    pub pricing: Option<crate::message::Object>,
     /// Meta's `conversation` object, as sent (`id`, `origin.type`,
     /// `expiration_timestamp`): only inside a free entry point window.
-    pub conversation: Option<serde_json::Value>,
+    pub conversation: Option<crate::message::Object>,
 }
 
 #[cfg(test)]

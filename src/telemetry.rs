@@ -267,10 +267,15 @@ impl Metrics {
     }
 
     /// A message's first `pricing` object from Meta.
-    pub fn priced(&self, pricing: &serde_json::Value) {
-        let field = |k: &str| {
-            pricing
-                .get(k)
+    pub fn priced(&self, pricing: &crate::message::Object) {
+        #[derive(Default, serde::Deserialize)]
+        struct Fields {
+            category: Option<serde_json::Value>,
+            r#type: Option<serde_json::Value>,
+        }
+        let f: Fields = pricing.read();
+        let field = |v: Option<serde_json::Value>| {
+            v.as_ref()
                 .and_then(serde_json::Value::as_str)
                 .filter(|v| !v.is_empty() && v.len() <= 64)
                 .unwrap_or("unknown")
@@ -278,8 +283,8 @@ impl Metrics {
         };
         self.priced
             .get_or_create(&PricingLabel {
-                category: field("category"),
-                r#type: field("type"),
+                category: field(f.category),
+                r#type: field(f.r#type),
             })
             .inc();
     }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::domain::{Millis, rfc3339};
+use crate::message::Object;
 use crate::outbound::{OutboundRecord, Status};
 use crate::state::{ConversationView, Direction, Recent};
 
@@ -137,7 +138,7 @@ impl From<&OutboundRecord> for RecordOut {
             wamid: r.wamid.as_ref().map(ToString::to_string),
             source: r.source.clone(),
             tags: r.tags.clone(),
-            metadata: r.metadata.clone(),
+            metadata: r.metadata.as_ref().map(Object::to_value),
             attempts: r.attempts,
             error: r.error.as_ref().map(|e| RecordErrorOut {
                 code: e.code.clone(),
@@ -157,8 +158,8 @@ impl From<&OutboundRecord> for RecordOut {
             expires_at: rfc3339(r.expires_at),
             reply_to: r.content.context_id.as_ref().map(ToString::to_string),
             content: Value::Object(content),
-            pricing: r.pricing.clone(),
-            conversation: r.conversation.clone(),
+            pricing: r.pricing.as_ref().map(Object::to_value),
+            conversation: r.conversation.as_ref().map(Object::to_value),
         }
     }
 }

@@ -448,7 +448,7 @@ fn accept(ctx: &Ctx, map: &serde_json::Map<String, Value>) -> Result<Value, ApiE
         content,
         source: "api".into(),
         tags,
-        metadata,
+        metadata: metadata.map(Into::into),
         send_at,
         validity,
         bypass_consent: false,

@@ -78,11 +78,12 @@ pub struct Content {
     pub context_id: Option<Wamid>,
 }
 
-/// The object of a [`Content`], checked ([`validate`]) and kept as its
-/// JSON text: what the router does with it is write it (to Meta, the
-/// journal, the archive), which copies the text, and hold it while it is
-/// queued, in a fraction of a tree's memory. Read as a tree only where
-/// an API answer shows it.
+/// A JSON object kept as its text: the object of a [`Content`] (checked
+/// by [`validate`]), Meta's `pricing` and `conversation` of a send, an API
+/// send's `metadata`. What the router does with them is write them (to
+/// Meta, the journal, the archive, events), which copies the text, and
+/// hold them while a record is in memory, in a fraction of a tree's
+/// memory. Read as a tree only where an API answer shows one.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Object(Box<serde_json::value::RawValue>);
@@ -92,6 +93,11 @@ impl Object {
     pub fn new(value: &Value) -> Self {
         // A `Value` always serializes.
         Object(serde_json::value::to_raw_value(value).expect("a JSON value serializes"))
+    }
+
+    /// Meta's JSON as it came, if it is an object.
+    pub fn from_raw(raw: Box<serde_json::value::RawValue>) -> Option<Self> {
+        raw.get().starts_with('{').then_some(Object(raw))
     }
 
     /// The object as a tree.
@@ -105,7 +111,7 @@ impl Object {
     }
 
     /// Only the fields `T` names, read from the text.
-    fn read<'a, T: serde::Deserialize<'a> + Default>(&'a self) -> T {
+    pub fn read<'a, T: serde::Deserialize<'a> + Default>(&'a self) -> T {
         serde_json::from_str(self.0.get()).unwrap_or_default()
     }
 }
@@ -116,9 +122,11 @@ impl From<Value> for Object {
     }
 }
 
+/// The same JSON: the same text, or the same tree (Meta may order the
+/// keys of one object differently from one status to the next).
 impl PartialEq for Object {
     fn eq(&self, other: &Self) -> bool {
-        self.json() == other.json()
+        self.json() == other.json() || self.to_value() == other.to_value()
     }
 }
 
@@ -267,6 +275,21 @@ mod tests {
         assert_eq!(tree["object"]["body"], "a \"quoted\" word");
         assert_eq!(serde_json::from_value::<Content>(tree).unwrap(), c);
         assert_eq!(c.object.to_value(), json!({ "body": "a \"quoted\" word" }));
+    }
+
+    #[test]
+    fn meta_objects_are_kept_as_sent_and_compared_as_json() {
+        let raw = |t: &str| serde_json::value::RawValue::from_string(t.into()).unwrap();
+        let sent = Object::from_raw(raw(r#"{"type":"regular","billable":true}"#)).unwrap();
+        assert_eq!(sent.json(), r#"{"type":"regular","billable":true}"#);
+        for not_object in ["\"regular\"", "[1]", "null", "7"] {
+            assert!(Object::from_raw(raw(not_object)).is_none(), "{not_object}");
+        }
+        // The same object with its keys in another order is the same.
+        let reordered = Object::from_raw(raw(r#"{"billable":true,"type":"regular"}"#)).unwrap();
+        assert_eq!(sent, reordered);
+        let other = Object::from_raw(raw(r#"{"billable":false,"type":"regular"}"#)).unwrap();
+        assert_ne!(sent, other);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::{Content, OutboundRecord, RecordError, Status};
 use crate::domain::Millis;
@@ -33,7 +32,7 @@ pub struct RecordWire<'a> {
     pub wamid: Option<Cow<'a, str>>,
     pub source: Cow<'a, str>,
     pub tags: Cow<'a, [String]>,
-    pub metadata: Option<Cow<'a, Value>>,
+    pub metadata: Option<Cow<'a, crate::message::Object>>,
     pub attempts: u32,
     pub error: Option<ErrorWire>,
     pub history: Vec<(StatusWire, Millis)>,
@@ -44,9 +43,9 @@ pub struct RecordWire<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub typing: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pricing: Option<Cow<'a, Value>>,
+    pub pricing: Option<Cow<'a, crate::message::Object>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation: Option<Cow<'a, Value>>,
+    pub conversation: Option<Cow<'a, crate::message::Object>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,9 +57,9 @@ pub struct UpdateWire<'a> {
     pub error: Option<ErrorWire>,
     pub history: Vec<(StatusWire, Millis)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pricing: Option<Cow<'a, Value>>,
+    pub pricing: Option<Cow<'a, crate::message::Object>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation: Option<Cow<'a, Value>>,
+    pub conversation: Option<Cow<'a, crate::message::Object>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

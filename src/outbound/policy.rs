@@ -122,7 +122,7 @@ pub struct NewMessage {
     /// `api` or `rule:NAME`.
     pub source: String,
     pub tags: Vec<String>,
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<crate::message::Object>,
     pub send_at: Option<Millis>,
     pub validity: Duration,
     /// Consent replies reach a contact who just opted out.

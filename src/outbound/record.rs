@@ -2,7 +2,7 @@
 //! `scheduled → queued → sending → sent → delivered → read`, or a final
 //! `failed`, `expired` or `cancelled`. Statuses never move backwards.
 
-use serde_json::Value;
+use crate::message::Object;
 
 use super::Content;
 use crate::domain::Millis;
@@ -109,7 +109,7 @@ pub struct OutboundRecord {
     /// `api` or `rule:NAME`.
     pub source: String,
     pub tags: Vec<String>,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Object>,
     pub attempts: u32,
     pub error: Option<RecordError>,
     pub history: Vec<(Status, Millis)>,
@@ -124,9 +124,9 @@ pub struct OutboundRecord {
     /// before the first attempt (CLOUD_API.md §7.5; it also marks it read).
     pub typing: Option<Wamid>,
     /// Meta's `pricing` of this message, the latest a status carried.
-    pub pricing: Option<Value>,
+    pub pricing: Option<Object>,
     /// Meta's `conversation` object, the latest a status carried.
-    pub conversation: Option<Value>,
+    pub conversation: Option<Object>,
 }
 
 impl OutboundRecord {

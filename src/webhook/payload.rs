@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 
 use crate::domain::{Millis, now_ms};
 use crate::inbound::{InboundKind, InboundMessage, ReplyChoice, StatusUpdate};
+use crate::message::Object;
 
 /// Why a body is not a WhatsApp notification (→ 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -255,8 +256,8 @@ struct StatusIn {
     /// The contact's BSUID, alone when the phone number is hidden.
     recipient_user_id: Option<String>,
     errors: Vec<ErrorIn>,
-    pricing: Option<Value>,
-    conversation: Option<Value>,
+    pricing: Option<Box<RawValue>>,
+    conversation: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -374,8 +375,8 @@ fn status(raw: &RawValue) -> Option<StatusUpdate> {
         timestamp: timestamp_ms(&s.timestamp).unwrap_or(0),
         recipient: s.recipient_id.or(s.recipient_user_id).map(Into::into),
         error,
-        pricing: s.pricing.filter(Value::is_object),
-        conversation: s.conversation.filter(Value::is_object),
+        pricing: s.pricing.and_then(Object::from_raw),
+        conversation: s.conversation.and_then(Object::from_raw),
     })
 }
 
