@@ -84,18 +84,23 @@ pub struct StatusWire(pub Status);
 
 impl Serialize for StatusWire {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // Written with every journaled change of a record: no allocation.
-        serializer.serialize_str(match self.0 {
-            Status::Scheduled => "Scheduled",
-            Status::Queued => "Queued",
-            Status::Sending => "Sending",
-            Status::Sent => "Sent",
-            Status::Delivered => "Delivered",
-            Status::Read => "Read",
-            Status::Failed => "Failed",
-            Status::Expired => "Expired",
-            Status::Cancelled => "Cancelled",
-        })
+        // Written with every journaled change of a record: formatted
+        // straight into the output, no String.
+        serializer.collect_str(&Capitalized(self.0.as_str()))
+    }
+}
+
+/// A name with its first letter upper case.
+struct Capitalized(&'static str);
+
+impl std::fmt::Display for Capitalized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let mut chars = self.0.chars();
+        if let Some(first) = chars.next() {
+            f.write_char(first.to_ascii_uppercase())?;
+        }
+        f.write_str(chars.as_str())
     }
 }
 

@@ -12,7 +12,7 @@ use toml::de::{DeTable, DeValue};
 use super::matcher::{Condition, IdPattern, Matcher};
 use super::model::{ConsentIn, RoutesFile, RuleIn, SendIn, WhenIn};
 use super::render::{Templates, Text, is_template};
-use super::{Consent, Rule, Ruleset, SendTemplate};
+use super::{Consent, Rule, Ruleset, SendObject, SendTemplate};
 use crate::domain::{Located, normalize_text, parse_phone};
 use crate::inbound::InboundKind;
 use crate::message::MessageType;
@@ -411,10 +411,11 @@ impl Compiler<'_> {
         }
         Some(SendTemplate {
             kind,
-            fixed: slots
-                .is_empty()
-                .then(|| crate::message::Object::new(&object)),
-            object,
+            object: if slots.is_empty() {
+                SendObject::Fixed(crate::message::Object::new(&object))
+            } else {
+                SendObject::Slotted(object)
+            },
             slots,
             quote: s.quote,
         })

@@ -56,11 +56,19 @@ pub struct Rule {
 #[derive(Debug)]
 pub struct SendTemplate {
     pub kind: MessageType,
-    pub object: Value,
-    /// `object` as sent, when no string of it is a template.
-    pub fixed: Option<crate::message::Object>,
+    pub object: SendObject,
+    /// Where in the tree each templated string goes (none: `Fixed`).
     pub slots: Vec<(String, Text)>,
     pub quote: bool,
+}
+
+/// The object of a send entry.
+#[derive(Debug)]
+pub enum SendObject {
+    /// No string of it is a template: as sent, checked at load.
+    Fixed(crate::message::Object),
+    /// The tree the slots are rendered into, checked after each render.
+    Slotted(Value),
 }
 
 /// A compiled rule file.
@@ -205,11 +213,10 @@ impl Ruleset {
         msg: &InboundMessage,
         ctx: &Context<'_>,
     ) -> Result<Content, String> {
-        let object = match &s.fixed {
-            // Without a template the object is the one checked at load.
-            Some(fixed) => fixed.clone(),
-            None => {
-                let mut object = s.object.clone();
+        let object = match &s.object {
+            SendObject::Fixed(fixed) => fixed.clone(),
+            SendObject::Slotted(tree) => {
+                let mut object = tree.clone();
                 for (pointer, text) in &s.slots {
                     let rendered = self.templates.render(text, ctx)?;
                     if let Some(slot) = object.pointer_mut(pointer) {

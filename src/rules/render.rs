@@ -158,49 +158,8 @@ impl Templates {
         let need = &self.needs;
         let m = input.message;
         let mut root = BTreeMap::new();
-        let mut group = |name: &'static str, fields: &[(&'static str, &dyn Fn() -> Value)]| {
-            if !need.any(name) {
-                return;
-            }
-            let map: BTreeMap<&str, Value> = fields
-                .iter()
-                .filter(|(field, _)| need.field(name, field))
-                .map(|(field, value)| (*field, value()))
-                .collect();
-            root.insert(name, Value::from(map));
-        };
-        let text = |v: &Option<String>| Value::from(v.as_deref().unwrap_or_default());
-        group(
-            "contact",
-            &[
-                ("name", &|| text(&m.contact_name)),
-                ("wa_id", &|| Value::from(m.from.as_str())),
-                ("user_id", &|| text(&m.user_id)),
-                ("username", &|| text(&m.username)),
-            ],
-        );
-        group(
-            "message",
-            &[
-                ("id", &|| Value::from(m.wamid.as_str())),
-                ("type", &|| Value::from(m.kind.as_str())),
-                ("text", &|| text(&m.text)),
-            ],
-        );
-        // `reply` is empty unless the message answers a button or a list.
-        match &m.reply {
-            Some(r) => group(
-                "reply",
-                &[
-                    ("id", &|| Value::from(r.id.as_str())),
-                    ("title", &|| Value::from(r.title.as_str())),
-                ],
-            ),
-            None => group("reply", &[]),
-        }
-        group("account", &[("name", &|| Value::from(input.account))]);
-        // Groups of names the rule file chose (captures, variables).
-        let mut named = |name: &'static str, pairs: &mut dyn Iterator<Item = (&str, &str)>| {
+        // A group, with the fields of it the templates name.
+        let mut group = |name: &'static str, pairs: &mut dyn Iterator<Item = (&str, &str)>| {
             if need.any(name) {
                 let map: BTreeMap<&str, Value> = pairs
                     .filter(|(k, _)| need.field(name, k))
@@ -209,11 +168,43 @@ impl Templates {
                 root.insert(name, Value::from(map));
             }
         };
-        named(
+        fn text(v: &Option<String>) -> &str {
+            v.as_deref().unwrap_or_default()
+        }
+        group(
+            "contact",
+            &mut [
+                ("name", text(&m.contact_name)),
+                ("wa_id", m.from.as_str()),
+                ("user_id", text(&m.user_id)),
+                ("username", text(&m.username)),
+            ]
+            .into_iter(),
+        );
+        group(
+            "message",
+            &mut [
+                ("id", m.wamid.as_str()),
+                ("type", m.kind.as_str()),
+                ("text", text(&m.text)),
+            ]
+            .into_iter(),
+        );
+        // `reply` is empty unless the message answers a button or a list.
+        group(
+            "reply",
+            &mut m
+                .reply
+                .iter()
+                .flat_map(|r| [("id", r.id.as_str()), ("title", r.title.as_str())]),
+        );
+        group("account", &mut std::iter::once(("name", input.account)));
+        // Names the rule file chose (captures, variables).
+        group(
             "match",
             &mut input.captures.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         );
-        named(
+        group(
             "vars",
             &mut input.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         );
