@@ -540,6 +540,61 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
+/// The routers' histogram of webhook acks, summed over `ports`: (upper
+/// bound in s, acks at most that long), `+Inf` last. `None` for a peer
+/// (no such metric).
+async fn router_acks(http: &reqwest::Client, ports: &[u16]) -> Option<Vec<(f64, f64)>> {
+    const NAME: &str = "wa_router_webhook_ack_duration_seconds_bucket{le=\"";
+    let mut sum: Vec<(f64, f64)> = Vec::new();
+    for port in ports {
+        let text = http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| {
+                let (le, n) = l.strip_prefix(NAME)?.split_once("\"} ")?;
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                Some((le, n.trim().parse().ok()?))
+            })
+            .collect();
+        if buckets.is_empty() {
+            return None;
+        }
+        if sum.is_empty() {
+            sum = buckets;
+        } else {
+            for (s, b) in sum.iter_mut().zip(buckets) {
+                s.1 += b.1;
+            }
+        }
+    }
+    Some(sum)
+}
+
+/// The quantile `q` of the acks between two snapshots of
+/// [`router_acks`], as the upper bound (ms) of the bucket that holds it.
+fn router_ack_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> String {
+    let window: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    let total = window.last().map_or(0.0, |w| w.1);
+    if total <= 0.0 {
+        return String::new();
+    }
+    window
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(String::new(), |(le, _)| format!("{:.1}", le * 1000.0))
+}
+
 /// A signed webhook POST, whole: head and body, written in one go.
 fn webhook_request(body: &[u8]) -> Vec<u8> {
     let sig = wa_router::crypto::sign(SECRET.as_bytes(), body);
@@ -859,6 +914,9 @@ async fn run(args: Args) {
         .map(|i| webhook_request(&webhook(i, ts, args.contacts)))
         .collect();
     tokio::time::sleep_until(stamped.into()).await;
+    let metrics_http = reqwest::Client::new();
+    let ports: Vec<u16> = targets.iter().map(|t| t.port).collect();
+    let acks_before = router_acks(&metrics_http, &ports).await;
     let (_, cpu_before) = usage();
     let harness_before = harness_cpu_ms();
     let stop = Arc::new(AtomicBool::new(false));
@@ -934,6 +992,7 @@ async fn run(args: Args) {
     }
     let load_secs = started.elapsed().as_secs_f64();
     let load_end = Instant::now();
+    let acks_after = router_acks(&metrics_http, &ports).await;
     let acks = load.acked.load(Ordering::Relaxed);
     let live_during = load
         .live
@@ -1112,6 +1171,16 @@ async fn run(args: Args) {
             0.0
         }
     };
+    // The router's own view of the same acks: from its handler's start
+    // to its answer (not the time in the kernel's queues, nor the load
+    // generator's own wait for a core).
+    let (router_p50, router_p99) = match (&acks_before, &acks_after) {
+        (Some(b), Some(a)) => (
+            router_ack_quantile(b, a, 0.5),
+            router_ack_quantile(b, a, 0.99),
+        ),
+        _ => (String::new(), String::new()),
+    };
     let cpu_per_reply = per_reply(cpu_after - cpu_before);
     let harness_per_reply = per_reply(harness_after - harness_before);
     let label = if args.label.is_empty() {
@@ -1125,10 +1194,10 @@ async fn run(args: Args) {
         args.target.clone()
     };
     println!(
-        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms,status_acks_per_s,status_p99_ms,cpu_ms_per_status,harness_cpu_ms_per_reply"
+        "case,target,connections,offered_rate,latency_ms,acks,acks_per_s,ack_p50_ms,ack_p99_ms,graph_per_s_during,reply_lag_s,replies,replies_lost,out_of_order,peak_rss_mb,cpu_ms_per_reply,graph_requests,failed_posts,idle_rss_mb,e2e_p50_ms,e2e_p99_ms,status_acks_per_s,status_p99_ms,cpu_ms_per_status,harness_cpu_ms_per_reply,router_ack_p50_ms,router_ack_p99_ms"
     );
     println!(
-        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2},{status_rate:.0},{status_p99:.2},{cpu_per_status:.3},{harness_per_reply:.3}",
+        "{label},{},{},{},{},{acks},{:.0},{:.2},{:.2},{:.0},{:.2},{replies},{},{out_of_order},{:.0},{:.3},{},{},{rss_idle:.0},{:.2},{:.2},{status_rate:.0},{status_p99:.2},{cpu_per_status:.3},{harness_per_reply:.3},{router_p50},{router_p99}",
         target_name,
         if args.rate.is_some() {
             0

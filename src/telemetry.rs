@@ -87,6 +87,13 @@ pub struct ScrapeGauges {
 }
 
 /// The `wa_router_*` metric families (SPEC §10).
+/// Upper bounds (s) of the webhook ack histogram: fine around the few
+/// milliseconds a durable ack takes (an fdatasync), 5 ms among them.
+const ACK_BUCKETS: [f64; 17] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     webhooks: Family<ResultLabel, Counter>,
@@ -99,6 +106,7 @@ pub struct Metrics {
     rate: Family<AccountLabel, Gauge>,
     open_windows: Gauge,
     graph_latency: Histogram,
+    webhook_ack: Histogram,
     event_deliveries: Family<ResultLabel, Counter>,
     event_backlog: Family<TargetLabel, Gauge>,
     event_backlog_bytes: Family<TargetLabel, Gauge>,
@@ -141,6 +149,7 @@ impl Metrics {
             scheduled: Family::default(),
             open_windows: Gauge::default(),
             graph_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            webhook_ack: Histogram::new(ACK_BUCKETS.iter().copied()),
             event_deliveries: Family::default(),
             event_backlog: Family::default(),
             event_backlog_bytes: Family::default(),
@@ -204,6 +213,11 @@ impl Metrics {
             "graph_request_duration_seconds",
             "Graph API request latency",
             m.graph_latency.clone(),
+        );
+        r.register(
+            "webhook_ack_duration_seconds",
+            "Webhook notifications answered 200: time from the handler's start to the answer (body read, signature checked, the router caught up, recorded)",
+            m.webhook_ack.clone(),
         );
         r.register(
             "event_backlog",
@@ -303,6 +317,11 @@ impl Metrics {
 
     pub fn graph_request(&self, seconds: f64) {
         self.graph_latency.observe(seconds);
+    }
+
+    /// A webhook answered `200`, `seconds` after its handler started.
+    pub fn webhook_ack(&self, seconds: f64) {
+        self.webhook_ack.observe(seconds);
     }
 
     pub fn event_delivery(&self, result: &str) {

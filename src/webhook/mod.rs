@@ -93,11 +93,25 @@ pub async fn handshake(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpResp
     }
 }
 
-/// `POST /webhook`: verify, parse, accept, ack.
+/// `POST /webhook`: verify, parse, accept, ack; a `200` is timed
+/// (`wa_router_webhook_ack_duration_seconds`).
 pub async fn receive(
     req: HttpRequest,
     payload: web::Payload,
     ctx: web::Data<Ctx>,
+) -> Result<HttpResponse, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = answer(req, payload, &ctx).await;
+    if answer.is_ok() {
+        ctx.metrics.webhook_ack(started.elapsed().as_secs_f64());
+    }
+    answer
+}
+
+async fn answer(
+    req: HttpRequest,
+    payload: web::Payload,
+    ctx: &Ctx,
 ) -> Result<HttpResponse, ApiError> {
     let max = ctx.meta.max_body;
     // Unverified bytes: bounded in time and, across all requests, in size.
@@ -129,11 +143,11 @@ pub async fn receive(
     })?;
     let malformed = notification.malformed;
     if let Some(cluster) = &ctx.cluster {
-        return share(&ctx, cluster, notification, body).await;
+        return share(ctx, cluster, notification, body).await;
     }
     ctx.keep_up().await;
-    ingest::rules_before_identity_changes(&ctx, &notification).await;
-    let accepted = ingest::accept(&ctx, notification);
+    ingest::rules_before_identity_changes(ctx, &notification).await;
+    let accepted = ingest::accept(ctx, notification);
     // SPEC §9: a 200 means the effect is recorded; if it cannot be, Meta retries.
     if !ctx.state.sync().await {
         ctx.metrics.webhook("storage_failed");
