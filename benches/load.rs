@@ -559,7 +559,11 @@ async fn router_acks(http: &reqwest::Client, ports: &[u16]) -> Option<Vec<(f64, 
             .lines()
             .filter_map(|l| {
                 let (le, n) = l.strip_prefix(NAME)?.split_once("\"} ")?;
-                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
                 Some((le, n.trim().parse().ok()?))
             })
             .collect();

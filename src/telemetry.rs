@@ -90,8 +90,8 @@ pub struct ScrapeGauges {
 /// Upper bounds (s) of the webhook ack histogram: fine around the few
 /// milliseconds a durable ack takes (an fdatasync), 5 ms among them.
 const ACK_BUCKETS: [f64; 17] = [
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 pub struct Metrics {
