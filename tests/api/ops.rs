@@ -77,19 +77,9 @@ async fn metrics_time_the_webhooks_answered_200() {
     assert_eq!(rejected.status(), 401);
     assert_eq!(app.post_webhook(&body).await.status(), 200);
     app.say(BOB, "hi").await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"))
     };
     let count = "wa_router_webhook_ack_duration_seconds_count";
     assert_eq!(value(count), 2.0, "the 401 is not an ack");
