@@ -86,7 +86,6 @@ pub struct ScrapeGauges {
     pub archive_backlog: u64,
 }
 
-/// The `wa_router_*` metric families (SPEC §10).
 /// Upper bounds (s) of the webhook ack histogram: fine around the few
 /// milliseconds a durable ack takes (an fdatasync), 5 ms among them.
 const ACK_BUCKETS: [f64; 17] = [
@@ -94,6 +93,7 @@ const ACK_BUCKETS: [f64; 17] = [
     5.0, 10.0,
 ];
 
+/// The `wa_router_*` metric families (SPEC §10).
 pub struct Metrics {
     registry: Mutex<Registry>,
     webhooks: Family<ResultLabel, Counter>,
