@@ -25,6 +25,11 @@
 //! parts newest first; pruning drops a part whole once all of it is past
 //! retention.
 //!
+//! History: the entries a batch holds of one conversation (an answered
+//! message leaves two, its own and the reply) go into one row, keyed by
+//! the first one's number ([`history_row`]); reads split rows into
+//! entries again.
+//!
 //! This module knows no record type: rows carry their JSON body and the few
 //! columns it is searched by.
 
@@ -39,10 +44,15 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use crate::ids::MessageId;
 
 // Indexes are few on purpose: each costs the writer on every row. Listing
-// walks the primary key (ids sort by time) newest first and filters;
+// walks the id index (ids sort by time) newest first and filters;
 // `recipient` is the one selective filter, `wamid` serves late statuses.
-// History rows are appended (rowid) and found through a narrow index, so
-// the pages a batch dirties at random are index pages, not whole rows.
+// Rows are appended (rowid) and found through narrow indexes, so the pages
+// a batch dirties at random are index pages, not whole rows; an index
+// entry holds its key and a rowid (8 bytes), not the 36-byte record id.
+// Parts made before 2026-12-05 keep records in a table keyed by id
+// (WITHOUT ROWID) whose indexes carry the id: that cost the writer about
+// a fifth more a message (`cargo bench --bench archive`, BENCHMARKS.md),
+// and the same statements read and write both.
 // Pruning drops whole parts and scans the one it cuts into (once an hour).
 
 /// The archive's file name in `data_dir`.
@@ -155,8 +165,8 @@ const STATEMENT_CACHE: usize = 256;
 /// and the writer swaps in a new one.
 type SharedParts = Arc<RwLock<Arc<Vec<Part>>>>;
 
-/// Rows (records and history entries) a part takes before the writer
-/// starts the next one.
+/// Rows (records and history rows) a part takes before the writer starts
+/// the next one.
 pub const PART_ROWS: u64 = 1_000_000;
 
 /// The archive's list of parts.
@@ -209,7 +219,7 @@ impl Part {
             by_wamid: format!("SELECT body FROM {records} WHERE wamid = ?1"),
             history_of: format!(
                 "SELECT seq, body FROM {history} WHERE account = ?1 AND contact = ?2 \
-                 ORDER BY seq DESC LIMIT ?3"
+                 ORDER BY seq DESC"
             ),
             records,
             history,
@@ -221,7 +231,8 @@ impl Part {
         format!(
             "
 CREATE TABLE IF NOT EXISTS {r} (
-    id TEXT PRIMARY KEY,
+    n INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
     account TEXT NOT NULL,
     recipient TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -229,9 +240,9 @@ CREATE TABLE IF NOT EXISTS {r} (
     created_at INTEGER NOT NULL,
     tags TEXT NOT NULL,
     body BLOB NOT NULL
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS {r}_wamid ON {r}(wamid) WHERE wamid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS {r}_recipient ON {r}(recipient, id);
+CREATE INDEX IF NOT EXISTS {r}_recipient ON {r}(recipient);
 CREATE TABLE IF NOT EXISTS {h} (
     n INTEGER PRIMARY KEY,
     account TEXT NOT NULL,
@@ -245,7 +256,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS {h}_conversation ON {h}(account, contact, seq)
         )
     }
 
-    /// Rows in its tables: (records, history entries).
+    /// Rows in its tables: (records, history rows).
     fn counts(&self, conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         let count = |t: &str| {
             conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
@@ -412,7 +423,9 @@ impl Archive {
         let _ = self.hooks.records.set(Box::new(hook));
     }
 
-    /// Called with `(account, contact, seq)` of history entries once committed.
+    /// Called after each commit with `(account, contact, seq)` for each
+    /// conversation it had entries of: its latest (the earlier ones were
+    /// handed over before, so they are in too).
     pub fn on_history_committed(
         &self,
         hook: impl Fn(&[(String, String, u64)]) + Send + Sync + 'static,
@@ -629,27 +642,36 @@ impl Archive {
     /// by the time they were made, which follows their numbering unless
     /// the clock went back across the start of a part.
     pub fn history(&self, account: &str, contact: &str, limit: usize) -> Vec<(u64, Vec<u8>)> {
-        let mut rows: Vec<(u64, Vec<u8>)> = Vec::new();
+        // By seq: a row written again after a replay may repeat entries
+        // that another row (grouped otherwise) holds too.
+        let mut entries: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
         let parts = self.parts();
         let conn = self.reader(&parts);
         for p in parts.iter().rev() {
-            if rows.len() >= limit {
+            if entries.len() >= limit {
                 break;
             }
             let result = conn.prepare_cached(&p.history_of).and_then(|mut s| {
-                let left = (limit - rows.len()) as i64;
-                s.query_map(rusqlite::params![account, contact, left], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
+                // Rows newest first, read only as far as needed.
+                let mut rows = s.query(rusqlite::params![account, contact])?;
+                while entries.len() < limit
+                    && let Some(r) = rows.next()?
+                {
+                    let body = r.get_ref(1)?.as_blob()?;
+                    for (seq, entry) in split_entries(r.get::<_, i64>(0)? as u64, body) {
+                        entries.entry(seq).or_insert_with(|| entry.to_vec());
+                    }
+                }
+                Ok(())
             });
-            rows.extend(read_or_log(result).unwrap_or_default());
+            read_or_log(result);
         }
-        rows.sort_unstable_by_key(|(seq, _)| *seq);
-        rows
+        let skip = entries.len().saturating_sub(limit);
+        entries.into_iter().skip(skip).collect()
     }
 
-    /// Rows in the archive: (records, history entries).
+    /// Rows in the archive: (records, history rows; a row may hold several
+    /// entries of one conversation).
     pub fn counts(&self) -> (u64, u64) {
         let conn = self.read.lock();
         self.parts().iter().fold((0, 0), |(r, h), p| {
@@ -677,6 +699,52 @@ fn read_or_log<T>(result: rusqlite::Result<T>) -> Option<T> {
     result
         .map_err(|e| tracing::error!(error = %e, "archive read failed"))
         .ok()
+}
+
+/// First byte of a history row that holds several entries (an entry's
+/// own body is JSON, which never starts with it).
+const GROUPED: u8 = 0;
+
+/// One history row for `run`, entries of one conversation in one part
+/// (in seq order): a lone entry as itself, several as [`GROUPED`] then
+/// `[seq: u64 LE][len: u32 LE][body]` each. Returns (seq, at, body): the
+/// first seq (the row's key), the latest time (pruning keeps the row
+/// until all of it is past retention).
+fn history_row<'a>(run: &[&'a HistoryRow]) -> (u64, i64, std::borrow::Cow<'a, [u8]>) {
+    use std::borrow::Cow;
+    let first = run[0];
+    if run.len() == 1 {
+        return (first.seq, first.at, Cow::Borrowed(&first.body));
+    }
+    let mut body = Vec::with_capacity(1 + run.iter().map(|h| 12 + h.body.len()).sum::<usize>());
+    body.push(GROUPED);
+    for h in run {
+        body.extend_from_slice(&h.seq.to_le_bytes());
+        body.extend_from_slice(&(h.body.len() as u32).to_le_bytes());
+        body.extend_from_slice(&h.body);
+    }
+    let at = run.iter().map(|h| h.at).max().unwrap_or(first.at);
+    (first.seq, at, Cow::Owned(body))
+}
+
+/// The entries of a history row whose key is `seq` (see [`history_row`]);
+/// a cut-off group yields the entries before the cut.
+fn split_entries(seq: u64, body: &[u8]) -> Vec<(u64, &[u8])> {
+    let Some(mut rest) = body.strip_prefix(&[GROUPED]) else {
+        return vec![(seq, body)];
+    };
+    let mut entries = Vec::new();
+    while rest.len() >= 12 {
+        let (head, tail) = rest.split_at(12);
+        let entry_seq = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+        if tail.len() < len {
+            break;
+        }
+        entries.push((entry_seq, &tail[..len]));
+        rest = &tail[len..];
+    }
+    entries
 }
 
 /// Memory mode's temporary archives of routers that are gone (killed
@@ -789,11 +857,22 @@ fn write_loop(
             tracing::error!(error = %e, "archive commit failed; finished data stays in memory");
         } else {
             let mut records = Vec::new();
-            let mut history = Vec::new();
+            // Per conversation its latest entry (the earlier ones are in).
+            let mut history: Vec<(String, String, u64)> = Vec::new();
+            let mut latest: std::collections::HashMap<(&str, &str), usize> = Default::default();
             for c in &batch {
                 match c {
                     Cmd::Record(r) => records.push((r.id.clone(), r.version)),
-                    Cmd::History(h) => history.push((h.account.clone(), h.contact.clone(), h.seq)),
+                    Cmd::History(h) => match latest.entry((&h.account, &h.contact)) {
+                        std::collections::hash_map::Entry::Occupied(i) => {
+                            let seq = &mut history[*i.get()].2;
+                            *seq = (*seq).max(h.seq);
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(history.len());
+                            history.push((h.account.clone(), h.contact.clone(), h.seq));
+                        }
+                    },
                     _ => {}
                 }
             }
@@ -860,6 +939,14 @@ impl Writer {
             filled = 0;
         }
         let newest = parts[parts.len() - 1].n;
+        // History entries of one conversation in this batch become one
+        // row (an answered message leaves two, its own and the reply):
+        // each row costs the writer an index entry and the B-tree pages
+        // it dirties. Written after the rest, into the parts as they are
+        // then (pruning may have dropped one).
+        let mut conversations: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::new();
+        let mut grouped: Vec<Vec<&HistoryRow>> = Vec::new();
         for c in batch {
             match c {
                 Cmd::Record(r) => {
@@ -882,19 +969,13 @@ impl Writer {
                     filled += u64::from(p.n == newest);
                 }
                 Cmd::History(h) => {
-                    let p = part_for_time(&parts, h.at);
-                    txn.prepare_cached(&p.put_history)
-                        .and_then(|mut s| {
-                            s.execute(rusqlite::params![
-                                h.account,
-                                h.contact,
-                                h.seq as i64,
-                                h.at,
-                                h.body
-                            ])
-                        })
-                        .map_err(e)?;
-                    filled += u64::from(p.n == newest);
+                    let i = *conversations
+                        .entry((h.account.as_str(), h.contact.as_str()))
+                        .or_insert_with(|| {
+                            grouped.push(Vec::new());
+                            grouped.len() - 1
+                        });
+                    grouped[i].push(h);
                 }
                 Cmd::Prune(below, cutoff, _) => {
                     *pruned += prune(&txn, &mut parts, below, *cutoff).map_err(e)?;
@@ -928,6 +1009,27 @@ impl Writer {
                     }
                 }
                 Cmd::Sync(_) => {}
+            }
+        }
+        for entries in &grouped {
+            // Runs of entries that go to the same part, one row each.
+            for run in entries
+                .chunk_by(|a, b| part_for_time(&parts, a.at).n == part_for_time(&parts, b.at).n)
+            {
+                let p = part_for_time(&parts, run[0].at);
+                let (seq, at, body) = history_row(run);
+                txn.prepare_cached(&p.put_history)
+                    .and_then(|mut s| {
+                        s.execute(rusqlite::params![
+                            run[0].account,
+                            run[0].contact,
+                            seq as i64,
+                            at,
+                            &*body
+                        ])
+                    })
+                    .map_err(e)?;
+                filled += u64::from(p.n == newest);
             }
         }
         txn.execute(
@@ -1118,7 +1220,11 @@ mod tests {
             });
             a.sync().await.unwrap();
             assert_eq!(a.part_count(), 2);
-            assert_eq!(a.counts(), (4, 3), "o2 replaced, not doubled");
+            assert_eq!(
+                a.counts(),
+                (4, 2),
+                "o2 replaced, not doubled; entries 1 and 2 in one row"
+            );
         }
         let a = Archive::open_parted(Some(dir.path()), 4).unwrap();
         assert_eq!(a.part_count(), 2, "the parts are kept");
@@ -1175,7 +1281,11 @@ mod tests {
         assert_eq!(bodies(all(10)), ["n1", "o3"]);
         assert_eq!(a.counts_by_account(), [("main".to_string(), 2)]);
         // A part with nothing left after pruning is dropped whole.
-        assert_eq!(a.prune(&MessageId::time_floor(new), new).await, 3);
+        assert_eq!(
+            a.prune(&MessageId::time_floor(new), new).await,
+            2,
+            "o3 and the row of entries 1 and 2"
+        );
         assert_eq!(a.part_count(), 1);
         assert_eq!(a.counts(), (1, 1));
         assert_eq!(seqs(50), [3]);
@@ -1197,11 +1307,22 @@ mod tests {
     async fn an_archive_made_before_parts_is_part_0() {
         let dir = tempfile::tempdir().unwrap();
         {
-            // The tables as the archive made them before there were parts.
+            // The tables as the archive made them before there were parts
+            // (records keyed by id, WITHOUT ROWID).
             let conn = Connection::open(dir.path().join(FILE)).unwrap();
-            conn.execute_batch(&Part::new(0, 0).schema()).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE records (id TEXT PRIMARY KEY, account TEXT NOT NULL, \
+                 recipient TEXT NOT NULL, status TEXT NOT NULL, wamid TEXT, \
+                 created_at INTEGER NOT NULL, tags TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+                 CREATE INDEX records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
+                 CREATE INDEX records_recipient ON records(recipient, id);
+                 CREATE TABLE history (n INTEGER PRIMARY KEY, account TEXT NOT NULL, \
+                 contact TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, body BLOB NOT NULL);
+                 CREATE UNIQUE INDEX history_conversation ON history(account, contact, seq);",
+            )
+            .unwrap();
             conn.execute(
-                "INSERT INTO records VALUES ('msg_old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64')",
+                "INSERT INTO records VALUES ('msg_0000old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64')",
                 [],
             )
             .unwrap();
@@ -1213,7 +1334,7 @@ mod tests {
         }
         let a = Archive::open_parted(Some(dir.path()), 1).unwrap();
         assert_eq!(a.part_count(), 1);
-        assert_eq!(a.record("msg_old").as_deref(), Some(&b"old"[..]));
+        assert_eq!(a.record("msg_0000old").as_deref(), Some(&b"old"[..]));
         assert_eq!(a.record_by_wamid("wamid.old").as_deref(), Some(&b"old"[..]));
         a.put_record(row(MessageId::generate().as_ref(), "main", "sent", &[]));
         a.sync().await.unwrap();
@@ -1221,6 +1342,85 @@ mod tests {
         assert_eq!(a.part_count(), 2, "the next part follows part 0");
         assert_eq!(a.counts(), (2, 1));
         assert_eq!(a.history("main", "1", 10), vec![(1, b"h1".to_vec())]);
+        // The old part still takes rows written again, and both answer
+        // the same statements.
+        a.put_record(RecordRow {
+            status: "read",
+            ..row("msg_0000old", "main", "read", &[])
+        });
+        a.sync().await.unwrap();
+        assert_eq!(
+            a.record("msg_0000old").as_deref(),
+            Some(&b"msg_0000old"[..])
+        );
+        assert_eq!(a.counts(), (2, 1));
+        let listed = a.records(&RecordQuery {
+            to: Some("1"),
+            limit: 10,
+            ..Default::default()
+        });
+        assert_eq!(listed.len(), 2, "by recipient in both layouts");
+    }
+
+    #[tokio::test]
+    async fn a_conversations_entries_of_one_batch_share_a_row_and_read_back_one_by_one() {
+        let a = Archive::open(None).unwrap();
+        let latest = Arc::new(Mutex::new(Vec::new()));
+        let l = latest.clone();
+        a.on_history_committed(move |rows| l.lock().extend_from_slice(rows));
+        let entry = |contact: &str, seq: u64| HistoryRow {
+            account: "main".into(),
+            contact: contact.into(),
+            seq,
+            at: 1_000 + seq as i64,
+            body: format!("{{\"{contact}\":{seq}}}").into_bytes(),
+        };
+        // Interleaved with another conversation's, as lanes hand them over.
+        for (c, seq) in [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)] {
+            a.put_history(entry(c, seq));
+        }
+        a.sync().await.unwrap();
+        assert_eq!(a.counts(), (0, 2), "one row a conversation");
+        let mut reported = latest.lock().clone();
+        reported.sort();
+        assert_eq!(
+            reported,
+            [
+                ("main".into(), "a".into(), 3),
+                ("main".into(), "b".into(), 2)
+            ],
+            "each conversation's latest entry"
+        );
+        let read = |contact: &str, limit| -> Vec<(u64, String)> {
+            a.history("main", contact, limit)
+                .into_iter()
+                .map(|(seq, b)| (seq, String::from_utf8(b).unwrap()))
+                .collect()
+        };
+        assert_eq!(
+            read("a", 50),
+            [
+                (1, r#"{"a":1}"#.to_string()),
+                (2, r#"{"a":2}"#.to_string()),
+                (3, r#"{"a":3}"#.to_string())
+            ]
+        );
+        assert_eq!(read("a", 2).iter().map(|e| e.0).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(read("b", 50).len(), 2);
+        // Written again after a replay, grouped otherwise: each entry once.
+        a.put_history(entry("a", 2));
+        a.sync().await.unwrap();
+        a.put_history(entry("a", 3));
+        a.put_history(entry("a", 4));
+        a.sync().await.unwrap();
+        assert_eq!(
+            read("a", 50).iter().map(|e| e.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(
+            read("a", 3).iter().map(|e| e.0).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
     }
 
     #[tokio::test]
