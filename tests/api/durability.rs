@@ -66,6 +66,11 @@ impl Router {
     /// Start the binary on `dir/wa-router.toml` (which listens on port 0)
     /// and wait until it is ready.
     pub(crate) async fn spawn(dir: &Path) -> Router {
+        Self::spawn_env(dir, &[]).await
+    }
+
+    /// [`Router::spawn`] with these variables set in its environment.
+    pub(crate) async fn spawn_env(dir: &Path, env: &[(&str, &str)]) -> Router {
         let log_path = dir.join("router.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(BIN)
@@ -73,6 +78,7 @@ impl Router {
             .current_dir(dir)
             .env("RUST_LOG", "warn,wa_router::cli=info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()

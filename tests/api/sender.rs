@@ -443,3 +443,74 @@ async fn sends_use_http_1_1_unless_graph_http_is_2() {
     assert!(record["wamid"].is_string(), "{record}");
     assert_eq!(app.texts_to(ANA).await, ["over h2"]);
 }
+
+/// A proxy the environment names for the Graph URL carries the sends (and
+/// their answers); the host behind it does not even resolve here.
+#[tokio::test]
+async fn graph_requests_go_through_the_proxy_the_environment_names() {
+    let proxy = wiremock::MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "messaging_product": "whatsapp",
+            "contacts": [{ "input": ANA, "wa_id": ANA }],
+            "messages": [{ "id": "wamid.PROXIED" }],
+        })))
+        .mount(&proxy)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    crate::durability::write_config(
+        dir.path(),
+        "http://graph.example.invalid",
+        "0s",
+        STATEFUL,
+        "",
+    );
+    let via = proxy.uri();
+    let r = crate::durability::Router::spawn_env(
+        dir.path(),
+        &[
+            ("HTTP_PROXY", &via),
+            ("http_proxy", &via),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        200
+    );
+    let sent = wait_for(10, "the send at the proxy", || async {
+        proxy
+            .received_requests()
+            .await?
+            .into_iter()
+            .find(|q| q.method.as_str() == "POST")
+    })
+    .await;
+    assert_eq!(
+        sent.url.host_str(),
+        Some("graph.example.invalid"),
+        "asked of the proxy in absolute form"
+    );
+    assert!(sent.url.path().ends_with(&format!("/{PNID}/messages")));
+    assert_eq!(
+        sent.headers.get("authorization").unwrap(),
+        &format!("Bearer {TOKEN}")
+    );
+    assert_eq!(body_text(&sent.body_json().unwrap()), "Hello");
+    // The answer came back the same way.
+    wait_for(10, "the message sent", || async {
+        let (_, page) = r
+            .api(
+                reqwest::Method::GET,
+                &format!("/v1/messages?to={ANA}"),
+                None,
+            )
+            .await;
+        (page["messages"][0]["status"] == "sent" && page["messages"][0]["wamid"] == "wamid.PROXIED")
+            .then_some(())
+    })
+    .await;
+}
