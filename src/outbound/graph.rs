@@ -103,9 +103,9 @@ type Direct = hyper_util::client::legacy::Client<
 /// How requests reach the Graph API.
 enum Transport {
     /// HTTP/1.1 straight to the Graph API (the default). reqwest's own
-    /// layers (redirects, retries, its URL type, a boxed body) cost the
-    /// router ~10 % of its CPU at 20,000 sends/s; on this client
-    /// the same load ran 13-22 % faster (BENCHMARKS.md).
+    /// layers (redirects, retries, its URL type, a boxed body) were ~10 %
+    /// of the router's CPU at 20,000 sends/s; on this client a reply took
+    /// 5-15 % less CPU in the closed loop (BENCHMARKS.md).
     Direct {
         client: Box<Direct>,
         timeout: Duration,
@@ -259,14 +259,13 @@ fn direct_client(timeout: Duration) -> Result<Direct, String> {
         .wrap_connector(tcp);
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            // A spike of sends opens up to `max_in_flight` connections.
-            // One idle past 30 s (which outlasts the default pace of 10 s
-            // between two sends) is dropped when the pool next looks at
-            // it, not by a timer: with hyper's pool timer the closed loop
-            // ran 1-14 % slower (3 pairs). A connection the peer closed
-            // ends its task at once; what stays pooled is a handle, at
-            // most `max_in_flight` of them.
+            // A spike of sends opens up to `max_in_flight` connections,
+            // each with its buffers; the pool's timer drops those idle for
+            // 30 s (which outlasts the default pace of 10 s between two
+            // sends). Without it they stayed: +25-30 MB idle after the
+            // benchmark's million messages.
             .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector),
     )
 }
