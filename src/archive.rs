@@ -850,32 +850,22 @@ fn write_loop(
             .count() as u64;
         let sync = w.durable && batch.iter().any(|c| matches!(c, Cmd::Sync(_)));
         let mut pruned = 0usize;
-        let result = w.commit(&batch, sync, &mut pruned);
+        // Per conversation its latest entry committed (the earlier ones
+        // were handed over before, so they are in too).
+        let mut history: Vec<(String, String, u64)> = Vec::new();
+        let result = w.commit(&batch, sync, &mut pruned, &mut history);
         backlog.fetch_sub(rows, Ordering::Relaxed);
         if let Err(e) = &result {
             failed.store(true, Ordering::Relaxed);
             tracing::error!(error = %e, "archive commit failed; finished data stays in memory");
         } else {
-            let mut records = Vec::new();
-            // Per conversation its latest entry (the earlier ones are in).
-            let mut history: Vec<(String, String, u64)> = Vec::new();
-            let mut latest: std::collections::HashMap<(&str, &str), usize> = Default::default();
-            for c in &batch {
-                match c {
-                    Cmd::Record(r) => records.push((r.id.clone(), r.version)),
-                    Cmd::History(h) => match latest.entry((&h.account, &h.contact)) {
-                        std::collections::hash_map::Entry::Occupied(i) => {
-                            let seq = &mut history[*i.get()].2;
-                            *seq = (*seq).max(h.seq);
-                        }
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(history.len());
-                            history.push((h.account.clone(), h.contact.clone(), h.seq));
-                        }
-                    },
-                    _ => {}
-                }
-            }
+            let records: Vec<(String, u32)> = batch
+                .iter()
+                .filter_map(|c| match c {
+                    Cmd::Record(r) => Some((r.id.clone(), r.version)),
+                    _ => None,
+                })
+                .collect();
             // Even with no record in it: the store writes the records that
             // came due meanwhile.
             if let Some(hook) = hooks.records.get() {
@@ -913,8 +903,16 @@ struct Writer {
 
 impl Writer {
     /// One transaction: the batch's rows into their parts, a new part
-    /// first if the newest is full. `durable`: with an fsync.
-    fn commit(&mut self, batch: &[Cmd], durable: bool, pruned: &mut usize) -> Result<(), String> {
+    /// first if the newest is full. `durable`: with an fsync. `history`
+    /// gets `(account, contact, latest seq)` of each conversation the
+    /// batch had entries of.
+    fn commit(
+        &mut self,
+        batch: &[Cmd],
+        durable: bool,
+        pruned: &mut usize,
+        history: &mut Vec<(String, String, u64)>,
+    ) -> Result<(), String> {
         let e = |e: rusqlite::Error| e.to_string();
         if durable {
             // This commit's fsync makes every earlier one durable too.
@@ -1013,6 +1011,7 @@ impl Writer {
         }
         for entries in &grouped {
             // Runs of entries that go to the same part, one row each.
+            // (The newest part is the first one looked at: a step each.)
             for run in entries
                 .chunk_by(|a, b| part_for_time(&parts, a.at).n == part_for_time(&parts, b.at).n)
             {
@@ -1031,6 +1030,8 @@ impl Writer {
                     .map_err(e)?;
                 filled += u64::from(p.n == newest);
             }
+            let last = entries.iter().map(|h| h.seq).max().unwrap_or_default();
+            history.push((entries[0].account.clone(), entries[0].contact.clone(), last));
         }
         txn.execute(
             "UPDATE parts SET rows = ?1 WHERE n = ?2",

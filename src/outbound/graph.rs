@@ -243,13 +243,19 @@ impl GraphClient {
 /// An answer: HTTP status, `Retry-After` (seconds), body.
 type Answer = (u16, Option<Duration>, bytes::Bytes);
 
+/// How long a connection may take to open: the request's timeout, at
+/// most 5 s (both transports).
+fn connect_timeout(timeout: Duration) -> Duration {
+    timeout.min(Duration::from_secs(5))
+}
+
 const USER_AGENT: &str = concat!("wa-router/", env!("CARGO_PKG_VERSION"));
 
 fn direct_client(timeout: Duration) -> Result<Direct, String> {
     let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(timeout.min(Duration::from_secs(5))));
+    tcp.set_connect_timeout(Some(connect_timeout(timeout)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         // The system's roots, as reqwest's rustls setup uses.
         .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())
@@ -293,7 +299,7 @@ fn reqwest_client(
         // a GET elsewhere (as on the direct transport).
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .connect_timeout(connect_timeout(timeout))
         .pool_idle_timeout(POOL_IDLE)
         .user_agent(USER_AGENT)
         .build()
