@@ -156,29 +156,18 @@ impl Ruleset {
         // Borrowed until a rule changes them; contexts built on first use.
         let mut input_vars = Cow::Borrowed(vars);
         let mut state_now = Cow::Borrowed(state);
-        let base = |state: &str, vars: &BTreeMap<String, String>| {
-            self.templates.context(&RenderInput {
-                message: msg,
-                account,
-                captures: &hit.captures,
-                state,
-                vars,
-            })
-        };
         let mut new_state = None;
         if let Some(t) = &rule.set_state {
-            let make = || base(&state_now, &input_vars);
             let s = self
                 .templates
-                .render(t, &Context::new(&make))
+                .render(t, &context_of(msg, account, hit, &state_now, &input_vars))
                 .unwrap_or_default();
             state_now = Cow::Owned(s.clone());
             new_state = Some(s);
         }
         let mut set_vars = Vec::new();
         if !rule.set.is_empty() {
-            let make = || base(&state_now, &input_vars);
-            let ctx = Context::new(&make);
+            let ctx = context_of(msg, account, hit, &state_now, &input_vars);
             for (name, t) in &rule.set {
                 let v = self.templates.render(t, &ctx).unwrap_or_default();
                 set_vars.push((name.clone(), v));
@@ -187,8 +176,7 @@ impl Ruleset {
                 input_vars.to_mut().insert(k.clone(), v.clone());
             }
         }
-        let make = || base(&state_now, &input_vars);
-        let ctx = Context::new(&make);
+        let ctx = context_of(msg, account, hit, &state_now, &input_vars);
         let sends = rule
             .sends
             .iter()
@@ -246,29 +234,40 @@ impl Ruleset {
             ConsentKeyword::OptIn => self.consent.opt_in_reply.as_ref()?,
         };
         let vars = BTreeMap::new();
-        let make = || {
-            self.templates.context(&RenderInput {
-                message: msg,
-                account,
-                captures: &[],
-                state: "",
-                vars: &vars,
+        let ctx = Context::new(RenderInput {
+            message: msg,
+            account,
+            captures: &[],
+            state: "",
+            vars: &vars,
+        });
+        Some(self.templates.render(text, &ctx).and_then(|body| {
+            let object = serde_json::json!({ "body": body });
+            validate("text", &object).map_err(|e| e.to_string())?;
+            Ok(Content {
+                kind: MessageType::Text,
+                object: object.into(),
+                context_id: None,
             })
-        };
-        Some(
-            self.templates
-                .render(text, &Context::new(&make))
-                .and_then(|body| {
-                    let object = serde_json::json!({ "body": body });
-                    validate("text", &object).map_err(|e| e.to_string())?;
-                    Ok(Content {
-                        kind: MessageType::Text,
-                        object: object.into(),
-                        context_id: None,
-                    })
-                }),
-        )
+        }))
     }
+}
+
+/// What the strings of a matched rule are rendered with.
+fn context_of<'a>(
+    msg: &'a InboundMessage,
+    account: &'a str,
+    hit: &'a Hit,
+    state: &'a str,
+    vars: &'a BTreeMap<String, String>,
+) -> Context<'a> {
+    Context::new(RenderInput {
+        message: msg,
+        account,
+        captures: &hit.captures,
+        state,
+        vars,
+    })
 }
 
 /// Read and compile a rule file.

@@ -1,7 +1,9 @@
 //! String templates of rule files: compiled once at load into one
 //! minijinja environment per ruleset, rendered per inbound message.
 //!
-//! Strings without `{{`/`{%` never touch the template engine.
+//! Strings without `{{`/`{%` never touch the template engine, nor do
+//! strings whose only syntax is names in braces (`Hi {{ contact.name }}`):
+//! those are filled in directly (no context to build, no engine state).
 
 use std::collections::BTreeMap;
 
@@ -9,11 +11,136 @@ use minijinja::{Environment, UndefinedBehavior, Value};
 
 use crate::inbound::InboundMessage;
 
-/// A string of a rule file: literal, or the name of a compiled template.
+/// A string of a rule file: literal, literal text and names, or the name
+/// of a compiled template.
 #[derive(Debug, Clone)]
 pub enum Text {
     Literal(String),
+    Names(Vec<Piece>),
     Template(String),
+}
+
+/// A part of a [`Text::Names`] string.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Literal(String),
+    /// `{{ group.field }}`, or `{{ state }}` (no field).
+    Name(Group, String),
+}
+
+/// The groups of names a template may use (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Group {
+    Contact,
+    Message,
+    Reply,
+    Account,
+    Match,
+    Vars,
+    State,
+}
+
+/// `source` as literal text and `{{ group.field }}` names only, or `None`
+/// when it uses anything else of the template language (then the engine
+/// renders it). Nothing that would render differently: no whitespace
+/// control, no other tags, no trailing newline (the engine drops one).
+fn names_only(source: &str) -> Option<Vec<Piece>> {
+    fn ident(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !matches!(
+                s,
+                "true"
+                    | "false"
+                    | "none"
+                    | "True"
+                    | "False"
+                    | "None"
+                    | "and"
+                    | "or"
+                    | "not"
+                    | "in"
+                    | "is"
+                    | "if"
+                    | "else"
+            )
+    }
+    if source.ends_with(['\n', '\r']) {
+        return None;
+    }
+    let mut pieces = Vec::new();
+    let mut rest = source;
+    while !rest.is_empty() {
+        let (literal, after) = match rest.find("{{") {
+            Some(i) => (&rest[..i], Some(&rest[i + 2..])),
+            None => (rest, None),
+        };
+        if literal.contains("{%") || literal.contains("{#") {
+            return None;
+        }
+        if !literal.is_empty() {
+            pieces.push(Piece::Literal(literal.to_string()));
+        }
+        let Some(after) = after else { break };
+        let end = after.find("}}")?;
+        let inner = &after[..end];
+        if inner.starts_with(['-', '+']) || inner.ends_with(['-', '+']) {
+            return None;
+        }
+        let name = inner.trim_matches([' ', '\t']);
+        let (group, field) = match name.split_once('.') {
+            Some((g, f)) if ident(f) => (g, f),
+            None if name == "state" => ("state", ""),
+            _ => return None,
+        };
+        let group = match group {
+            "contact" => Group::Contact,
+            "message" => Group::Message,
+            "reply" => Group::Reply,
+            "account" => Group::Account,
+            "match" => Group::Match,
+            "vars" => Group::Vars,
+            "state" if field.is_empty() => Group::State,
+            _ => return None,
+        };
+        pieces.push(Piece::Name(group, field.to_string()));
+        rest = &after[end + 2..];
+    }
+    Some(pieces)
+}
+
+/// `{{ group.field }}` of `input`, as the engine renders it from
+/// [`Templates::context`]: missing values are empty.
+fn value_of<'a>(input: &RenderInput<'a>, group: Group, field: &str) -> &'a str {
+    fn text(v: &Option<String>) -> &str {
+        v.as_deref().unwrap_or_default()
+    }
+    let m = input.message;
+    match (group, field) {
+        (Group::Contact, "name") => text(&m.contact_name),
+        (Group::Contact, "wa_id") => m.from.as_str(),
+        (Group::Contact, "user_id") => text(&m.user_id),
+        (Group::Contact, "username") => text(&m.username),
+        (Group::Message, "id") => m.wamid.as_str(),
+        (Group::Message, "type") => m.kind.as_str(),
+        (Group::Message, "text") => text(&m.text),
+        (Group::Reply, "id") => m.reply.as_ref().map_or("", |r| r.id.as_str()),
+        (Group::Reply, "title") => m.reply.as_ref().map_or("", |r| r.title.as_str()),
+        (Group::Account, "name") => input.account,
+        // The last of a name wins, as in the context's map.
+        (Group::Match, name) => input
+            .captures
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str()),
+        (Group::Vars, name) => input.vars.get(name).map_or("", String::as_str),
+        (Group::State, _) => input.state,
+        _ => "",
+    }
 }
 
 /// All templates of one ruleset.
@@ -87,6 +214,14 @@ impl Templates {
         if !is_template(source) {
             return Ok(Text::Literal(source.to_string()));
         }
+        if let Some(pieces) = names_only(source) {
+            return Ok(Text::Names(pieces));
+        }
+        self.add_to_engine(source)
+    }
+
+    /// Compile `source` as an engine template.
+    fn add_to_engine(&mut self, source: &str) -> Result<Text, String> {
         let name = format!("t{}", self.next);
         self.next += 1;
         self.env
@@ -100,38 +235,49 @@ impl Templates {
         Ok(Text::Template(name))
     }
 
-    /// Render `text` with `ctx` (built only if `text` is a template).
+    /// Render `text` with `ctx` (the engine's context is built only if
+    /// `text` needs the engine).
     pub fn render(&self, text: &Text, ctx: &Context<'_>) -> Result<String, String> {
         match text {
             Text::Literal(s) => Ok(s.clone()),
+            Text::Names(pieces) => {
+                let mut out = String::new();
+                for piece in pieces {
+                    match piece {
+                        Piece::Literal(s) => out.push_str(s),
+                        Piece::Name(group, field) => {
+                            out.push_str(value_of(&ctx.input, *group, field));
+                        }
+                    }
+                }
+                Ok(out)
+            }
             Text::Template(name) => {
                 let t = self
                     .env
                     .get_template(name)
                     .map_err(|e| template_error(&e))?;
-                t.render(ctx.get()).map_err(|e| template_error(&e))
+                let value = ctx.value.get_or_init(|| self.context(&ctx.input));
+                t.render(value).map_err(|e| template_error(&e))
             }
         }
     }
 }
 
-/// A template context, built on first use: a rule whose strings are all
-/// literal (most replies) builds none.
+/// What the strings of one rule are rendered with; the engine's context
+/// is built on first use: a rule whose strings are all literal or names
+/// (most replies) builds none.
 pub struct Context<'a> {
-    make: &'a dyn Fn() -> Value,
+    input: RenderInput<'a>,
     value: std::cell::OnceCell<Value>,
 }
 
 impl<'a> Context<'a> {
-    pub fn new(make: &'a dyn Fn() -> Value) -> Self {
+    pub fn new(input: RenderInput<'a>) -> Self {
         Context {
-            make,
+            input,
             value: std::cell::OnceCell::new(),
         }
-    }
-
-    fn get(&self) -> &Value {
-        self.value.get_or_init(self.make)
     }
 }
 
@@ -143,6 +289,7 @@ fn template_error(e: &minijinja::Error) -> String {
 }
 
 /// Everything a template may name (SPEC §5).
+#[derive(Clone, Copy)]
 pub struct RenderInput<'a> {
     pub message: &'a InboundMessage,
     pub account: &'a str,
@@ -223,7 +370,7 @@ mod tests {
     fn render(source: &str, input: &RenderInput<'_>) -> Result<String, String> {
         let mut t = Templates::default();
         let text = t.add(source)?;
-        t.render(&text, &Context::new(&|| t.context(input)))
+        t.render(&text, &Context::new(*input))
     }
 
     #[test]
@@ -274,12 +421,12 @@ mod tests {
             vars: &vars,
         };
         let mut t = Templates::default();
-        let greet = t.add("Hi {{ contact.name }}").unwrap();
+        // (Names alone skip the engine: this one is taken to it.)
+        let greet = t.add_to_engine("Hi {{ contact.name }}").unwrap();
         let walk = t
             .add("{% for k, v in vars|items %}{{ k }}={{ v }};{% endfor %}")
             .unwrap();
-        let make = || t.context(&input);
-        let ctx = Context::new(&make);
+        let ctx = Context::new(input);
         assert_eq!(t.render(&greet, &ctx).unwrap(), "Hi Ana");
         // A template that walks a group gets all of it.
         assert_eq!(t.render(&walk, &ctx).unwrap(), "city=Lisbon;zip=1000;");
@@ -290,6 +437,55 @@ mod tests {
         for unnamed in ["message", "reply", "state", "account", "match"] {
             assert!(value.get_attr(unnamed).unwrap().is_undefined(), "{unnamed}");
         }
+    }
+
+    #[test]
+    fn names_in_braces_skip_the_engine_and_render_as_it_would() {
+        let msg = InboundMessage {
+            contact_name: Some("Ana".into()),
+            ..InboundMessage::test_reply(InboundKind::List, "row-2", "Row <two> & \"3\"")
+        };
+        let vars = BTreeMap::from([("city".to_string(), "Lisbon".to_string())]);
+        let captures = [
+            ("n".to_string(), "1".to_string()),
+            ("n".to_string(), "2".to_string()),
+        ];
+        let input = RenderInput {
+            message: &msg,
+            account: "main",
+            captures: &captures,
+            state: "menu",
+            vars: &vars,
+        };
+        let mut both = 0;
+        for source in [
+            "Hi {{ contact.name }}! {{contact.wa_id}} {{ contact.user_id }}{{ contact.username }}",
+            "{{ message.id }} {{ message.type }} [{{ message.text }}]",
+            "You picked {{ reply.title }} ({{ reply.id }}).",
+            "{{ match.n }}|{{ match.x }}|{{ vars.city }}|{{ vars.nope }}|{{ state }}|{{ account.name }}",
+            "{{ contact.nope }}{{ reply.nope }}{{ account.nope }} }} {",
+            "  {{\tmessage.text\t}}  ",
+            // The engine's: whitespace control, filters, tags, whole groups,
+            // a trailing newline, keywords, unknown groups.
+            "{{- message.text }}",
+            "{{ message.text|upper }}",
+            "{% if state %}x{% endif %}{{ state }}",
+            "{# note #}{{ state }}",
+            "{{ contact }}",
+            "{{ state }}\n",
+            "{{ vars.none }}",
+            "{{ nope.x }}",
+            "{{ state.x }}",
+        ] {
+            let mut t = Templates::default();
+            let text = t.add(source).unwrap();
+            let fast = t.render(&text, &Context::new(input)).unwrap();
+            let engine = t.add_to_engine(source).unwrap();
+            let slow = t.render(&engine, &Context::new(input)).unwrap();
+            assert_eq!(fast, slow, "{source}");
+            both += usize::from(matches!(text, Text::Names(_)));
+        }
+        assert_eq!(both, 6);
     }
 
     #[test]
