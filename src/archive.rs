@@ -889,6 +889,30 @@ fn write_loop(
     }
 }
 
+/// One statement per part, prepared on first use within a commit (a
+/// cached statement taken from the connection's cache per row cost an
+/// allocation of its key each time).
+#[derive(Default)]
+struct Statements<'c>(Vec<(i64, rusqlite::CachedStatement<'c>)>);
+
+impl<'c> Statements<'c> {
+    fn get(
+        &mut self,
+        conn: &'c Connection,
+        part: i64,
+        sql: &str,
+    ) -> rusqlite::Result<&mut rusqlite::CachedStatement<'c>> {
+        let i = match self.0.iter().position(|(n, _)| *n == part) {
+            Some(i) => i,
+            None => {
+                self.0.push((part, conn.prepare_cached(sql)?));
+                self.0.len() - 1
+            }
+        };
+        Ok(&mut self.0[i].1)
+    }
+}
+
 /// The writer thread's connection and what it knows of the parts.
 struct Writer {
     conn: Connection,
@@ -942,16 +966,24 @@ impl Writer {
         // each row costs the writer an index entry and the B-tree pages
         // it dirties. Written after the rest, into the parts as they are
         // then (pruning may have dropped one).
-        let mut conversations: std::collections::HashMap<(&str, &str), usize> =
-            std::collections::HashMap::new();
-        let mut grouped: Vec<Vec<&HistoryRow>> = Vec::new();
+        let mut entries: Vec<&HistoryRow> = Vec::new();
+        // Each part's statement prepared once for the commit, not per row.
+        let mut put_record = Statements::default();
+        let mut put_history = Statements::default();
         for c in batch {
             match c {
                 Cmd::Record(r) => {
                     let p = part_for_id(&parts, &r.id);
-                    let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into());
-                    txn.prepare_cached(&p.put_record)
-                        .and_then(|mut s| {
+                    let tags = if r.tags.is_empty() {
+                        std::borrow::Cow::Borrowed("[]")
+                    } else {
+                        serde_json::to_string(&r.tags)
+                            .unwrap_or_else(|_| "[]".into())
+                            .into()
+                    };
+                    put_record
+                        .get(&txn, p.n, &p.put_record)
+                        .and_then(|s| {
                             s.execute(rusqlite::params![
                                 r.id,
                                 r.account,
@@ -966,16 +998,9 @@ impl Writer {
                         .map_err(e)?;
                     filled += u64::from(p.n == newest);
                 }
-                Cmd::History(h) => {
-                    let i = *conversations
-                        .entry((h.account.as_str(), h.contact.as_str()))
-                        .or_insert_with(|| {
-                            grouped.push(Vec::new());
-                            grouped.len() - 1
-                        });
-                    grouped[i].push(h);
-                }
+                Cmd::History(h) => entries.push(h),
                 Cmd::Prune(below, cutoff, _) => {
+                    put_record = Statements::default();
                     *pruned += prune(&txn, &mut parts, below, *cutoff).map_err(e)?;
                     // Readers stop looking into dropped parts now (what
                     // they held is past retention), not into new ones yet.
@@ -1009,7 +1034,9 @@ impl Writer {
                 Cmd::Sync(_) => {}
             }
         }
-        for entries in &grouped {
+        // A conversation's entries side by side, in the order they came.
+        entries.sort_by(|a, b| (&a.account, &a.contact).cmp(&(&b.account, &b.contact)));
+        for entries in entries.chunk_by(|a, b| a.account == b.account && a.contact == b.contact) {
             // Runs of entries that go to the same part, one row each.
             // (The newest part is the first one looked at: a step each.)
             for run in entries
@@ -1017,8 +1044,9 @@ impl Writer {
             {
                 let p = part_for_time(&parts, run[0].at);
                 let (seq, at, body) = history_row(run);
-                txn.prepare_cached(&p.put_history)
-                    .and_then(|mut s| {
+                put_history
+                    .get(&txn, p.n, &p.put_history)
+                    .and_then(|s| {
                         s.execute(rusqlite::params![
                             run[0].account,
                             run[0].contact,
@@ -1038,6 +1066,7 @@ impl Writer {
             [filled as i64, newest],
         )
         .map_err(e)?;
+        drop((put_record, put_history));
         match txn.commit() {
             Ok(()) => {
                 *self.parts.write() = Arc::new(parts);

@@ -37,7 +37,7 @@ pub struct AccountQueue {
 
 #[derive(Debug, Default)]
 struct QueueInner {
-    contacts: HashMap<ContactId, ContactQueue>,
+    contacts: HashMap<ContactId, ContactQueue, foldhash::fast::RandomState>,
     /// Ready contacts by the acceptance number of their first message.
     ready: BTreeSet<(u64, ContactId)>,
     /// Contacts waiting until a time (retry backoff, pair rate limit).
