@@ -111,8 +111,8 @@ pub struct RecordQuery<'a> {
     pub limit: usize,
 }
 
-type RecordHook = Box<dyn Fn(&[(String, u32)], bool) + Send + Sync>;
-type HistoryHook = Box<dyn Fn(&[(String, String, u64)]) + Send + Sync>;
+type RecordHook = Box<dyn Fn(&[(&str, u32)], bool) + Send + Sync>;
+type HistoryHook = Box<dyn Fn(&[(&str, &str, u64)]) + Send + Sync>;
 
 #[derive(Default)]
 struct Hooks {
@@ -418,7 +418,7 @@ impl Archive {
     /// `true`).
     pub fn on_records_committed(
         &self,
-        hook: impl Fn(&[(String, u32)], bool) + Send + Sync + 'static,
+        hook: impl Fn(&[(&str, u32)], bool) + Send + Sync + 'static,
     ) {
         let _ = self.hooks.records.set(Box::new(hook));
     }
@@ -428,7 +428,7 @@ impl Archive {
     /// handed over before, so they are in too).
     pub fn on_history_committed(
         &self,
-        hook: impl Fn(&[(String, String, u64)]) + Send + Sync + 'static,
+        hook: impl Fn(&[(&str, &str, u64)]) + Send + Sync + 'static,
     ) {
         let _ = self.hooks.history.set(Box::new(hook));
     }
@@ -852,17 +852,17 @@ fn write_loop(
         let mut pruned = 0usize;
         // Per conversation its latest entry committed (the earlier ones
         // were handed over before, so they are in too).
-        let mut history: Vec<(String, String, u64)> = Vec::new();
+        let mut history: Vec<(&str, &str, u64)> = Vec::new();
         let result = w.commit(&batch, sync, &mut pruned, &mut history);
         backlog.fetch_sub(rows, Ordering::Relaxed);
         if let Err(e) = &result {
             failed.store(true, Ordering::Relaxed);
             tracing::error!(error = %e, "archive commit failed; finished data stays in memory");
         } else {
-            let records: Vec<(String, u32)> = batch
+            let records: Vec<(&str, u32)> = batch
                 .iter()
                 .filter_map(|c| match c {
-                    Cmd::Record(r) => Some((r.id.clone(), r.version)),
+                    Cmd::Record(r) => Some((r.id.as_str(), r.version)),
                     _ => None,
                 })
                 .collect();
@@ -930,12 +930,12 @@ impl Writer {
     /// first if the newest is full. `durable`: with an fsync. `history`
     /// gets `(account, contact, latest seq)` of each conversation the
     /// batch had entries of.
-    fn commit(
+    fn commit<'b>(
         &mut self,
-        batch: &[Cmd],
+        batch: &'b [Cmd],
         durable: bool,
         pruned: &mut usize,
-        history: &mut Vec<(String, String, u64)>,
+        history: &mut Vec<(&'b str, &'b str, u64)>,
     ) -> Result<(), String> {
         let e = |e: rusqlite::Error| e.to_string();
         if durable {
@@ -1059,7 +1059,7 @@ impl Writer {
                 filled += u64::from(p.n == newest);
             }
             let last = entries.iter().map(|h| h.seq).max().unwrap_or_default();
-            history.push((entries[0].account.clone(), entries[0].contact.clone(), last));
+            history.push((&entries[0].account, &entries[0].contact, last));
         }
         txn.execute(
             "UPDATE parts SET rows = ?1 WHERE n = ?2",
@@ -1151,7 +1151,10 @@ mod tests {
         let a = Archive::open(None).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        a.on_records_committed(move |rows, _| s.lock().extend_from_slice(rows));
+        a.on_records_committed(move |rows, _| {
+            s.lock()
+                .extend(rows.iter().map(|(id, v)| (id.to_string(), *v)))
+        });
         for (id, acc, st, tags) in [
             ("a1", "main", "sent", &["x"][..]),
             ("a2", "main", "read", &[][..]),
@@ -1397,7 +1400,12 @@ mod tests {
         let a = Archive::open(None).unwrap();
         let latest = Arc::new(Mutex::new(Vec::new()));
         let l = latest.clone();
-        a.on_history_committed(move |rows| l.lock().extend_from_slice(rows));
+        a.on_history_committed(move |rows| {
+            l.lock().extend(
+                rows.iter()
+                    .map(|(a, c, s)| (a.to_string(), c.to_string(), *s)),
+            )
+        });
         let entry = |contact: &str, seq: u64| HistoryRow {
             account: "main".into(),
             contact: contact.into(),

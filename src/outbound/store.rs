@@ -241,7 +241,7 @@ impl Outbox {
     /// drop them from memory, and hand it the settled records that are
     /// due (see [`Settling::take_due`]). Runs on the archive's thread after
     /// each commit and each idle second.
-    fn archive_committed(&self, rows: &[(String, u32)], idle: bool, now: Millis) {
+    fn archive_committed(&self, rows: &[(&str, u32)], idle: bool, now: Millis) {
         for (id, version) in rows {
             self.evict_archived(id, *version);
         }
@@ -1281,11 +1281,7 @@ mod tests {
         // `b` changed after it was written: it stays until that is in.
         let (va, vb) = (version("a"), version("b"));
         o.update_record("b", now, |_| (Some(Status::Delivered), ()));
-        o.archive_committed(
-            &[("a".into(), va), ("b".into(), vb)],
-            false,
-            now + SETTLE_MS,
-        );
+        o.archive_committed(&[("a", va), ("b", vb)], false, now + SETTLE_MS);
         assert!(!in_memory("a") && in_memory("b"));
         assert_eq!(
             o.record("a").unwrap().status,
@@ -1294,7 +1290,7 @@ mod tests {
         );
         o.archive_committed(&[], true, now + SETTLE_MS + SETTLE_QUIET_MS);
         o.archive.sync().await.unwrap();
-        o.archive_committed(&[("b".into(), version("b"))], false, now + SETTLE_MS);
+        o.archive_committed(&[("b", version("b"))], false, now + SETTLE_MS);
         assert!(!in_memory("b"));
         assert_eq!(o.record("b").unwrap().status, Status::Delivered);
     }
@@ -1324,7 +1320,7 @@ mod tests {
         let version = o.records.get("a").unwrap().history.len() as u32;
         o.archive_committed(&[], false, crate::domain::now_ms() + SETTLE_MS);
         o.archive.sync().await.unwrap();
-        o.archive_committed(&[("a".into(), version)], false, now + SETTLE_MS);
+        o.archive_committed(&[("a", version)], false, now + SETTLE_MS);
         assert!(!o.records.contains_key("a"));
         assert_eq!(o.record_id_by_wamid("wamid.a").as_deref(), Some("a"));
         assert_eq!(searches(), 2);
