@@ -366,7 +366,7 @@ impl State {
 
     /// Hand a history entry to the archive.
     pub(super) fn archive_recent(&self, account: &str, contact: &str, seq: u64, entry: &Recent) {
-        let Ok(body) = serde_json::to_vec(&RecentWire::from(entry)) else {
+        let Ok(body) = serde_json::to_vec(&RecentWire::<&str>::from(entry)) else {
             return;
         };
         self.archive.put_history(HistoryRow {

@@ -200,12 +200,14 @@ impl ConversationWire {
     }
 }
 
+/// A history entry on disk; `RecentWire<&str>` writes the same JSON from
+/// an entry in memory without copying its strings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecentWire {
+pub struct RecentWire<S = String> {
     pub direction: DirectionWire,
-    pub id: String,
-    pub kind: String,
-    pub text: Option<String>,
+    pub id: S,
+    pub kind: S,
+    pub text: Option<S>,
     pub at: Millis,
 }
 
@@ -215,17 +217,30 @@ pub enum DirectionWire {
     Out,
 }
 
-impl From<&Recent> for RecentWire {
-    fn from(r: &Recent) -> Self {
+impl<'a> From<&'a Recent> for RecentWire<&'a str> {
+    fn from(r: &'a Recent) -> Self {
         RecentWire {
             direction: match r.direction {
                 Direction::In => DirectionWire::In,
                 Direction::Out => DirectionWire::Out,
             },
-            id: r.id.clone(),
-            kind: r.kind.clone(),
-            text: r.text.clone(),
+            id: &r.id,
+            kind: &r.kind,
+            text: r.text.as_deref(),
             at: r.at,
+        }
+    }
+}
+
+impl From<&Recent> for RecentWire {
+    fn from(r: &Recent) -> Self {
+        let w = RecentWire::<&str>::from(r);
+        RecentWire {
+            direction: w.direction,
+            id: w.id.to_string(),
+            kind: w.kind.to_string(),
+            text: w.text.map(str::to_string),
+            at: w.at,
         }
     }
 }
