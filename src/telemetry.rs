@@ -38,12 +38,12 @@ pub fn init(format: LogFormat) {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
-    result: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
-    r#type: String,
+    r#type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,7 +53,7 @@ struct RuleLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
-    status: String,
+    status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -258,19 +258,13 @@ impl Metrics {
         m
     }
 
-    pub fn webhook(&self, result: &str) {
-        self.webhooks
-            .get_or_create(&ResultLabel {
-                result: result.into(),
-            })
-            .inc();
+    pub fn webhook(&self, result: &'static str) {
+        self.webhooks.get_or_create(&ResultLabel { result }).inc();
     }
 
-    pub fn inbound(&self, kind: &str) {
+    pub fn inbound(&self, kind: &'static str) {
         self.inbound
-            .get_or_create(&TypeLabel {
-                r#type: kind.into(),
-            })
+            .get_or_create(&TypeLabel { r#type: kind })
             .inc();
     }
 
@@ -303,12 +297,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn outbound(&self, status: &str) {
-        self.outbound
-            .get_or_create(&StatusLabel {
-                status: status.into(),
-            })
-            .inc();
+    pub fn outbound(&self, status: &'static str) {
+        self.outbound.get_or_create(&StatusLabel { status }).inc();
     }
 
     pub fn records_evicted(&self, n: usize) {
@@ -324,11 +314,9 @@ impl Metrics {
         self.webhook_ack.observe(seconds);
     }
 
-    pub fn event_delivery(&self, result: &str) {
+    pub fn event_delivery(&self, result: &'static str) {
         self.event_deliveries
-            .get_or_create(&ResultLabel {
-                result: result.into(),
-            })
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 
