@@ -315,37 +315,27 @@ impl Templates {
                 root.insert(name, Value::from(map));
             }
         };
-        fn text(v: &Option<String>) -> &str {
-            v.as_deref().unwrap_or_default()
-        }
-        group(
+        // The fixed fields, as names in braces render them ([`value_of`]).
+        let mut fields = |name, group_of, fields: &[&'static str]| {
+            group(
+                name,
+                &mut fields.iter().map(|f| (*f, value_of(input, group_of, f))),
+            );
+        };
+        fields(
             "contact",
-            &mut [
-                ("name", text(&m.contact_name)),
-                ("wa_id", m.from.as_str()),
-                ("user_id", text(&m.user_id)),
-                ("username", text(&m.username)),
-            ]
-            .into_iter(),
+            Group::Contact,
+            &["name", "wa_id", "user_id", "username"],
         );
-        group(
-            "message",
-            &mut [
-                ("id", m.wamid.as_str()),
-                ("type", m.kind.as_str()),
-                ("text", text(&m.text)),
-            ]
-            .into_iter(),
-        );
+        fields("message", Group::Message, &["id", "type", "text"]);
         // `reply` is empty unless the message answers a button or a list.
-        group(
-            "reply",
-            &mut m
-                .reply
-                .iter()
-                .flat_map(|r| [("id", r.id.as_str()), ("title", r.title.as_str())]),
-        );
-        group("account", &mut std::iter::once(("name", input.account)));
+        let reply: &[&str] = if m.reply.is_some() {
+            &["id", "title"]
+        } else {
+            &[]
+        };
+        fields("reply", Group::Reply, reply);
+        fields("account", Group::Account, &["name"]);
         // Names the rule file chose (captures, variables).
         group(
             "match",
@@ -373,12 +363,17 @@ mod tests {
         t.render(&text, &Context::new(*input))
     }
 
+    /// A button or list answer from a contact named Ana.
+    fn from_ana(kind: InboundKind, id: &str, title: &str) -> InboundMessage {
+        InboundMessage {
+            contact_name: Some("Ana".into()),
+            ..InboundMessage::test_reply(kind, id, title)
+        }
+    }
+
     #[test]
     fn every_name_of_the_spec_renders_and_missing_ones_are_empty() {
-        let msg = InboundMessage {
-            contact_name: Some("Ana".into()),
-            ..InboundMessage::test_reply(InboundKind::Button, "yes", "Yes please")
-        };
+        let msg = from_ana(InboundKind::Button, "yes", "Yes please");
         let vars = BTreeMap::from([("city".to_string(), "Lisbon".to_string())]);
         let captures = [("n".to_string(), "42".to_string())];
         let input = RenderInput {
@@ -405,10 +400,7 @@ mod tests {
 
     #[test]
     fn a_context_holds_what_the_templates_name_and_all_of_it() {
-        let msg = InboundMessage {
-            contact_name: Some("Ana".into()),
-            ..InboundMessage::test_reply(InboundKind::Button, "yes", "Yes please")
-        };
+        let msg = from_ana(InboundKind::Button, "yes", "Yes please");
         let vars = BTreeMap::from([
             ("city".to_string(), "Lisbon".to_string()),
             ("zip".to_string(), "1000".to_string()),
@@ -441,10 +433,7 @@ mod tests {
 
     #[test]
     fn names_in_braces_skip_the_engine_and_render_as_it_would() {
-        let msg = InboundMessage {
-            contact_name: Some("Ana".into()),
-            ..InboundMessage::test_reply(InboundKind::List, "row-2", "Row <two> & \"3\"")
-        };
+        let msg = from_ana(InboundKind::List, "row-2", "Row <two> & \"3\"");
         let vars = BTreeMap::from([("city".to_string(), "Lisbon".to_string())]);
         let captures = [
             ("n".to_string(), "1".to_string()),
