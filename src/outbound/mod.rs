@@ -6,6 +6,7 @@
 
 pub mod graph;
 pub mod ops;
+mod order;
 pub mod policy;
 pub mod queue;
 pub mod record;

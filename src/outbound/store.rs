@@ -10,7 +10,7 @@
 //! journal op is appended there, so the journal keeps the order of
 //! changes; no guard is held across `.await`.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -19,6 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
 use super::ops::{OutboxOp, RecordWire, UpdateWire};
+use super::order::Order;
 use super::queue::AccountQueue;
 use super::record::{OutboundRecord, RecordError, Status};
 use crate::archive::{Archive, RecordQuery, RecordRow};
@@ -94,7 +95,7 @@ pub struct Outbox {
     /// send answer.
     orphans: DashMap<Wamid, (Millis, Vec<StatusUpdate>), Fast>,
     /// Record ids in creation order (UUID v7 sorts by time), for listing.
-    order: Mutex<BTreeSet<MessageId>>,
+    order: Mutex<Order>,
     /// Wamids the archive was searched for and did not have (at most
     /// [`ABSENT_CAPACITY`], then forgotten at once): see
     /// [`Outbox::archived_by_wamid`].
@@ -339,7 +340,7 @@ impl Outbox {
         // The order lock is never taken under a record's (list_records
         // takes them the other way round).
         if inserted {
-            self.order.lock().insert(id.into());
+            self.order.lock().insert(id);
         }
         if let Some(w) = wamid {
             self.index_wamid(w, id.into());
@@ -433,7 +434,7 @@ impl Outbox {
                 self.evict_records(account, cap - cap / 10);
             }
         }
-        self.order.lock().insert(id.clone());
+        self.order.lock().insert(&id);
         if status.is_settled()
             && let Some(r) = self.records.get(&id)
         {
@@ -684,17 +685,12 @@ impl Outbox {
             std::collections::BTreeMap::new();
         {
             let order = self.order.lock();
-            let range = match cursor {
-                Some(c) => order
-                    .range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(c))),
-                None => order.range::<str, _>(..),
-            };
-            for id in range.rev() {
-                let Some(r) = self.records.get(id) else {
+            for id in order.newest_below(cursor) {
+                let Some(r) = self.records.get(&id) else {
                     continue;
                 };
                 if filter.matches(&r) {
-                    merged.insert(id.clone(), r.clone());
+                    merged.insert(id, r.clone());
                     if merged.len() > limit {
                         break;
                     }
@@ -966,7 +962,7 @@ impl Outbox {
                 if let Some(r) = self.records.get(id.as_str()) {
                     self.archive_soon(&r);
                 }
-                self.order.lock().insert(id.clone());
+                self.order.lock().insert(&id);
                 if owns(account.name()) {
                     match status {
                         Status::Queued => {
@@ -1076,7 +1072,7 @@ impl Outbox {
         {
             let mut order = self.order.lock();
             for r in self.records.iter() {
-                order.insert(r.id.clone());
+                order.insert(&r.id);
                 if let Some(a) = self.state.account_by_name(&r.account) {
                     self.queue(&a).records.fetch_add(1, Ordering::Relaxed);
                 }
