@@ -139,20 +139,22 @@ impl State {
         self.journal.get().is_some_and(Journal::has_failed)
     }
 
-    /// Record inbound message `wamid` as seen; false if it was seen before.
+    /// Record inbound message `wamid` as seen at `now`; false if it was
+    /// seen before. Journaled by [`State::mark_pending`], which every
+    /// first-seen message reaches: one record for both.
     pub fn first_time(&self, wamid: &str, now: Millis) -> bool {
-        let fresh = self.dedupe.first_time(wamid, now);
-        if fresh {
-            self.log(|| StateOp::Seen {
-                wamid: wamid.to_string(),
-                at: now,
-            });
-        }
-        fresh
+        self.dedupe.first_time(wamid, now)
     }
 
-    /// An acknowledged message waits for its rules (replayed after a crash).
-    pub fn mark_pending(&self, account: &Account, msg: &InboundMessage, new_conversation: bool) {
+    /// An acknowledged message, first seen at `seen`, waits for its rules
+    /// (replayed after a crash).
+    pub fn mark_pending(
+        &self,
+        account: &Account,
+        msg: &InboundMessage,
+        new_conversation: bool,
+        seen: Millis,
+    ) {
         if self.journal.get().is_none() {
             return;
         }
@@ -164,6 +166,7 @@ impl State {
             account: account.name().to_string(),
             message: Box::new(InboundWire::from(msg)),
             new_conversation,
+            seen: Some(seen),
         });
     }
 

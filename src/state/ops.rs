@@ -63,10 +63,16 @@ pub enum StateOp {
         at: Millis,
     },
     /// An acknowledged inbound message whose rules have not run yet.
+    /// `seen`: when it was first seen — its dedupe entry, in the same
+    /// record so that a torn write cannot keep the one without the other
+    /// (logs written before this field have a `Seen` before it; snapshots
+    /// hold `SeenDigest`s).
     Pending {
         account: String,
         message: Box<InboundWire>,
         new_conversation: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seen: Option<Millis>,
     },
     /// The rules of that message ran.
     Done { wamid: String },

@@ -172,7 +172,11 @@ impl State {
                 account,
                 message,
                 new_conversation,
+                seen,
             } => {
+                if let Some(at) = seen {
+                    self.dedupe.first_time(&message.wamid, at);
+                }
                 let message = InboundMessage::from(*message);
                 self.pending
                     .insert(message.wamid.clone(), (account, message, new_conversation));
@@ -328,6 +332,7 @@ impl State {
                 account,
                 message: Box::new(InboundWire::from(&message)),
                 new_conversation,
+                seen: None,
             });
         }
     }
@@ -424,6 +429,44 @@ mod tests {
         assert_eq!(ids, ["wamid.1", "wamid.2", "wamid.3", "wamid.4"]);
         let c = s.conversation(&account, "1").unwrap().conversation;
         assert_eq!((c.name.as_deref(), c.recent_seq), (Some("Ana"), 4));
+    }
+
+    /// A message's dedupe entry travels in its `Pending` record: replayed,
+    /// the message is pending and a redelivery of it is a duplicate; a
+    /// `Pending` of an older log (no `seen`, its `Seen` came before it)
+    /// still makes it pending.
+    #[test]
+    fn a_pending_record_carries_its_dedupe_entry() {
+        let s = state();
+        let msg = |w: &str| InboundWire::from(&InboundMessage::test_text(w, "1", "hi", 5));
+        s.restore_op(
+            StateOp::Pending {
+                account: "main".into(),
+                message: Box::new(msg("wamid.new")),
+                new_conversation: true,
+                seen: Some(5_000),
+            },
+            false,
+        );
+        s.restore_op(
+            StateOp::Pending {
+                account: "main".into(),
+                message: Box::new(msg("wamid.old")),
+                new_conversation: false,
+                seen: None,
+            },
+            false,
+        );
+        let account = s.account_by_name("main").unwrap();
+        assert_eq!(s.pending_of(&account).len(), 2);
+        assert!(
+            !s.first_time("wamid.new", 6_000),
+            "seen in its Pending record"
+        );
+        assert!(
+            s.first_time("wamid.old", 6_000),
+            "an old Pending says nothing of it"
+        );
     }
 
     /// A cluster router applying another's history hands it to its own

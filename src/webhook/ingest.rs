@@ -199,7 +199,7 @@ pub fn accept(ctx: &Ctx, notification: Notification) -> Accepted {
             // A BSUID linked to a phone number reaches that conversation.
             state.identify(&account, &mut msg, now);
             let view = state.inbound(&account, &msg, now);
-            state.mark_pending(&account, &msg, view.new_conversation);
+            state.mark_pending(&account, &msg, view.new_conversation, now);
             out.messages += 1;
             ctx.lanes.push(Job {
                 account: account.clone(),
