@@ -290,16 +290,18 @@ impl Outbox {
         if !r.status.is_settled() {
             return;
         }
-        let body = match serde_json::to_vec(&RecordWire::from(r)) {
-            Ok(b) => b,
-            Err(_) => return,
-        };
+        // Sized for a typical record, so that writing it does not grow
+        // the buffer three or four times.
+        let mut body = Vec::with_capacity(1024);
+        if serde_json::to_writer(&mut body, &RecordWire::from(r)).is_err() {
+            return;
+        }
         self.archive.put_record(RecordRow {
-            id: r.id.to_string(),
-            account: r.account.to_string(),
-            to: r.to.to_string(),
+            id: r.id.as_str().to_owned(),
+            account: r.account.as_str().to_owned(),
+            to: r.to.as_str().to_owned(),
             status: r.status.as_str(),
-            wamid: r.wamid.as_ref().map(ToString::to_string),
+            wamid: r.wamid.as_ref().map(|w| w.as_str().to_owned()),
             created_at: r.created_at,
             tags: r.tags.clone(),
             body,
