@@ -709,6 +709,28 @@ struct Writer {
     log_bytes: Arc<AtomicU64>,
 }
 
+/// Group commit: take `next` and every command already waiting, up to a
+/// rotation (returned: it ends the round) or 8 MB of frames.
+fn take_waiting(
+    rx: &mpsc::Receiver<Cmd>,
+    mut next: Option<Cmd>,
+    buf: &mut Vec<u8>,
+    waiting: &mut Vec<oneshot::Sender<bool>>,
+) -> Option<oneshot::Sender<Result<u64, String>>> {
+    while let Some(cmd) = next {
+        match cmd {
+            Cmd::Frame(f) => buf.extend_from_slice(&f),
+            Cmd::Sync(s) => waiting.push(s),
+            Cmd::Rotate(r) => return Some(r),
+        }
+        if buf.len() > 8 << 20 {
+            break;
+        }
+        next = rx.try_recv().ok();
+    }
+    None
+}
+
 impl Writer {
     /// Frames come through `pending`, except those appended before a
     /// rotation, which come with it ([`Journal::rotate`]).
@@ -722,24 +744,7 @@ impl Writer {
         loop {
             let mut rotate = None;
             match rx.recv_timeout(LAZY_SYNC) {
-                Ok(first) => {
-                    // Group commit: take everything that is waiting.
-                    let mut next = Some(first);
-                    while let Some(cmd) = next {
-                        match cmd {
-                            Cmd::Frame(f) => buf.extend_from_slice(&f),
-                            Cmd::Sync(s) => waiting.push(s),
-                            Cmd::Rotate(r) => {
-                                rotate = Some(r);
-                                break;
-                            }
-                        }
-                        if buf.len() > 8 << 20 {
-                            break;
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                }
+                Ok(first) => rotate = take_waiting(&rx, Some(first), &mut buf, &mut waiting),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Quiet: the buffers a spike grew go.
                     if buf.is_empty() && buf.capacity() > 1 << 20 {
@@ -773,16 +778,7 @@ impl Writer {
                 && pressure.high()
             {
                 std::thread::sleep(GATHER);
-                while let Ok(cmd) = rx.try_recv() {
-                    match cmd {
-                        Cmd::Frame(f) => buf.extend_from_slice(&f),
-                        Cmd::Sync(s) => waiting.push(s),
-                        Cmd::Rotate(r) => {
-                            rotate = Some(r);
-                            break;
-                        }
-                    }
-                }
+                rotate = take_waiting(&rx, rx.try_recv().ok(), &mut buf, &mut waiting);
             }
             last_round = waiting.len();
             // Everything appended so far, unless a rotation comes first
