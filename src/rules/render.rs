@@ -371,18 +371,27 @@ mod tests {
         }
     }
 
+    /// What a rule of account "main" renders for `msg` in state "menu".
+    fn in_menu<'a>(
+        msg: &'a InboundMessage,
+        captures: &'a [(String, String)],
+        vars: &'a BTreeMap<String, String>,
+    ) -> RenderInput<'a> {
+        RenderInput {
+            message: msg,
+            account: "main",
+            captures,
+            state: "menu",
+            vars,
+        }
+    }
+
     #[test]
     fn every_name_of_the_spec_renders_and_missing_ones_are_empty() {
         let msg = from_ana(InboundKind::Button, "yes", "Yes please");
         let vars = BTreeMap::from([("city".to_string(), "Lisbon".to_string())]);
         let captures = [("n".to_string(), "42".to_string())];
-        let input = RenderInput {
-            message: &msg,
-            account: "main",
-            captures: &captures,
-            state: "menu",
-            vars: &vars,
-        };
+        let input = in_menu(&msg, &captures, &vars);
         let out = render(
             "{{ contact.name }}|{{ contact.wa_id }}|{{ message.id }}|{{ message.type }}|{{ message.text }}|{{ reply.id }}|{{ reply.title }}|{{ match.n }}|{{ state }}|{{ vars.city }}|{{ account.name }}",
             &input,
@@ -405,13 +414,7 @@ mod tests {
             ("city".to_string(), "Lisbon".to_string()),
             ("zip".to_string(), "1000".to_string()),
         ]);
-        let input = RenderInput {
-            message: &msg,
-            account: "main",
-            captures: &[],
-            state: "menu",
-            vars: &vars,
-        };
+        let input = in_menu(&msg, &[], &vars);
         let mut t = Templates::default();
         // (Names alone skip the engine: this one is taken to it.)
         let greet = t.add_to_engine("Hi {{ contact.name }}").unwrap();
@@ -439,13 +442,7 @@ mod tests {
             ("n".to_string(), "1".to_string()),
             ("n".to_string(), "2".to_string()),
         ];
-        let input = RenderInput {
-            message: &msg,
-            account: "main",
-            captures: &captures,
-            state: "menu",
-            vars: &vars,
-        };
+        let input = in_menu(&msg, &captures, &vars);
         let mut both = 0;
         for source in [
             "Hi {{ contact.name }}! {{contact.wa_id}} {{ contact.user_id }}{{ contact.username }}",
