@@ -19,7 +19,7 @@ use wa_router::ids::MessageId;
 
 /// The binary's allocator (`src/main.rs`).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const RECORD_BYTES: usize = 400;
 const HISTORY_BYTES: usize = 200;

@@ -28,7 +28,7 @@ use wa_router::state::ops::{ConversationWire, StateOp, WindowWire};
 
 /// The binary's allocator (`src/main.rs`): what a restart costs users.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const SECRET: &str = "bench-secret";
 const ACCOUNT_COUNT: usize = 32;

@@ -2,13 +2,14 @@
 //! the tables that grew with the work in flight shrink again, and the
 //! allocator's free pages go back to the system.
 //!
-//! mimalloc (the binary's allocator) keeps free pages per thread; a thread
-//! that goes quiet after a spike returns them only when it allocates again
-//! or collects. So every thread of the router collects when the router has
-//! been idle (no request) for 1, 2, 4, 8, 16 seconds and every 16 s after:
-//! the runtime's workers when they park (a task wakes each of them at
-//! every step), the HTTP workers on a timer, the writer threads when they
-//! wait.
+//! jemalloc (the binary's allocator) keeps freed blocks in a cache per
+//! thread, which a thread that goes quiet after a spike never empties, and
+//! gives free pages back to the system from its background thread only
+//! as they age (10 s). So every thread of the router empties its cache and
+//! has the free pages returned when the router has been idle (no request)
+//! for 1, 2, 4, 8, 16 seconds and every 16 s after: the runtime's workers
+//! when they park (a task wakes each of them at every step), the HTTP
+//! workers on a timer, the writer threads when they wait.
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hash};
@@ -47,9 +48,29 @@ pub fn collect_if_due() {
     let due = steps.due();
     DUE.set(steps);
     if due {
-        // SAFETY: mi_collect only frees this thread's unused pages; it is
-        // harmless (and does nothing) where mimalloc is not the allocator.
-        unsafe { libmimalloc_sys::mi_collect(true) };
+        give_back();
+    }
+}
+
+/// Empty this thread's cache of freed blocks into jemalloc's arenas and
+/// return every arena's unused pages to the system (`mallctl`, jemalloc's
+/// documented control interface). Harmless where jemalloc is not the
+/// allocator (the tests): its cache is empty and it has no pages.
+fn give_back() {
+    /// `MALLCTL_ARENAS_ALL` (4096): every arena.
+    const CONTROLS: [&std::ffi::CStr; 2] = [c"thread.tcache.flush", c"arena.4096.purge"];
+    for name in CONTROLS {
+        // SAFETY: both controls take and return nothing (null pointers,
+        // zero length); a failure only leaves the memory where it was.
+        unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            );
+        }
     }
 }
 
@@ -95,9 +116,9 @@ impl QuietSteps {
 
 /// Wake every worker of the current (multi-thread) runtime at each step
 /// of a quiet spell, so that each parks again and collects. A worker that
-/// sleeps through the spell never would: pages of its heap that other
-/// threads freed into (records the archive writer evicts, connections the
-/// pool drops) stay with it — 10 MB of 58 in a benchmark. One task per
+/// sleeps through the spell never would: what it freed last (the blocks
+/// of a load's last records and connections) stays in its cache (with
+/// mimalloc, the allocator before, 10 MB of 58 in a benchmark). One task per
 /// worker, each waiting (at most 10 ms, idle time only) until all have
 /// started: a worker busy with one cannot take another, so a sleeping
 /// worker is woken to take its own.
@@ -135,7 +156,7 @@ const FIRST_COLLECT_MS: Millis = 1000;
 const MAX_COLLECT_GAP_MS: Millis = 16_000;
 
 /// Give the C allocator's free memory back to the system: SQLite (the
-/// archive) allocates through it, not through mimalloc, and its page
+/// archive) allocates through it, not through jemalloc, and its page
 /// caches (up to 32 MiB) stay with glibc's heap after they are released.
 pub fn trim_system_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
