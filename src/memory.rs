@@ -55,7 +55,10 @@ pub fn collect_if_due() {
 /// Empty this thread's cache of freed blocks into jemalloc's arenas and
 /// return every arena's unused pages to the system (`mallctl`, jemalloc's
 /// documented control interface). Harmless where jemalloc is not the
-/// allocator (the tests): its cache is empty and it has no pages.
+/// allocator (the tests): it starts up empty and has nothing to return.
+/// Every thread purges every arena at its step: after the first, a purge
+/// finds little left, and a thread's flush may leave pages in arenas of
+/// threads that collected before it (idle time only).
 fn give_back() {
     /// `MALLCTL_ARENAS_ALL` (4096): every arena.
     const CONTROLS: [&std::ffi::CStr; 2] = [c"thread.tcache.flush", c"arena.4096.purge"];
