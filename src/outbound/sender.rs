@@ -140,11 +140,15 @@ pub async fn run(sender: Arc<Sender>, account: Arc<Account>, mut stop: watch::Re
                 queue.mark_sent_now(now);
                 rate.take(now);
                 let (sender, account, queue) = (sender.clone(), account.clone(), queue.clone());
-                tokio::spawn(async move {
+                // Boxed: the send's state (some 2 KB, hyper's request
+                // included) is copied once, into the box; unboxed, tokio
+                // copied it into the task and its whole cell again when
+                // the task ended.
+                tokio::spawn(Box::pin(async move {
                     let outcome = execute(&sender, &account, prepared).await;
                     queue.finish(&contact, &id, outcome.finished(now_ms()));
                     queue.notify.notify_one();
-                });
+                }));
             }
         }
     }
