@@ -147,6 +147,18 @@ fn forget_oldest(sorted: &mut Vec<u64>, seen: &mut Vec<u32>, keep: usize) {
 /// cost at most twice the halving's probes.
 fn find_uniform(sorted: &[u64], d: u64) -> Result<usize, usize> {
     let (mut lo, mut hi) = (0, sorted.len());
+    // Compare with `sorted[i]` and keep the side `d` is on; true if found.
+    let narrow = |i: usize, lo: &mut usize, hi: &mut usize| match sorted[i].cmp(&d) {
+        std::cmp::Ordering::Equal => true,
+        std::cmp::Ordering::Less => {
+            *lo = i + 1;
+            false
+        }
+        std::cmp::Ordering::Greater => {
+            *hi = i;
+            false
+        }
+    };
     while hi - lo > 16 {
         let (first, last) = (sorted[lo], sorted[hi - 1]);
         if d <= first {
@@ -160,24 +172,18 @@ fn find_uniform(sorted: &[u64], d: u64) -> Result<usize, usize> {
             (u128::from(d - first) * (hi - 1 - lo) as u128 / u128::from(last - first)) as usize;
         let before = hi - lo;
         let probe = lo + offset;
-        match sorted[probe].cmp(&d) {
-            std::cmp::Ordering::Equal => return Ok(probe),
-            std::cmp::Ordering::Less => lo = probe + 1,
-            std::cmp::Ordering::Greater => hi = probe,
+        if narrow(probe, &mut lo, &mut hi) {
+            return Ok(probe);
         }
-        if hi - lo > before / 2 {
-            let mid = lo + (hi - lo) / 2;
-            match sorted[mid].cmp(&d) {
-                std::cmp::Ordering::Equal => return Ok(mid),
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-            }
+        let mid = lo + (hi - lo) / 2;
+        if hi - lo > before / 2 && narrow(mid, &mut lo, &mut hi) {
+            return Ok(mid);
         }
     }
-    match sorted[lo..hi].binary_search(&d) {
-        Ok(i) => Ok(lo + i),
-        Err(i) => Err(lo + i),
-    }
+    sorted[lo..hi]
+        .binary_search(&d)
+        .map(|i| lo + i)
+        .map_err(|i| lo + i)
 }
 
 impl Dedupe {
