@@ -77,7 +77,9 @@ async fn main() {
         "archive: {} mode, one record ({RECORD_BYTES} B) and two history entries ({HISTORY_BYTES} B) a message",
         if durable { "durable" } else { "memory" }
     );
-    println!("messages,seconds,messages_per_s,cpu_us_per_message");
+    // Durable mode: the files' size after the last commit (database and
+    // WAL), a message's share of the disk.
+    println!("messages,seconds,messages_per_s,cpu_us_per_message,disk_bytes_per_message");
     for n in sizes {
         let dir = tempfile::tempdir_in(".").expect("a directory here");
         let archive = Archive::open(durable.then_some(dir.path())).expect("archive opens");
@@ -85,8 +87,18 @@ async fn main() {
         fill(&archive, n);
         archive.sync().await.expect("archive commits");
         let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        let disk: u64 = std::fs::read_dir(dir.path())
+            .expect("the directory lists")
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let per_message = if durable {
+            format!("{}", disk / n as u64)
+        } else {
+            "-".into()
+        };
         println!(
-            "{n},{secs:.2},{:.0},{:.1}",
+            "{n},{secs:.2},{:.0},{:.1},{per_message}",
             n as f64 / secs,
             cpu * 1e6 / n as f64
         );
