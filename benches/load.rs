@@ -265,10 +265,34 @@ async fn graph(body: web::Bytes, mock: web::Data<Mock>) -> HttpResponse {
         mock.seen.arrivals.lock().push((arrived, seq));
     }
     let n = mock.counter.fetch_add(1, Ordering::Relaxed);
+    let wamid = out_wamid(n, &to);
     mock.seen.wamids.lock().push((Instant::now(), n, to));
     HttpResponse::Ok().content_type("application/json").body(format!(
-        r#"{{"messaging_product":"whatsapp","contacts":[{{"input":{quoted},"wa_id":{quoted},"user_id":{quoted}}}],"messages":[{{"id":"wamid.bench.out.{n}"}}]}}"#
+        r#"{{"messaging_product":"whatsapp","contacts":[{{"input":{quoted},"wa_id":{quoted},"user_id":{quoted}}}],"messages":[{{"id":"{wamid}"}}]}}"#
     ))
+}
+
+/// The wamid of the mock's send number `n` to `to`, shaped as Meta's
+/// (`../shared/whatsapp/fixtures`): `wamid.` and the base64 of a small
+/// protobuf holding the recipient's number and a random-looking hex id.
+/// Some 60 characters; one contact's wamids share a prefix, and otherwise
+/// they sort at random, not in the order they were sent.
+fn out_wamid(n: usize, to: &str) -> String {
+    use base64::Engine;
+    // splitmix64's finaliser: a different id for every n.
+    let mut x = (n as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let mut raw = vec![0x18, to.len() as u8];
+    raw.extend_from_slice(to.as_bytes());
+    raw.extend_from_slice(&[0x15, 0x02, 0x00, 0x12, 0x18, 0x14]);
+    raw.extend_from_slice(format!("{x:016X}{:04X}", n & 0xFFFF).as_bytes());
+    raw.push(0);
+    format!(
+        "wamid.{}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 /// The sequence number of the inbound message a reply answers: echo
@@ -324,7 +348,7 @@ fn status_webhook(n: usize, to: &str, ts: i64, status: &str) -> Vec<u8> {
             "messaging_product": "whatsapp",
             "metadata": { "display_phone_number": "15550000000", "phone_number_id": PNID },
             "statuses": [{
-                "id": format!("wamid.bench.out.{n}"),
+                "id": out_wamid(n, to),
                 "status": status,
                 "timestamp": ts.to_string(),
                 "recipient_id": to,
