@@ -668,7 +668,8 @@ impl Archive {
         // Named `records` in every part (the tag clause refers to it).
         let mut sql = format!("SELECT body FROM {} AS records WHERE 1=1", p.records);
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        if let (Some(to), true) = (q.to, p.keyed) {
+        // A keyed part finds the recipient through its key, then the text.
+        if let Some(to) = q.to.filter(|_| p.keyed) {
             sql.push_str(" AND recipient_key = ?");
             args.push(text_key(to).into());
         }
