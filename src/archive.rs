@@ -1403,35 +1403,35 @@ mod tests {
         assert_eq!(a.part_count(), 2);
     }
 
+    /// A history table as every layout so far has made it.
+    const OLD_HISTORY: &str = "CREATE TABLE history (n INTEGER PRIMARY KEY, \
+         account TEXT NOT NULL, contact TEXT NOT NULL, seq INTEGER NOT NULL, \
+         at INTEGER NOT NULL, body BLOB NOT NULL);
+         CREATE UNIQUE INDEX history_conversation ON history(account, contact, seq);";
+
+    /// A data directory whose archive an earlier version made: `sql` makes
+    /// its tables and rows.
+    fn old_archive(sql: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(FILE)).unwrap();
+        conn.execute_batch(sql).unwrap();
+        dir
+    }
+
     #[tokio::test]
     async fn an_archive_made_before_parts_is_part_0() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            // The tables as the archive made them before there were parts
-            // (records keyed by id, WITHOUT ROWID).
-            let conn = Connection::open(dir.path().join(FILE)).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE records (id TEXT PRIMARY KEY, account TEXT NOT NULL, \
-                 recipient TEXT NOT NULL, status TEXT NOT NULL, wamid TEXT, \
-                 created_at INTEGER NOT NULL, tags TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
-                 CREATE INDEX records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
-                 CREATE INDEX records_recipient ON records(recipient, id);
-                 CREATE TABLE history (n INTEGER PRIMARY KEY, account TEXT NOT NULL, \
-                 contact TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, body BLOB NOT NULL);
-                 CREATE UNIQUE INDEX history_conversation ON history(account, contact, seq);",
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO records VALUES ('msg_0000old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64')",
-                [],
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO history (account, contact, seq, at, body) VALUES ('main', '1', 1, 1, X'6831')",
-                [],
-            )
-            .unwrap();
-        }
+        // The tables as the archive made them before there were parts
+        // (records keyed by id, WITHOUT ROWID).
+        let dir = old_archive(&format!(
+            "CREATE TABLE records (id TEXT PRIMARY KEY, account TEXT NOT NULL, \
+             recipient TEXT NOT NULL, status TEXT NOT NULL, wamid TEXT, \
+             created_at INTEGER NOT NULL, tags TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+             CREATE INDEX records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
+             CREATE INDEX records_recipient ON records(recipient, id);
+             {OLD_HISTORY}
+             INSERT INTO records VALUES ('msg_0000old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64');
+             INSERT INTO history (account, contact, seq, at, body) VALUES ('main', '1', 1, 1, X'6831');"
+        ));
         let a = Archive::open_parted(Some(dir.path()), 1).unwrap();
         assert_eq!(a.part_count(), 1);
         assert_eq!(a.record("msg_0000old").as_deref(), Some(&b"old"[..]));
@@ -1464,28 +1464,21 @@ mod tests {
 
     #[tokio::test]
     async fn parts_made_before_keys_answer_beside_keyed_ones_across_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            // Part 0 as the archive made it before keys (rowid, the text
-            // indexed), with one record.
-            let conn = Connection::open(dir.path().join(FILE)).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE parts (n INTEGER PRIMARY KEY, since INTEGER NOT NULL, \
-                 rows INTEGER NOT NULL DEFAULT 0);
-                 INSERT INTO parts (n, since) VALUES (0, 0);
-                 CREATE TABLE records (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, \
-                 account TEXT NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, \
-                 wamid TEXT, created_at INTEGER NOT NULL, tags TEXT NOT NULL, body BLOB NOT NULL);
-                 CREATE INDEX records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
-                 CREATE INDEX records_recipient ON records(recipient);
-                 CREATE TABLE history (n INTEGER PRIMARY KEY, account TEXT NOT NULL, \
-                 contact TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, body BLOB NOT NULL);
-                 CREATE UNIQUE INDEX history_conversation ON history(account, contact, seq);
-                 INSERT INTO records (id, account, recipient, status, wamid, created_at, tags, body) \
-                 VALUES ('msg_0000old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64');",
-            )
-            .unwrap();
-        }
+        // Part 0 as the archive made it before keys (rowid, the text
+        // indexed), with one record.
+        let dir = old_archive(&format!(
+            "CREATE TABLE parts (n INTEGER PRIMARY KEY, since INTEGER NOT NULL, \
+             rows INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO parts (n, since) VALUES (0, 0);
+             CREATE TABLE records (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, \
+             account TEXT NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, \
+             wamid TEXT, created_at INTEGER NOT NULL, tags TEXT NOT NULL, body BLOB NOT NULL);
+             CREATE INDEX records_wamid ON records(wamid) WHERE wamid IS NOT NULL;
+             CREATE INDEX records_recipient ON records(recipient);
+             {OLD_HISTORY}
+             INSERT INTO records (id, account, recipient, status, wamid, created_at, tags, body) \
+             VALUES ('msg_0000old', 'main', '1', 'read', 'wamid.old', 1, '[]', X'6f6c64');"
+        ));
         let new_id = MessageId::generate().as_ref().to_string();
         for round in 0..2 {
             let a = Archive::open_parted(Some(dir.path()), 1).unwrap();
