@@ -87,13 +87,13 @@ async fn main() {
         fill(&archive, n);
         archive.sync().await.expect("archive commits");
         let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
-        let disk: u64 = std::fs::read_dir(dir.path())
-            .expect("the directory lists")
-            .filter_map(|e| e.ok()?.metadata().ok())
-            .map(|m| m.len())
-            .sum();
         let per_message = if durable {
-            format!("{}", disk / n as u64)
+            let disk: u64 = std::fs::read_dir(dir.path())
+                .expect("the directory lists")
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            (disk / n as u64).to_string()
         } else {
             "-".into()
         };

@@ -334,10 +334,10 @@ fn load_parts(conn: &Connection) -> rusqlite::Result<Vec<Part>> {
     };
     let mut parts = conn
         .prepare("SELECT n, since FROM parts ORDER BY n")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<Vec<(i64, i64)>>>()?
-        .into_iter()
-        .map(|(n, since)| Ok(Part::new(n, since, keyed(n)?)))
+        .query_map([], |r| {
+            let n = r.get(0)?;
+            Ok(Part::new(n, r.get(1)?, keyed(n)?))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     if parts.is_empty() {
         conn.execute("INSERT INTO parts (n, since) VALUES (0, 0)", [])?;
