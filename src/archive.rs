@@ -151,6 +151,8 @@ pub struct Archive {
     cache_for: std::sync::atomic::AtomicUsize,
     /// Searches by wamid so far ([`Archive::record_by_wamid`]).
     wamid_searches: AtomicU64,
+    /// The database file (its `-wal` and `-shm` beside it).
+    path: PathBuf,
 }
 
 /// Statements the reading connection keeps for an archive of `parts`
@@ -466,7 +468,22 @@ impl Archive {
             gate: Default::default(),
             cache_for: STATEMENT_CACHE.into(),
             wamid_searches: AtomicU64::new(0),
+            path,
         })
+    }
+
+    /// Bytes the archive takes on disk now: its database file with its
+    /// write-ahead log and shared-memory index (`/metrics`).
+    pub fn disk_bytes(&self) -> u64 {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(p).ok()
+            })
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Called after each commit with the `(id, version)` of the records it

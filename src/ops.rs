@@ -122,6 +122,12 @@ pub async fn metrics(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpRespon
         body_buffered: ctx.bodies.buffered(),
         records_in_memory: ctx.outbox.record_count(),
         archive_backlog: ctx.state.archive().backlog(),
+        journal_bytes: ctx
+            .state
+            .journal()
+            .and_then(|j| j.dir())
+            .map(crate::journal::disk_bytes),
+        archive_bytes: ctx.state.archive().disk_bytes(),
     });
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

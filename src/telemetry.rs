@@ -84,6 +84,10 @@ pub struct ScrapeGauges {
     pub records_in_memory: usize,
     /// Rows handed to the archive and not yet committed.
     pub archive_backlog: u64,
+    /// Bytes on disk of the journal (`None` without one: memory mode, or
+    /// a cluster's journal on Redis) and of the archive.
+    pub journal_bytes: Option<u64>,
+    pub archive_bytes: u64,
 }
 
 /// Upper bounds (s) of the webhook ack histogram: fine around the few
@@ -113,6 +117,7 @@ pub struct Metrics {
     body_buffered: Gauge,
     records_in_memory: Gauge,
     archive_backlog: Gauge,
+    storage_bytes: Family<StoreLabel, Gauge>,
     records_evicted: Counter,
     priced: Family<PricingLabel, Counter>,
 }
@@ -121,6 +126,11 @@ pub struct Metrics {
 struct PricingLabel {
     category: String,
     r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    store: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,6 +166,7 @@ impl Metrics {
             body_buffered: Gauge::default(),
             records_in_memory: Gauge::default(),
             archive_backlog: Gauge::default(),
+            storage_bytes: Family::default(),
             records_evicted: Counter::default(),
             priced: Family::default(),
         };
@@ -245,6 +256,11 @@ impl Metrics {
             m.archive_backlog.clone(),
         );
         r.register(
+            "storage_bytes",
+            "Bytes on disk, by store: the journal (its logs and snapshot) and the archive (its database, write-ahead log and index; in memory mode a temporary file)",
+            m.storage_bytes.clone(),
+        );
+        r.register(
             "records_evicted",
             "Finished outbound records dropped before retention because an account held max_records",
             m.records_evicted.clone(),
@@ -326,6 +342,17 @@ impl Metrics {
         self.body_buffered.set(g.body_buffered as i64);
         self.records_in_memory.set(g.records_in_memory as i64);
         self.archive_backlog.set(g.archive_backlog as i64);
+        let stores = [
+            ("journal", g.journal_bytes),
+            ("archive", Some(g.archive_bytes)),
+        ];
+        for (store, bytes) in stores {
+            if let Some(b) = bytes {
+                self.storage_bytes
+                    .get_or_create(&StoreLabel { store })
+                    .set(b as i64);
+            }
+        }
         for (target, n, bytes) in &g.backlog {
             let label = TargetLabel {
                 target: target.clone(),

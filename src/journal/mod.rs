@@ -344,6 +344,12 @@ pub fn log_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes the journal takes on disk in `dir`: its logs and its snapshot
+/// (`/metrics`).
+pub fn disk_bytes(dir: &Path) -> u64 {
+    log_bytes(dir) + fs::metadata(dir.join(SNAPSHOT)).map_or(0, |m| m.len())
+}
+
 /// Replay `dir`: the snapshot, then every log after it, in order.
 /// Returns the number of frames read and the next log sequence number.
 pub fn replay(

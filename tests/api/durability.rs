@@ -360,6 +360,58 @@ set_state = "party"
 send = [ { type = "text", body = "How many?" } ]
 "#;
 
+/// Bytes of the files in `data` whose names `of` accepts.
+fn bytes_of(data: &Path, of: fn(&str) -> bool) -> f64 {
+    std::fs::read_dir(data)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| of(&e.file_name().to_string_lossy()))
+        .map(|e| e.metadata().unwrap().len() as f64)
+        .sum()
+}
+
+/// The journal's and the archive's bytes on `/metrics`, once they equal
+/// what their files in `data` hold (the router is quiet).
+async fn storage_as_on_disk(r: &Router, data: &Path) -> (f64, f64) {
+    let journal = |n: &str| n == "snapshot.log" || (n.starts_with("wal-") && n.ends_with(".log"));
+    let archive = |n: &str| n.starts_with("archive.sqlite3");
+    wait_for(10, "the metrics to match the files", || async {
+        let text = r.metrics_text().await?;
+        let j = metric_value(&text, "wa_router_storage_bytes{store=\"journal\"}")?;
+        let a = metric_value(&text, "wa_router_storage_bytes{store=\"archive\"}")?;
+        (j == bytes_of(data, journal) && a == bytes_of(data, archive)).then_some((j, a))
+    })
+    .await
+}
+
+/// `/metrics` counts the journal's and the archive's bytes on disk: what
+/// the files in the data directory hold once the router is quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_journal_and_the_archive_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (graph, arrivals) = graph_mock().await;
+    let mut r = Router::start(dir.path(), &graph.uri(), "0s", GREETING).await;
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        200
+    );
+    wait_for(10, "the reply", || async {
+        (!arrivals.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let (j, a) = storage_as_on_disk(&r, &data).await;
+    assert!(j > 0.0, "the acknowledged webhook is in the journal");
+    assert!(a > 0.0, "the archive has its schema at least");
+    // A clean stop writes the snapshot: counted with the logs after it.
+    assert_eq!(r.stop(), 0);
+    let r = Router::start(dir.path(), &graph.uri(), "0s", GREETING).await;
+    assert!(data.join("snapshot.log").exists());
+    let (j, _) = storage_as_on_disk(&r, &data).await;
+    assert!(j > 0.0, "the snapshot holds the conversation");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_effects_survive_a_sigkill_and_are_not_repeated() {
     let dir = tempfile::tempdir().unwrap();

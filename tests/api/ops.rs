@@ -65,6 +65,23 @@ async fn metrics_count_webhooks_inbound_matches_and_outbound() {
     }
 }
 
+/// Memory mode: the archive's temporary file is on disk and counted; there
+/// is no journal to count.
+#[tokio::test]
+async fn metrics_count_the_archive_on_disk_and_no_journal_in_memory_mode() {
+    let app = spawn_app(GREETING).await;
+    app.say(ANA, "hi").await;
+    app.wait_texts(ANA, 1).await;
+    let text = app.metrics_text().await;
+    let archive = metric_value(&text, "wa_router_storage_bytes{store=\"archive\"}")
+        .unwrap_or_else(|| panic!("no archive bytes in\n{text}"));
+    assert!(archive > 0.0, "the archive's file has its schema at least");
+    assert!(
+        !text.contains("store=\"journal\""),
+        "memory mode has no journal:\n{text}"
+    );
+}
+
 /// The histogram of webhook acks counts what was answered 200 (not the
 /// rejected), and each ack falls in one bucket up to `+Inf`.
 #[tokio::test]
