@@ -50,7 +50,8 @@ use crate::ids::MessageId;
 // a batch dirties at random are index pages, not whole rows; an index
 // entry holds its key and a rowid (8 bytes), not the 36-byte record id.
 // The wamid and recipient indexes hold a 4-byte key of the text
-// ([`text_key`]) since 2026-12-06: smaller indexes, fewer pages a commit.
+// ([`text_key`]) from the sixteenth session of 2026-12-05 on: smaller
+// indexes, fewer pages a commit.
 // Parts made before 2026-12-05 keep records in a table keyed by id
 // (WITHOUT ROWID) whose indexes carry the id: that cost the writer about
 // a fifth more a message (`cargo bench --bench archive`, BENCHMARKS.md),
@@ -191,7 +192,8 @@ struct Part {
     records: String,
     history: String,
     /// Its records are found by wamid and recipient through integer keys
-    /// ([`text_key`]); parts made before 2026-12-06 index the text itself.
+    /// ([`text_key`]); parts made before the sixteenth session of
+    /// 2026-12-05 index the text itself.
     keyed: bool,
     /// Statements run once a row or a read (made once, not per row).
     put_record: String,
@@ -684,25 +686,26 @@ impl Archive {
     fn records_in(conn: &Connection, p: &Part, q: &RecordQuery<'_>) -> Vec<Vec<u8>> {
         // Named `records` in every part (the tag clause refers to it).
         let mut sql = format!("SELECT body FROM {} AS records WHERE 1=1", p.records);
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
         // A keyed part finds the recipient through its key, then the text.
-        if let Some(to) = q.to.filter(|_| p.keyed) {
+        let to_key = q.to.filter(|_| p.keyed).map(text_key);
+        if let Some(k) = &to_key {
             sql.push_str(" AND recipient_key = ?");
-            args.push(text_key(to).into());
+            args.push(k);
         }
         for (value, clause) in [
-            (q.account, " AND account = ?"),
-            (q.to, " AND recipient = ?"),
-            (q.status, " AND status = ?"),
+            (&q.account, " AND account = ?"),
+            (&q.to, " AND recipient = ?"),
+            (&q.status, " AND status = ?"),
             (
-                q.tag,
+                &q.tag,
                 " AND EXISTS (SELECT 1 FROM json_each(records.tags) WHERE value = ?)",
             ),
-            (q.before, " AND id < ?"),
+            (&q.before, " AND id < ?"),
         ] {
             if let Some(v) = value {
                 sql.push_str(clause);
-                args.push(v.to_owned().into());
+                args.push(v);
             }
         }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", q.limit));
