@@ -96,6 +96,10 @@ struct Args {
     live_statuses: bool,
     /// The router's `[meta] graph_http` ("1.1" or "2"); the mock speaks both.
     graph_http: String,
+    /// `--timeline FILE`: a CSV row every `timeline_every_s` while the load
+    /// runs (a soak: does memory follow live work, and what the disk holds).
+    timeline: Option<PathBuf>,
+    timeline_every_s: u64,
 }
 
 fn parse_args() -> Args {
@@ -124,6 +128,8 @@ fn parse_args() -> Args {
         statuses: false,
         live_statuses: false,
         graph_http: "1.1".into(),
+        timeline: None,
+        timeline_every_s: 10,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -147,6 +153,8 @@ fn parse_args() -> Args {
             "--max-in-flight" => a.max_in_flight = v.parse().expect("--max-in-flight N"),
             "--max-backlog" => a.max_backlog = Some(v.parse().expect("--max-backlog N")),
             "--graph-http" => a.graph_http = v,
+            "--timeline" => a.timeline = Some(PathBuf::from(v)),
+            "--timeline-every" => a.timeline_every_s = v.parse().expect("--timeline-every SECONDS"),
             "--messages" => a.messages = v.parse().expect("--messages N"),
             "--label" => a.label = v,
             "--wait" => a.wait_s = v.parse().expect("--wait N"),
@@ -172,7 +180,8 @@ fn parse_args() -> Args {
                      --connections N | --rate MSG_PER_S, --seconds N, --latency-ms N, \
                      --jitter-ms N, --fault-429 F, --fault-500 F, --router-rate N, --max-in-flight N, --max-backlog N, \
                      --messages N, --label TEXT, --wait SECONDS, --settle SECONDS, --contacts N, \
-                     --statuses, --live-statuses, --graph-http 1.1|2"
+                     --statuses, --live-statuses, --graph-http 1.1|2, \
+                     --timeline FILE, --timeline-every SECONDS"
                 );
                 std::process::exit(0);
             }
@@ -571,14 +580,7 @@ async fn router_acks(http: &reqwest::Client, ports: &[u16]) -> Option<Vec<(f64, 
     }
     let mut sum: Vec<(f64, f64)> = Vec::new();
     for port in ports {
-        let text = http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = scrape(http, *port).await?;
         let buckets: Vec<(f64, f64)> = text
             .lines()
             .filter_map(|l| {
@@ -603,6 +605,122 @@ async fn router_acks(http: &reqwest::Client, ports: &[u16]) -> Option<Vec<(f64, 
         }
     }
     Some(sum)
+}
+
+/// A router's `/metrics` text.
+async fn scrape(http: &reqwest::Client, port: u16) -> Option<String> {
+    http.get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// The routers' `wa_router_storage_bytes`: (journal, archive) in MB.
+async fn router_storage(http: &reqwest::Client, ports: &[u16]) -> (f64, f64) {
+    let (mut journal, mut archive) = (0.0, 0.0);
+    for port in ports {
+        let text = scrape(http, *port).await.unwrap_or_default();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("wa_router_storage_bytes{store=\"") else {
+                continue;
+            };
+            let Some((store, n)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let mb = n.trim().parse::<f64>().unwrap_or(0.0) / 1_048_576.0;
+            match store {
+                "journal" => journal += mb,
+                "archive" => archive += mb,
+                _ => {}
+            }
+        }
+    }
+    (journal, archive)
+}
+
+/// `--timeline FILE`: one row every `--timeline-every` seconds of the
+/// load, what it did in that interval and what the routers held at its
+/// end.
+struct Timeline {
+    out: std::io::BufWriter<std::fs::File>,
+    every: Duration,
+    last: Instant,
+    started: Instant,
+    acks: usize,
+    replies: usize,
+    latencies: usize,
+    cpu_ms: f64,
+}
+
+impl Timeline {
+    const HEADER: &str =
+        "seconds,acks_per_s,replies_per_s,statuses_acked,ack_p99_ms,rss_mb,cpu_pct,journal_mb,archive_mb";
+
+    fn create(path: &Path, every_s: u64, started: Instant, cpu_ms: f64) -> Self {
+        use std::io::Write;
+        let file = std::fs::File::create(path)
+            .unwrap_or_else(|e| panic!("--timeline {}: {e}", path.display()));
+        let mut out = std::io::BufWriter::new(file);
+        writeln!(out, "{}", Self::HEADER).expect("timeline");
+        Timeline {
+            out,
+            every: Duration::from_secs(every_s.max(1)),
+            last: started,
+            started,
+            acks: 0,
+            replies: 0,
+            latencies: 0,
+            cpu_ms,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.last.elapsed() >= self.every
+    }
+
+    /// Write the row of the interval that ends now.
+    fn row(
+        &mut self,
+        load: &Load,
+        seen: &Seen,
+        usage: (f64, f64),
+        storage: (f64, f64),
+    ) {
+        use std::io::Write;
+        let now = Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64().max(1e-3);
+        let acks = load.acked.load(Ordering::Relaxed);
+        let replies = seen.sends.lock().len();
+        let mut lat: Vec<u32> = {
+            let all = load.latencies.lock();
+            let fresh = all.get(self.latencies..).unwrap_or_default().to_vec();
+            self.latencies = all.len();
+            fresh
+        };
+        lat.sort_unstable();
+        let statuses = load
+            .live
+            .as_ref()
+            .map_or(0, |l| l.acked.load(Ordering::Relaxed));
+        let (rss, cpu_ms) = usage;
+        writeln!(
+            self.out,
+            "{:.0},{:.0},{:.0},{statuses},{:.2},{rss:.0},{:.1},{:.1},{:.1}",
+            now.duration_since(self.started).as_secs_f64(),
+            (acks - self.acks) as f64 / secs,
+            (replies - self.replies) as f64 / secs,
+            percentile(&lat, 0.99),
+            (cpu_ms - self.cpu_ms) / (secs * 10.0),
+            storage.0,
+            storage.1,
+        )
+        .and_then(|()| self.out.flush())
+        .expect("timeline");
+        (self.acks, self.replies, self.cpu_ms, self.last) = (acks, replies, cpu_ms, now);
+    }
 }
 
 /// The quantile `q` of the acks between two snapshots of
@@ -982,6 +1100,10 @@ async fn run(args: Args) {
     });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
+    let mut timeline = args
+        .timeline
+        .as_deref()
+        .map(|path| Timeline::create(path, args.timeline_every_s, started, cpu_before));
     let mut tasks = Vec::new();
     match args.rate {
         None => {
@@ -1000,8 +1122,9 @@ async fn run(args: Args) {
             }
         }
         Some(rate) => {
-            let load = load.clone();
+            let offered = load.clone();
             tasks.push(tokio::spawn(async move {
+                let load = offered;
                 let gap = Duration::from_secs_f64(1.0 / rate as f64);
                 let mut tick = tokio::time::interval(gap);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -1017,12 +1140,30 @@ async fn run(args: Args) {
                     let _ = tokio::time::timeout_at(give_up, t).await;
                 }
             }));
+            // Statuses as they come due, beside the offered messages.
+            if load.live.is_some() {
+                for _ in 0..8 {
+                    let load = load.clone();
+                    tasks.push(tokio::spawn(async move {
+                        while Instant::now() < deadline {
+                            if load.post_due_status().await.is_none() {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }));
+                }
+            }
         }
     }
     let mut peak_rss = 0.0f64;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        peak_rss = peak_rss.max(usage().0);
+        let now = usage();
+        peak_rss = peak_rss.max(now.0);
+        if let Some(t) = timeline.as_mut().filter(|t| t.due()) {
+            let storage = router_storage(&metrics_http, &ports).await;
+            t.row(&load, &seen, now, storage);
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -1158,6 +1299,12 @@ async fn run(args: Args) {
     // router archives what finished in the background).
     tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
     let rss_idle = usage().0;
+    if let Some(t) = timeline.as_mut() {
+        // The last row: the trailing replies and statuses, then the
+        // settle (what the routers hold once the work is done).
+        let storage = router_storage(&metrics_http, &ports).await;
+        t.row(&load, &seen, usage(), storage);
+    }
     // Per-contact order of echo replies (their sequence is in the text):
     // a reply after one to a later message of the contact is out of order
     // when its own message was answered before that later one was posted.
