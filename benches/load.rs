@@ -656,8 +656,7 @@ struct Timeline {
 }
 
 impl Timeline {
-    const HEADER: &str =
-        "seconds,acks_per_s,replies_per_s,statuses_acked,ack_p99_ms,rss_mb,cpu_pct,journal_mb,archive_mb";
+    const HEADER: &str = "seconds,acks_per_s,replies_per_s,statuses_acked,ack_p99_ms,rss_mb,cpu_pct,journal_mb,archive_mb";
 
     fn create(path: &Path, every_s: u64, started: Instant, cpu_ms: f64) -> Self {
         use std::io::Write;
@@ -682,13 +681,7 @@ impl Timeline {
     }
 
     /// Write the row of the interval that ends now.
-    fn row(
-        &mut self,
-        load: &Load,
-        seen: &Seen,
-        usage: (f64, f64),
-        storage: (f64, f64),
-    ) {
+    fn row(&mut self, load: &Load, seen: &Seen, usage: (f64, f64), storage: (f64, f64)) {
         use std::io::Write;
         let now = Instant::now();
         let secs = now.duration_since(self.last).as_secs_f64().max(1e-3);
