@@ -202,9 +202,9 @@ fn parse_snapshot_header(payload: &[u8]) -> Option<u64> {
 
 /// Read every frame of `path`, handing each payload to `each` (an `Err`
 /// from it is an unreadable record: corruption). A torn tail (a crash or a failed write
-/// mid-frame: a partial frame, a last frame whose checksum fails, or a
-/// zero-filled rest of the file, such as the space a log preallocates) is
-/// cut off and the file truncated there
+/// mid-frame: a partial frame, a last frame whose checksum fails, a
+/// zero-filled rest of the file, or a frame whose end is followed by
+/// nothing but zeros) is cut off and the file truncated there
 /// when `repair` (the newest log that holds data); without `repair` it is
 /// corruption, and so is damage followed by more data. A frame of length 0
 /// is never valid.
@@ -225,8 +225,8 @@ pub fn read_frames(
     };
     // A bad frame at `offset` (claiming to end at `end`): a torn tail if it
     // is the last frame, or nothing but zeros follows it — from its start,
-    // or from its end (a write cut short in the log's preallocated space,
-    // which reads as zeros); damage otherwise.
+    // or from its end (a write cut short: its first page reached the disk,
+    // the pages after it did not and read as zeros); damage otherwise.
     let bad = |offset: u64, end: u64, count: u64, reason: &str| -> Result<u64, JournalError> {
         if end >= len || zeros_from(path, offset)? || zeros_from(path, end)? {
             torn(path, offset, len, repair, count)
@@ -308,13 +308,7 @@ fn torn(path: &Path, offset: u64, len: u64, repair: bool, count: u64) -> Result<
             reason: "the file ends in the middle of a record (truncated)".into(),
         });
     }
-    if zeros_from(path, offset)? {
-        // The log's preallocated space after its last record (a stop
-        // without the clean cut): nothing was lost.
-        tracing::debug!(file = %path.display(), offset, "journal's preallocated tail cut off");
-    } else {
-        tracing::warn!(file = %path.display(), offset, dropped_bytes = len - offset, "journal ends in a torn record (crash or failed write mid-record); it is cut off");
-    }
+    tracing::warn!(file = %path.display(), offset, dropped_bytes = len - offset, "journal ends in a torn record (crash or failed write mid-record); it is cut off");
     let f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -459,7 +453,9 @@ impl Journal {
     /// Open the journal in `dir` for appending, starting log `next_seq`.
     pub fn open(dir: &Path, next_seq: u64) -> Result<Self, JournalError> {
         let path = dir.join(log_name(next_seq));
-        let file = open_log(&path).map_err(|e| io_error(&path, e))?;
+        let file = private(OpenOptions::new().create(true).append(true))
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
         sync_dir(dir);
         let (tx, rx) = mpsc::channel();
         let pending = Pending::default();
@@ -471,8 +467,6 @@ impl Journal {
             file,
             seq: next_seq,
             good_len: len,
-            allocated: len,
-            preallocating: true,
             failed: failed.clone(),
             log_bytes: log_bytes.clone(),
         };
@@ -714,49 +708,12 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// A log file, opened for the writer's positioned writes (owner-only).
-fn open_log(path: &Path) -> io::Result<File> {
-    private(OpenOptions::new().create(true).truncate(false).write(true)).open(path)
-}
-
-/// Space a log reserves ahead of its records at a time.
-const PREALLOCATE: u64 = 4 << 20;
-
-/// Reserve `[from, to)` of `file` (zeros to readers): writes into it then
-/// change no file size, so an fdatasync has the data to write and not the
-/// inode too — 40 % less CPU and a third less time a sync on this
-/// project's machine (BENCHMARKS.md, eighteenth session).
-fn preallocate(file: &File, from: u64, to: u64) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let (offset, len) = (from as libc::off_t, (to - from) as libc::off_t);
-        // SAFETY: a plain system call on a file descriptor this `File` owns.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (file, from, to);
-        Err(io::ErrorKind::Unsupported.into())
-    }
-}
-
 struct Writer {
     dir: PathBuf,
     file: File,
     seq: u64,
-    /// Length of the current log up to the end of its last whole frame:
-    /// where the next write goes.
+    /// Length of the current log up to the end of its last whole frame.
     good_len: u64,
-    /// The file's length, preallocated space included (≥ `good_len`).
-    allocated: u64,
-    /// False once the filesystem said it cannot preallocate.
-    preallocating: bool,
     failed: Arc<AtomicBool>,
     log_bytes: Arc<AtomicU64>,
 }
@@ -811,10 +768,7 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     buf.append(&mut pending.lock());
-                    if self.flush(&mut buf, true) {
-                        // A clean stop leaves no preallocated space behind.
-                        let _ = self.cut_preallocated();
-                    }
+                    self.flush(&mut buf, true);
                     return;
                 }
             }
@@ -874,18 +828,15 @@ impl Writer {
             buf.clear();
             return false;
         }
-        use std::os::unix::fs::FileExt;
-        let written = buf.len() as u64;
-        let end = self.good_len + written;
-        self.reserve(end);
         let result = self
             .file
-            .write_all_at(buf, self.good_len)
+            .write_all(buf)
             .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        let written = buf.len() as u64;
         buf.clear();
         match result {
             Ok(()) => {
-                self.good_len = end;
+                self.good_len += written;
                 self.log_bytes.store(self.good_len, Ordering::Relaxed);
                 true
             }
@@ -894,41 +845,16 @@ impl Writer {
                 self.failed.store(true, Ordering::Release);
                 // Leave no torn frame behind: cut the log back to its last
                 // whole frame (what was not synced was not acknowledged).
-                if let Err(e) = self.cut_preallocated() {
+                let cut = self
+                    .file
+                    .set_len(self.good_len)
+                    .and_then(|()| self.file.sync_all());
+                if let Err(e) = cut {
                     tracing::error!(dir = %self.dir.display(), error = %e, "could not cut the journal back to its last whole record; the next start repairs it");
                 }
                 false
             }
         }
-    }
-
-    /// Make room up to `end` (and [`PREALLOCATE`] beyond) before a write.
-    /// Best effort: without it (a full disk, a filesystem that cannot) the
-    /// write grows the file itself, and fails if there is no room.
-    fn reserve(&mut self, end: u64) {
-        if end <= self.allocated || !self.preallocating {
-            return;
-        }
-        let to = end + PREALLOCATE;
-        match preallocate(&self.file, self.allocated, to) {
-            Ok(()) => self.allocated = to,
-            Err(e) => {
-                if matches!(e.kind(), io::ErrorKind::Unsupported)
-                    || e.raw_os_error() == Some(libc::EOPNOTSUPP)
-                {
-                    self.preallocating = false;
-                }
-                tracing::debug!(error = %e, "journal: no space preallocated");
-            }
-        }
-    }
-
-    /// Cut the log back to its last whole frame (its preallocated space,
-    /// and any torn write), durably.
-    fn cut_preallocated(&mut self) -> io::Result<()> {
-        self.file.set_len(self.good_len)?;
-        self.allocated = self.good_len;
-        self.file.sync_all()
     }
 
     fn rotate(&mut self) -> Result<u64, String> {
@@ -937,18 +863,14 @@ impl Writer {
             // newest, so that a start repairs its tail.
             return Err("the journal failed; no rotation until restart".into());
         }
-        // Only the newest log may end in zeros (replay cuts them there and
-        // calls them damage anywhere else): the current one loses its
-        // preallocated space before a newer one exists.
-        self.cut_preallocated()
-            .map_err(|e| format!("{}: {e}", self.dir.join(log_name(self.seq)).display()))?;
         let next = self.seq + 1;
         let path = self.dir.join(log_name(next));
-        let file = open_log(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = private(OpenOptions::new().create(true).append(true))
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         self.file = file;
         self.seq = next;
         self.good_len = 0;
-        self.allocated = 0;
         self.log_bytes.store(0, Ordering::Relaxed);
         sync_dir(&self.dir);
         Ok(next)
@@ -1085,69 +1007,12 @@ mod tests {
         assert_eq!(got, (0..count).collect::<Vec<_>>());
     }
 
-    /// Drop `j` and wait for its writer's clean stop, which cuts the log
-    /// at `path` (the current one) back to its records.
-    async fn close(j: Journal, path: &Path) {
-        let good = j.log_bytes();
-        drop(j);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while fs::metadata(path).unwrap().len() != good {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writer did not cut the log's preallocated space at its stop"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Whether this filesystem preallocates (Linux's `fallocate`).
-    fn preallocates(dir: &Path) -> bool {
-        let f = File::create(dir.join("probe")).unwrap();
-        let ok = preallocate(&f, 0, 4096).is_ok();
-        fs::remove_file(dir.join("probe")).unwrap();
-        ok
-    }
-
-    #[tokio::test]
-    async fn a_log_reserves_space_ahead_and_gives_it_back_at_rotation_and_stop() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path(), 0).unwrap();
-        for n in 0..10 {
-            j.append(&seen(n));
-        }
-        assert!(j.sync().await);
-        let (first, records) = (dir.path().join(log_name(0)), j.log_bytes());
-        assert_eq!(records, 10 * frame(&seen(0)).len() as u64);
-        if preallocates(dir.path()) {
-            assert_eq!(
-                fs::metadata(&first).unwrap().len(),
-                records + PREALLOCATE,
-                "the space after the records is reserved"
-            );
-        }
-        // Rotation: the older log ends at its last record (only the newest
-        // may end in zeros), before the next log exists.
-        let next = j.rotate().await.unwrap();
-        assert_eq!(fs::metadata(&first).unwrap().len(), records);
-        j.append(&seen(10));
-        assert!(j.sync().await);
-        let second = dir.path().join(log_name(next));
-        close(j, &second).await;
-        assert_eq!(
-            fs::metadata(&second).unwrap().len(),
-            frame(&seen(10)).len() as u64
-        );
-        let mut got = Vec::new();
-        replay(dir.path(), collect(&mut got)).unwrap();
-        assert_eq!(got, (0..11).map(seen).collect::<Vec<_>>());
-    }
-
-    /// A crash (no clean stop) leaves the newest log's preallocated space:
-    /// replay reads every record, cuts the zeros, and a new journal goes on
-    /// from there; a write cut short inside that space (a partial record,
-    /// then zeros) is a torn tail too.
-    #[tokio::test]
-    async fn preallocated_space_and_a_write_cut_short_in_it_are_a_torn_tail() {
+    /// A write cut short by a power loss: the file grew, its first page
+    /// (a whole record and the start of the next) reached the disk, the
+    /// pages after it did not and read as zeros. A torn tail, cut at the
+    /// last whole record; damage followed by records is still an error.
+    #[test]
+    fn a_partial_record_followed_by_zeros_is_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(log_name(0));
         let mut bytes: Vec<u8> = (0..5).flat_map(|n| frame(&seen(n))).collect();
@@ -1158,12 +1023,12 @@ mod tests {
         let mut got = Vec::new();
         let (applied, next) = replay(dir.path(), collect(&mut got)).unwrap();
         assert_eq!((applied, next), (5, 1));
+        assert_eq!(got, (0..5).map(seen).collect::<Vec<_>>());
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
             good,
             "cut at the last record"
         );
-        // Damage followed by records is still an error.
         let mut bytes: Vec<u8> = (0..5).flat_map(|n| frame(&seen(n))).collect();
         bytes.extend_from_slice(&frame(&seen(5))[..11]);
         bytes.extend_from_slice(&[0u8; 64]);
@@ -1182,8 +1047,8 @@ mod tests {
             j.append(&seen(n));
         }
         assert!(j.sync().await);
+        drop(j);
         let path = dir.path().join(log_name(0));
-        close(j, &path).await;
         let mut bytes = fs::read(&path).unwrap();
         let full = bytes.len();
         bytes.truncate(full - 3);
@@ -1250,9 +1115,7 @@ mod tests {
             j.append(&seen(i));
         }
         assert!(j.sync().await);
-        let path = dir.join(log_name(0));
-        close(j, &path).await;
-        path
+        dir.join(log_name(0))
     }
 
     #[tokio::test]
