@@ -128,6 +128,7 @@ pub async fn metrics(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpRespon
             .and_then(|j| j.dir())
             .map(crate::journal::disk_bytes),
         archive_bytes: ctx.state.archive().disk_bytes(),
+        journal_syncs: ctx.state.journal().map_or(0, |j| j.syncs()),
     });
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -88,6 +88,8 @@ pub struct ScrapeGauges {
     /// a cluster's journal on Redis) and of the archive.
     pub journal_bytes: Option<u64>,
     pub archive_bytes: u64,
+    /// fdatasyncs of the journal so far (0 without a journal of files).
+    pub journal_syncs: u64,
 }
 
 /// Upper bounds (s) of the webhook ack histogram: fine around the few
@@ -118,6 +120,7 @@ pub struct Metrics {
     records_in_memory: Gauge,
     archive_backlog: Gauge,
     storage_bytes: Family<StoreLabel, Gauge>,
+    journal_syncs: Counter,
     records_evicted: Counter,
     priced: Family<PricingLabel, Counter>,
 }
@@ -167,6 +170,7 @@ impl Metrics {
             records_in_memory: Gauge::default(),
             archive_backlog: Gauge::default(),
             storage_bytes: Family::default(),
+            journal_syncs: Counter::default(),
             records_evicted: Counter::default(),
             priced: Family::default(),
         };
@@ -259,6 +263,11 @@ impl Metrics {
             "storage_bytes",
             "Bytes on disk, by store: the journal (its logs and snapshot) and the archive (its database, write-ahead log and index; in memory mode a temporary file)",
             m.storage_bytes.clone(),
+        );
+        r.register(
+            "journal_syncs",
+            "fdatasyncs of the journal's log (each shared by every ack and send that waited for it: group commit); 0 in memory mode and in a cluster, whose journal is on Redis",
+            m.journal_syncs.clone(),
         );
         r.register(
             "records_evicted",
@@ -374,6 +383,12 @@ impl Metrics {
         }
         let mut out = String::new();
         let registry = self.registry.lock();
+        // The journal counts its own syncs; the counter catches up with it
+        // (under the registry's lock: one scrape at a time adds).
+        let counted = self.journal_syncs.get();
+        if g.journal_syncs > counted {
+            self.journal_syncs.inc_by(g.journal_syncs - counted);
+        }
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }

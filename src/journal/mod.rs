@@ -119,6 +119,8 @@ pub struct Journal {
     tx: Option<Tx>,
     failed: Arc<AtomicBool>,
     log_bytes: Arc<AtomicU64>,
+    /// fdatasyncs done (`/metrics`).
+    syncs: Arc<AtomicU64>,
     dir: Option<PathBuf>,
     /// Held for the whole of a compaction (rotate + snapshot + removal).
     compaction: Arc<tokio::sync::Mutex<()>>,
@@ -445,6 +447,7 @@ impl Journal {
             tx: None,
             failed: Arc::new(AtomicBool::new(false)),
             log_bytes: Arc::new(AtomicU64::new(0)),
+            syncs: Default::default(),
             dir: None,
             compaction: Default::default(),
         }
@@ -462,6 +465,7 @@ impl Journal {
         let failed = Arc::new(AtomicBool::new(false));
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let log_bytes = Arc::new(AtomicU64::new(len));
+        let syncs = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             dir: dir.to_path_buf(),
             file,
@@ -469,6 +473,7 @@ impl Journal {
             good_len: len,
             failed: failed.clone(),
             log_bytes: log_bytes.clone(),
+            syncs: syncs.clone(),
         };
         let taken = pending.clone();
         std::thread::Builder::new()
@@ -479,6 +484,7 @@ impl Journal {
             tx: Some(Tx::File { tx, pending }),
             failed,
             log_bytes,
+            syncs,
             dir: Some(dir.to_path_buf()),
             compaction: Default::default(),
         })
@@ -491,6 +497,7 @@ impl Journal {
             tx: Some(Tx::Remote(tx)),
             failed,
             log_bytes: Arc::new(AtomicU64::new(0)),
+            syncs: Default::default(),
             dir: None,
             compaction: Default::default(),
         }
@@ -514,6 +521,12 @@ impl Journal {
     /// Bytes in the current log file.
     pub fn log_bytes(&self) -> u64 {
         self.log_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How many times the writer has fdatasynced its log so far (0 for a
+    /// journal without files).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     pub fn dir(&self) -> Option<&Path> {
@@ -716,6 +729,7 @@ struct Writer {
     good_len: u64,
     failed: Arc<AtomicBool>,
     log_bytes: Arc<AtomicU64>,
+    syncs: Arc<AtomicU64>,
 }
 
 /// Group commit: take `next` and every command already waiting, up to a
@@ -803,18 +817,23 @@ impl Writer {
             if !buf.is_empty() {
                 dirty = true;
             }
-            let sync = !waiting.is_empty()
-                || rotate.is_some()
-                || (dirty && last_sync.elapsed() >= LAZY_SYNC);
-            if !buf.is_empty() || sync {
+            // A sync with nothing written since the last one (a duplicate
+            // delivery, a status that changed nothing) has nothing to
+            // wait for: everything appended before it is on disk.
+            let sync = rotate.is_some()
+                || (dirty && (!waiting.is_empty() || last_sync.elapsed() >= LAZY_SYNC));
+            let ok = if !buf.is_empty() || sync {
                 let ok = self.flush(&mut buf, sync);
                 if sync {
                     dirty = false;
                     last_sync = std::time::Instant::now();
                 }
-                for w in waiting.drain(..) {
-                    let _ = w.send(ok);
-                }
+                ok
+            } else {
+                !self.failed.load(Ordering::Acquire)
+            };
+            for w in waiting.drain(..) {
+                let _ = w.send(ok);
             }
             if let Some(r) = rotate {
                 let _ = r.send(self.rotate());
@@ -828,10 +847,14 @@ impl Writer {
             buf.clear();
             return false;
         }
-        let result = self
-            .file
-            .write_all(buf)
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        let result = self.file.write_all(buf).and_then(|()| {
+            if sync {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         let written = buf.len() as u64;
         buf.clear();
         match result {
@@ -949,6 +972,26 @@ mod tests {
         let (applied, next) = replay(dir.path(), collect(&mut got)).unwrap();
         assert_eq!((applied, next), (100, 1));
         assert_eq!(got[99], seen(99));
+    }
+
+    /// A sync that finds nothing written since the last one (a duplicate
+    /// delivery acknowledged again) answers without an fdatasync.
+    #[tokio::test]
+    async fn a_sync_with_nothing_new_to_write_costs_no_fdatasync() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 0).unwrap();
+        j.append(&seen(1));
+        assert!(j.sync().await);
+        assert_eq!(j.syncs(), 1);
+        assert!(j.sync().await);
+        assert!(j.sync().await);
+        assert_eq!(j.syncs(), 1, "nothing new: no fdatasync");
+        j.append(&seen(2));
+        assert!(j.sync().await);
+        assert_eq!(j.syncs(), 2);
+        let mut got = Vec::new();
+        replay(dir.path(), collect(&mut got)).unwrap();
+        assert_eq!(got, vec![seen(1), seen(2)]);
     }
 
     /// An append wakes nobody: with no one waiting for a sync, the writer

@@ -412,6 +412,27 @@ async fn metrics_count_the_journal_and_the_archive_on_disk() {
     assert!(j > 0.0, "the snapshot holds the conversation");
 }
 
+/// `/metrics` counts the journal's fdatasyncs: an acknowledged webhook
+/// waited for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_journal_syncs_an_ack_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (graph, _arrivals) = graph_mock().await;
+    let r = Router::start(dir.path(), &graph.uri(), "0s", GREETING).await;
+    let syncs = |text: String| metric_value(&text, "wa_router_journal_syncs_total");
+    let before = syncs(r.metrics_text().await.unwrap()).expect("the counter is shown");
+    assert_eq!(
+        r.webhook(&notification(vec![text(ANA, "hi")], vec![]))
+            .await,
+        200
+    );
+    let after = syncs(r.metrics_text().await.unwrap()).unwrap();
+    assert!(
+        after > before,
+        "the ack waited for a sync: {before} → {after}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_effects_survive_a_sigkill_and_are_not_repeated() {
     let dir = tempfile::tempdir().unwrap();

@@ -80,6 +80,11 @@ async fn metrics_count_the_archive_on_disk_and_no_journal_in_memory_mode() {
         !text.contains("store=\"journal\""),
         "memory mode has no journal:\n{text}"
     );
+    assert_eq!(
+        metric_value(&text, "wa_router_journal_syncs_total"),
+        Some(0.0),
+        "and no fdatasync"
+    );
 }
 
 /// The histogram of webhook acks counts what was answered 200 (not the
