@@ -818,7 +818,7 @@ impl Writer {
                 dirty = true;
             }
             // A sync with nothing written since the last one (a duplicate
-            // delivery, a status that changed nothing) has nothing to
+            // delivery acknowledged again) has nothing to
             // wait for: everything appended before it is on disk.
             let sync = rotate.is_some()
                 || (dirty && (!waiting.is_empty() || last_sync.elapsed() >= LAZY_SYNC));
