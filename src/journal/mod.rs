@@ -226,11 +226,12 @@ pub fn read_frames(
         reason: reason.into(),
     };
     // A bad frame at `offset` (claiming to end at `end`): a torn tail if it
-    // is the last frame, or nothing but zeros follows it — from its start,
-    // or from its end (a write cut short: its first page reached the disk,
-    // the pages after it did not and read as zeros); damage otherwise.
+    // is the last frame or nothing but zeros follows its end (zeros from
+    // its start included; a write cut short: its first page reached the
+    // disk, the pages after it did not and read as zeros); damage
+    // otherwise.
     let bad = |offset: u64, end: u64, count: u64, reason: &str| -> Result<u64, JournalError> {
-        if end >= len || zeros_from(path, offset)? || zeros_from(path, end)? {
+        if end >= len || zeros_from(path, end)? {
             torn(path, offset, len, repair, count)
         } else {
             Err(corrupt(offset, reason))
